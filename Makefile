@@ -1,0 +1,31 @@
+# make run  : prepare, train and evaluate on the dataset (DATA=folder, default: $PINSFACE_DATA or ../shared)
+# make test : the fast test suite
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DATA   ?=
+OUT    ?= runs/latest
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/pinsface run $(DATA) --out $(OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python bench/prepare.py
+	$(BIN)/python bench/accuracy.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,195 @@
+"""Find a folder-per-person photo collection, list its images and split them deterministically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".pgm", ".ppm"}
+KAGGLE_DATASET = "hereisburak/pins-face-recognition"
+PINS_FOLDER = "105_classes_pins_dataset"
+SPLITS = ("train", "val", "test")
+
+
+class DataNotFoundError(FileNotFoundError):
+    pass
+
+
+def default_data_dir() -> Path:
+    """``$PINSFACE_DATA``, else the shared Pins copy beside the checkout, else a helpful error."""
+    env = os.environ.get("PINSFACE_DATA")
+    if env:
+        return resolve_data_dir(env)
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        candidate = base.parent / "shared" / "data" / "pins" / PINS_FOLDER
+        if candidate.is_dir():
+            return candidate
+    raise DataNotFoundError(
+        "No dataset given. Point pinsface at a folder with one sub-folder of photos per person:\n"
+        "  pinsface prepare /path/to/105_classes_pins_dataset   (or set PINSFACE_DATA)\n"
+        f"or download the Kaggle dataset '{KAGGLE_DATASET}': with Kaggle credentials and kagglehub installed,\n"
+        "  pinsface download\n"
+        f"or by hand from https://www.kaggle.com/datasets/{KAGGLE_DATASET}"
+    )
+
+
+def resolve_data_dir(path: str | os.PathLike) -> Path:
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataNotFoundError(
+            f"dataset folder not found: {root}\n"
+            f"Give a folder with one sub-folder per person, or download '{KAGGLE_DATASET}' from Kaggle "
+            "(pinsface download)."
+        )
+    # Accept the Kaggle archive's outer folder too.
+    inner = root / PINS_FOLDER
+    return inner if inner.is_dir() else root
+
+
+def download_dataset(dest: str | os.PathLike | None = None) -> Path:
+    """Fetch the Pins dataset from Kaggle with kagglehub (needs the user's Kaggle credentials)."""
+    try:
+        import kagglehub
+    except ImportError:
+        raise RuntimeError(
+            "pinsface download needs kagglehub: pip install kagglehub, and Kaggle credentials in "
+            "~/.kaggle/kaggle.json or KAGGLE_USERNAME/KAGGLE_KEY. Or download "
+            f"https://www.kaggle.com/datasets/{KAGGLE_DATASET} by hand and pass its folder."
+        ) from None
+    has_credentials = (Path.home() / ".kaggle" / "kaggle.json").is_file() or (
+        os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY")
+    )
+    if not has_credentials:
+        raise RuntimeError(
+            "no Kaggle credentials: put kaggle.json in ~/.kaggle/ or set KAGGLE_USERNAME and KAGGLE_KEY, "
+            f"or download https://www.kaggle.com/datasets/{KAGGLE_DATASET} by hand and pass its folder."
+        )
+    if dest:
+        os.environ["KAGGLEHUB_CACHE"] = str(Path(dest).expanduser())
+    return resolve_data_dir(kagglehub.dataset_download(KAGGLE_DATASET))
+
+
+def identity_from_folder(folder_name: str) -> str:
+    """'pins_Adriana Lima' -> 'Adriana Lima'; other names are kept as they are."""
+    if folder_name.lower().startswith("pins_"):
+        return folder_name[5:]
+    return folder_name
+
+
+def identity_key(name: str) -> str:
+    """How identity names are matched across folders: case- and spacing-insensitive."""
+    return " ".join(name.casefold().split())
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    rel: str  # path relative to the dataset root, POSIX separators
+    identity: str
+
+
+@dataclass
+class Dataset:
+    root: Path
+    items: list[ImageItem]
+    identities: list[str]
+    ignored: Counter = field(default_factory=Counter)  # reason -> count
+    ignored_files: list[tuple[str, str]] = field(default_factory=list)
+    empty_folders: list[str] = field(default_factory=list)
+
+    def path(self, item: ImageItem) -> Path:
+        return self.root / item.rel
+
+    def counts(self) -> Counter:
+        return Counter(item.identity for item in self.items)
+
+
+def scan_dataset(root: str | os.PathLike) -> Dataset:
+    """List every image under ``root/<person>/``, ignoring (and counting) hidden and non-image files."""
+    root = resolve_data_dir(root)
+    items: list[ImageItem] = []
+    ignored: Counter = Counter()
+    ignored_files: list[tuple[str, str]] = []
+    empty: list[str] = []
+    identities: list[str] = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        identity = identity_from_folder(folder.name)
+        found = 0
+        for path in sorted(folder.rglob("*")):
+            if not path.is_file():
+                continue
+            rel = path.relative_to(root).as_posix()
+            if any(part.startswith(".") for part in path.relative_to(root).parts):
+                reason = "hidden"
+            elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+                reason = "not_image_extension"
+            else:
+                items.append(ImageItem(rel, identity))
+                found += 1
+                continue
+            ignored[reason] += 1
+            ignored_files.append((rel, reason))
+        if found:
+            identities.append(identity)
+        else:
+            empty.append(folder.name)
+    if not items:
+        raise DataNotFoundError(
+            f"no images found under {root}: expected one sub-folder of photos per person "
+            f"(like the Kaggle dataset '{KAGGLE_DATASET}')"
+        )
+    return Dataset(root, items, sorted(set(identities)), ignored, ignored_files, empty)
+
+
+def _unit_hash(text: str) -> float:
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def assign_split(rel: str, seed: int, test_fraction: float, val_fraction: float) -> str:
+    """Which split an image belongs to, from a hash of its relative path and the seed alone.
+
+    Because each image's split depends on nothing else, adding images never moves existing ones,
+    and within every identity the shares converge to the requested fractions (stratification).
+    """
+    u = _unit_hash(f"{seed}:{rel}")
+    if u < test_fraction:
+        return "test"
+    if u < test_fraction + (1.0 - test_fraction) * val_fraction:
+        return "val"
+    return "train"
+
+
+@dataclass
+class Split:
+    seed: int
+    test_fraction: float
+    val_fraction: float
+    assignment: dict[str, str]  # rel -> split name
+
+    def files(self, name: str) -> list[str]:
+        return [rel for rel, split in self.assignment.items() if split == name]
+
+    def save(self, path: Path) -> None:
+        payload = {
+            "seed": self.seed,
+            "test_fraction": self.test_fraction,
+            "val_fraction": self.val_fraction,
+            **{name: sorted(self.files(name)) for name in SPLITS},
+        }
+        Path(path).write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> "Split":
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        assignment = {rel: name for name in SPLITS for rel in data[name]}
+        return cls(data["seed"], data["test_fraction"], data["val_fraction"], assignment)
+
+
+def split_dataset(dataset: Dataset, seed: int = 1337, test_fraction: float = 0.15,
+                  val_fraction: float = 0.20) -> Split:
+    assignment = {item.rel: assign_split(item.rel, seed, test_fraction, val_fraction) for item in dataset.items}
+    return Split(seed, test_fraction, val_fraction, assignment)

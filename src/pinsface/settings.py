@@ -1,0 +1,101 @@
+"""The one settings object that travels with a run and is saved in it (``config.json``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+# Where dlib's get_face_chip(size=150, padding=0.25) puts the 5 landmarks MTCNN gives:
+# left eye, right eye, nose tip, left mouth corner, right mouth corner (image left/right).
+FACE_TEMPLATE_150 = ((47.12, 44.94), (100.30, 45.30), (74.45, 77.99), (47.83, 99.54), (99.48, 99.31))
+
+
+@dataclass(frozen=True)
+class FaceSettings:
+    """Everything that changes what the faces stage produces; its hash keys the face cache."""
+
+    min_face_size: int = 20
+    # For dataset preparation: ignore faces smaller than this fraction of the image's shorter side.
+    min_face_fraction: float = 0.2
+    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8)
+    detect_max_side: int = 1024
+    template: tuple[tuple[float, float], ...] = FACE_TEMPLATE_150
+    template_scale: float = 1.0
+    template_shift: tuple[float, float] = (0.0, 0.0)
+    aligned_size: int = 150
+    box_size: int = 100
+    max_pixels: int = 50_000_000
+
+    def version(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FaceSettings":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        for key in ("thresholds", "template_shift"):
+            if key in values:
+                values[key] = tuple(values[key])
+        if "template" in values:
+            values["template"] = tuple(tuple(p) for p in values["template"])
+        return cls(**values)
+
+
+@dataclass
+class Settings:
+    """A run's settings: data, split, model and training choices."""
+
+    data_dir: str = ""
+    cache_dir: str = ""
+    seed: int = 1337
+    test_fraction: float = 0.15
+    val_fraction: float = 0.20
+    faces: FaceSettings = field(default_factory=FaceSettings)
+    # Align images where MTCNN found no face with the dataset's mean landmark positions.
+    no_face_fallback: bool = True
+    model: str = "embedding"
+    backbone: str = "dlib-resnet-v1"
+    epochs: int = 60
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    hidden_units: tuple[int, ...] = (512, 256, 128)
+    dropout: float = 0.2
+    label_smoothing: float = 0.1
+    cosine_scale: float = 16.0
+    class_weights: bool = False
+    augment_views: int = 2
+    augment_flip: bool = True
+    augment_zoom: float = 0.1
+    augment_rotation: float = 0.04
+    early_stopping_patience: int = 8
+    lr_patience: int = 3
+    fine_tune: bool = False
+    fine_tune_from: str = "conv256_1"
+    fine_tune_epochs: int = 4
+    fine_tune_learning_rate: float = 1e-5
+    test_time_flip: bool = True
+    embed_batch_size: int = 64
+    detect_batch_size: int = 64
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Settings":
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "faces" in values:
+            values["faces"] = FaceSettings.from_dict(values["faces"])
+        if "hidden_units" in values:
+            values["hidden_units"] = tuple(values["hidden_units"])
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: Path) -> "Settings":
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))

@@ -1,0 +1,232 @@
+"""Train a model on a prepared dataset and write a self-contained run folder.
+
+The frozen-backbone model trains its head on cached embeddings (each face and its mirror image, plus a few
+augmented views pushed through the backbone), then saves the whole network, crop to probabilities.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pinsface.dataset import Split, split_dataset
+from pinsface.prepare import Prepared, prepare
+from pinsface.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitData:
+    """Per split: positions in the dataset, label index, and whether a face crop exists for the image."""
+
+    items: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    usable: dict[str, np.ndarray]
+
+
+def usable_status(settings: Settings) -> set[str]:
+    return {"ok", "no_face"} if settings.no_face_fallback else {"ok"}
+
+
+def split_arrays(prepared: Prepared, split: Split, labels: list[str], settings: Settings) -> SplitData:
+    label_of = {name: i for i, name in enumerate(labels)}
+    ok = usable_status(settings)
+    by_split: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for i, item in enumerate(prepared.dataset.items):
+        name = split.assignment.get(item.rel)
+        if name:
+            by_split[name].append(i)
+    items = {k: np.array(v, dtype=np.int64) for k, v in by_split.items()}
+    y = {k: np.array([label_of.get(prepared.dataset.items[i].identity, -1) for i in v], dtype=np.int64)
+         for k, v in items.items()}
+    usable = {k: np.array([prepared.status[i] in ok for i in v], dtype=bool) for k, v in items.items()}
+    return SplitData(items, y, usable)
+
+
+class _EpochLog:
+    """Keras callback factory: learning rate into the history, one line per epoch into train.log."""
+
+    @staticmethod
+    def make(path: Path, stage: str):
+        import keras
+
+        class EpochLog(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                logs = logs if logs is not None else {}
+                logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+                text = " ".join(f"{k}={v:.5g}" for k, v in sorted(logs.items()))
+                with open(path, "a", encoding="utf-8") as fh:
+                    fh.write(f"{stage} epoch {epoch + 1}: {text}\n")
+
+        return EpochLog()
+
+
+def _fit(model, x, y, xv, yv, settings: Settings, run_dir: Path, stage: str, epochs: int, lr: float,
+         class_weight=None, progress: bool = True):
+    import keras
+
+    keras.utils.set_random_seed(settings.seed)
+    model.compile(
+        optimizer=keras.optimizers.Adam(lr),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing),
+        metrics=["accuracy"],
+    )
+    n_classes = model.output_shape[-1]
+    ckpt = run_dir / "checkpoints" / f"{stage}.weights.h5"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    callbacks = [
+        _EpochLog.make(run_dir / "train.log", stage),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.early_stopping_patience,
+                                      restore_best_weights=True),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=settings.lr_patience,
+                                          min_lr=lr / 1000),
+        keras.callbacks.ModelCheckpoint(str(ckpt), monitor="val_loss", save_best_only=True, save_weights_only=True),
+    ]
+    history = model.fit(
+        x, keras.utils.to_categorical(y, n_classes), validation_data=(xv, keras.utils.to_categorical(yv, n_classes)),
+        epochs=epochs, batch_size=settings.batch_size, callbacks=callbacks, class_weight=class_weight,
+        verbose=2 if progress else 0, shuffle=True,
+    )
+    hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    best = int(np.argmin(hist["val_loss"])) if hist.get("val_loss") else len(hist.get("loss", [])) - 1
+    return {"stage": stage, "epochs_run": len(hist.get("loss", [])), "best_epoch": best + 1, **hist}
+
+
+def _class_weight(y: np.ndarray, n_classes: int) -> dict[int, float]:
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    weights = len(y) / (n_classes * np.maximum(counts, 1))
+    return {i: float(w) for i, w in enumerate(weights)}
+
+
+def augmented_embeddings(crops: np.ndarray, embedder, settings: Settings, views: int) -> np.ndarray:
+    """``views`` random flip/zoom/rotation versions of each crop, each pushed through the backbone."""
+    from pinsface.models import augmentation
+
+    augment = augmentation(settings, name="augment_views")
+    out = []
+    for view in range(views):
+        batches = []
+        for lo in range(0, len(crops), 512):
+            x = augment(crops[lo:lo + 512].astype(np.float32), training=True)
+            batches.append(np.clip(np.asarray(x), 0, 255).astype(np.uint8))
+        out.append(embedder(np.concatenate(batches)))
+    return np.concatenate(out) if out else np.zeros((0, 128), np.float32)
+
+
+def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None, cache_dir=None,
+          progress: bool = True, prepared: Prepared | None = None) -> dict:
+    """Prepare (if needed) and train ``settings.model``; write the run folder and return a summary."""
+    import keras
+
+    from pinsface.cache import EmbeddingCache, default_cache_dir
+    from pinsface.dataset import default_data_dir
+
+    settings = settings or Settings()
+    run_dir = Path(out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train.log").write_text("", encoding="utf-8")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    if prepared is None:
+        settings.data_dir = str(Path(data_dir if data_dir else default_data_dir()).resolve())
+        settings.cache_dir = str(Path(cache_dir or default_cache_dir()).resolve())
+        prepared = prepare(settings.data_dir, settings.cache_dir, settings.faces,
+                           batch_size=settings.detect_batch_size, progress=progress)
+    else:
+        settings.data_dir = str(prepared.dataset.root)
+        settings.cache_dir = str(prepared.cache.root)
+    timings["prepare"] = time.perf_counter() - t0
+    (run_dir / "prepare_summary.json").write_text(json.dumps(prepared.summary, indent=1, ensure_ascii=False))
+
+    split = split_dataset(prepared.dataset, settings.seed, settings.test_fraction, settings.val_fraction)
+    split.save(run_dir / "split.json")
+    labels = list(prepared.dataset.identities)
+    (run_dir / "labels.json").write_text(json.dumps(labels, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    data = split_arrays(prepared, split, labels, settings)
+    n_classes = len(labels)
+    keras.utils.set_random_seed(settings.seed)
+
+    t1 = time.perf_counter()
+    items = prepared.dataset.items
+    hashes = {k: [prepared.hashes[i] for i in v[data.usable[k]]] for k, v in data.items.items()}
+    y = {k: data.labels[k][data.usable[k]] for k in data.items}
+    crops_needed = ("aligned",) if settings.model == "embedding" else ("box",)
+    faces = prepared.cache.load(sorted({h for v in hashes.values() for h in v}), crops=crops_needed)
+    timings["load_faces"] = time.perf_counter() - t1
+    histories = []
+
+    if settings.model == "embedding":
+        from pinsface.backbones import get_backbone
+        from pinsface.embeddings import Embedder, ensure_embeddings
+        from pinsface.models import build_embedding_model, build_head
+
+        t2 = time.perf_counter()
+        backbone = get_backbone(settings.backbone)
+        embedder = Embedder(backbone, settings.embed_batch_size)
+        emb_cache = EmbeddingCache(settings.cache_dir, settings.faces.version(), settings.backbone)
+        emb = {k: ensure_embeddings(hashes[k], faces, emb_cache, embedder, progress) for k in hashes}
+        timings["embed"] = time.perf_counter() - t2
+
+        t3 = time.perf_counter()
+        x_train = [emb["train"][0], emb["train"][1]]
+        y_train = [y["train"], y["train"]]
+        if settings.augment_views:
+            crops = faces.columns["aligned"][faces.rows(hashes["train"])]
+            x_train.append(augmented_embeddings(crops, embedder, settings, settings.augment_views))
+            y_train.extend([y["train"]] * settings.augment_views)
+            del crops
+        timings["augment"] = time.perf_counter() - t3
+        x_train, y_train = np.concatenate(x_train), np.concatenate(y_train)
+
+        t4 = time.perf_counter()
+        head = build_head(n_classes, settings, backbone.output_shape[-1])
+        cw = _class_weight(y_train, n_classes) if settings.class_weights else None
+        histories.append(_fit(head, x_train, y_train, emb["val"][0], y["val"], settings, run_dir, "head",
+                              settings.epochs, settings.learning_rate, cw, progress))
+        timings["train_head"] = time.perf_counter() - t4
+        backbone.trainable = False
+        model = build_embedding_model(backbone, head, settings)
+    elif settings.model == "pixels-mlp":
+        from pinsface.models import build_pixels_mlp
+
+        t4 = time.perf_counter()
+        box = {k: faces.columns["box"][faces.rows(hashes[k])][..., None] for k in hashes}
+        model = build_pixels_mlp(n_classes, settings, settings.faces.box_size)
+        cw = _class_weight(y["train"], n_classes) if settings.class_weights else None
+        histories.append(_fit(model, box["train"], y["train"], box["val"], y["val"], settings, run_dir, "pixels",
+                              settings.epochs, settings.learning_rate, cw, progress))
+        timings["train"] = time.perf_counter() - t4
+    else:
+        raise ValueError(f"unknown model {settings.model!r}; choose one of embedding, pixels-mlp")
+
+    model.save(run_dir / "model.keras")
+    settings.save(run_dir / "config.json")
+    timings["total"] = time.perf_counter() - t0
+    history = {"stages": histories, "timings_seconds": {k: round(v, 2) for k, v in timings.items()}}
+    (run_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n", encoding="utf-8")
+
+    from pinsface.evaluate import score_images, topk_correct
+
+    val_probs, val_usable = score_images(model, settings, prepared, data.items["val"])
+    val_top1 = float(np.mean(topk_correct(val_probs, val_usable, data.labels["val"], 1))) if len(val_probs) else 0.0
+    with open(run_dir / "train.log", "a", encoding="utf-8") as fh:
+        fh.write(f"model {settings.model}: {len(items)} images, {n_classes} identities, "
+                 f"validation top-1 {val_top1:.4f}, timings {history['timings_seconds']}\n")
+    return {"run_dir": str(run_dir), "val_top1": val_top1, "timings": history["timings_seconds"],
+            "prepared": prepared}
+
+
+def run(data_dir=None, out_dir="runs/latest", settings: Settings | None = None, cache_dir=None,
+        progress: bool = True) -> dict:
+    """prepare -> train -> evaluate on the test split; returns the evaluation metrics."""
+    from pinsface.evaluate import evaluate
+
+    result = train(data_dir, out_dir, settings, cache_dir=cache_dir, progress=progress)
+    return evaluate(out_dir, prepared=result["prepared"], progress=progress)
