@@ -119,7 +119,7 @@ def scan_dataset(root: str | os.PathLike) -> Dataset:
         identity = identity_from_folder(folder.name)
         found = 0
         for path in sorted(folder.rglob("*")):
-            if not path.is_file():
+            if not (path.is_file() or path.is_symlink()):  # a dangling link is listed, then reported unreadable
                 continue
             rel = path.relative_to(root).as_posix()
             if any(part.startswith(".") for part in path.relative_to(root).parts):

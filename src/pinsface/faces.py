@@ -10,12 +10,6 @@ import numpy as np
 
 from pinsface.settings import FaceSettings
 
-# Median landmark positions (x / width, y / height) of the faces MTCNN found in the shared Pins images,
-# used to align images where it found none: Pins photos are framed around one centred face.
-MEAN_LANDMARKS = np.array(
-    [[0.3740, 0.4197], [0.6149, 0.4189], [0.4953, 0.5548], [0.3917, 0.6715], [0.6017, 0.6710]], dtype=np.float32
-)
-
 
 @dataclass
 class Face:
@@ -150,9 +144,11 @@ def box_crop(image: np.ndarray, box: np.ndarray, size: int = 100) -> np.ndarray:
     return cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA)
 
 
-def fallback_landmarks(image_shape: tuple[int, ...]) -> np.ndarray:
+def fallback_landmarks(image_shape: tuple[int, ...], settings: FaceSettings | None = None) -> np.ndarray:
+    """Where a portrait's landmarks usually are, for aligning an image in which no face was detected."""
+    settings = settings or FaceSettings()
     h, w = image_shape[:2]
-    return MEAN_LANDMARKS * np.array([w, h], dtype=np.float32)
+    return np.asarray(settings.fallback_landmarks, dtype=np.float32) * np.array([w, h], dtype=np.float32)
 
 
 def landmarks_box(landmarks: np.ndarray) -> np.ndarray:

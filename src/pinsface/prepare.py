@@ -43,7 +43,7 @@ def face_record(image: np.ndarray, faces, settings: FaceSettings, digest: str) -
     if chosen >= 0:
         landmarks, box, fallback = faces[chosen].landmarks, faces[chosen].box, False
     else:
-        landmarks = fallback_landmarks(image.shape)
+        landmarks = fallback_landmarks(image.shape, settings)
         box, fallback = landmarks_box(landmarks), True
     return {
         "hash": digest,

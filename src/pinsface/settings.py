@@ -10,6 +10,9 @@ from pathlib import Path
 # Where dlib's get_face_chip(size=150, padding=0.25) puts the 5 landmarks MTCNN gives:
 # left eye, right eye, nose tip, left mouth corner, right mouth corner (image left/right).
 FACE_TEMPLATE_150 = ((47.12, 44.94), (100.30, 45.30), (74.45, 77.99), (47.83, 99.54), (99.48, 99.31))
+# Median landmark positions (x / width, y / height) of the faces MTCNN found in the shared Pins images,
+# used to align images where it found none: Pins photos are framed around one centred face.
+PINS_MEDIAN_LANDMARKS = ((0.3322, 0.4177), (0.6118, 0.4124), (0.4700, 0.5800), (0.3535, 0.7124), (0.5992, 0.7074))
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,7 @@ class FaceSettings:
     template: tuple[tuple[float, float], ...] = FACE_TEMPLATE_150
     template_scale: float = 1.0
     template_shift: tuple[float, float] = (0.0, 0.0)
+    fallback_landmarks: tuple[tuple[float, float], ...] = PINS_MEDIAN_LANDMARKS
     aligned_size: int = 150
     box_size: int = 100
     max_pixels: int = 50_000_000
@@ -39,8 +43,9 @@ class FaceSettings:
         for key in ("thresholds", "template_shift"):
             if key in values:
                 values[key] = tuple(values[key])
-        if "template" in values:
-            values["template"] = tuple(tuple(p) for p in values["template"])
+        for key in ("template", "fallback_landmarks"):
+            if key in values:
+                values[key] = tuple(tuple(p) for p in values[key])
         return cls(**values)
 
 
