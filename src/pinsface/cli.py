@@ -58,9 +58,26 @@ def _run(args) -> int:
 
     report = run(args.data_dir, args.out, _settings_from(args), cache_dir=args.cache,
                  progress=not args.no_progress)
-    print(f"test top-1 {report['top1']:.4f}  top-5 {report['top5']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
-          f"({report['n_images']} images, {report['n_no_face']} without a detected face)")
+    print(f"test split: {_headline(report)}")
+    print(f"report: {os.path.join(args.out, 'report', 'report.html')}")
     return 0
+
+
+def _evaluate(args) -> int:
+    from pinsface.evaluate import evaluate
+
+    metrics = evaluate(args.run_dir, data=args.data, out=args.out, progress=not args.no_progress,
+                       compare=args.compare)
+    print(_headline(metrics))
+    if metrics.get("unknown_identities"):
+        print("not known to this run (reported, not scored): "
+              + ", ".join(f"{k} ({v} images)" for k, v in metrics["unknown_identities"].items()))
+    return 0
+
+
+def _headline(m: dict) -> str:
+    return (f"top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
+            f"({m['n_images']} images, {m['n_no_face']} without a detected face, {m['n_unreadable']} unreadable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--fine-tune", action=argparse.BooleanOptionalAction, default=None,
                        help="unfreeze the top backbone blocks after the head converges")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("evaluate", help="score a trained run and write its report (RUN_DIR/report/)")
+    p.add_argument("run_dir", help="a folder written by pinsface train or run")
+    p.add_argument("--data", help="a labelled folder (one sub-folder per person) instead of the run's test split")
+    p.add_argument("--out", help="report folder (default RUN_DIR/report)")
+    p.add_argument("--compare", help="another run (e.g. the pixels-mlp baseline) to compare against")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_evaluate)
     return parser
 
 

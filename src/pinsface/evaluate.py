@@ -107,21 +107,37 @@ def compute_metrics(probs: np.ndarray, usable: np.ndarray, y: np.ndarray, labels
     }
 
 
+def class_similarity(model, settings: Settings) -> np.ndarray:
+    """Cosine similarity between the identities' output-layer weight vectors: how alike the model finds them."""
+    if settings.model == "embedding":
+        head = model.get_layer("head")
+        layer = head.get_layer("cosine_logits") if settings.cosine_scale else head.get_layer("logits")
+    else:
+        layer = model.get_layer("probabilities")
+    w = np.asarray(layer.get_weights()[0], dtype=np.float64)
+    w = w / np.maximum(np.linalg.norm(w, axis=0, keepdims=True), 1e-12)
+    return w.T @ w
+
+
 def evaluate(run_dir: str | Path, data: str | Path | None = None, out: str | Path | None = None,
-             prepared: Prepared | None = None, progress: bool = True, model=None) -> dict:
-    """Score a run on its own test split (default) or on every image of a labelled folder ``data``."""
+             prepared: Prepared | None = None, progress: bool = True, model=None,
+             compare: str | Path | None = None, figures: bool = True) -> dict:
+    """Score a run on its own test split (default) or on every image of a labelled folder ``data``,
+    and write metrics, reports, figures and ``report.html`` into ``out`` (default ``RUN_DIR/report``)."""
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     settings, labels, model = load_run(run_dir, model)
     out = Path(out) if out else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     label_of = {identity_key(name): i for i, name in enumerate(labels)}
+    split = Split.load(run_dir / "split.json")
 
+    training = None
     if data is None:
         if prepared is None:
             prepared = prepare(settings.data_dir, settings.cache_dir, settings.faces,
                                batch_size=settings.detect_batch_size, progress=progress)
-        split = Split.load(run_dir / "split.json")
+        training = prepared
         test = set(split.files("test"))
         items = np.array([i for i, it in enumerate(prepared.dataset.items) if it.rel in test], dtype=np.int64)
         unknown_folders: dict[str, int] = {}
@@ -139,14 +155,188 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, out: str | Pat
     t1 = time.perf_counter()
     probs, usable = score_images(model, settings, prepared, items, progress)
     t2 = time.perf_counter()
-    metrics = compute_metrics(probs, usable, y, labels, [prepared.status[i] for i in items])
+    status = [prepared.status[i] for i in items]
+    metrics = compute_metrics(probs, usable, y, labels, status)
     metrics["unknown_identities"] = unknown_folders
-    metrics["data"] = str(prepared.dataset.root) if data is not None else "test split"
+    metrics["data"] = str(prepared.dataset.root) if data is not None else "the run's test split"
+    metrics["model"] = settings.model
     metrics["seconds"] = {"prepare": round(t1 - t0, 2), "score": round(t2 - t1, 2)}
     write_reports(out, metrics, labels)
+    pred = np.where(usable, np.argmax(probs, 1), -1)
+    confusions = write_top_confusions(out / "top_confusions.csv", y, pred, labels)
+    if figures:
+        t3 = time.perf_counter()
+        if training is None and settings.data_dir and Path(settings.data_dir).is_dir():
+            training = prepare(settings.data_dir, settings.cache_dir, settings.faces,
+                               batch_size=settings.detect_batch_size, progress=progress)
+        write_figures(out, run_dir, settings, model, labels, prepared, items, y, probs, usable, split, training,
+                      confusions, metrics, compare)
+        metrics["seconds"]["figures"] = round(time.perf_counter() - t3, 2)
     metrics["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return metrics
+
+
+def write_top_confusions(path: Path, y: np.ndarray, pred: np.ndarray, labels: list[str],
+                         limit: int = 50) -> list[tuple[str, str, int]]:
+    """The most frequent (true, predicted) mistakes; an image with no face to score is '(no face)'."""
+    import csv
+    from collections import Counter
+
+    support = Counter(y.tolist())
+    pairs = Counter((int(t), int(p)) for t, p in zip(y, pred) if t != p)
+    rows = [(labels[t], labels[p] if p >= 0 else "(no face)", c, c / support[t]) for (t, p), c in pairs.most_common()]
+    rows.sort(key=lambda r: (-r[2], r[0], r[1]))
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["true", "predicted", "count", "share_of_true"])
+        for t, p, c, share in rows[:limit]:
+            writer.writerow([t, p, c, f"{share:.4f}"])
+    return [(t, p, c) for t, p, c, _ in rows if p != "(no face)"]
+
+
+def write_figures(out: Path, run_dir: Path, settings: Settings, model, labels: list[str], prepared: Prepared,
+                  items: np.ndarray, y: np.ndarray, probs: np.ndarray, usable: np.ndarray, split: Split,
+                  training: Prepared | None, confusions, metrics: dict, compare) -> None:
+    from sklearn.metrics import confusion_matrix
+
+    from pinsface import plots, report
+
+    history_path = run_dir / "history.json"
+    history = json.loads(history_path.read_text()) if history_path.exists() else {}
+    figures = []
+    if history.get("stages"):
+        figures.append((plots.plot_curves(history, out / "curves.png"), "Training curves"))
+    pred = np.argmax(probs, 1)
+    cm = confusion_matrix(y[usable], pred[usable], labels=list(range(len(labels))))
+    order = plots.cluster_order(class_similarity(model, settings))
+    _, block = plots.plot_confusion(cm, labels, order, out / "confusion_matrix.png")
+    figures.append((out / "confusion_matrix.png", "Confusion matrix (row-normalised, clustered), with the "
+                    "most-confused block enlarged"))
+    correct, incorrect = sample_faces(settings, labels, prepared, items, y, probs, usable, split, training)
+    figures.append((plots.plot_samples(correct, out / "samples_correct.png", "Correctly named faces"),
+                    "Sample hits: aligned face crops with true and predicted identity"))
+    figures.append((plots.plot_samples(incorrect, out / "samples_incorrect.png",
+                                       "Misses, each beside the nearest training face of the identity predicted"),
+                    "Sample misses and, beside each, the training face that fooled the model"))
+    train_counts = {}
+    if training is not None:
+        from collections import Counter
+
+        train_set = set(split.files("train"))
+        train_counts = Counter(it.identity for it in training.dataset.items if it.rel in train_set)
+    compare_info = _compare_info(compare) if compare else None
+    dataset_stats = _dataset_stats(run_dir, training)
+    timings = {f"train: {k}": v for k, v in history.get("timings_seconds", {}).items()}
+    timings.update({f"evaluate: {k}": v for k, v in metrics["seconds"].items()})
+    lines = report.insights(metrics, confusions, train_counts, compare_info)
+    metrics["insights"] = lines
+    report.write_html(out / "report.html", metrics, settings.to_dict(), dataset_stats, timings, figures, lines)
+
+
+def _compare_info(compare) -> dict:
+    other = Path(compare)
+    path = other / "report" / "metrics.json"
+    if not path.exists():
+        evaluate(other, progress=False, figures=False)
+    m = json.loads(path.read_text(encoding="utf-8"))
+    return {"name": other.name, "model": m.get("model", "?"), "top1": m["top1"], "macro_f1": m["macro_f1"]}
+
+
+def _dataset_stats(run_dir: Path, training: Prepared | None) -> dict:
+    stats = {}
+    summary_path = run_dir / "prepare_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else (training.summary if training else {})
+    if training is not None:
+        counts = np.array(sorted(training.dataset.counts().values()))
+        stats["images per identity (min / median / max)"] = f"{counts.min()} / {int(np.median(counts))} / {counts.max()}"
+    for key in ("identities", "images", "faces_found", "no_face", "multi_face", "skipped"):
+        if key in summary:
+            stats[key.replace("_", " ")] = summary[key]
+    return stats
+
+
+def sample_faces(settings: Settings, labels, prepared: Prepared, items, y, probs, usable, split: Split,
+                 training: Prepared | None, n_correct: int = 18, n_incorrect: int = 18):
+    """Picked hits and misses with their crops; misses get the nearest training face of the predicted identity."""
+    from pinsface.images import BadImage, load_image
+
+    rng = np.random.default_rng(settings.seed)
+    pred = np.argmax(probs, 1)
+    conf = probs.max(1)
+    hit = np.flatnonzero(usable & (pred == y))
+    miss = np.flatnonzero(~usable | (pred != y))
+    hit = np.sort(rng.choice(hit, min(n_correct, len(hit)), replace=False)) if len(hit) else hit
+    # Confident misses first: those are the instructive ones; then misses with no face.
+    miss = sorted(miss, key=lambda k: (not usable[k], -conf[k]))[:n_incorrect]
+    wanted = [prepared.hashes[items[k]] for k in [*hit, *miss] if usable[k]]
+    faces = prepared.cache.load(wanted, crops=("aligned",)) if wanted else None
+
+    def crop(k):
+        return faces.columns["aligned"][faces.index[prepared.hashes[items[k]]]]
+
+    neighbours = _nearest_training_faces(settings, labels, prepared, items, miss, pred, usable, split, training)
+    correct = [{"image": crop(k), "true": labels[y[k]], "pred": labels[pred[k]], "confidence": float(conf[k])}
+               for k in hit]
+    incorrect = []
+    for k in miss:
+        true = labels[y[k]]
+        if not usable[k]:
+            try:
+                image = load_image(prepared.dataset.path(prepared.dataset.items[items[k]]))
+            except BadImage:
+                image = None
+            status = prepared.status[items[k]]
+            note = "no face found" if status == "no_face" else f"unreadable: {status}"
+            incorrect.append({"image": image, "true": true, "pred": None, "confidence": 0.0, "note": note,
+                              "neighbour": None})
+        else:
+            incorrect.append({"image": crop(k), "true": true, "pred": labels[pred[k]],
+                              "confidence": float(conf[k]), "neighbour": neighbours.get(k)})
+    return correct, incorrect
+
+
+def _nearest_training_faces(settings, labels, prepared, items, miss, pred, usable, split, training) -> dict:
+    """For each miss with a face: the training face of the predicted identity that is nearest, in embedding
+    space where the embeddings are cached (embedding runs), else in the pixels of the grayscale box crop."""
+    from pinsface.cache import EmbeddingCache
+    from pinsface.train import usable_status
+
+    queries = [k for k in miss if usable[k]]
+    if training is None or not queries:
+        return {}
+    train_set = set(split.files("train"))
+    ok = usable_status(settings)
+    by_identity: dict[str, list[str]] = {}
+    for i, it in enumerate(training.dataset.items):
+        if it.rel in train_set and training.status[i] in ok:
+            by_identity.setdefault(identity_key(it.identity), []).append(training.hashes[i])
+    query_hashes = [prepared.hashes[items[k]] for k in queries]
+    pools = [by_identity.get(identity_key(labels[pred[k]]), []) for k in queries]
+    candidates = sorted({h for pool in pools for h in pool})
+    index, emb, _ = EmbeddingCache(prepared.cache.root, settings.faces.version(), settings.backbone).load(
+        query_hashes + candidates)
+    if any(h not in index for h in query_hashes + candidates):
+        table = training.cache.load(candidates, crops=("box",))
+        queries_table = prepared.cache.load(query_hashes, crops=("box",))
+        index = {**{h: ("c", i) for h, i in table.index.items()}, **{h: ("q", i) for h, i in queries_table.index.items()}}
+
+        def vector(h):
+            where, i = index[h]
+            source = table if where == "c" else queries_table
+            return source.columns["box"][i].astype(np.float32).ravel()
+    else:
+        def vector(h):
+            return emb[index[h]]
+    crops = training.cache.load(candidates, crops=("aligned",)) if candidates else None
+    result = {}
+    for k, qh, pool in zip(queries, query_hashes, pools):
+        pool = [h for h in pool if h in index]
+        if not pool or qh not in index:
+            continue
+        d = np.linalg.norm(np.stack([vector(h) for h in pool]) - vector(qh), axis=1)
+        result[k] = crops.columns["aligned"][crops.index[pool[int(np.argmin(d))]]]
+    return result
 
 
 def write_reports(out: Path, metrics: dict, labels: list[str]) -> None:

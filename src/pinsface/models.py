@@ -34,6 +34,8 @@ def build_head(n_classes: int, settings: Settings, input_dim: int = 128) -> kera
     """Embedding -> identity probabilities: L2 norm, Dense 512/256/128 ReLU with Dropout, softmax."""
     inputs = keras.Input((input_dim,), name="embedding")
     x = L2Normalize(scale=float(input_dim) ** 0.5, name="l2_normalize")(inputs)
+    if settings.input_noise:
+        x = keras.layers.GaussianNoise(settings.input_noise, seed=settings.seed, name="embedding_noise")(x)
     x = _dense_stack(x, settings, "head_")
     if settings.cosine_scale:
         logits = CosineLogits(n_classes, settings.cosine_scale, name="cosine_logits")(x)

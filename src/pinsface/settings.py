@@ -68,6 +68,10 @@ class Settings:
     learning_rate: float = 1e-3
     hidden_units: tuple[int, ...] = (512, 256, 128)
     dropout: float = 0.2
+    weight_decay: float = 1e-4
+    # Gaussian noise on the (unit-norm x sqrt(dim)) embedding while training the head: cheap augmentation.
+    input_noise: float = 0.0
+    monitor: str = "val_loss"
     label_smoothing: float = 0.1
     cosine_scale: float = 16.0
     class_weights: bool = False

@@ -73,7 +73,7 @@ def _fit(model, x, y, xv, yv, settings: Settings, run_dir: Path, stage: str, epo
 
     keras.utils.set_random_seed(settings.seed)
     model.compile(
-        optimizer=keras.optimizers.Adam(lr),
+        optimizer=keras.optimizers.AdamW(lr, weight_decay=settings.weight_decay),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing),
         metrics=["accuracy"],
     )
@@ -82,11 +82,12 @@ def _fit(model, x, y, xv, yv, settings: Settings, run_dir: Path, stage: str, epo
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     callbacks = [
         _EpochLog.make(run_dir / "train.log", stage),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.early_stopping_patience,
+        keras.callbacks.EarlyStopping(monitor=settings.monitor, patience=settings.early_stopping_patience,
                                       restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=settings.lr_patience,
+        keras.callbacks.ReduceLROnPlateau(monitor=settings.monitor, factor=0.3, patience=settings.lr_patience,
                                           min_lr=lr / 1000),
-        keras.callbacks.ModelCheckpoint(str(ckpt), monitor="val_loss", save_best_only=True, save_weights_only=True),
+        keras.callbacks.ModelCheckpoint(str(ckpt), monitor=settings.monitor, save_best_only=True,
+                                        save_weights_only=True),
     ]
     history = model.fit(
         x, keras.utils.to_categorical(y, n_classes), validation_data=(xv, keras.utils.to_categorical(yv, n_classes)),
@@ -94,7 +95,11 @@ def _fit(model, x, y, xv, yv, settings: Settings, run_dir: Path, stage: str, epo
         verbose=2 if progress else 0, shuffle=True,
     )
     hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
-    best = int(np.argmin(hist["val_loss"])) if hist.get("val_loss") else len(hist.get("loss", [])) - 1
+    series = hist.get(settings.monitor)
+    if series:
+        best = int(np.argmax(series)) if "acc" in settings.monitor else int(np.argmin(series))
+    else:
+        best = len(hist.get("loss", [])) - 1
     return {"stage": stage, "epochs_run": len(hist.get("loss", [])), "best_epoch": best + 1, **hist}
 
 

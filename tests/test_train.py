@@ -1,0 +1,93 @@
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import pinsface.layers  # noqa: F401
+from pinsface.cache import EmbeddingCache
+from pinsface.dataset import Split
+from pinsface.models import build_head, build_pixels_mlp
+from pinsface.settings import Settings
+
+
+def test_run_folder_has_every_artifact(small_run):
+    run_dir, result = small_run
+    for name in ("model.keras", "labels.json", "config.json", "split.json", "history.json", "train.log",
+                 "prepare_summary.json"):
+        assert (run_dir / name).is_file(), name
+    labels = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
+    assert len(labels) == 6 and "Brïe Lårson é" in labels
+    config = Settings.load(run_dir / "config.json")
+    assert config.model == "embedding" and config.faces.aligned_size == 150
+    history = json.loads((run_dir / "history.json").read_text())
+    stage = history["stages"][0]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+        assert len(stage[key]) == stage["epochs_run"] > 0, key
+    assert 1 <= stage["best_epoch"] <= stage["epochs_run"]
+    assert "validation top-1" in (run_dir / "train.log").read_text()
+    split = Split.load(run_dir / "split.json")
+    assert {"train", "val", "test"} == set(split.assignment.values())
+    # Six well-separated people: the frozen embedding + head must be nearly perfect on validation.
+    assert result["val_top1"] >= 0.9
+
+
+def test_saved_model_is_the_whole_network_and_matches_the_cached_path(small_run, reference_chips):
+    run_dir, result = small_run
+    model = keras.saving.load_model(run_dir / "model.keras", safe_mode=True, compile=False)
+    assert model.input_shape == (None, 150, 150, 3)
+    assert model.output_shape == (None, 6)
+    prepared = result["prepared"]
+    hashes = [h for h, s in zip(prepared.hashes, prepared.status) if s == "ok"][:12]
+    crops = prepared.cache.load(hashes, crops=("aligned",))
+    x = crops.columns["aligned"][crops.rows(hashes)].astype(np.float32)
+    full = model.predict(x, verbose=0)
+    settings = Settings.load(run_dir / "config.json")
+    index, emb, emb_flip = EmbeddingCache(prepared.cache.root, settings.faces.version(), settings.backbone).load(hashes)
+    rows = [index[h] for h in hashes]
+    head = model.get_layer("head")
+    cached = (head.predict(emb[rows], verbose=0) + head.predict(emb_flip[rows], verbose=0)) / 2
+    assert np.allclose(full, cached, atol=2e-3)
+    assert np.allclose(full.sum(1), 1.0, atol=1e-4)
+    # Augmentation is inactive at inference: two calls agree exactly.
+    assert np.array_equal(model.predict(x[:4], verbose=0), model.predict(x[:4], verbose=0))
+
+
+def test_pixels_mlp_is_the_briefs_network():
+    model = build_pixels_mlp(105, Settings(model="pixels-mlp"))
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    assert [d.units for d in dense] == [512, 256, 128, 105]
+    assert [d.activation.__name__ for d in dense] == ["relu", "relu", "relu", "softmax"]
+    assert sum(isinstance(layer, keras.layers.Dropout) for layer in model.layers) == 3
+    flatten = model.get_layer("flatten")
+    assert flatten.output.shape[-1] == 10_000
+    x = np.full((2, 100, 100, 1), 255, np.uint8)
+    assert np.allclose(model.predict(x, verbose=0).sum(1), 1, atol=1e-5)
+
+
+def test_embedding_head_has_the_briefs_dense_stack():
+    head = build_head(105, Settings())
+    dense = [layer for layer in head.layers if isinstance(layer, keras.layers.Dense)]
+    assert [d.units for d in dense] == [512, 256, 128]
+    assert head.output_shape == (None, 105)
+
+
+def test_pixels_mlp_trains_and_saves(tmp_path, small_dataset, detector):
+    from pinsface.prepare import prepare
+    from pinsface.train import train
+
+    settings = Settings(model="pixels-mlp", epochs=3, test_fraction=0.25, val_fraction=0.25)
+    prepared = prepare(small_dataset, tmp_path / "cache", settings.faces, progress=False, detector=detector)
+    result = train(out_dir=tmp_path / "run", settings=settings, progress=False, prepared=prepared)
+    model = keras.saving.load_model(tmp_path / "run" / "model.keras", safe_mode=True, compile=False)
+    assert model.input_shape == (None, 100, 100, 1)
+    assert 0.0 <= result["val_top1"] <= 1.0
+
+
+def test_unknown_model_name_is_refused(tmp_path, small_dataset, detector):
+    from pinsface.prepare import prepare
+    from pinsface.train import train
+
+    prepared = prepare(small_dataset, tmp_path / "cache", progress=False, detector=detector)
+    with pytest.raises(ValueError, match="unknown model"):
+        train(out_dir=tmp_path / "run", settings=Settings(model="resnet"), progress=False, prepared=prepared)
