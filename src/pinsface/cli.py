@@ -69,9 +69,70 @@ def _evaluate(args) -> int:
     metrics = evaluate(args.run_dir, data=args.data, out=args.out, progress=not args.no_progress,
                        compare=args.compare)
     print(_headline(metrics))
+    if args.unknown:
+        from pinsface.evaluate import evaluate_open_set
+
+        o = evaluate_open_set(args.run_dir, args.unknown, out=args.out, progress=not args.no_progress)
+        print(f"open set: {100 * o['strangers_rejected']:.2f}% of {o['n_strangers']} strangers rejected, "
+              f"{100 * o['known_accepted_and_correct']:.2f}% of {o['n_known_test_images']} known test images "
+              f"accepted and named correctly (thresholds: probability >= {o['threshold_probability']:.3f}, "
+              f"distance <= {o['threshold_distance']:.3f})")
     if metrics.get("unknown_identities"):
         print("not known to this run (reported, not scored): "
               + ", ".join(f"{k} ({v} images)" for k, v in metrics["unknown_identities"].items()))
+    return 0
+
+
+def _predict(args) -> int:
+    from pinsface.images import load_image
+    from pinsface.predict import Recognizer, annotate, expand_inputs, format_table
+
+    recognizer = Recognizer.load(args.run_dir)
+    files = expand_inputs(args.paths)
+    if not files:
+        raise FileNotFoundError(f"no images found in {' '.join(args.paths)}")
+    results = recognizer.identify_many(files, batch_size=args.batch_size, top_k=args.top_k,
+                                       threshold=args.threshold, progress=not args.no_progress)
+    if args.json:
+        for r in results:
+            print(json.dumps(r.to_dict(), ensure_ascii=False))
+    else:
+        print(format_table(results))
+    if args.annotate:
+        from pathlib import Path
+
+        used: set[str] = set()
+        for r in results:
+            if r.error:
+                continue
+            stem = Path(r.source).stem
+            name = stem if stem not in used else f"{stem}_{len(used)}"
+            used.add(name)
+            annotate(load_image(r.source), r.faces, Path(args.annotate) / f"{name}.jpg")
+    return 0
+
+
+def _enroll(args) -> int:
+    from pinsface.predict import Recognizer, expand_inputs
+
+    recognizer = Recognizer.load(args.run_dir)
+    summary = recognizer.enroll(args.name, expand_inputs(args.photos))
+    recognizer.save()
+    print(f"enrolled {summary['identity']!r} from {summary['faces_used']} face(s) of {summary['photos']} photo(s); "
+          f"{summary['identities']} identities known; thresholds: probability >= "
+          f"{recognizer.gallery.threshold_probability:.3f}, distance <= {recognizer.gallery.threshold_distance:.3f}")
+    for s in summary["skipped"]:
+        print(f"  skipped {s['source']}: {s['reason']}")
+    return 0
+
+
+def _forget(args) -> int:
+    from pinsface.predict import Recognizer
+
+    recognizer = Recognizer.load(args.run_dir)
+    summary = recognizer.forget(args.name)
+    recognizer.save()
+    print(f"forgot {summary['identity']!r}; {summary['identities']} identities known")
     return 0
 
 
@@ -119,8 +180,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="a labelled folder (one sub-folder per person) instead of the run's test split")
     p.add_argument("--out", help="report folder (default RUN_DIR/report)")
     p.add_argument("--compare", help="another run (e.g. the pixels-mlp baseline) to compare against")
+    p.add_argument("--unknown", help="a folder of people the run was not trained on: open-set evaluation")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("predict", help="name the faces in photos (files, folders, globs)")
+    p.add_argument("run_dir")
+    p.add_argument("paths", nargs="+", help="image files, folders (recursive) or glob patterns")
+    p.add_argument("--json", action="store_true", help="JSON Lines: one record per image with a faces list")
+    p.add_argument("--annotate", metavar="OUT_DIR", help="write copies with boxes and names drawn")
+    p.add_argument("--top-k", type=int, default=3, help="alternatives listed per face")
+    p.add_argument("--threshold", type=float, help="override the calibrated probability threshold")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("enroll", help="add a person from a few photos, without retraining the network")
+    p.add_argument("run_dir")
+    p.add_argument("--name", required=True)
+    p.add_argument("photos", nargs="+", help="photos, folders or globs of that person")
+    p.set_defaults(func=_enroll)
+
+    p = sub.add_parser("forget", help="remove a person from a run")
+    p.add_argument("run_dir")
+    p.add_argument("--name", required=True)
+    p.set_defaults(func=_forget)
     return parser
 
 

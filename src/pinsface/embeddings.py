@@ -20,7 +20,7 @@ class Embedder:
         self._fn = tf.function(lambda x: backbone(x, training=False), reduce_retracing=True)
 
     def __call__(self, crops: np.ndarray, flip: bool = False) -> np.ndarray:
-        out = np.zeros((len(crops), self.backbone.output_shape[-1]), dtype=np.float32)
+        out = np.zeros((len(crops), *self.backbone.output_shape[1:]), dtype=np.float32)
         for lo in range(0, len(crops), self.batch_size):
             batch = crops[lo:lo + self.batch_size].astype(np.float32)
             if flip:

@@ -47,17 +47,16 @@ def score_images(model, settings: Settings, prepared: Prepared, items: np.ndarra
     if not hashes:
         return probs, usable
     if settings.model == "embedding":
-        from pinsface.backbones import get_backbone
         from pinsface.cache import EmbeddingCache
         from pinsface.embeddings import Embedder, ensure_embeddings
 
-        emb_cache = EmbeddingCache(prepared.cache.root, settings.faces.version(), settings.backbone)
+        emb_cache = EmbeddingCache(prepared.cache.root, settings.faces.version(), embedding_key(settings))
         index, _, _ = emb_cache.load(hashes)
         faces = None
         embedder = None
         if any(h not in index for h in hashes):
             faces = prepared.cache.load(hashes, crops=("aligned",))
-            embedder = Embedder(get_backbone(settings.backbone), settings.embed_batch_size)
+            embedder = Embedder(model.get_layer(settings.backbone), settings.embed_batch_size)
         emb, emb_flip = ensure_embeddings(hashes, faces, emb_cache, embedder, progress)
         head = model.get_layer("head")
         p = head.predict(emb, batch_size=1024, verbose=0)
@@ -68,6 +67,10 @@ def score_images(model, settings: Settings, prepared: Prepared, items: np.ndarra
         p = model.predict(faces.columns["box"][faces.rows(hashes)][..., None], batch_size=512, verbose=0)
     probs[usable] = p
     return probs, usable
+
+
+def embedding_key(settings: Settings) -> str:
+    return settings.embedding_key or settings.backbone
 
 
 def topk_correct(probs: np.ndarray, usable: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
@@ -314,7 +317,7 @@ def _nearest_training_faces(settings, labels, prepared, items, miss, pred, usabl
     query_hashes = [prepared.hashes[items[k]] for k in queries]
     pools = [by_identity.get(identity_key(labels[pred[k]]), []) for k in queries]
     candidates = sorted({h for pool in pools for h in pool})
-    index, emb, _ = EmbeddingCache(prepared.cache.root, settings.faces.version(), settings.backbone).load(
+    index, emb, _ = EmbeddingCache(prepared.cache.root, settings.faces.version(), embedding_key(settings)).load(
         query_hashes + candidates)
     if any(h not in index for h in query_hashes + candidates):
         table = training.cache.load(candidates, crops=("box",))
@@ -365,3 +368,77 @@ def write_reports(out: Path, metrics: dict, labels: list[str]) -> None:
             writer.writerow([r[0], f"{r[1]:.6f}", f"{r[2]:.6f}", f"{r[3]:.6f}", r[4]])
         writer.writerow(["macro avg", *(f"{v:.6f}" for v in macro), int(support.sum())])
         writer.writerow(["weighted avg", *(f"{v:.6f}" for v in weighted), int(support.sum())])
+
+
+def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path | None = None,
+                      prepared: Prepared | None = None, progress: bool = True) -> dict:
+    """Known test faces vs faces of people the run never saw: how many strangers are rejected, how many known
+    faces are still accepted and named correctly, and the trade-off curve between the two."""
+    from pinsface import plots
+    from pinsface.gallery import Gallery
+    from pinsface.train import usable_status
+
+    run_dir = Path(run_dir)
+    settings, labels, model = load_run(run_dir)
+    if settings.model != "embedding":
+        raise ValueError("open-set evaluation needs an embedding run (with a calibrated gallery)")
+    gallery = Gallery.load(run_dir / "gallery.npz")
+    out = Path(out) if out else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    if prepared is None:
+        prepared = prepare(settings.data_dir, settings.cache_dir, settings.faces,
+                           batch_size=settings.detect_batch_size, progress=progress)
+    test = set(Split.load(run_dir / "split.json").files("test"))
+    label_of = {identity_key(name): i for i, name in enumerate(gallery.labels)}
+    known_items = np.array([i for i, it in enumerate(prepared.dataset.items) if it.rel in test], dtype=np.int64)
+    strangers_ds = scan_dataset(unknown)
+    clash = [name for name in strangers_ds.identities if identity_key(name) in label_of]
+    if clash:
+        raise ValueError(f"--unknown must hold people the run does not know; it knows: {', '.join(clash)}")
+    strangers = prepare(strangers_ds.root, settings.cache_dir, settings.faces, batch_size=settings.detect_batch_size,
+                        progress=progress, dataset=strangers_ds)
+
+    def scores(prep: Prepared, items: np.ndarray):
+        ok = usable_status(settings)
+        usable = np.array([prep.status[i] in ok for i in items], dtype=bool)
+        hashes = [prep.hashes[i] for i in items[usable]]
+        from pinsface.cache import EmbeddingCache
+        from pinsface.embeddings import Embedder, ensure_embeddings
+
+        cache = EmbeddingCache(prep.cache.root, settings.faces.version(), embedding_key(settings))
+        faces = prep.cache.load(hashes, crops=("aligned",))
+        emb, flip = ensure_embeddings(hashes, faces, cache, Embedder(model.get_layer(settings.backbone),
+                                                                     settings.embed_batch_size), progress)
+        probs = gallery.probabilities(model.get_layer("head"), emb, flip)
+        dists = gallery.distances(emb, flip)
+        pred = np.argmax(probs, 1)
+        rows = np.arange(len(pred))
+        return usable, pred, probs[rows, pred], dists[rows, pred]
+
+    k_usable, k_pred, k_p, k_d = scores(prepared, known_items)
+    k_true = np.array([label_of.get(identity_key(prepared.dataset.items[i].identity), -1)
+                       for i in known_items[k_usable]])
+    s_items = np.arange(len(strangers.dataset.items))
+    s_usable, _, s_p, s_d = scores(strangers, s_items)
+    n_known, n_strangers = len(known_items), len(s_items)
+
+    def rates(t_p: float, t_d: float) -> tuple[float, float]:
+        known_ok = np.sum((k_pred == k_true) & (k_p >= t_p) & (k_d <= t_d)) / max(n_known, 1)
+        # A stranger with no detectable face is never named: that counts as rejected.
+        rejected = 1.0 - np.sum((s_p >= t_p) & (s_d <= t_d)) / max(n_strangers, 1)
+        return float(rejected), float(known_ok)
+
+    t_p, t_d = gallery.threshold_probability, gallery.threshold_distance
+    rejected, known_ok = rates(t_p, t_d)
+    curve = [rates(t_p, d) for d in np.linspace(0.0, 1.0, 201)]
+    curve_p = [rates(p, t_d) for p in np.linspace(0.0, 1.0, 101)]
+    result = {
+        "unknown_dir": str(strangers_ds.root), "n_strangers": n_strangers,
+        "n_strangers_with_face": int(s_usable.sum()), "n_known_test_images": n_known,
+        "strangers_rejected": rejected, "known_accepted_and_correct": known_ok,
+        "threshold_probability": t_p, "threshold_distance": t_d, "target_far": gallery.target_far,
+        "calibration": gallery.calibration,
+    }
+    plots.plot_open_set(curve, curve_p, (rejected, known_ok), out / "open_set.png")
+    (out / "open_set.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return result

@@ -131,6 +131,14 @@ def _crop_panel(ax, image: np.ndarray | None, title: str, color: str, note: str 
 def plot_samples(samples: list[dict], path: Path, title: str, columns: int = 6) -> Path:
     """A grid of labelled faces. Each sample: image, true, pred, confidence and optionally ``neighbour``
     (the nearest training face of the predicted identity) and ``note`` (e.g. no face found)."""
+    if not samples:
+        fig, ax = plt.subplots(figsize=(8, 2.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "Nothing to show: no image in this group.", ha="center", va="center", fontsize=14)
+        fig.suptitle(title, fontsize=13)
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        return path
     paired = any("neighbour" in s for s in samples)
     per_row = columns // 2 if paired else columns
     n_rows = max(1, int(np.ceil(len(samples) / per_row)))
@@ -157,5 +165,26 @@ def plot_samples(samples: list[dict], path: Path, title: str, columns: int = 6) 
     fig.suptitle(title, fontsize=13)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_open_set(curve_distance, curve_probability, point, path: Path) -> Path:
+    """Share of strangers rejected vs share of known faces accepted and named correctly."""
+    fig, ax = plt.subplots(figsize=(7.5, 6), constrained_layout=True)
+    for curve, label in ((curve_distance, "sweeping the distance threshold"),
+                         (curve_probability, "sweeping the probability threshold")):
+        xs, ys = zip(*curve)
+        ax.plot(xs, ys, lw=2, label=label)
+    ax.scatter([point[0]], [point[1]], s=90, color="crimson", zorder=5,
+               label=f"calibrated: {100 * point[0]:.1f}% rejected, {100 * point[1]:.1f}% named")
+    ax.set_xlabel("strangers rejected (share)")
+    ax.set_ylabel("known test faces accepted and named correctly (share)")
+    ax.set_title("Open set: rejecting strangers vs naming known people")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=9)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -83,9 +83,13 @@ class Settings:
     lr_patience: int = 3
     fine_tune: bool = False
     fine_tune_from: str = "conv256_1"
-    fine_tune_epochs: int = 4
-    fine_tune_learning_rate: float = 1e-5
+    fine_tune_epochs: int = 6
+    fine_tune_learning_rate: float = 3e-5
+    # Names the backbone weights that produced cached embeddings: the backbone, or a fine-tuned copy of it.
+    embedding_key: str = ""
     test_time_flip: bool = True
+    # Target false-accept rate for the calibrated "unknown" thresholds (see pinsface.gallery).
+    target_far: float = 0.01
     embed_batch_size: int = 64
     detect_batch_size: int = 64
 

@@ -124,6 +124,42 @@ def augmented_embeddings(crops: np.ndarray, embedder, settings: Settings, views:
     return np.concatenate(out) if out else np.zeros((0, 128), np.float32)
 
 
+def weights_fingerprint(model) -> str:
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=6)
+    for w in model.get_weights():
+        digest.update(np.ascontiguousarray(w).tobytes())
+    return digest.hexdigest()
+
+
+def fine_tune(backbone, head, crops: dict[str, np.ndarray], y: dict[str, np.ndarray], settings: Settings,
+              run_dir: Path, progress: bool) -> dict:
+    """Unfreeze the backbone from block ``settings.fine_tune_from`` up and train it with the head, at a low
+    learning rate. The frozen lower part runs once per crop (and mirror image); its activations are the
+    training inputs, so each epoch only costs the top blocks."""
+    import keras
+
+    from pinsface.embeddings import Embedder
+
+    mid = backbone.get_layer(f"{settings.fine_tune_from}_conv1").input
+    lower = keras.Model(backbone.input, mid, name="frozen_lower")
+    upper = keras.Model(mid, backbone.output, name="tuned_upper")
+    embed_lower = Embedder(lower, settings.embed_batch_size)
+    x_train = np.concatenate([embed_lower(crops["train"]), embed_lower(crops["train"], flip=True)])
+    y_train = np.concatenate([y["train"], y["train"]])
+    x_val = embed_lower(crops["val"])
+    backbone.trainable = True
+    for layer in backbone.layers:
+        layer.trainable = layer in upper.layers
+    inputs = keras.Input(mid.shape[1:], name="lower_activations")
+    model = keras.Model(inputs, head(upper(inputs)), name="fine_tune")
+    history = _fit(model, x_train, y_train, x_val, y["val"], settings, run_dir, "fine-tune",
+                   settings.fine_tune_epochs, settings.fine_tune_learning_rate, None, progress)
+    backbone.trainable = False
+    return history
+
+
 def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None, cache_dir=None,
           progress: bool = True, prepared: Prepared | None = None) -> dict:
     """Prepare (if needed) and train ``settings.model``; write the run folder and return a summary."""
@@ -197,7 +233,25 @@ def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None
                               settings.epochs, settings.learning_rate, cw, progress))
         timings["train_head"] = time.perf_counter() - t4
         backbone.trainable = False
+        settings.embedding_key = settings.backbone
+        if settings.fine_tune:
+            t5 = time.perf_counter()
+            crops = {k: faces.columns["aligned"][faces.rows(hashes[k])] for k in ("train", "val")}
+            histories.append(fine_tune(backbone, head, crops, y, settings, run_dir, progress))
+            settings.embedding_key = f"{settings.backbone}-ft-{weights_fingerprint(backbone)}"
+            timings["fine_tune"] = time.perf_counter() - t5
         model = build_embedding_model(backbone, head, settings)
+
+        t6 = time.perf_counter()
+        from pinsface.gallery import build_gallery
+
+        if settings.fine_tune:  # the tuned backbone embeds differently: embed the gallery faces again
+            tuned_cache = EmbeddingCache(settings.cache_dir, settings.faces.version(), settings.embedding_key)
+            emb = {k: ensure_embeddings(hashes[k], faces, tuned_cache, embedder, progress) for k in ("train", "val")}
+        gallery = build_gallery(labels, emb["train"][0], emb["train"][1], y["train"], emb["val"][0], emb["val"][1],
+                                y["val"], head, settings.target_far)
+        gallery.save(run_dir / "gallery.npz")
+        timings["calibrate"] = time.perf_counter() - t6
     elif settings.model == "pixels-mlp":
         from pinsface.models import build_pixels_mlp
 

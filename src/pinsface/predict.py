@@ -1,0 +1,259 @@
+"""Name the faces in new photos: ``Recognizer`` finds every face, names it or says it is unknown.
+
+A face is accepted as identity k only when the head's probability for k is high enough *and* its embedding
+is close enough to k's enrolled faces; both thresholds are calibrated on validation faces at training time
+(see ``pinsface.gallery``) for a target false-accept rate.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pinsface.faces import FaceDetector, align_face
+from pinsface.images import BadImage, load_image
+from pinsface.settings import Settings
+
+
+@dataclass
+class Face:
+    """One face found in a photo, named (``identity``) or unknown (``identity is None``)."""
+
+    box: list[float]  # x1, y1, x2, y2
+    detector_confidence: float
+    landmarks: list[list[float]]  # left eye, right eye, nose, left mouth, right mouth
+    identity: str | None
+    probability: float  # the head's probability for the best-matching identity
+    distance: float  # Euclidean descriptor distance to that identity's enrolled faces (dlib: < 0.6 same person)
+    best_match: str  # the best-matching identity, even when rejected as unknown
+    alternatives: list[dict] = field(default_factory=list)  # top-k: {"identity", "probability", "distance"}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ImageResult:
+    source: str
+    faces: list[Face]
+    error: str | None = None  # a BadImage reason: the file could not be used
+    note: str | None = None  # e.g. "no face found"
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "faces": [f.to_dict() for f in self.faces], "error": self.error,
+                "note": self.note}
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Files, folders (recursively, image extensions only) and glob patterns -> a sorted list of files."""
+    from pinsface.dataset import IMAGE_EXTENSIONS
+
+    files: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(str(p) for p in sorted(path.rglob("*"))
+                         if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        elif any(ch in item for ch in "*?["):
+            files.extend(sorted(glob.glob(item, recursive=True)))
+        else:
+            files.append(item)
+    return files
+
+
+class Recognizer:
+    """A trained run, ready to name faces. ``Recognizer.load(run_dir)``, then ``identify`` / ``identify_many``."""
+
+    def __init__(self, run_dir: Path, settings: Settings, labels: list[str], model, gallery):
+        self.run_dir = Path(run_dir)
+        self.settings = settings
+        self.labels = labels
+        self.model = model
+        self.gallery = gallery
+        self.threshold_probability = gallery.threshold_probability
+        self.threshold_distance = gallery.threshold_distance
+        # In a photo any face counts, not only one filling a fifth of the frame as in a portrait dataset.
+        self.face_settings = settings.faces
+        self._detector: FaceDetector | None = None
+        self._embedder = None
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike) -> "Recognizer":
+        """Load a run folder written by ``pinsface train`` / ``run`` (must be an ``embedding`` run)."""
+        from pinsface.evaluate import load_run
+        from pinsface.gallery import Gallery
+
+        settings, labels, model = load_run(run_dir)
+        if settings.model != "embedding":
+            raise ValueError(f"{run_dir} is a {settings.model} run: naming faces needs an embedding run")
+        gallery = Gallery.load(Path(run_dir) / "gallery.npz")
+        return cls(Path(run_dir), settings, labels, model, gallery)
+
+    @property
+    def detector(self) -> FaceDetector:
+        if self._detector is None:
+            self._detector = FaceDetector(self.face_settings)
+        return self._detector
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            from pinsface.embeddings import Embedder
+
+            self._embedder = Embedder(self.model.get_layer(self.settings.backbone), self.settings.embed_batch_size)
+        return self._embedder
+
+    def embed(self, crops: np.ndarray) -> np.ndarray:
+        """Backbone embeddings of aligned crops, averaged with their mirror images' (as the head was trained)."""
+        return self.embedder(crops), self.embedder(crops, flip=True)
+
+    def identify(self, image: str | os.PathLike | bytes | np.ndarray, top_k: int = 3,
+                 threshold: float | None = None) -> list[Face]:
+        """Every face in one image. Raises ``BadImage`` for a file that cannot be used."""
+        array = load_image(image, self.face_settings.max_pixels)
+        return self._name([array], [self.detector.detect([array])[0]], top_k, threshold)[0]
+
+    def identify_many(self, sources: list, batch_size: int = 32, top_k: int = 3, threshold: float | None = None,
+                      progress: bool = False) -> list[ImageResult]:
+        """Every face in many images, detection and embedding batched. Bad files get an error entry."""
+        from tqdm import tqdm
+
+        results: list[ImageResult] = []
+        bar = tqdm(total=len(sources), desc="photos", unit="photo", disable=not progress, leave=False)
+        for lo in range(0, len(sources), batch_size):
+            batch = sources[lo:lo + batch_size]
+            arrays, names, entries = [], [], []
+            for source in batch:
+                name = source if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
+                try:
+                    arrays.append(load_image(source, self.face_settings.max_pixels))
+                    names.append(str(name))
+                    entries.append(None)
+                except BadImage as exc:
+                    entries.append(ImageResult(str(name), [], error=exc.reason))
+            faces = self._name(arrays, self.detector.detect(arrays), top_k, threshold) if arrays else []
+            it = iter(zip(names, faces))
+            for entry in entries:
+                if entry is None:
+                    name, found = next(it)
+                    entry = ImageResult(name, found, note=None if found else "no face found")
+                results.append(entry)
+            bar.update(len(batch))
+        bar.close()
+        return results
+
+    def _name(self, images: list[np.ndarray], detections, top_k: int, threshold: float | None) -> list[list[Face]]:
+        crops, owners = [], []
+        for i, (image, faces) in enumerate(zip(images, detections)):
+            for face in faces:
+                crops.append(align_face(image, face.landmarks, self.face_settings))
+                owners.append((i, face))
+        out: list[list[Face]] = [[] for _ in images]
+        if not crops:
+            return out
+        emb, emb_flip = self.embed(np.stack(crops))
+        probs = self.gallery.probabilities(self.model.get_layer("head"), emb, emb_flip)
+        dists = self.gallery.distances(emb, emb_flip)
+        p_min = self.threshold_probability if threshold is None else threshold
+        d_max = self.threshold_distance
+        for (i, face), p, d in zip(owners, probs, dists):
+            order = np.argsort(-p)[:max(top_k, 1)]
+            best = int(order[0])
+            accepted = p[best] >= p_min and d[best] <= d_max
+            out[i].append(Face(
+                box=[round(float(v), 2) for v in face.box], detector_confidence=round(face.confidence, 4),
+                landmarks=[[round(float(a), 2), round(float(b), 2)] for a, b in face.landmarks],
+                identity=self.gallery.labels[best] if accepted else None,
+                probability=round(float(p[best]), 4), distance=round(float(d[best]), 4),
+                best_match=self.gallery.labels[best],
+                alternatives=[{"identity": self.gallery.labels[k], "probability": round(float(p[k]), 4),
+                               "distance": round(float(d[k]), 4)} for k in order[:top_k]],
+            ))
+        return out
+
+    def enroll(self, name: str, images: list, epochs: int = 30) -> dict:
+        """Add (or extend) a person from a few photos without retraining the backbone; returns a summary."""
+        from pinsface.gallery import enroll
+
+        arrays, skipped = [], []
+        for source in images:
+            try:
+                arrays.append(load_image(source, self.face_settings.max_pixels))
+            except BadImage as exc:
+                skipped.append({"source": str(source), "reason": exc.reason})
+        crops = []
+        for array, faces in zip(arrays, self.detector.detect(arrays)):
+            if faces:
+                from pinsface.faces import choose_face
+
+                crops.append(align_face(array, faces[choose_face(faces, array.shape)].landmarks, self.face_settings))
+        if not crops:
+            raise ValueError(f"no usable face in the {len(images)} photo(s) given for {name!r}")
+        emb, emb_flip = self.embed(np.stack(crops))
+        summary = enroll(self, name, emb, emb_flip, epochs)
+        summary.update({"photos": len(images), "faces_used": len(crops), "skipped": skipped})
+        return summary
+
+    def forget(self, name: str, epochs: int = 30) -> dict:
+        """Remove a person; the head is refitted on the remaining enrolled faces."""
+        from pinsface.gallery import forget
+
+        return forget(self, name, epochs)
+
+    def save(self) -> None:
+        """Persist enrolments: the model, labels, gallery and thresholds in the run folder."""
+        self.model.save(self.run_dir / "model.keras")
+        (self.run_dir / "labels.json").write_text(json.dumps(self.labels, indent=1, ensure_ascii=False) + "\n",
+                                                  encoding="utf-8")
+        self.gallery.save(self.run_dir / "gallery.npz")
+
+
+__all__ = ["Recognizer", "Face", "ImageResult", "expand_inputs"]
+
+
+def annotate(image: np.ndarray, faces: list[Face], path: Path) -> Path:
+    """Write a copy of ``image`` with each face's box and name drawn, sized to stay legible at any resolution."""
+    import cv2
+
+    canvas = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    h, w = canvas.shape[:2]
+    thickness = max(2, round(min(h, w) / 300))
+    for face in faces:
+        x1, y1, x2, y2 = (int(round(v)) for v in face.box)
+        known = face.identity is not None
+        color = (60, 180, 75) if known else (40, 40, 230)
+        text = f"{face.identity} {face.probability:.2f}" if known else f"unknown (~{face.best_match}?)"
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), color, thickness)
+        # Text height about a fifth of the face box, and never below 12 px.
+        scale = max(0.4, (y2 - y1) / 5 / 22)
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, max(1, thickness // 2))
+        ty = y1 - 6 if y1 - th - 10 > 0 else min(y2 + th + 10, h - 2)
+        tx = min(max(0, x1), max(0, w - tw - 4))
+        cv2.rectangle(canvas, (tx, ty - th - base - 2), (tx + tw + 4, ty + base), color, -1)
+        cv2.putText(canvas, text, (tx + 2, ty - 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
+                    max(1, thickness // 2), cv2.LINE_AA)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), canvas)
+    return Path(path)
+
+
+def format_table(results: list[ImageResult]) -> str:
+    lines = [f"{'photo':40s} {'face':>4s}  {'identity':28s} {'prob':>5s} {'dist':>5s}  box"]
+    for r in results:
+        name = r.source if len(r.source) <= 40 else "..." + r.source[-37:]
+        if r.error:
+            lines.append(f"{name:40s} {'-':>4s}  error: {r.error}")
+            continue
+        if not r.faces:
+            lines.append(f"{name:40s} {'-':>4s}  ({r.note})")
+        for i, f in enumerate(r.faces):
+            who = f.identity if f.identity else f"unknown (nearest: {f.best_match})"
+            box = ",".join(str(int(v)) for v in f.box)
+            lines.append(f"{name if i == 0 else '':40s} {i + 1:>4d}  {who[:28]:28s} {f.probability:5.2f} "
+                         f"{f.distance:5.2f}  {box}")
+    return "\n".join(lines)

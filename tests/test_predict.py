@@ -1,0 +1,116 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pinsface.cli import main
+from pinsface.gallery import calibrate_thresholds
+from pinsface.images import load_image
+from pinsface.predict import Recognizer, expand_inputs
+from tests.badinput import BAD, SOURCE, make_bad_corpus
+
+STRANGERS = ["pins_Ben Affleck", "pins_Avril Lavigne", "pins_Andy Samberg", "pins_Alvaro Morte"]
+
+
+@pytest.fixture(scope="module")
+def recognizer(small_run, tmp_path_factory):
+    run_dir, _ = small_run
+    copy = tmp_path_factory.mktemp("rec") / "run"
+    shutil.copytree(run_dir, copy)  # enrol/forget tests change the run
+    return Recognizer.load(copy)
+
+
+def unseen(pins_dir, folder, n, start=60):
+    return sorted((pins_dir / folder).glob("*.jpg"))[start:start + n]
+
+
+def test_known_people_are_named_and_strangers_are_not(recognizer, pins_dir):
+    known = [(p, "Adriana Lima") for p in unseen(pins_dir, "pins_Adriana Lima", 6)]
+    known += [(p, "Bill Gates") for p in unseen(pins_dir, "pins_Bill Gates", 6)]
+    results = recognizer.identify_many([str(p) for p, _ in known])
+    named = [r.faces[0].identity == who for r, (_, who) in zip(results, known) if r.faces]
+    assert len(named) >= 11 and np.mean(named) >= 0.9
+    strangers = [str(p) for folder in STRANGERS for p in unseen(pins_dir, folder, 5)]
+    faces = [f for r in recognizer.identify_many(strangers) for f in r.faces]
+    rejected = np.mean([f.identity is None for f in faces])
+    assert rejected >= 0.8, f"only {rejected:.0%} of strangers rejected"
+    f = faces[0]
+    assert len(f.box) == 4 and len(f.landmarks) == 5 and 0 <= f.probability <= 1 and f.distance >= 0
+    assert len(f.alternatives) == 3 and f.alternatives[0]["identity"] == f.best_match
+
+
+def test_every_face_in_a_group_photo(recognizer, pins_dir):
+    left = load_image(unseen(pins_dir, "pins_Adriana Lima", 1)[0])
+    right = load_image(unseen(pins_dir, "pins_Bill Gates", 1)[0])
+    group = np.concatenate([left, np.zeros_like(left), right], axis=1)
+    faces = sorted(recognizer.identify(group), key=lambda f: f.box[0])
+    assert [f.identity for f in faces] == ["Adriana Lima", "Bill Gates"]
+
+
+def test_no_face_and_bad_files_do_not_stop_a_batch(recognizer, pins_dir, tmp_path):
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.tile(np.linspace(0, 255, 300, dtype=np.uint8), (200, 1))).save(blank)
+    bad = make_bad_corpus(tmp_path / "bad", pins_dir.joinpath(*SOURCE))
+    sources = [str(blank)] + [str(bad / name) for name in sorted(BAD)] + [str(pins_dir.joinpath(*SOURCE))]
+    results = recognizer.identify_many(sources, batch_size=3)
+    assert len(results) == len(sources)
+    assert results[0].faces == [] and results[0].note == "no face found" and results[0].error is None
+    assert [r.error for r in results[1:-1]] == [BAD[name] for name in sorted(BAD)]
+    assert results[-1].faces and results[-1].faces[0].identity == "Bill Gates"
+    assert recognizer.identify(np.asarray(Image.open(blank).convert("RGB"))) == []
+
+
+def test_enroll_a_new_person_then_forget(recognizer, pins_dir):
+    photos = unseen(pins_dir, "pins_Ben Affleck", 10, start=0)
+    others = unseen(pins_dir, "pins_Ben Affleck", 15, start=20)
+    before = [r.faces[0].identity for r in recognizer.identify_many([str(p) for p in others]) if r.faces]
+    assert "Ben Affleck" not in before
+    summary = recognizer.enroll("Ben Affleck", [str(p) for p in photos])
+    assert summary["new_identity"] and summary["identities"] == 7 and summary["faces_used"] >= 9
+    after = [r.faces[0].identity for r in recognizer.identify_many([str(p) for p in others]) if r.faces]
+    assert np.mean([who == "Ben Affleck" for who in after]) >= 0.8
+    known = [r.faces[0].identity for r in recognizer.identify_many(
+        [str(p) for p in unseen(pins_dir, "pins_Bill Gates", 6)]) if r.faces]
+    assert np.mean([who == "Bill Gates" for who in known]) >= 0.8
+    recognizer.save()
+    reloaded = Recognizer.load(recognizer.run_dir)
+    assert "Ben Affleck" in reloaded.labels and reloaded.model.output_shape == (None, 7)
+    reloaded.forget("ben affleck")
+    assert "Ben Affleck" not in reloaded.labels and reloaded.model.output_shape == (None, 6)
+    with pytest.raises(ValueError, match="not known"):
+        reloaded.forget("Nobody Atall")
+
+
+def test_calibration_meets_the_target_false_accept_rate():
+    rng = np.random.default_rng(0)
+    n, k = 400, 5
+    owner = rng.integers(0, k, n)
+    logits = rng.normal(0, 1, (n, k))
+    logits[np.arange(n), owner] += 4
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    dists = rng.uniform(0.5, 1.0, (n, k))
+    dists[np.arange(n), owner] = rng.uniform(0.0, 0.4, n)
+    t_p, t_d, report = calibrate_thresholds(probs, dists, owner, 0.01)
+    assert report["impostor_accept_rate"] <= 0.01
+    assert report["genuine_named_rate"] > 0.9
+    assert 0 <= t_p <= 1 and 0 <= t_d <= 10
+
+
+def test_cli_predict_json_and_annotate(recognizer, pins_dir, tmp_path, capsys):
+    folder = tmp_path / "photos" / "nested"
+    folder.mkdir(parents=True)
+    for p in unseen(pins_dir, "pins_Bill Gates", 2):
+        shutil.copy(p, folder / p.name)
+    (folder / "notes.txt").write_text("not a photo")
+    assert len(expand_inputs([str(tmp_path / "photos")])) == 2
+    code = main(["predict", str(recognizer.run_dir), str(tmp_path / "photos"), str(tmp_path / "photos/**/*.jpg"),
+                 "--json", "--annotate", str(tmp_path / "ann"), "--no-progress", "--top-k", "2"])
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 4 and all(len(r["faces"][0]["alternatives"]) == 2 for r in lines)
+    written = sorted((tmp_path / "ann").glob("*.jpg"))
+    assert len(written) >= 2 and Image.open(written[0]).size == (224, 224)
+    assert main(["predict", str(recognizer.run_dir), str(tmp_path / "photos"), "--no-progress"]) == 0
+    assert "Bill Gates" in capsys.readouterr().out
