@@ -35,7 +35,7 @@ def _settings_from(args):
     from pinsface.settings import Settings
 
     settings = Settings()
-    for key in ("model", "epochs", "seed"):
+    for key in ("model", "epochs", "seed", "augment_views"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(settings, key, value)
@@ -172,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--epochs", type=int, help="maximum epochs (early stopping usually ends sooner)")
         p.add_argument("--seed", type=int, help="split and training seed")
         p.add_argument("--fine-tune", action=argparse.BooleanOptionalAction, default=None,
-                       help="unfreeze the top backbone blocks after the head converges")
+                       help="unfreeze the top backbone blocks after the head converges (default: off)")
+        p.add_argument("--augment-views", type=int, metavar="N",
+                       help="random flip/zoom/rotation views per training face pushed through the backbone "
+                            "(embedding model; default 0: the mirror-image twin only)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("evaluate", help="score a trained run and write its report (RUN_DIR/report/)")

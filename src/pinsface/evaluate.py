@@ -110,8 +110,16 @@ def compute_metrics(probs: np.ndarray, usable: np.ndarray, y: np.ndarray, labels
     }
 
 
-def class_similarity(model, settings: Settings) -> np.ndarray:
-    """Cosine similarity between the identities' output-layer weight vectors: how alike the model finds them."""
+def class_similarity(model, settings: Settings, run_dir: Path | None = None) -> np.ndarray:
+    """How alike the model finds each pair of identities: cosine similarity of their mean face descriptors
+    (centred on the mean of all) for embedding runs, else of their output-layer weight vectors."""
+    gallery_path = Path(run_dir) / "gallery.npz" if run_dir else None
+    if gallery_path is not None and gallery_path.exists():
+        from pinsface.gallery import Gallery, unit
+
+        centroids = Gallery.load(gallery_path).centroids
+        c = unit(centroids - centroids.mean(0))
+        return c @ c.T
     if settings.model == "embedding":
         head = model.get_layer("head")
         layer = head.get_layer("cosine_logits") if settings.cosine_scale else head.get_layer("logits")
@@ -212,7 +220,10 @@ def write_figures(out: Path, run_dir: Path, settings: Settings, model, labels: l
         figures.append((plots.plot_curves(history, out / "curves.png"), "Training curves"))
     pred = np.argmax(probs, 1)
     cm = confusion_matrix(y[usable], pred[usable], labels=list(range(len(labels))))
-    order = plots.cluster_order(class_similarity(model, settings))
+    confused = ((cm + cm.T) > 0) & ~np.eye(len(cm), dtype=bool)
+    # Any confused pair is pulled together too, so the errors cluster near the diagonal.
+    similarity = np.clip(class_similarity(model, settings, run_dir) + 0.8 * confused, -1, 1)
+    order = plots.cluster_order(similarity)
     _, block = plots.plot_confusion(cm, labels, order, out / "confusion_matrix.png")
     figures.append((out / "confusion_matrix.png", "Confusion matrix (row-normalised, clustered), with the "
                     "most-confused block enlarged"))
@@ -270,8 +281,9 @@ def sample_faces(settings: Settings, labels, prepared: Prepared, items, y, probs
     hit = np.flatnonzero(usable & (pred == y))
     miss = np.flatnonzero(~usable | (pred != y))
     hit = np.sort(rng.choice(hit, min(n_correct, len(hit)), replace=False)) if len(hit) else hit
-    # Confident misses first: those are the instructive ones; then misses with no face.
-    miss = sorted(miss, key=lambda k: (not usable[k], -conf[k]))[:n_incorrect]
+    # Confident misses first (the instructive ones), and a few without a face, so both kinds show.
+    no_face = [k for k in miss if not usable[k]][: n_incorrect // 3]
+    miss = sorted([k for k in miss if usable[k]], key=lambda k: -conf[k])[: n_incorrect - len(no_face)] + no_face
     wanted = [prepared.hashes[items[k]] for k in [*hit, *miss] if usable[k]]
     faces = prepared.cache.load(wanted, crops=("aligned",)) if wanted else None
 
@@ -294,8 +306,10 @@ def sample_faces(settings: Settings, labels, prepared: Prepared, items, y, probs
             incorrect.append({"image": image, "true": true, "pred": None, "confidence": 0.0, "note": note,
                               "neighbour": None})
         else:
+            fallback = prepared.status[items[k]] == "no_face"
             incorrect.append({"image": crop(k), "true": true, "pred": labels[pred[k]],
-                              "confidence": float(conf[k]), "neighbour": neighbours.get(k)})
+                              "confidence": float(conf[k]), "neighbour": neighbours.get(k),
+                              "note": "no face found:\nmean-landmark crop" if fallback else None})
     return correct, incorrect
 
 

@@ -36,7 +36,8 @@ def build_head(n_classes: int, settings: Settings, input_dim: int = 128) -> kera
     x = L2Normalize(scale=float(input_dim) ** 0.5, name="l2_normalize")(inputs)
     if settings.input_noise:
         x = keras.layers.GaussianNoise(settings.input_noise, seed=settings.seed, name="embedding_noise")(x)
-    x = _dense_stack(x, settings, "head_")
+    deep = _dense_stack(x, settings, "head_")
+    x = keras.layers.Concatenate(name="deep_and_linear")([deep, x]) if settings.head_skip else deep
     if settings.cosine_scale:
         logits = CosineLogits(n_classes, settings.cosine_scale, name="cosine_logits")(x)
     else:

@@ -119,7 +119,9 @@ def _crop_panel(ax, image: np.ndarray | None, title: str, color: str, note: str 
     else:
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
     if note:
-        ax.text(75, 75, note, ha="center", va="center", fontsize=10, color="crimson", weight="bold")
+        h, w = (150, 150) if image is None else image.shape[:2]
+        ax.text(w / 2, h * 0.9, note, ha="center", va="bottom", fontsize=9, color="white", weight="bold",
+                bbox={"facecolor": "crimson", "alpha": 0.85, "pad": 2, "edgecolor": "none"})
     ax.set_title(title, fontsize=8.5, color=color, loc="left")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -142,7 +144,8 @@ def plot_samples(samples: list[dict], path: Path, title: str, columns: int = 6) 
     paired = any("neighbour" in s for s in samples)
     per_row = columns // 2 if paired else columns
     n_rows = max(1, int(np.ceil(len(samples) / per_row)))
-    fig, axes = plt.subplots(n_rows, columns, figsize=(columns * 2.6, n_rows * 3.0), squeeze=False)
+    fig, axes = plt.subplots(n_rows, columns, figsize=(columns * 2.6, n_rows * 3.4 + 1.0), squeeze=False,
+                             gridspec_kw={"hspace": 0.55, "wspace": 0.08})
     for ax in axes.ravel():
         ax.axis("off")
     for k, sample in enumerate(samples):
@@ -163,7 +166,7 @@ def plot_samples(samples: list[dict], path: Path, title: str, columns: int = 6) 
             else:
                 _crop_panel(nax, None, "no face to compare", "dimgray")
     fig.suptitle(title, fontsize=13)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 1.1 / (n_rows * 3.4 + 1.0))
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
