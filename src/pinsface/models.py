@@ -37,11 +37,10 @@ def build_head(n_classes: int, settings: Settings, input_dim: int = 128) -> kera
     if settings.input_noise:
         x = keras.layers.GaussianNoise(settings.input_noise, seed=settings.seed, name="embedding_noise")(x)
     deep = _dense_stack(x, settings, "head_")
-    x = keras.layers.Concatenate(name="deep_and_linear")([deep, x]) if settings.head_skip else deep
     if settings.cosine_scale:
-        logits = CosineLogits(n_classes, settings.cosine_scale, name="cosine_logits")(x)
+        logits = CosineLogits(n_classes, settings.cosine_scale, name="cosine_logits")(deep)
     else:
-        logits = keras.layers.Dense(n_classes, name="logits")(x)
+        logits = keras.layers.Dense(n_classes, name="logits")(deep)
     outputs = keras.layers.Softmax(name="probabilities")(logits)
     return keras.Model(inputs, outputs, name="head")
 

@@ -75,8 +75,6 @@ class Recognizer:
         self.labels = labels
         self.model = model
         self.gallery = gallery
-        self.threshold_probability = gallery.threshold_probability
-        self.threshold_distance = gallery.threshold_distance
         # In a photo any face counts, not only one filling a fifth of the frame as in a portrait dataset.
         self.face_settings = settings.faces
         self._detector: FaceDetector | None = None
@@ -159,8 +157,8 @@ class Recognizer:
         emb, emb_flip = self.embed(np.stack(crops))
         probs = self.gallery.probabilities(self.model.get_layer("head"), emb, emb_flip)
         dists = self.gallery.distances(emb, emb_flip)
-        p_min = self.threshold_probability if threshold is None else threshold
-        d_max = self.threshold_distance
+        p_min = self.gallery.threshold_probability if threshold is None else threshold
+        d_max = self.gallery.threshold_distance
         for (i, face), p, d in zip(owners, probs, dists):
             order = np.argsort(-p)[:max(top_k, 1)]
             best = int(order[0])

@@ -67,9 +67,8 @@ class Settings:
     batch_size: int = 128
     learning_rate: float = 1e-3
     hidden_units: tuple[int, ...] = (512, 256, 128)
-    # Let the output layer also see the normalised embedding itself (a linear path beside the dense stack).
-    head_skip: bool = False
-    dropout: float = 0.2
+    # Chosen on validation top-1 among 0.1 / 0.2 / 0.3 / 0.5 (see the closing notes / README).
+    dropout: float = 0.1
     weight_decay: float = 1e-4
     # Gaussian noise on the (unit-norm x sqrt(dim)) embedding while training the head: cheap augmentation.
     input_noise: float = 0.0
