@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pinsface.cache import EmbeddingCache, FaceTable
+from pinsface.cache import EmbeddingCache, FaceCache
 
 CHUNK = 1024
 
@@ -32,19 +32,22 @@ class Embedder:
         return out
 
 
-def ensure_embeddings(hashes: list[str], faces: FaceTable, cache: EmbeddingCache, embedder: Embedder,
-                      progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Embeddings of each hash's aligned crop and of its mirror image, computing only what is missing."""
+def ensure_embeddings(hashes: list[str], faces: FaceCache, cache: EmbeddingCache, backbone,
+                      batch_size: int = 64, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings of each hash's aligned crop and of its mirror image. Only the missing ones are computed:
+    their crops are read from ``faces`` and run through ``backbone`` (a Keras model or an ``Embedder``)."""
     from tqdm import tqdm
 
     unique = list(dict.fromkeys(hashes))
     index, emb, emb_flip = cache.load(unique)
     missing = [h for h in unique if h not in index]
     if missing:
+        embedder = backbone if isinstance(backbone, Embedder) else Embedder(backbone, batch_size)
+        table = faces.load(missing, crops=("aligned",))
         bar = tqdm(total=len(missing), desc="embeddings", unit="face", disable=not progress, leave=False)
         for lo in range(0, len(missing), CHUNK):
             part = missing[lo:lo + CHUNK]
-            crops = faces.columns["aligned"][faces.rows(part)]
+            crops = table.columns["aligned"][table.rows(part)]
             cache.write(part, embedder(crops), embedder(crops, flip=True))
             bar.update(len(part))
         bar.close()

@@ -48,16 +48,11 @@ def score_images(model, settings: Settings, prepared: Prepared, items: np.ndarra
         return probs, usable
     if settings.model == "embedding":
         from pinsface.cache import EmbeddingCache
-        from pinsface.embeddings import Embedder, ensure_embeddings
+        from pinsface.embeddings import ensure_embeddings
 
         emb_cache = EmbeddingCache(prepared.cache.root, settings.faces.version(), embedding_key(settings))
-        index, _, _ = emb_cache.load(hashes)
-        faces = None
-        embedder = None
-        if any(h not in index for h in hashes):
-            faces = prepared.cache.load(hashes, crops=("aligned",))
-            embedder = Embedder(model.get_layer(settings.backbone), settings.embed_batch_size)
-        emb, emb_flip = ensure_embeddings(hashes, faces, emb_cache, embedder, progress)
+        emb, emb_flip = ensure_embeddings(hashes, prepared.cache, emb_cache, model.get_layer(settings.backbone),
+                                          settings.embed_batch_size, progress)
         head = model.get_layer("head")
         p = head.predict(emb, batch_size=1024, verbose=0)
         if settings.test_time_flip:
@@ -417,12 +412,11 @@ def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path 
         usable = np.array([prep.status[i] in ok for i in items], dtype=bool)
         hashes = [prep.hashes[i] for i in items[usable]]
         from pinsface.cache import EmbeddingCache
-        from pinsface.embeddings import Embedder, ensure_embeddings
+        from pinsface.embeddings import ensure_embeddings
 
         cache = EmbeddingCache(prep.cache.root, settings.faces.version(), embedding_key(settings))
-        faces = prep.cache.load(hashes, crops=("aligned",))
-        emb, flip = ensure_embeddings(hashes, faces, cache, Embedder(model.get_layer(settings.backbone),
-                                                                     settings.embed_batch_size), progress)
+        emb, flip = ensure_embeddings(hashes, prep.cache, cache, model.get_layer(settings.backbone),
+                                      settings.embed_batch_size, progress)
         probs = gallery.probabilities(model.get_layer("head"), emb, flip)
         dists = gallery.distances(emb, flip)
         pred = np.argmax(probs, 1)

@@ -194,13 +194,9 @@ def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None
     n_classes = len(labels)
     keras.utils.set_random_seed(settings.seed)
 
-    t1 = time.perf_counter()
     items = prepared.dataset.items
     hashes = {k: [prepared.hashes[i] for i in v[data.usable[k]]] for k, v in data.items.items()}
     y = {k: data.labels[k][data.usable[k]] for k in data.items}
-    crops_needed = ("aligned",) if settings.model == "embedding" else ("box",)
-    faces = prepared.cache.load(sorted({h for v in hashes.values() for h in v}), crops=crops_needed)
-    timings["load_faces"] = time.perf_counter() - t1
     histories = []
 
     if settings.model == "embedding":
@@ -212,8 +208,11 @@ def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None
         backbone = get_backbone(settings.backbone)
         embedder = Embedder(backbone, settings.embed_batch_size)
         emb_cache = EmbeddingCache(settings.cache_dir, settings.faces.version(), settings.backbone)
-        emb = {k: ensure_embeddings(hashes[k], faces, emb_cache, embedder, progress) for k in hashes}
+        emb = {k: ensure_embeddings(hashes[k], prepared.cache, emb_cache, embedder, progress=progress)
+               for k in hashes}
         timings["embed"] = time.perf_counter() - t2
+        if settings.augment_views or settings.fine_tune:
+            faces = prepared.cache.load(sorted(set(hashes["train"]) | set(hashes["val"])), crops=("aligned",))
 
         t3 = time.perf_counter()
         x_train = [emb["train"][0], emb["train"][1]]
@@ -247,7 +246,8 @@ def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None
 
         if settings.fine_tune:  # the tuned backbone embeds differently: embed the gallery faces again
             tuned_cache = EmbeddingCache(settings.cache_dir, settings.faces.version(), settings.embedding_key)
-            emb = {k: ensure_embeddings(hashes[k], faces, tuned_cache, embedder, progress) for k in ("train", "val")}
+            emb = {k: ensure_embeddings(hashes[k], prepared.cache, tuned_cache, embedder, progress=progress)
+                   for k in ("train", "val")}
         gallery = build_gallery(labels, emb["train"][0], emb["train"][1], y["train"], emb["val"][0], emb["val"][1],
                                 y["val"], head, settings.target_far)
         gallery.save(run_dir / "gallery.npz")
@@ -256,6 +256,7 @@ def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None
         from pinsface.models import build_pixels_mlp
 
         t4 = time.perf_counter()
+        faces = prepared.cache.load(sorted({h for v in hashes.values() for h in v}), crops=("box",))
         box = {k: faces.columns["box"][faces.rows(hashes[k])][..., None] for k in hashes}
         model = build_pixels_mlp(n_classes, settings, settings.faces.box_size)
         cw = _class_weight(y["train"], n_classes) if settings.class_weights else None
