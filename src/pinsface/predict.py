@@ -227,14 +227,16 @@ def annotate(image: np.ndarray, faces: list[Face], path: Path) -> Path:
         color = (60, 180, 75) if known else (40, 40, 230)
         text = f"{face.identity} {face.probability:.2f}" if known else f"unknown (~{face.best_match}?)"
         cv2.rectangle(canvas, (x1, y1), (x2, y2), color, thickness)
-        # Text height about a fifth of the face box, and never below 12 px.
-        scale = max(0.4, (y2 - y1) / 5 / 22)
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, max(1, thickness // 2))
-        ty = y1 - 6 if y1 - th - 10 > 0 else min(y2 + th + 10, h - 2)
+        # Text about an eighth of the box tall and never wider than the box, but at least readable (12 px).
+        weight = max(1, thickness // 2)
+        (w1, h1), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 1.0, weight)
+        scale = max(0.4, min((y2 - y1) / 8 / h1, (x2 - x1) / w1))
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, weight)
+        ty = y1 - 6 if y1 - th - base - 8 > 0 else max(y1, 0) + th + base + 4  # no room above: inside the top
         tx = min(max(0, x1), max(0, w - tw - 4))
         cv2.rectangle(canvas, (tx, ty - th - base - 2), (tx + tw + 4, ty + base), color, -1)
-        cv2.putText(canvas, text, (tx + 2, ty - 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
-                    max(1, thickness // 2), cv2.LINE_AA)
+        cv2.putText(canvas, text, (tx + 2, ty - 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), weight,
+                    cv2.LINE_AA)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), canvas)
     return Path(path)
