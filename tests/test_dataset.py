@@ -87,3 +87,31 @@ def test_split_round_trips_through_json(tmp_path, pins_dir):
     split = split_dataset(ds, seed=1)
     split.save(tmp_path / "split.json")
     assert Split.load(tmp_path / "split.json").assignment == split.assignment
+
+
+def test_download_without_kagglehub_or_credentials_says_what_is_missing(monkeypatch, tmp_path, capsys):
+    import builtins
+    import sys
+
+    from pinsface.cli import main
+
+    real_import = builtins.__import__
+
+    def no_kagglehub(name, *args, **kwargs):
+        if name == "kagglehub":
+            raise ImportError("No module named 'kagglehub'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "kagglehub", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_kagglehub)
+    assert main(["download"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install kagglehub" in err and "hereisburak/pins-face-recognition" in err
+
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    monkeypatch.setitem(sys.modules, "kagglehub", type(sys)("kagglehub"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    monkeypatch.delenv("KAGGLE_KEY", raising=False)
+    assert main(["download"]) == 2
+    assert "no Kaggle credentials" in capsys.readouterr().err

@@ -90,3 +90,18 @@ def test_evaluate_on_another_folder_reports_unknown_identities(small_run, tmp_pa
     assert m["unknown_identities"] == {"Ben Affleck": 3}
     assert m["n_images"] == 6
     assert m["per_identity"]["Bill Gates"]["support"] == 3
+
+
+def test_compare_with_a_baseline_run_goes_into_the_insights(small_run, tmp_path):
+    from pinsface.settings import Settings
+    from pinsface.train import train
+
+    run_dir, result = small_run
+    baseline = Settings(model="pixels-mlp", epochs=2, test_fraction=0.25, val_fraction=0.25)
+    train(out_dir=tmp_path / "pixels", settings=baseline, progress=False, prepared=result["prepared"])
+    metrics = evaluate(run_dir, out=tmp_path / "rep", prepared=result["prepared"], progress=False,
+                       compare=tmp_path / "pixels")
+    line = [x for x in metrics["insights"] if "Compared with" in x]
+    assert line and "pixels-mlp" in line[0]
+    assert (tmp_path / "pixels" / "report" / "metrics.json").is_file()
+    assert "Compared with" in (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
