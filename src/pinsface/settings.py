@@ -64,7 +64,7 @@ class Settings:
     model: str = "embedding"
     backbone: str = "dlib-resnet-v1"
     epochs: int = 60
-    batch_size: int = 128
+    batch_size: int = 256
     learning_rate: float = 1e-3
     hidden_units: tuple[int, ...] = (512, 256, 128)
     # Chosen on validation top-1 among 0.1 / 0.2 / 0.3 / 0.5 (see the closing notes / README).
