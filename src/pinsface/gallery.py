@@ -144,7 +144,7 @@ def build_gallery(labels, train_emb, train_flip, train_y, val_emb, val_flip, val
 
 
 def enroll(recognizer, name: str, emb: np.ndarray, emb_flip: np.ndarray, epochs: int = 30) -> dict:
-    """Add faces to ``name`` (a new or known identity) and refit the output layer on all enrolled faces."""
+    """Add faces to ``name`` (a new or known identity) and refit the head on all enrolled faces."""
     from pinsface.dataset import identity_key
 
     gallery = recognizer.gallery
@@ -173,13 +173,16 @@ def forget(recognizer, name: str, epochs: int = 30) -> dict:
     if identity_key(name) not in keys:
         raise ValueError(f"{name!r} is not known to this run")
     index = keys.index(identity_key(name))
-    keep = gallery.owner != index
+
+    def without(owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows to keep, their owners renumbered past the removed identity)"""
+        keep = owner != index
+        return keep, np.where(owner[keep] > index, owner[keep] - 1, owner[keep]).astype(np.int32)
+
+    keep, gallery.owner = without(gallery.owner)
     gallery.embeddings, gallery.flips = gallery.embeddings[keep], gallery.flips[keep]
-    gallery.owner = np.where(gallery.owner[keep] > index, gallery.owner[keep] - 1, gallery.owner[keep]).astype(np.int32)
-    vkeep = gallery.val_owner != index
-    gallery.val_embeddings, gallery.val_flips = gallery.val_embeddings[vkeep], gallery.val_flips[vkeep]
-    gallery.val_owner = np.where(gallery.val_owner[vkeep] > index, gallery.val_owner[vkeep] - 1,
-                                 gallery.val_owner[vkeep]).astype(np.int32)
+    keep, gallery.val_owner = without(gallery.val_owner)
+    gallery.val_embeddings, gallery.val_flips = gallery.val_embeddings[keep], gallery.val_flips[keep]
     removed = gallery.labels.pop(index)
     gallery._centroids = None
     _refit(recognizer, epochs, drop=index)
