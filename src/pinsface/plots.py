@@ -90,7 +90,8 @@ def plot_confusion(confusion: np.ndarray, labels: list[str], order: np.ndarray, 
     ax.set_yticks(range(n), names, fontsize=font)
     ax.set_xlabel("predicted identity", fontsize=11)
     ax.set_ylabel("true identity", fontsize=11)
-    ax.set_title("Confusion matrix, normalised by row; identities ordered by embedding similarity", fontsize=12)
+    ax.set_title("Confusion matrix, normalised by row; similar and confused identities clustered together",
+                 fontsize=12)
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01, label="share of the true identity's images")
     start, end = most_confused_block(cm, zoom)
     ax.add_patch(matplotlib.patches.Rectangle((start - 0.5, start - 0.5), end - start, end - start, fill=False,
