@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pinsface.faces import FaceDetector, align_face
+from pinsface.faces import FaceDetector, align_face, choose_face
 from pinsface.images import BadImage, load_image
 from pinsface.settings import Settings
 
@@ -106,8 +106,8 @@ class Recognizer:
             self._embedder = Embedder(self.model.get_layer(self.settings.backbone), self.settings.embed_batch_size)
         return self._embedder
 
-    def embed(self, crops: np.ndarray) -> np.ndarray:
-        """Backbone embeddings of aligned crops, averaged with their mirror images' (as the head was trained)."""
+    def embed(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Backbone embeddings of aligned crops and of their mirror images (the head averages the two)."""
         return self.embedder(crops), self.embedder(crops, flip=True)
 
     def identify(self, image: str | os.PathLike | bytes | np.ndarray, top_k: int = 3,
@@ -187,8 +187,6 @@ class Recognizer:
         crops = []
         for array, faces in zip(arrays, self.detector.detect(arrays)):
             if faces:
-                from pinsface.faces import choose_face
-
                 crops.append(align_face(array, faces[choose_face(faces, array.shape)].landmarks, self.face_settings))
         if not crops:
             raise ValueError(f"no usable face in the {len(images)} photo(s) given for {name!r}")

@@ -49,22 +49,19 @@ def split_arrays(prepared: Prepared, split: Split, labels: list[str], settings: 
     return SplitData(items, y, usable)
 
 
-class _EpochLog:
-    """Keras callback factory: learning rate into the history, one line per epoch into train.log."""
+def epoch_log(path: Path, stage: str):
+    """A Keras callback: the learning rate into the history, and one line per epoch into ``train.log``."""
+    import keras
 
-    @staticmethod
-    def make(path: Path, stage: str):
-        import keras
+    class EpochLog(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs if logs is not None else {}
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            text = " ".join(f"{k}={v:.5g}" for k, v in sorted(logs.items()))
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(f"{stage} epoch {epoch + 1}: {text}\n")
 
-        class EpochLog(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
-                logs = logs if logs is not None else {}
-                logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-                text = " ".join(f"{k}={v:.5g}" for k, v in sorted(logs.items()))
-                with open(path, "a", encoding="utf-8") as fh:
-                    fh.write(f"{stage} epoch {epoch + 1}: {text}\n")
-
-        return EpochLog()
+    return EpochLog()
 
 
 def _fit(model, x, y, xv, yv, settings: Settings, run_dir: Path, stage: str, epochs: int, lr: float,
@@ -81,7 +78,7 @@ def _fit(model, x, y, xv, yv, settings: Settings, run_dir: Path, stage: str, epo
     ckpt = run_dir / "checkpoints" / f"{stage}.weights.h5"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     callbacks = [
-        _EpochLog.make(run_dir / "train.log", stage),
+        epoch_log(run_dir / "train.log", stage),
         keras.callbacks.EarlyStopping(monitor=settings.monitor, patience=settings.early_stopping_patience,
                                       restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor=settings.monitor, factor=0.3, patience=settings.lr_patience,
