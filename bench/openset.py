@@ -29,9 +29,8 @@ def main() -> None:
     parser.add_argument("--cache", default=None)
     args = parser.parse_args()
 
-    from pinsface.cache import EmbeddingCache
     from pinsface.dataset import Split
-    from pinsface.evaluate import embedding_key, evaluate_open_set
+    from pinsface.evaluate import evaluate_open_set, run_embedding_cache
     from pinsface.predict import Recognizer
     from pinsface.settings import Settings
     from pinsface.train import train
@@ -65,7 +64,7 @@ def main() -> None:
     hashes = [prepared.hashes[i] for i in items]
     labels = recognizer.labels
     y = np.array([labels.index(prepared.dataset.items[i].identity) for i in items])
-    index, emb, flip = EmbeddingCache(prepared.cache.root, settings.faces.version(), embedding_key(settings)).load(hashes)
+    index, emb, flip = run_embedding_cache(settings, prepared.cache.root).load(hashes)
     rows = [index[h] for h in hashes if h in index]
     y_scored = np.array([yy for h, yy in zip(hashes, y) if h in index])
 

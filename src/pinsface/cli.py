@@ -142,6 +142,8 @@ def _headline(m: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pinsface.models import MODELS
+
     parser = argparse.ArgumentParser(prog="pinsface", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         common(p)
         p.add_argument("--out", required=True, help="run folder to write")
-        p.add_argument("--model", choices=["embedding", "pixels-mlp"], help="default: embedding")
+        p.add_argument("--model", choices=MODELS, help="default: embedding")
         p.add_argument("--epochs", type=int, help="maximum epochs (early stopping usually ends sooner)")
         p.add_argument("--seed", type=int, help="split and training seed")
         p.add_argument("--fine-tune", action=argparse.BooleanOptionalAction, default=None,

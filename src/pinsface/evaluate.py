@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pinsface.cache import EmbeddingCache
 from pinsface.dataset import Split, identity_key, scan_dataset
 from pinsface.prepare import Prepared, prepare
 from pinsface.settings import Settings
@@ -47,10 +48,9 @@ def score_images(model, settings: Settings, prepared: Prepared, items: np.ndarra
     if not hashes:
         return probs, usable
     if settings.model == "embedding":
-        from pinsface.cache import EmbeddingCache
         from pinsface.embeddings import ensure_embeddings
 
-        emb_cache = EmbeddingCache(prepared.cache.root, settings.faces.version(), embedding_key(settings))
+        emb_cache = run_embedding_cache(settings, prepared.cache.root)
         emb, emb_flip = ensure_embeddings(hashes, prepared.cache, emb_cache, model.get_layer(settings.backbone),
                                           settings.embed_batch_size, progress)
         head = model.get_layer("head")
@@ -66,6 +66,11 @@ def score_images(model, settings: Settings, prepared: Prepared, items: np.ndarra
 
 def embedding_key(settings: Settings) -> str:
     return settings.embedding_key or settings.backbone
+
+
+def run_embedding_cache(settings: Settings, cache_root) -> EmbeddingCache:
+    """The embedding store that matches a run's face settings and backbone weights."""
+    return EmbeddingCache(cache_root, settings.faces.version(), embedding_key(settings))
 
 
 def topk_correct(probs: np.ndarray, usable: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
@@ -311,7 +316,6 @@ def sample_faces(settings: Settings, labels, prepared: Prepared, items, y, probs
 def _nearest_training_faces(settings, labels, prepared, items, miss, pred, usable, split, training) -> dict:
     """For each miss with a face: the training face of the predicted identity that is nearest, in embedding
     space where the embeddings are cached (embedding runs), else in the pixels of the grayscale box crop."""
-    from pinsface.cache import EmbeddingCache
     from pinsface.train import usable_status
 
     queries = [k for k in miss if usable[k]]
@@ -326,8 +330,7 @@ def _nearest_training_faces(settings, labels, prepared, items, miss, pred, usabl
     query_hashes = [prepared.hashes[items[k]] for k in queries]
     pools = [by_identity.get(identity_key(labels[pred[k]]), []) for k in queries]
     candidates = sorted({h for pool in pools for h in pool})
-    index, emb, _ = EmbeddingCache(prepared.cache.root, settings.faces.version(), embedding_key(settings)).load(
-        query_hashes + candidates)
+    index, emb, _ = run_embedding_cache(settings, prepared.cache.root).load(query_hashes + candidates)
     if any(h not in index for h in query_hashes + candidates):
         table = training.cache.load(candidates, crops=("box",))
         queries_table = prepared.cache.load(query_hashes, crops=("box",))
@@ -411,10 +414,9 @@ def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path 
         ok = usable_status(settings)
         usable = np.array([prep.status[i] in ok for i in items], dtype=bool)
         hashes = [prep.hashes[i] for i in items[usable]]
-        from pinsface.cache import EmbeddingCache
         from pinsface.embeddings import ensure_embeddings
 
-        cache = EmbeddingCache(prep.cache.root, settings.faces.version(), embedding_key(settings))
+        cache = run_embedding_cache(settings, prep.cache.root)
         emb, flip = ensure_embeddings(hashes, prep.cache, cache, model.get_layer(settings.backbone),
                                       settings.embed_batch_size, progress)
         probs = gallery.probabilities(model.get_layer("head"), emb, flip)

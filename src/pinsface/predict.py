@@ -75,7 +75,8 @@ class Recognizer:
         self.labels = labels
         self.model = model
         self.gallery = gallery
-        # In a photo any face counts, not only one filling a fifth of the frame as in a portrait dataset.
+        # Detection here passes no per-image minimum, so the portrait-dataset rule (min_face_fraction) does
+        # not apply: in a photo any face of min_face_size pixels counts.
         self.face_settings = settings.faces
         self._detector: FaceDetector | None = None
         self._embedder = None

@@ -141,8 +141,3 @@ def load_pretrained(model: keras.Model) -> None:
         model.get_layer(layer_name).set_weights(list(_folded_conv(weights, prefix)))
     model.get_layer("fc").set_weights([weights["fc"]])
 
-
-def backbone_layers_from(model: keras.Model, block: str) -> list[keras.layers.Layer]:
-    """The layers of ``model`` from residual block ``block`` to the output (the part worth fine-tuning)."""
-    start = next(i for i, layer in enumerate(model.layers) if layer.name.startswith(block))
-    return model.layers[start:]
