@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from pinsface.cli import main
-from pinsface.gallery import calibrate_thresholds
+from pinsface.gallery import Gallery, calibrate_thresholds, knn_distances
 from pinsface.images import load_image
 from pinsface.predict import Recognizer, expand_inputs
 from tests.badinput import BAD, SOURCE, make_bad_corpus
@@ -90,12 +90,48 @@ def test_calibration_meets_the_target_false_accept_rate():
     logits = rng.normal(0, 1, (n, k))
     logits[np.arange(n), owner] += 4
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    dists = rng.uniform(0.5, 1.0, (n, k))
-    dists[np.arange(n), owner] = rng.uniform(0.0, 0.4, n)
-    t_p, t_d, report = calibrate_thresholds(probs, dists, owner, 0.01)
-    assert report["impostor_accept_rate"] <= 0.01
-    assert report["genuine_named_rate"] > 0.9
-    assert 0 <= t_p <= 1 and 0 <= t_d <= 10
+    genuine = rng.uniform(0.0, 0.45, n)
+    impostor = rng.uniform(0.4, 1.0, 3 * n)
+    for far in (0.01, 0.05):
+        t_p, t_d, report = calibrate_thresholds(probs, owner, genuine, impostor, far)
+        assert report["impostor_accept_rate"] <= far
+        assert np.mean(impostor <= t_d) <= far and np.mean(impostor <= t_d + 0.01) > far / 2
+        assert report["genuine_named_rate"] > 0.8
+        correct = np.argmax(probs, 1) == owner
+        assert np.mean(probs[correct].max(1) >= t_p) >= 0.995
+
+
+def test_knn_distances_average_each_identitys_nearest_faces():
+    rng = np.random.default_rng(1)
+    owner = np.array([0] * 30 + [1] * 12 + [2])
+    d = rng.uniform(0.5, 1.0, (2, len(owner)))
+    d[0, :3] = [0.1, 0.2, 0.3]  # identity 0 (30 faces): its 3 nearest count
+    d[1, 30:32] = [np.inf, 0.2]  # identity 1 (12 faces): the nearest only; the excluded face is skipped
+    d[1, 42] = np.inf  # identity 2's only face is excluded
+    k = knn_distances(d, owner, 4, k=5)
+    assert k[0, 0] == pytest.approx(0.2) and k[1, 1] == pytest.approx(0.2)
+    assert np.isinf(k[1, 2]) and np.isinf(k[:, 3]).all()  # no usable face, no face at all
+    assert k[1, 0] == pytest.approx(np.sort(d[1, :30])[:3].mean())
+
+
+def test_leave_one_out_scores_each_face_without_itself(small_run):
+    gallery = Gallery.load(small_run[0] / "gallery.npz")
+    genuine, impostor = gallery.leave_one_out(chunk=50)
+    vectors, owner = gallery.index
+    assert len(genuine) == len(vectors) and np.all(genuine > 0) and np.all(impostor > genuine.min())
+    i = 7
+    d = np.linalg.norm(vectors - vectors[i], axis=1)
+    d[i] = np.inf
+
+    def nearest(c):
+        among = d[owner == c]
+        return np.sort(among)[:min(gallery.knn, max(1, len(among) // 10))].mean()
+
+    mine = nearest(owner[i])
+    others = min(nearest(c) for c in set(owner.tolist()) - {owner[i]})
+    assert genuine[i] == pytest.approx(mine, rel=1e-4) and impostor[i] == pytest.approx(others, rel=1e-4)
+    # Real faces: most are closer to their own identity than to anyone else.
+    assert np.mean(genuine < impostor) > 0.9
 
 
 def test_cli_predict_json_and_annotate(recognizer, pins_dir, tmp_path, capsys):

@@ -35,7 +35,7 @@ def _settings_from(args):
     from pinsface.settings import Settings
 
     settings = Settings()
-    for key in ("model", "epochs", "seed", "augment_views"):
+    for key in ("model", "epochs", "seed", "augment_views", "target_far"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(settings, key, value)
@@ -92,7 +92,8 @@ def _predict(args) -> int:
     if not files:
         raise FileNotFoundError(f"no images found in {' '.join(args.paths)}")
     results = recognizer.identify_many(files, batch_size=args.batch_size, top_k=args.top_k,
-                                       threshold=args.threshold, progress=not args.no_progress)
+                                       threshold=args.threshold, min_probability=args.min_probability,
+                                       progress=not args.no_progress)
     if args.json:
         for r in results:
             print(json.dumps(r.to_dict(), ensure_ascii=False))
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--augment-views", type=int, metavar="N",
                        help="random flip/zoom/rotation views per training face pushed through the backbone "
                             "(embedding model; default 0: the mirror-image twin only)")
+        p.add_argument("--target-far", type=float, metavar="RATE",
+                       help="false-accept rate the 'unknown' threshold is calibrated for (default 0.05)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("evaluate", help="score a trained run and write its report (RUN_DIR/report/)")
@@ -195,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON Lines: one record per image with a faces list")
     p.add_argument("--annotate", metavar="OUT_DIR", help="write copies with boxes and names drawn")
     p.add_argument("--top-k", type=int, default=3, help="alternatives listed per face")
-    p.add_argument("--threshold", type=float, help="override the calibrated probability threshold")
+    p.add_argument("--threshold", type=float, metavar="DISTANCE",
+                   help="override the calibrated distance threshold (lower: stricter; dlib's own is 0.6)")
+    p.add_argument("--min-probability", type=float, metavar="P",
+                   help="override the calibrated probability threshold")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_predict)

@@ -1,8 +1,8 @@
 """Name the faces in new photos: ``Recognizer`` finds every face, names it or says it is unknown.
 
 A face is accepted as identity k only when the head's probability for k is high enough *and* its embedding
-is close enough to k's enrolled faces; both thresholds are calibrated on validation faces at training time
-(see ``pinsface.gallery``) for a target false-accept rate.
+is close enough to k's nearest enrolled faces. Both thresholds are calibrated at training time (see
+``pinsface.gallery``): the distance for a target false-accept rate, the probability on correctly named faces.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class Face:
     landmarks: list[list[float]]  # left eye, right eye, nose, left mouth, right mouth
     identity: str | None
     probability: float  # the head's probability for the best-matching identity
-    distance: float  # Euclidean descriptor distance to that identity's enrolled faces (dlib: < 0.6 same person)
+    distance: float  # mean descriptor distance to that identity's 5 nearest enrolled faces (dlib: < 0.6 same)
     best_match: str  # the best-matching identity, even when rejected as unknown
     alternatives: list[dict] = field(default_factory=list)  # top-k: {"identity", "probability", "distance"}
 
@@ -112,13 +112,15 @@ class Recognizer:
         return self.embedder(crops), self.embedder(crops, flip=True)
 
     def identify(self, image: str | os.PathLike | bytes | np.ndarray, top_k: int = 3,
-                 threshold: float | None = None) -> list[Face]:
-        """Every face in one image. Raises ``BadImage`` for a file that cannot be used."""
+                 threshold: float | None = None, min_probability: float | None = None) -> list[Face]:
+        """Every face in one image. Raises ``BadImage`` for a file that cannot be used.
+
+        ``threshold`` (a distance) and ``min_probability`` override the run's calibrated thresholds."""
         array = load_image(image, self.face_settings.max_pixels)
-        return self._name([array], [self.detector.detect([array])[0]], top_k, threshold)[0]
+        return self._name([array], [self.detector.detect([array])[0]], top_k, threshold, min_probability)[0]
 
     def identify_many(self, sources: list, batch_size: int = 32, top_k: int = 3, threshold: float | None = None,
-                      progress: bool = False) -> list[ImageResult]:
+                      min_probability: float | None = None, progress: bool = False) -> list[ImageResult]:
         """Every face in many images, detection and embedding batched. Bad files get an error entry."""
         from tqdm import tqdm
 
@@ -135,7 +137,8 @@ class Recognizer:
                     entries.append(None)
                 except BadImage as exc:
                     entries.append(ImageResult(str(name), [], error=exc.reason))
-            faces = self._name(arrays, self.detector.detect(arrays), top_k, threshold) if arrays else []
+            faces = (self._name(arrays, self.detector.detect(arrays), top_k, threshold, min_probability)
+                     if arrays else [])
             it = iter(zip(names, faces))
             for entry in entries:
                 if entry is None:
@@ -146,7 +149,8 @@ class Recognizer:
         bar.close()
         return results
 
-    def _name(self, images: list[np.ndarray], detections, top_k: int, threshold: float | None) -> list[list[Face]]:
+    def _name(self, images: list[np.ndarray], detections, top_k: int, threshold: float | None,
+              min_probability: float | None) -> list[list[Face]]:
         crops, owners = [], []
         for i, (image, faces) in enumerate(zip(images, detections)):
             for face in faces:
@@ -158,8 +162,8 @@ class Recognizer:
         emb, emb_flip = self.embed(np.stack(crops))
         probs = self.gallery.probabilities(self.model.get_layer("head"), emb, emb_flip)
         dists = self.gallery.distances(emb, emb_flip)
-        p_min = self.gallery.threshold_probability if threshold is None else threshold
-        d_max = self.gallery.threshold_distance
+        p_min = self.gallery.threshold_probability if min_probability is None else min_probability
+        d_max = self.gallery.threshold_distance if threshold is None else threshold
         for (i, face), p, d in zip(owners, probs, dists):
             order = np.argsort(-p)[:max(top_k, 1)]
             best = int(order[0])
