@@ -30,7 +30,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from pinsface.dataset import Split
-    from pinsface.evaluate import evaluate_open_set, run_embedding_cache
+    from pinsface.embeddings import run_embedding_cache
+    from pinsface.evaluate import evaluate_open_set
     from pinsface.predict import Recognizer
     from pinsface.settings import Settings
     from pinsface.train import train

@@ -2,13 +2,14 @@ import numpy as np
 import pytest
 
 from pinsface.backbones import dlib_resnet, get_backbone
-from pinsface.embeddings import Embedder
+from pinsface.embeddings import Embedder, resolve_precision
 
 
-def test_keras_rebuild_matches_dlib_descriptors(backbone, reference_chips):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_keras_rebuild_matches_dlib_descriptors(backbone, reference_chips, precision):
     chips = reference_chips["chips"]
     expected = reference_chips["descriptors"]
-    got = Embedder(backbone, batch_size=32)(chips)
+    got = Embedder(backbone, batch_size=32, precision=precision)(chips)
     cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
     distance = np.linalg.norm(got - expected, axis=1)
     assert len(chips) == 105
@@ -25,6 +26,13 @@ def test_embedder_batches_and_flips_consistently(backbone, reference_chips):
     one_by_one = np.stack([Embedder(backbone, batch_size=1)(c[None])[0] for c in chips[:3]])
     assert np.allclose(embedder(chips)[:3], one_by_one, atol=1e-4)
     assert np.allclose(embedder(chips, flip=True), embedder(chips[:, :, ::-1]), atol=1e-5)
+
+
+def test_embedding_precision_is_resolved_and_checked():
+    assert resolve_precision("auto") in ("float32", "bfloat16")
+    assert resolve_precision("float32") == "float32"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("float16")
 
 
 def test_weights_are_checked_against_their_checksum(monkeypatch):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import pinsface.layers  # noqa: F401
-from pinsface.cache import EmbeddingCache
+from pinsface.embeddings import run_embedding_cache
 from pinsface.dataset import Split
 from pinsface.models import build_head, build_pixels_mlp
 from pinsface.settings import Settings
@@ -43,7 +43,7 @@ def test_saved_model_is_the_whole_network_and_matches_the_cached_path(small_run,
     x = crops.columns["aligned"][crops.rows(hashes)].astype(np.float32)
     full = model.predict(x, verbose=0)
     settings = Settings.load(run_dir / "config.json")
-    index, emb, emb_flip = EmbeddingCache(prepared.cache.root, settings.faces.version(), settings.backbone).load(hashes)
+    index, emb, emb_flip = run_embedding_cache(settings, prepared.cache.root).load(hashes)
     rows = [index[h] for h in hashes]
     head = model.get_layer("head")
     cached = (head.predict(emb[rows], verbose=0) + head.predict(emb_flip[rows], verbose=0)) / 2

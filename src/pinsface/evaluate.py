@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pinsface.cache import EmbeddingCache
+from pinsface.embeddings import run_embedder, run_embedding_cache
 from pinsface.dataset import Split, identity_key, scan_dataset
 from pinsface.prepare import Prepared, prepare
 from pinsface.settings import Settings
@@ -51,8 +51,9 @@ def score_images(model, settings: Settings, prepared: Prepared, items: np.ndarra
         from pinsface.embeddings import ensure_embeddings
 
         emb_cache = run_embedding_cache(settings, prepared.cache.root)
-        emb, emb_flip = ensure_embeddings(hashes, prepared.cache, emb_cache, model.get_layer(settings.backbone),
-                                          settings.embed_batch_size, progress)
+        emb, emb_flip = ensure_embeddings(hashes, prepared.cache, emb_cache,
+                                          run_embedder(settings, model.get_layer(settings.backbone)),
+                                          progress=progress)
         head = model.get_layer("head")
         p = head.predict(emb, batch_size=1024, verbose=0)
         if settings.test_time_flip:
@@ -62,15 +63,6 @@ def score_images(model, settings: Settings, prepared: Prepared, items: np.ndarra
         p = model.predict(faces.columns["box"][faces.rows(hashes)][..., None], batch_size=512, verbose=0)
     probs[usable] = p
     return probs, usable
-
-
-def embedding_key(settings: Settings) -> str:
-    return settings.embedding_key or settings.backbone
-
-
-def run_embedding_cache(settings: Settings, cache_root) -> EmbeddingCache:
-    """The embedding store that matches a run's face settings and backbone weights."""
-    return EmbeddingCache(cache_root, settings.faces.version(), embedding_key(settings))
 
 
 def topk_correct(probs: np.ndarray, usable: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
@@ -410,15 +402,16 @@ def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path 
     strangers = prepare(strangers_ds.root, settings.cache_dir, settings.faces, batch_size=settings.detect_batch_size,
                         progress=progress, dataset=strangers_ds)
 
+    from pinsface.embeddings import ensure_embeddings
+
+    embedder = run_embedder(settings, model.get_layer(settings.backbone))
+
     def scores(prep: Prepared, items: np.ndarray):
         ok = usable_status(settings)
         usable = np.array([prep.status[i] in ok for i in items], dtype=bool)
         hashes = [prep.hashes[i] for i in items[usable]]
-        from pinsface.embeddings import ensure_embeddings
-
         cache = run_embedding_cache(settings, prep.cache.root)
-        emb, flip = ensure_embeddings(hashes, prep.cache, cache, model.get_layer(settings.backbone),
-                                      settings.embed_batch_size, progress)
+        emb, flip = ensure_embeddings(hashes, prep.cache, cache, embedder, progress=progress)
         probs = gallery.probabilities(model.get_layer("head"), emb, flip)
         dists = gallery.distances(emb, flip)
         pred = np.argmax(probs, 1)

@@ -47,6 +47,17 @@ def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(sq, 0))
 
 
+def run_head(head, x: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """``head`` on a few or many embeddings. A direct call, because ``Model.predict`` costs tens of
+    milliseconds per call whatever the input, which is most of the work for one photo's faces."""
+    import keras
+
+    if len(x) == 0:
+        return np.zeros((0, head.output_shape[-1]), np.float32)
+    return np.concatenate([keras.ops.convert_to_numpy(head(x[lo:lo + chunk], training=False))
+                           for lo in range(0, len(x), chunk)])
+
+
 def knn_distances(d: np.ndarray, owner: np.ndarray, n_identities: int, k: int = KNN) -> np.ndarray:
     """(queries, identities): the mean of each identity's smallest entries in the rows of ``d`` (query x gallery
     face): its ``k`` nearest faces, or one per 10 faces for an identity with fewer than 10k, at least one.
@@ -140,7 +151,8 @@ class Gallery:
 
     @staticmethod
     def probabilities(head, emb: np.ndarray, emb_flip: np.ndarray) -> np.ndarray:
-        return (head.predict(emb, batch_size=1024, verbose=0) + head.predict(emb_flip, batch_size=1024, verbose=0)) / 2
+        """The head's probabilities for each face, averaged with its mirror image's."""
+        return (run_head(head, emb) + run_head(head, emb_flip)) / 2
 
     def calibrate(self, head, target_far: float | None = None) -> dict:
         """Set both thresholds: the distance for the target false-accept rate, the probability on the genuine side."""

@@ -102,14 +102,14 @@ class Recognizer:
     @property
     def embedder(self):
         if self._embedder is None:
-            from pinsface.embeddings import Embedder
+            from pinsface.embeddings import run_embedder
 
-            self._embedder = Embedder(self.model.get_layer(self.settings.backbone), self.settings.embed_batch_size)
+            self._embedder = run_embedder(self.settings, self.model.get_layer(self.settings.backbone))
         return self._embedder
 
     def embed(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Backbone embeddings of aligned crops and of their mirror images (the head averages the two)."""
-        return self.embedder(crops), self.embedder(crops, flip=True)
+        return self.embedder.both_views(crops)
 
     def identify(self, image: str | os.PathLike | bytes | np.ndarray, top_k: int = 3,
                  threshold: float | None = None, min_probability: float | None = None) -> list[Face]:

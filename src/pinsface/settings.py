@@ -96,6 +96,9 @@ class Settings:
     # strangers and named 97% of the known faces correctly; 1% rejected 99.8% but named only 94%.
     target_far: float = 0.05
     embed_batch_size: int = 64
+    # Precision of the backbone when embedding: auto is bfloat16 where the CPU has it (AVX512-BF16 or AMX),
+    # else float32. The saved model itself stays float32.
+    embed_precision: str = "auto"
     detect_batch_size: int = 64
 
     def to_dict(self) -> dict:

@@ -162,7 +162,7 @@ def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None
     """Prepare (if needed) and train ``settings.model``; write the run folder and return a summary."""
     import keras
 
-    from pinsface.cache import EmbeddingCache, default_cache_dir
+    from pinsface.cache import default_cache_dir
     from pinsface.dataset import default_data_dir
 
     settings = settings or Settings()
@@ -198,13 +198,14 @@ def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None
 
     if settings.model == "embedding":
         from pinsface.backbones import get_backbone
-        from pinsface.embeddings import Embedder, ensure_embeddings
+        from pinsface.embeddings import ensure_embeddings, run_embedder, run_embedding_cache
         from pinsface.models import build_embedding_model, build_head
 
         t2 = time.perf_counter()
         backbone = get_backbone(settings.backbone)
-        embedder = Embedder(backbone, settings.embed_batch_size)
-        emb_cache = EmbeddingCache(settings.cache_dir, settings.faces.version(), settings.backbone)
+        embedder = run_embedder(settings, backbone)
+        settings.embedding_key = ""
+        emb_cache = run_embedding_cache(settings, settings.cache_dir)
         emb = {k: ensure_embeddings(hashes[k], prepared.cache, emb_cache, embedder, progress=progress)
                for k in hashes}
         timings["embed"] = time.perf_counter() - t2
@@ -242,7 +243,8 @@ def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None
         from pinsface.gallery import build_gallery
 
         if settings.fine_tune:  # the tuned backbone embeds differently: embed the gallery faces again
-            tuned_cache = EmbeddingCache(settings.cache_dir, settings.faces.version(), settings.embedding_key)
+            tuned_cache = run_embedding_cache(settings, settings.cache_dir)
+            embedder = run_embedder(settings, backbone)
             emb = {k: ensure_embeddings(hashes[k], prepared.cache, tuned_cache, embedder, progress=progress)
                    for k in ("train", "val")}
         gallery = build_gallery(labels, emb["train"][0], emb["train"][1], y["train"], emb["val"][0], emb["val"][1],
