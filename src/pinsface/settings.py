@@ -76,6 +76,9 @@ class Settings:
     label_smoothing: float = 0.1
     cosine_scale: float = 16.0
     class_weights: bool = False
+    # Mixup of embedding pairs while training the embedding head: Beta(alpha, alpha) mixing weights, 0 is off.
+    # Measured over 4 seeds on the shared data: test top-1 98.71% vs 98.49% without (validation 98.69 vs 98.60).
+    mixup: float = 0.4
     # Extra random flip/zoom/rotation views per training face pushed through the backbone (embedding model).
     # Measured on the shared Pins data: no gain over the cached mirror-image twins, for ~100 s per run.
     augment_views: int = 0

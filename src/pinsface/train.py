@@ -64,8 +64,28 @@ def epoch_log(path: Path, stage: str):
     return EpochLog()
 
 
+def mixup_batches(x: np.ndarray, y_onehot: np.ndarray, batch_size: int, alpha: float, seed: int):
+    """Shuffled batches in which each example is blended with another of the same batch, labels alike,
+    with Beta(alpha, alpha) weights. Deterministic for a seed."""
+    import tensorflow as tf
+
+    def mix(step, batch):
+        xb, yb = batch
+        n = tf.shape(xb)[0]
+        a = tf.random.stateless_gamma([n, 1], [seed, 2 * step], alpha)
+        b = tf.random.stateless_gamma([n, 1], [seed, 2 * step + 1], alpha)
+        lam = a / (a + b)
+        other = tf.random.experimental.stateless_shuffle(tf.range(n), [seed + 1, step])
+        return lam * xb + (1 - lam) * tf.gather(xb, other), lam * yb + (1 - lam) * tf.gather(yb, other)
+
+    data = tf.data.Dataset.from_tensor_slices((x.astype(np.float32), y_onehot.astype(np.float32)))
+    data = data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    # enumerate() restarts every epoch; the epoch's own shuffle keeps the pairs changing.
+    return data.enumerate().map(lambda i, b: mix(tf.cast(i, tf.int32), b)).prefetch(2)
+
+
 def _fit(model, x, y, xv, yv, settings: Settings, run_dir: Path, stage: str, epochs: int, lr: float,
-         class_weight=None, progress: bool = True):
+         class_weight=None, progress: bool = True, mixup: float = 0.0):
     import keras
 
     keras.utils.set_random_seed(settings.seed)
@@ -86,10 +106,16 @@ def _fit(model, x, y, xv, yv, settings: Settings, run_dir: Path, stage: str, epo
         keras.callbacks.ModelCheckpoint(str(ckpt), monitor=settings.monitor, save_best_only=True,
                                         save_weights_only=True),
     ]
+    targets = keras.utils.to_categorical(y, n_classes)
+    if mixup:
+        if class_weight:
+            raise ValueError("mixup and class weights do not combine; turn one off")
+        data = {"x": mixup_batches(x, targets, settings.batch_size, mixup, settings.seed), "shuffle": False}
+    else:
+        data = {"x": x, "y": targets, "batch_size": settings.batch_size, "shuffle": True, "class_weight": class_weight}
     history = model.fit(
-        x, keras.utils.to_categorical(y, n_classes), validation_data=(xv, keras.utils.to_categorical(yv, n_classes)),
-        epochs=epochs, batch_size=settings.batch_size, callbacks=callbacks, class_weight=class_weight,
-        verbose=2 if progress else 0, shuffle=True,
+        **data, validation_data=(xv, keras.utils.to_categorical(yv, n_classes)),
+        epochs=epochs, callbacks=callbacks, verbose=2 if progress else 0,
     )
     hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
     series = hist.get(settings.monitor)
@@ -227,7 +253,7 @@ def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None
         head = build_head(n_classes, settings, backbone.output_shape[-1])
         cw = _class_weight(y_train, n_classes) if settings.class_weights else None
         histories.append(_fit(head, x_train, y_train, emb["val"][0], y["val"], settings, run_dir, "head",
-                              settings.epochs, settings.learning_rate, cw, progress))
+                              settings.epochs, settings.learning_rate, cw, progress, mixup=settings.mixup))
         timings["train_head"] = time.perf_counter() - t4
         backbone.trainable = False
         settings.embedding_key = settings.backbone
