@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="random flip/zoom/rotation views per training face pushed through the backbone "
                             "(embedding model; default 0: the mirror-image twin only)")
         p.add_argument("--target-far", type=float, metavar="RATE",
-                       help="false-accept rate the 'unknown' threshold is calibrated for (default 0.05)")
+                       help="false-accept rate the 'unknown' threshold is calibrated for (default 0.07)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("evaluate", help="score a trained run and write its report (RUN_DIR/report/)")

@@ -93,7 +93,7 @@ class Gallery:
     val_owner: np.ndarray
     threshold_probability: float = 0.0
     threshold_distance: float = 10.0
-    target_far: float = 0.05
+    target_far: float = 0.07
     calibration: dict = field(default_factory=dict)
     knn: int = KNN
 
@@ -186,7 +186,7 @@ class Gallery:
 
 
 def calibrate_thresholds(val_probs: np.ndarray, val_owner: np.ndarray, val_genuine: np.ndarray,
-                         impostor: np.ndarray, target_far: float = 0.05,
+                         impostor: np.ndarray, target_far: float = 0.07,
                          keep: float = PROBABILITY_KEEP) -> tuple[float, float, dict]:
     """(probability threshold, distance threshold, report).
 
@@ -208,7 +208,7 @@ def calibrate_thresholds(val_probs: np.ndarray, val_owner: np.ndarray, val_genui
 
 
 def build_gallery(labels, train_emb, train_flip, train_y, val_emb, val_flip, val_y, head,
-                  target_far: float = 0.05) -> Gallery:
+                  target_far: float = 0.07) -> Gallery:
     gallery = Gallery(list(labels), train_emb.astype(np.float32), train_flip.astype(np.float32),
                       train_y.astype(np.int32), val_emb.astype(np.float32), val_flip.astype(np.float32),
                       val_y.astype(np.int32))

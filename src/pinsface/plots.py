@@ -22,8 +22,10 @@ def plot_curves(history: dict, path: Path) -> Path:
         if not len(epochs):
             continue
         label = stage.get("stage", "")
+        # Mixup trains on blends of two faces with blended labels: harder than the plain validation faces.
+        train_label = f"train ({label}, mixup blends)" if stage.get("mixup") else f"train ({label})"
         for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
-            ax.plot(epochs, stage[key], label=f"train ({label})", lw=1.8)
+            ax.plot(epochs, stage[key], label=train_label, lw=1.8)
             if f"val_{key}" in stage:
                 ax.plot(epochs, stage[f"val_{key}"], label=f"validation ({label})", lw=1.8, ls="--")
             ax.set_title(title)

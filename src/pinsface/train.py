@@ -123,7 +123,7 @@ def _fit(model, x, y, xv, yv, settings: Settings, run_dir: Path, stage: str, epo
         best = int(np.argmax(series)) if "acc" in settings.monitor else int(np.argmin(series))
     else:
         best = len(hist.get("loss", [])) - 1
-    return {"stage": stage, "epochs_run": len(hist.get("loss", [])), "best_epoch": best + 1, **hist}
+    return {"stage": stage, "epochs_run": len(hist.get("loss", [])), "best_epoch": best + 1, "mixup": mixup, **hist}
 
 
 def _class_weight(y: np.ndarray, n_classes: int) -> dict[int, float]:
