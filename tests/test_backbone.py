@@ -46,3 +46,14 @@ def test_weights_are_checked_against_their_checksum(monkeypatch):
 def test_unknown_backbone_name_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown backbone"):
         get_backbone("resnet-9000")
+
+
+def test_tensorflow_loads_without_kerass_optional_imports_which_still_work_after():
+    import subprocess
+    import sys
+
+    code = ("import sys, pinsface, keras; assert 'sklearn' not in sys.modules and 'matplotlib.pyplot' not in "
+            "sys.modules; import sklearn.metrics, matplotlib.pyplot; print(sklearn.metrics.accuracy_score([1], [1]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "1.0"

@@ -9,6 +9,7 @@ from pinsface.embeddings import run_embedding_cache
 from pinsface.dataset import Split
 from pinsface.models import build_head, build_pixels_mlp
 from pinsface.settings import Settings
+from pinsface.train import mixup_batches
 
 
 def test_run_folder_has_every_artifact(small_run):
@@ -91,3 +92,26 @@ def test_unknown_model_name_is_refused(tmp_path, small_dataset, detector):
     prepared = prepare(small_dataset, tmp_path / "cache", progress=False, detector=detector)
     with pytest.raises(ValueError, match="unknown model"):
         train(out_dir=tmp_path / "run", settings=Settings(model="resnet"), progress=False, prepared=prepared)
+
+
+def test_mixup_blends_inputs_and_labels_alike_and_is_repeatable():
+    n = 64
+    x = np.eye(n, dtype=np.float32)  # input == label, so any blend must keep them equal
+    batches = list(mixup_batches(x, x, batch_size=16, alpha=0.4, seed=3))
+    assert len(batches) == 4
+    xb = np.concatenate([b[0].numpy() for b in batches])
+    yb = np.concatenate([b[1].numpy() for b in batches])
+    np.testing.assert_allclose(xb, yb, atol=1e-6)
+    np.testing.assert_allclose(yb.sum(1), 1.0, atol=1e-5)
+    assert np.mean(yb.max(1) < 0.999) > 0.5  # most examples really are blends
+    again = np.concatenate([b[0].numpy() for b in mixup_batches(x, x, 16, 0.4, seed=3)])
+    np.testing.assert_array_equal(xb, again)
+
+
+def test_mixup_and_class_weights_do_not_combine(tmp_path, small_dataset):
+    from pinsface.train import train
+
+    with pytest.raises(ValueError, match="mixup and class weights"):
+        train(small_dataset, tmp_path / "run", Settings(class_weights=True), cache_dir=tmp_path / "cache",
+              progress=False)
+    assert not (tmp_path / "cache").exists()  # refused before any work

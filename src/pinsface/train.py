@@ -108,8 +108,6 @@ def _fit(model, x, y, xv, yv, settings: Settings, run_dir: Path, stage: str, epo
     ]
     targets = keras.utils.to_categorical(y, n_classes)
     if mixup:
-        if class_weight:
-            raise ValueError("mixup and class weights do not combine; turn one off")
         data = {"x": mixup_batches(x, targets, settings.batch_size, mixup, settings.seed), "shuffle": False}
     else:
         data = {"x": x, "y": targets, "batch_size": settings.batch_size, "shuffle": True, "class_weight": class_weight}
@@ -192,6 +190,8 @@ def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None
     from pinsface.dataset import default_data_dir
 
     settings = settings or Settings()
+    if settings.model == "embedding" and settings.mixup and settings.class_weights:
+        raise ValueError("mixup and class weights do not combine: set Settings.mixup=0 to use class weights")
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train.log").write_text("", encoding="utf-8")
