@@ -433,7 +433,7 @@ def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path 
 
     t_p, t_d = gallery.threshold_probability, gallery.threshold_distance
     rejected, known_ok = rates(t_p, t_d)
-    curve = [rates(t_p, d) for d in np.linspace(0.0, 1.0, 201)]
+    curve = [rates(t_p, d) for d in np.linspace(0.0, 1.0, 1001)]
     curve_p = [rates(p, t_d) for p in np.linspace(0.0, 1.0, 101)]
     result = {
         "unknown_dir": str(strangers_ds.root), "n_strangers": n_strangers,

@@ -176,21 +176,29 @@ def plot_samples(samples: list[dict], path: Path, title: str, columns: int = 6) 
 
 
 def plot_open_set(curve_distance, curve_probability, point, path: Path) -> Path:
-    """Share of strangers rejected vs share of known faces accepted and named correctly."""
-    fig, ax = plt.subplots(figsize=(7.5, 6), constrained_layout=True)
-    for curve, label in ((curve_distance, "sweeping the distance threshold"),
-                         (curve_probability, "sweeping the probability threshold")):
-        xs, ys = zip(*curve)
-        ax.plot(xs, ys, lw=2, label=label)
-    ax.scatter([point[0]], [point[1]], s=90, color="crimson", zorder=5,
-               label=f"calibrated: {100 * point[0]:.1f}% rejected, {100 * point[1]:.1f}% named")
-    ax.set_xlabel("strangers rejected (share)")
-    ax.set_ylabel("known test faces accepted and named correctly (share)")
-    ax.set_title("Open set: rejecting strangers vs naming known people")
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=9)
+    """Share of strangers rejected vs share of known faces accepted and named correctly: the whole trade-off,
+    and a close-up of the corner where a usable operating point lies."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.8), constrained_layout=True)
+    # The close-up spans the calibrated point and the best corner, with some room around both.
+    lo_x = max(0.0, min(point[0], 0.95) - 0.05)
+    lo_y = max(0.0, min(point[1], 0.95) - 0.05)
+    for ax, (x0, y0), title in ((axes[0], (0.0, 0.0), "the whole trade-off"),
+                                (axes[1], (lo_x, lo_y), "close-up of the top-right corner")):
+        for curve, label in ((curve_distance, "sweeping the distance threshold"),
+                             (curve_probability, "sweeping the probability threshold")):
+            xs, ys = zip(*curve)
+            ax.plot(xs, ys, lw=2, label=label, marker="." if x0 else None, ms=4)
+        ax.scatter([point[0]], [point[1]], s=90, color="crimson", zorder=5,
+                   label=f"calibrated: {100 * point[0]:.1f}% rejected, {100 * point[1]:.1f}% named")
+        ax.set_xlabel("strangers rejected (share)")
+        ax.set_ylabel("known test faces accepted and named correctly (share)")
+        ax.set_title(title)
+        pad_x, pad_y = (1.0 - x0) * 0.02, (1.0 - y0) * 0.02
+        ax.set_xlim(x0 - pad_x, 1.0 + pad_x)
+        ax.set_ylim(y0 - pad_y, 1.0 + pad_y)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower left", fontsize=9)
+    fig.suptitle("Open set: rejecting strangers vs naming known people")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -64,6 +64,9 @@ def epoch_log(path: Path, stage: str):
     return EpochLog()
 
 
+STEPS_PER_EXECUTION = 8
+
+
 def mixup_batches(x: np.ndarray, y_onehot: np.ndarray, batch_size: int, alpha: float, seed: int):
     """Shuffled batches in which each example is blended with another of the same batch, labels alike,
     with Beta(alpha, alpha) weights. Deterministic for a seed."""
@@ -93,6 +96,8 @@ def _fit(model, x, y, xv, yv, settings: Settings, run_dir: Path, stage: str, epo
         optimizer=keras.optimizers.AdamW(lr, weight_decay=settings.weight_decay),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing),
         metrics=["accuracy"],
+        # Several small steps per graph call: the head's steps are so cheap that per-call overhead dominated.
+        steps_per_execution=STEPS_PER_EXECUTION,
     )
     n_classes = model.output_shape[-1]
     ckpt = run_dir / "checkpoints" / f"{stage}.weights.h5"
