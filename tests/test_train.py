@@ -115,3 +115,15 @@ def test_mixup_and_class_weights_do_not_combine(tmp_path, small_dataset):
         train(small_dataset, tmp_path / "run", Settings(class_weights=True), cache_dir=tmp_path / "cache",
               progress=False)
     assert not (tmp_path / "cache").exists()  # refused before any work
+
+
+def test_learning_rate_schedules():
+    from pinsface.train import lr_schedule
+
+    cosine = lr_schedule(Settings(lr_schedule="cosine"), 1e-3, 10)
+    assert cosine.schedule(0) == pytest.approx(1e-3) and cosine.schedule(9) == pytest.approx(1e-6)
+    assert cosine.schedule(3) > cosine.schedule(4) > cosine.schedule(5)
+    plateau = lr_schedule(Settings(), 1e-3, 10)
+    assert isinstance(plateau, keras.callbacks.ReduceLROnPlateau) and plateau.min_delta == Settings().min_delta
+    with pytest.raises(ValueError, match="lr_schedule"):
+        lr_schedule(Settings(lr_schedule="step"), 1e-3, 10)

@@ -34,14 +34,8 @@ def _download(args) -> int:
 def _settings_from(args):
     from pinsface.settings import Settings
 
-    settings = Settings()
-    for key in ("model", "epochs", "seed", "augment_views", "target_far"):
-        value = getattr(args, key, None)
-        if value is not None:
-            setattr(settings, key, value)
-    if getattr(args, "fine_tune", None) is not None:
-        settings.fine_tune = args.fine_tune
-    return settings
+    keys = ("model", "epochs", "seed", "augment_views", "target_far", "fine_tune")
+    return Settings(**{key: getattr(args, key) for key in keys if getattr(args, key, None) is not None})
 
 
 def _train(args) -> int:

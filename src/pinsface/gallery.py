@@ -69,12 +69,13 @@ def knn_distances(d: np.ndarray, owner: np.ndarray, n_identities: int, k: int = 
     out = np.full((d.shape[0], n_identities), np.inf, dtype=np.float32)
     order = np.argsort(owner, kind="stable")
     bounds = np.searchsorted(owner[order], np.arange(n_identities + 1))
+    d = d[:, order]  # each identity's faces side by side: one copy, then slices
     for c in range(n_identities):
-        cols = order[bounds[c]:bounds[c + 1]]
-        if len(cols) == 0:
+        lo, hi = bounds[c], bounds[c + 1]
+        if hi == lo:
             continue
-        kk = min(k, max(1, len(cols) // 10))
-        nearest = np.partition(d[:, cols], kk - 1, axis=1)[:, :kk]
+        kk = min(k, max(1, (hi - lo) // 10))
+        nearest = np.partition(d[:, lo:hi], kk - 1, axis=1)[:, :kk]
         finite = np.isfinite(nearest)
         count = finite.sum(1)
         total = np.where(finite, nearest, 0).sum(1)
@@ -170,7 +171,7 @@ class Gallery:
                 "threshold_distance": self.threshold_distance, "target_far": self.target_far,
                 "calibration": self.calibration, "knn": self.knn}
         tmp = Path(path).with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, meta=np.array(json.dumps(meta, ensure_ascii=False)),
+        np.savez(tmp, meta=np.array(json.dumps(meta, ensure_ascii=False)),
                             embeddings=self.embeddings, flips=self.flips, owner=self.owner,
                             val_embeddings=self.val_embeddings, val_flips=self.val_flips, val_owner=self.val_owner)
         tmp.replace(path)

@@ -87,7 +87,14 @@ class Settings:
     augment_zoom: float = 0.1
     augment_rotation: float = 0.04
     early_stopping_patience: int = 8
+    # Smallest change of the monitored value that counts as progress, for early stopping and the LR schedule.
+    # 1e-3 rather than 0 ends the head's training about 15 epochs sooner (validation top-1 98.73% vs 98.75%
+    # over 3 seeds), which keeps the warm run under a minute.
+    min_delta: float = 1e-3
     lr_patience: int = 3
+    # "plateau" (ReduceLROnPlateau) or "cosine" (a half cosine over the epochs). For the embedding head, over 3
+    # seeds: plateau 98.73% validation top-1 in about 40 s, cosine over 20 epochs 98.67% in 21 s.
+    lr_schedule: str = "plateau"
     fine_tune: bool = False
     fine_tune_from: str = "conv256_1"
     fine_tune_epochs: int = 6

@@ -87,6 +87,23 @@ def mixup_batches(x: np.ndarray, y_onehot: np.ndarray, batch_size: int, alpha: f
     return data.enumerate().map(lambda i, b: mix(tf.cast(i, tf.int32), b)).prefetch(2)
 
 
+def lr_schedule(settings: Settings, lr: float, epochs: int):
+    """``plateau``: cut the rate by 0.3 when the monitored value stalls. ``cosine``: from ``lr`` down to
+    ``lr / 1000`` along a half cosine over ``epochs``."""
+    import math
+
+    import keras
+
+    if settings.lr_schedule == "plateau":
+        return keras.callbacks.ReduceLROnPlateau(monitor=settings.monitor, factor=0.3, patience=settings.lr_patience,
+                                                 min_delta=settings.min_delta, min_lr=lr / 1000)
+    if settings.lr_schedule == "cosine":
+        floor = lr / 1000
+        return keras.callbacks.LearningRateScheduler(
+            lambda epoch: floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs - 1, 1))))
+    raise ValueError(f"lr_schedule must be 'plateau' or 'cosine', not {settings.lr_schedule!r}")
+
+
 def _fit(model, x, y, xv, yv, settings: Settings, run_dir: Path, stage: str, epochs: int, lr: float,
          class_weight=None, progress: bool = True, mixup: float = 0.0):
     import keras
@@ -105,9 +122,8 @@ def _fit(model, x, y, xv, yv, settings: Settings, run_dir: Path, stage: str, epo
     callbacks = [
         epoch_log(run_dir / "train.log", stage),
         keras.callbacks.EarlyStopping(monitor=settings.monitor, patience=settings.early_stopping_patience,
-                                      restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(monitor=settings.monitor, factor=0.3, patience=settings.lr_patience,
-                                          min_lr=lr / 1000),
+                                      min_delta=settings.min_delta, restore_best_weights=True),
+        lr_schedule(settings, lr, epochs),
         keras.callbacks.ModelCheckpoint(str(ckpt), monitor=settings.monitor, save_best_only=True,
                                         save_weights_only=True),
     ]
