@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import pinsface.layers  # noqa: F401
-from pinsface.embeddings import run_embedding_cache
 from pinsface.dataset import Split
+from pinsface.embeddings import run_embedding_cache
 from pinsface.models import build_head, build_pixels_mlp
 from pinsface.settings import Settings
 from pinsface.train import mixup_batches
@@ -127,3 +127,34 @@ def test_learning_rate_schedules():
     assert isinstance(plateau, keras.callbacks.ReduceLROnPlateau) and plateau.min_delta == Settings().min_delta
     with pytest.raises(ValueError, match="lr_schedule"):
         lr_schedule(Settings(lr_schedule="step"), 1e-3, 10)
+
+
+def test_fine_tuning_changes_the_top_blocks_and_re_embeds_the_gallery(tmp_path, small_dataset, detector):
+    from pinsface.backbones import get_backbone
+    from pinsface.embeddings import run_embedder
+    from pinsface.gallery import Gallery
+    from pinsface.prepare import prepare
+    from pinsface.train import train
+
+    settings = Settings(epochs=3, fine_tune=True, fine_tune_epochs=1, test_fraction=0.25, val_fraction=0.25)
+    prepared = prepare(small_dataset, tmp_path / "cache", settings.faces, progress=False, detector=detector)
+    train(out_dir=tmp_path / "run", settings=settings, progress=False, prepared=prepared)
+    saved = Settings.load(tmp_path / "run" / "config.json")
+    assert saved.embedding_key.startswith(f"{saved.backbone}-ft-")
+    tuned = keras.saving.load_model(tmp_path / "run" / "model.keras", safe_mode=True,
+                                    compile=False).get_layer(saved.backbone)
+    pretrained = get_backbone(saved.backbone)
+    first, top = "conv32_1_conv1", f"{saved.fine_tune_from}_conv1"
+    assert np.array_equal(tuned.get_layer(first).get_weights()[0], pretrained.get_layer(first).get_weights()[0])
+    assert not np.allclose(tuned.get_layer(top).get_weights()[0], pretrained.get_layer(top).get_weights()[0])
+    # The gallery holds what the tuned backbone computes, not the pretrained one's cached embeddings.
+    gallery = Gallery.load(tmp_path / "run" / "gallery.npz")
+    val = Split.load(tmp_path / "run" / "split.json").files("val")
+    hashes = [prepared.hashes[i] for i, it in enumerate(prepared.dataset.items)
+              if it.rel in set(val) and prepared.status[i] == "ok"][:4]
+    crops = prepared.cache.load(hashes, crops=("aligned",))
+    crops = crops.columns["aligned"][crops.rows(hashes)]
+    fresh = run_embedder(saved, tuned)(crops)
+    found = [np.abs(gallery.val_embeddings - v).max(1).min() for v in fresh]
+    assert max(found) < 1e-5
+    assert np.abs(run_embedder(saved, pretrained)(crops) - fresh).max() > 1e-4
