@@ -62,6 +62,7 @@ def test_html_report_is_self_contained(report):
     assert "src=\"http" not in page and "href=\"http" not in page
     assert "Insights" in page and "sortTable" in page and "filterTable" in page
     assert f"{100 * metrics['top1']:.2f}%" in page
+    assert "<td>{}</td>" not in page  # mappings such as skipped-by-reason read as text, "none" when empty
 
 
 def test_images_without_a_face_count_as_errors():

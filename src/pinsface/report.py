@@ -16,6 +16,13 @@ def _img(path: Path, alt: str) -> str:
            f'{html.escape(alt)}</figcaption></figure>'
 
 
+def _stat(value) -> str:
+    """A dataset figure as a person reads it: counts by reason for a mapping, "none" when empty."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {v}" for k, v in value.items()) or "none"
+    return str(value)
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
@@ -134,7 +141,7 @@ def write_html(path: Path, metrics: dict, settings: dict, dataset_stats: dict, t
         ("no face found", str(metrics["n_no_face"])), ("unreadable", str(metrics["n_unreadable"])),
         ("top-1 over scored faces", _pct(metrics["top1_over_faces"])),
     ]
-    stats_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+    stats_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(_stat(v))}</td></tr>"
                          for k, v in dataset_stats.items())
     timing_rows = "".join(f"<tr><td>{html.escape(k)}</td><td class='n'>{v:.1f} s</td></tr>" for k, v in timings.items())
     unknown = metrics.get("unknown_identities") or {}
