@@ -36,13 +36,13 @@ def _import_with_stderr_muted() -> None:
     try:
         saved = os.dup(2)
     except OSError:  # no usable stderr: nothing to protect
-        import tensorflow  # noqa: F401
-
-        return
+        saved = None
     try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            import tensorflow  # noqa: F401
+        if saved is not None:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 2)
+        import tensorflow  # noqa: F401
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)

@@ -49,15 +49,22 @@ class Embedder:
     """Runs a backbone over uint8 face crops in fixed-size batches with a compiled graph."""
 
     def __init__(self, backbone, batch_size: int = 64, precision: str = "float32"):
-        import tensorflow as tf
-
         self.backbone = backbone
         self.batch_size = batch_size
         self.precision = resolve_precision(precision)
-        # bfloat16 on these CPUs: 1.5x the faces/s of float32, and the descriptors stay within the fidelity
-        # bounds against dlib's (tests/test_backbone.py).
-        net = backbone if self.precision == "float32" else with_compute_dtype(backbone, "mixed_bfloat16")
-        self._fn = tf.function(lambda x: tf.cast(net(x, training=False), tf.float32), reduce_retracing=True)
+        self._fn = None  # built on first use: callers whose embeddings are all cached never pay for it
+
+    def _compiled(self):
+        if self._fn is None:
+            import tensorflow as tf
+
+            # bfloat16 on these CPUs: 1.5x the faces/s of float32, and the descriptors stay within the
+            # fidelity bounds against dlib's (tests/test_backbone.py).
+            net = self.backbone
+            if self.precision == "bfloat16":
+                net = with_compute_dtype(self.backbone, "mixed_bfloat16")
+            self._fn = tf.function(lambda x: tf.cast(net(x, training=False), tf.float32), reduce_retracing=True)
+        return self._fn
 
     def __call__(self, crops: np.ndarray, flip: bool = False) -> np.ndarray:
         out = np.zeros((len(crops), *self.backbone.output_shape[1:]), dtype=np.float32)
@@ -71,7 +78,7 @@ class Embedder:
             size = min(self.batch_size, max(8, 1 << (n - 1).bit_length()))
             if n < size:
                 batch = np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), np.float32)])
-            out[lo:lo + n] = self._fn(batch).numpy()[:n]
+            out[lo:lo + n] = self._compiled()(batch).numpy()[:n]
         return out
 
     def both_views(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -95,18 +102,16 @@ def run_embedder(settings, backbone) -> "Embedder":
     return Embedder(backbone, settings.embed_batch_size, settings.embed_precision)
 
 
-def ensure_embeddings(hashes: list[str], faces: FaceCache, cache: EmbeddingCache, backbone,
-                      batch_size: int = 64, progress: bool = True,
-                      precision: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+def ensure_embeddings(hashes: list[str], faces: FaceCache, cache: EmbeddingCache, embedder: Embedder,
+                      progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of each hash's aligned crop and of its mirror image. Only the missing ones are computed:
-    their crops are read from ``faces`` and run through ``backbone`` (a Keras model or an ``Embedder``)."""
+    their crops are read from ``faces`` and run through ``embedder``."""
     from tqdm import tqdm
 
     unique = list(dict.fromkeys(hashes))
     index, emb, emb_flip = cache.load(unique)
     missing = [h for h in unique if h not in index]
     if missing:
-        embedder = backbone if isinstance(backbone, Embedder) else Embedder(backbone, batch_size, precision)
         table = faces.load(missing, crops=("aligned",))
         bar = tqdm(total=len(missing), desc="embeddings", unit="face", disable=not progress, leave=False)
         for lo in range(0, len(missing), CHUNK):

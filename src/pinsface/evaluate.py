@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pinsface.embeddings import run_embedder, run_embedding_cache
 from pinsface.dataset import Split, identity_key, scan_dataset
+from pinsface.embeddings import run_embedder, run_embedding_cache
 from pinsface.prepare import Prepared, prepare
 from pinsface.settings import Settings
 
