@@ -150,3 +150,19 @@ def test_cli_predict_json_and_annotate(recognizer, pins_dir, tmp_path, capsys):
     assert len(written) >= 2 and Image.open(written[0]).size == (224, 224)
     assert main(["predict", str(recognizer.run_dir), str(tmp_path / "photos"), "--no-progress"]) == 0
     assert "Bill Gates" in capsys.readouterr().out
+
+
+def test_a_gallery_from_before_nearest_face_distances_is_recalibrated_on_load(small_run, tmp_path):
+    run_dir = tmp_path / "old"
+    shutil.copytree(small_run[0], run_dir)
+    path = run_dir / "gallery.npz"
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    del meta["knn"]  # the session-1 format: centroid-distance thresholds
+    meta.update(threshold_distance=9.0, threshold_probability=0.0)
+    np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+    assert Gallery.load(path).stale
+    recognizer = Recognizer.load(run_dir)
+    assert not recognizer.gallery.stale and recognizer.gallery.threshold_distance < 1.0
+    assert recognizer.gallery.calibration["target_far"] == recognizer.settings.target_far

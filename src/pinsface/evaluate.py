@@ -387,6 +387,8 @@ def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path 
     if settings.model != "embedding":
         raise ValueError("open-set evaluation needs an embedding run (with a calibrated gallery)")
     gallery = Gallery.load(run_dir / "gallery.npz")
+    if gallery.stale:
+        gallery.calibrate(model.get_layer("head"), settings.target_far)
     out = Path(out) if out else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     if prepared is None:

@@ -101,6 +101,7 @@ class Gallery:
     def __post_init__(self):
         self._centroids = None
         self._index = None
+        self.stale = False  # thresholds from an older scoring method: calibrate before use
 
     def changed(self) -> None:
         """Forget what was derived from the faces, after enrolling or forgetting someone."""
@@ -164,6 +165,7 @@ class Gallery:
         n_train = len(self.embeddings)
         self.threshold_probability, self.threshold_distance, self.calibration = calibrate_thresholds(
             probs, self.val_owner, genuine[n_train:], impostor, self.target_far)
+        self.stale = False
         return self.calibration
 
     def save(self, path: Path) -> None:
@@ -181,9 +183,12 @@ class Gallery:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
             arrays = {k: data[k] for k in ("embeddings", "flips", "owner", "val_embeddings", "val_flips", "val_owner")}
-        return cls(meta["labels"], **arrays, threshold_probability=meta["threshold_probability"],
-                   threshold_distance=meta["threshold_distance"], target_far=meta["target_far"],
-                   calibration=meta["calibration"], knn=meta.get("knn", KNN))
+        gallery = cls(meta["labels"], **arrays, threshold_probability=meta["threshold_probability"],
+                      threshold_distance=meta["threshold_distance"], target_far=meta["target_far"],
+                      calibration=meta["calibration"], knn=meta.get("knn", KNN))
+        # Galleries saved before nearest-face distances hold thresholds for centroid distances.
+        gallery.stale = "knn" not in meta
+        return gallery
 
 
 def calibrate_thresholds(val_probs: np.ndarray, val_owner: np.ndarray, val_genuine: np.ndarray,

@@ -91,6 +91,8 @@ class Recognizer:
         if settings.model != "embedding":
             raise ValueError(f"{run_dir} is a {settings.model} run: naming faces needs an embedding run")
         gallery = Gallery.load(Path(run_dir) / "gallery.npz")
+        if gallery.stale:
+            gallery.calibrate(model.get_layer("head"), settings.target_far)
         return cls(Path(run_dir), settings, labels, model, gallery)
 
     @property
