@@ -173,9 +173,10 @@ class Gallery:
                 "threshold_distance": self.threshold_distance, "target_far": self.target_far,
                 "calibration": self.calibration, "knn": self.knn}
         tmp = Path(path).with_suffix(".tmp.npz")
+        # Uncompressed: compression took 2 s of every save (enrolment included) for a file half the size.
         np.savez(tmp, meta=np.array(json.dumps(meta, ensure_ascii=False)),
-                            embeddings=self.embeddings, flips=self.flips, owner=self.owner,
-                            val_embeddings=self.val_embeddings, val_flips=self.val_flips, val_owner=self.val_owner)
+                 embeddings=self.embeddings, flips=self.flips, owner=self.owner,
+                 val_embeddings=self.val_embeddings, val_flips=self.val_flips, val_owner=self.val_owner)
         tmp.replace(path)
 
     @classmethod
