@@ -54,10 +54,10 @@ def score_images(model, settings: Settings, prepared: Prepared, items: np.ndarra
         emb, emb_flip = ensure_embeddings(hashes, prepared.cache, emb_cache,
                                           run_embedder(settings, model.get_layer(settings.backbone)),
                                           progress=progress)
+        from pinsface.gallery import Gallery, run_head
+
         head = model.get_layer("head")
-        p = head.predict(emb, batch_size=1024, verbose=0)
-        if settings.test_time_flip:
-            p = (p + head.predict(emb_flip, batch_size=1024, verbose=0)) / 2
+        p = Gallery.probabilities(head, emb, emb_flip) if settings.test_time_flip else run_head(head, emb)
     else:
         faces = prepared.cache.load(hashes, crops=("box",))
         p = model.predict(faces.columns["box"][faces.rows(hashes)][..., None], batch_size=512, verbose=0)
@@ -386,9 +386,7 @@ def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path 
     settings, labels, model = load_run(run_dir)
     if settings.model != "embedding":
         raise ValueError("open-set evaluation needs an embedding run (with a calibrated gallery)")
-    gallery = Gallery.load(run_dir / "gallery.npz")
-    if gallery.stale:
-        gallery.calibrate(model.get_layer("head"), settings.target_far)
+    gallery = Gallery.load_for_run(run_dir, model, settings)
     out = Path(out) if out else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     if prepared is None:

@@ -191,6 +191,14 @@ class Gallery:
         gallery.stale = "knn" not in meta
         return gallery
 
+    @classmethod
+    def load_for_run(cls, run_dir: Path, model, settings) -> "Gallery":
+        """A run's gallery, recalibrated with the run's target FAR if it was saved by an older scoring method."""
+        gallery = cls.load(Path(run_dir) / "gallery.npz")
+        if gallery.stale:
+            gallery.calibrate(model.get_layer("head"), settings.target_far)
+        return gallery
+
 
 def calibrate_thresholds(val_probs: np.ndarray, val_owner: np.ndarray, val_genuine: np.ndarray,
                          impostor: np.ndarray, target_far: float = 0.07,

@@ -90,9 +90,7 @@ class Recognizer:
         settings, labels, model = load_run(run_dir)
         if settings.model != "embedding":
             raise ValueError(f"{run_dir} is a {settings.model} run: naming faces needs an embedding run")
-        gallery = Gallery.load(Path(run_dir) / "gallery.npz")
-        if gallery.stale:
-            gallery.calibrate(model.get_layer("head"), settings.target_far)
+        gallery = Gallery.load_for_run(run_dir, model, settings)
         return cls(Path(run_dir), settings, labels, model, gallery)
 
     @property
