@@ -1,5 +1,7 @@
 import json
+import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -89,16 +91,20 @@ def test_corrupt_or_torn_cache_chunks_are_reported_and_recomputed(data, tmp_path
     cache = FaceCache(tmp_path / "cache", FaceSettings().version())
     chunk = cache.store.chunk_paths()[0]
     chunk.write_bytes(chunk.read_bytes()[:1000])  # torn
-    (cache.store.folder / ".chunk-half-written.joblib.lz4.tmp").write_bytes(b"partial")
+    old_tmp = cache.store.folder / ".chunk-half-written.arrays.lz4.1.tmp"
+    old_tmp.write_bytes(b"partial")
+    os.utime(old_tmp, (time.time() - 7200, time.time() - 7200))  # left by a writer that died long ago
+    young_tmp = cache.store.folder / ".chunk-being-written.arrays.lz4.2.tmp"
+    young_tmp.write_bytes(b"partial")  # may belong to a live writer: left alone
     counting = CountingDetector(detector)
     result = prepare(data, tmp_path / "cache", progress=False, detector=counting)
     assert result.summary["cache_corrupt_chunks"] == [chunk.name]
     assert counting.images == 36
     assert result.summary["faces_found"] + result.summary["no_face"] == 36
-    assert not list(cache.store.folder.glob(".*.tmp"))
+    assert not old_tmp.exists() and young_tmp.exists()
 
     garbage = cache.store.chunk_paths()[0]
-    garbage.write_bytes(b"\x00not a joblib file at all")
+    garbage.write_bytes(b"\x00not a chunk file at all")
     result = prepare(data, tmp_path / "cache", progress=False, detector=CountingDetector(detector))
     assert result.summary["cache_corrupt_chunks"] == [garbage.name]
 

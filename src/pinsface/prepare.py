@@ -159,6 +159,7 @@ def prepare(data_dir=None, cache_dir=None, settings: FaceSettings | None = None,
         "ignored_files": dict(dataset.ignored),
         "empty_folders": dataset.empty_folders,
         "cache_corrupt_chunks": list(cache.corrupt),
+        "cache_outdated_chunks": list(cache.outdated),
         "seconds": round(seconds, 3),
         "images_per_second": round(n / seconds, 1) if seconds > 0 else None,
         "from_cache": from_cache,
@@ -184,6 +185,9 @@ def format_summary(summary: dict) -> str:
         lines.append("ignored files   " + ", ".join(f"{k}: {v}" for k, v in summary["ignored_files"].items()))
     if summary["empty_folders"]:
         lines.append("empty folders   " + ", ".join(summary["empty_folders"]))
+    if summary.get("cache_outdated_chunks"):
+        lines.append(f"outdated cache  {len(summary['cache_outdated_chunks'])} chunk(s) in the old pickle format "
+                     "recomputed")
     if summary["cache_corrupt_chunks"]:
         lines.append(f"corrupt cache   {len(summary['cache_corrupt_chunks'])} chunk(s) dropped and recomputed")
     for f in summary["skipped_files"][:20]:
