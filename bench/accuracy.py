@@ -26,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from pinsface.settings import Settings
-    from pinsface.train import run
+    from pinsface.pipeline import run
 
     rows = []
     for model in args.models:

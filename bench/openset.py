@@ -29,12 +29,13 @@ def main() -> None:
     parser.add_argument("--cache", default=None)
     args = parser.parse_args()
 
-    from pinsface.dataset import Split
     from pinsface.embeddings import run_embedding_cache
     from pinsface.evaluate import evaluate_open_set
+    from pinsface.pipeline import train
     from pinsface.predict import Recognizer
+    from pinsface.run import Run
+    from pinsface.scoring import head_probabilities
     from pinsface.settings import Settings
-    from pinsface.train import train
 
     folders = sorted(p for p in Path(args.data).iterdir() if p.is_dir())
     strangers = folders[5::10][:10]  # ten identities spread over the alphabet
@@ -59,7 +60,7 @@ def main() -> None:
     recognizer = Recognizer.load(args.out)
     settings: Settings = recognizer.settings
     prepared = result["prepared"]
-    split = Split.load(Path(args.out) / "split.json")
+    split = Run(args.out).split()
     test = set(split.files("test"))
     items = [i for i, it in enumerate(prepared.dataset.items) if it.rel in test and prepared.status[i] != "skipped"]
     hashes = [prepared.hashes[i] for i in items]
@@ -70,7 +71,7 @@ def main() -> None:
     y_scored = np.array([yy for h, yy in zip(hashes, y) if h in index])
 
     def known_top1() -> float:
-        probs = recognizer.gallery.probabilities(recognizer.model.get_layer("head"), emb[rows], flip[rows])
+        probs = head_probabilities(recognizer.head, emb[rows], flip[rows])
         return float(np.sum(np.argmax(probs, 1) == y_scored) / len(items))
 
     before = known_top1()

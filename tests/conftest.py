@@ -82,7 +82,7 @@ def small_run(tmp_path_factory, small_dataset, detector):
     """A trained embedding run on the small dataset (few epochs), shared by the train/evaluate tests."""
     from pinsface.prepare import prepare
     from pinsface.settings import Settings
-    from pinsface.train import train
+    from pinsface.pipeline import train
 
     base = tmp_path_factory.mktemp("run")
     settings = Settings(epochs=25, augment_views=1, test_fraction=0.25, val_fraction=0.25)

@@ -95,7 +95,7 @@ def test_evaluate_on_another_folder_reports_unknown_identities(small_run, tmp_pa
 
 def test_compare_with_a_baseline_run_goes_into_the_insights(small_run, tmp_path):
     from pinsface.settings import Settings
-    from pinsface.train import train
+    from pinsface.pipeline import train
 
     run_dir, result = small_run
     baseline = Settings(model="pixels-mlp", epochs=2, test_fraction=0.25, val_fraction=0.25)

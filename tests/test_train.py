@@ -75,7 +75,7 @@ def test_embedding_head_has_the_briefs_dense_stack():
 
 def test_pixels_mlp_trains_and_saves(tmp_path, small_dataset, detector):
     from pinsface.prepare import prepare
-    from pinsface.train import train
+    from pinsface.pipeline import train
 
     settings = Settings(model="pixels-mlp", epochs=3, test_fraction=0.25, val_fraction=0.25)
     prepared = prepare(small_dataset, tmp_path / "cache", settings.faces, progress=False, detector=detector)
@@ -87,7 +87,7 @@ def test_pixels_mlp_trains_and_saves(tmp_path, small_dataset, detector):
 
 def test_unknown_model_name_is_refused(tmp_path, small_dataset, detector):
     from pinsface.prepare import prepare
-    from pinsface.train import train
+    from pinsface.pipeline import train
 
     prepared = prepare(small_dataset, tmp_path / "cache", progress=False, detector=detector)
     with pytest.raises(ValueError, match="unknown model"):
@@ -109,7 +109,7 @@ def test_mixup_blends_inputs_and_labels_alike_and_is_repeatable():
 
 
 def test_mixup_and_class_weights_do_not_combine(tmp_path, small_dataset):
-    from pinsface.train import train
+    from pinsface.pipeline import train
 
     with pytest.raises(ValueError, match="mixup and class weights"):
         train(small_dataset, tmp_path / "run", Settings(class_weights=True), cache_dir=tmp_path / "cache",
@@ -134,7 +134,7 @@ def test_fine_tuning_changes_the_top_blocks_and_re_embeds_the_gallery(tmp_path, 
     from pinsface.embeddings import run_embedder
     from pinsface.gallery import Gallery
     from pinsface.prepare import prepare
-    from pinsface.train import train
+    from pinsface.pipeline import train
 
     settings = Settings(epochs=3, fine_tune=True, fine_tune_epochs=1, test_fraction=0.25, val_fraction=0.25)
     prepared = prepare(small_dataset, tmp_path / "cache", settings.faces, progress=False, detector=detector)

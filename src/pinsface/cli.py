@@ -39,7 +39,7 @@ def _settings_from(args):
 
 
 def _train(args) -> int:
-    from pinsface.train import train
+    from pinsface.pipeline import train
 
     result = train(args.data_dir, args.out, _settings_from(args), cache_dir=args.cache,
                    progress=not args.no_progress)
@@ -48,7 +48,7 @@ def _train(args) -> int:
 
 
 def _run(args) -> int:
-    from pinsface.train import run
+    from pinsface.pipeline import run
 
     report = run(args.data_dir, args.out, _settings_from(args), cache_dir=args.cache,
                  progress=not args.no_progress)
@@ -112,7 +112,6 @@ def _enroll(args) -> int:
 
     recognizer = Recognizer.load(args.run_dir)
     summary = recognizer.enroll(args.name, expand_inputs(args.photos))
-    recognizer.save()
     print(f"enrolled {summary['identity']!r} from {summary['faces_used']} face(s) of {summary['photos']} photo(s); "
           f"{summary['identities']} identities known; thresholds: probability >= "
           f"{recognizer.gallery.threshold_probability:.3f}, distance <= {recognizer.gallery.threshold_distance:.3f}")
@@ -126,7 +125,6 @@ def _forget(args) -> int:
 
     recognizer = Recognizer.load(args.run_dir)
     summary = recognizer.forget(args.name)
-    recognizer.save()
     print(f"forgot {summary['identity']!r}; {summary['identities']} identities known")
     return 0
 

@@ -11,63 +11,12 @@ import numpy as np
 
 from pinsface.dataset import Split, identity_key, scan_dataset
 from pinsface.embeddings import run_embedder, run_embedding_cache
-from pinsface.prepare import Prepared, prepare
+from pinsface.prepare import Prepared, prepare, usable_status
+from pinsface.run import Run
+from pinsface.scoring import score_images, topk_correct
 from pinsface.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-def load_run(run_dir: str | Path, model=None):
-    """(settings, labels, model) of a run folder."""
-    import keras
-
-    import pinsface.layers  # noqa: F401  (registers the custom layers for safe loading)
-
-    run_dir = Path(run_dir)
-    settings = Settings.load(run_dir / "config.json")
-    labels = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
-    if model is None:
-        model = keras.saving.load_model(run_dir / "model.keras", safe_mode=True, compile=False)
-    return settings, labels, model
-
-
-def score_images(model, settings: Settings, prepared: Prepared, items: np.ndarray,
-                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities for dataset positions ``items`` and a mask of those that had a face to score.
-
-    For the embedding model this runs the saved head on cached backbone embeddings (computing any that are
-    missing), which is what the whole saved network computes from the aligned crop, at a fraction of the cost.
-    """
-    from pinsface.train import usable_status
-
-    ok = usable_status(settings)
-    usable = np.array([prepared.status[i] in ok for i in items], dtype=bool)
-    n_classes = model.output_shape[-1]
-    probs = np.zeros((len(items), n_classes), dtype=np.float32)
-    hashes = [prepared.hashes[i] for i in items[usable]]
-    if not hashes:
-        return probs, usable
-    if settings.model == "embedding":
-        from pinsface.embeddings import ensure_embeddings
-
-        emb_cache = run_embedding_cache(settings, prepared.cache.root)
-        emb, emb_flip = ensure_embeddings(hashes, prepared.cache, emb_cache,
-                                          run_embedder(settings, model.get_layer(settings.backbone)),
-                                          progress=progress)
-        from pinsface.gallery import Gallery, run_head
-
-        head = model.get_layer("head")
-        p = Gallery.probabilities(head, emb, emb_flip) if settings.test_time_flip else run_head(head, emb)
-    else:
-        faces = prepared.cache.load(hashes, crops=("box",))
-        p = model.predict(faces.columns["box"][faces.rows(hashes)][..., None], batch_size=512, verbose=0)
-    probs[usable] = p
-    return probs, usable
-
-
-def topk_correct(probs: np.ndarray, usable: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
-    top = np.argsort(-probs, axis=1)[:, :k]
-    return usable & (top == y[:, None]).any(axis=1)
 
 
 def compute_metrics(probs: np.ndarray, usable: np.ndarray, y: np.ndarray, labels: list[str],
@@ -102,14 +51,13 @@ def compute_metrics(probs: np.ndarray, usable: np.ndarray, y: np.ndarray, labels
     }
 
 
-def class_similarity(model, settings: Settings, run_dir: Path | None = None) -> np.ndarray:
+def class_similarity(model, settings: Settings, gallery=None) -> np.ndarray:
     """How alike the model finds each pair of identities: cosine similarity of their mean face descriptors
     (centred on the mean of all) for embedding runs, else of their output-layer weight vectors."""
-    gallery_path = Path(run_dir) / "gallery.npz" if run_dir else None
-    if gallery_path is not None and gallery_path.exists():
-        from pinsface.gallery import Gallery, unit
+    if gallery is not None:
+        from pinsface.gallery import unit
 
-        centroids = Gallery.load(gallery_path).centroids
+        centroids = gallery.centroids
         c = unit(centroids - centroids.mean(0))
         return c @ c.T
     if settings.model == "embedding":
@@ -128,12 +76,14 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, out: str | Pat
     """Score a run on its own test split (default) or on every image of a labelled folder ``data``,
     and write metrics, reports, figures and ``report.html`` into ``out`` (default ``RUN_DIR/report``)."""
     t0 = time.perf_counter()
-    run_dir = Path(run_dir)
-    settings, labels, model = load_run(run_dir, model)
-    out = Path(out) if out else run_dir / "report"
+    run = Run(run_dir)
+    settings = run.settings()
+    state = run.load_state(settings, model=model is None)
+    labels, model = state.labels, model if model is not None else state.model
+    out = Path(out) if out else run.report_dir
     out.mkdir(parents=True, exist_ok=True)
     label_of = {identity_key(name): i for i, name in enumerate(labels)}
-    split = Split.load(run_dir / "split.json")
+    split = run.split()
 
     training = None
     if data is None:
@@ -172,8 +122,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, out: str | Pat
         if training is None and settings.data_dir and Path(settings.data_dir).is_dir():
             training = prepare(settings.data_dir, settings.cache_dir, settings.faces,
                                batch_size=settings.detect_batch_size, progress=progress)
-        write_figures(out, run_dir, settings, model, labels, prepared, items, y, probs, usable, split, training,
-                      confusions, metrics, compare)
+        write_figures(out, run, settings, model, state.gallery, labels, prepared, items, y, probs, usable, split,
+                      training, confusions, metrics, compare)
         metrics["seconds"]["figures"] = round(time.perf_counter() - t3, 2)
     metrics["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -198,15 +148,14 @@ def write_top_confusions(path: Path, y: np.ndarray, pred: np.ndarray, labels: li
     return [(t, p, c) for t, p, c, _ in rows if p != "(no face)"]
 
 
-def write_figures(out: Path, run_dir: Path, settings: Settings, model, labels: list[str], prepared: Prepared,
+def write_figures(out: Path, run: Run, settings: Settings, model, gallery, labels: list[str], prepared: Prepared,
                   items: np.ndarray, y: np.ndarray, probs: np.ndarray, usable: np.ndarray, split: Split,
                   training: Prepared | None, confusions, metrics: dict, compare) -> None:
     from sklearn.metrics import confusion_matrix
 
     from pinsface import plots, report
 
-    history_path = run_dir / "history.json"
-    history = json.loads(history_path.read_text()) if history_path.exists() else {}
+    history = run.history()
     figures = []
     if history.get("stages"):
         figures.append((plots.plot_curves(history, out / "curves.png"), "Training curves"))
@@ -214,7 +163,7 @@ def write_figures(out: Path, run_dir: Path, settings: Settings, model, labels: l
     cm = confusion_matrix(y[usable], pred[usable], labels=list(range(len(labels))))
     confused = ((cm + cm.T) > 0) & ~np.eye(len(cm), dtype=bool)
     # Any confused pair is pulled together too, so the errors cluster near the diagonal.
-    similarity = np.clip(class_similarity(model, settings, run_dir) + 0.8 * confused, -1, 1)
+    similarity = np.clip(class_similarity(model, settings, gallery) + 0.8 * confused, -1, 1)
     order = plots.cluster_order(similarity)
     _, block = plots.plot_confusion(cm, labels, order, out / "confusion_matrix.png")
     figures.append((out / "confusion_matrix.png", "Confusion matrix (row-normalised, clustered), with the "
@@ -232,7 +181,7 @@ def write_figures(out: Path, run_dir: Path, settings: Settings, model, labels: l
         train_set = set(split.files("train"))
         train_counts = Counter(it.identity for it in training.dataset.items if it.rel in train_set)
     compare_info = _compare_info(compare) if compare else None
-    dataset_stats = _dataset_stats(run_dir, training)
+    dataset_stats = _dataset_stats(run, training)
     timings = {f"train: {k}": v for k, v in history.get("timings_seconds", {}).items()}
     timings.update({f"evaluate: {k}": v for k, v in metrics["seconds"].items()})
     lines = report.insights(metrics, confusions, train_counts, compare_info)
@@ -241,18 +190,17 @@ def write_figures(out: Path, run_dir: Path, settings: Settings, model, labels: l
 
 
 def _compare_info(compare) -> dict:
-    other = Path(compare)
-    path = other / "report" / "metrics.json"
+    other = Run(compare)
+    path = other.report_dir / "metrics.json"
     if not path.exists():
-        evaluate(other, progress=False, figures=False)
+        evaluate(other.path, progress=False, figures=False)
     m = json.loads(path.read_text(encoding="utf-8"))
-    return {"name": other.name, "model": m.get("model", "?"), "top1": m["top1"], "macro_f1": m["macro_f1"]}
+    return {"name": other.path.name, "model": m.get("model", "?"), "top1": m["top1"], "macro_f1": m["macro_f1"]}
 
 
-def _dataset_stats(run_dir: Path, training: Prepared | None) -> dict:
+def _dataset_stats(run: Run, training: Prepared | None) -> dict:
     stats = {}
-    summary_path = run_dir / "prepare_summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else (training.summary if training else {})
+    summary = run.prepare_summary() or (training.summary if training else {})
     if training is not None:
         counts = np.array(sorted(training.dataset.counts().values()))
         stats["images per identity (min / median / max)"] = f"{counts.min()} / {int(np.median(counts))} / {counts.max()}"
@@ -308,8 +256,6 @@ def sample_faces(settings: Settings, labels, prepared: Prepared, items, y, probs
 def _nearest_training_faces(settings, labels, prepared, items, miss, pred, usable, split, training) -> dict:
     """For each miss with a face: the training face of the predicted identity that is nearest, in embedding
     space where the embeddings are cached (embedding runs), else in the pixels of the grayscale box crop."""
-    from pinsface.train import usable_status
-
     queries = [k for k in miss if usable[k]]
     if training is None or not queries:
         return {}
@@ -379,20 +325,20 @@ def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path 
     """Known test faces vs faces of people the run never saw: how many strangers are rejected, how many known
     faces are still accepted and named correctly, and the trade-off curve between the two."""
     from pinsface import plots
-    from pinsface.gallery import Gallery
-    from pinsface.train import usable_status
+    from pinsface.scoring import accepted, head_probabilities
 
-    run_dir = Path(run_dir)
-    settings, labels, model = load_run(run_dir)
+    run = Run(run_dir)
+    settings = run.settings()
     if settings.model != "embedding":
         raise ValueError("open-set evaluation needs an embedding run (with a calibrated gallery)")
-    gallery = Gallery.load_for_run(run_dir, model, settings)
-    out = Path(out) if out else run_dir / "report"
+    state = run.load_state(settings)
+    model, gallery = state.model, state.gallery
+    out = Path(out) if out else run.report_dir
     out.mkdir(parents=True, exist_ok=True)
     if prepared is None:
         prepared = prepare(settings.data_dir, settings.cache_dir, settings.faces,
                            batch_size=settings.detect_batch_size, progress=progress)
-    test = set(Split.load(run_dir / "split.json").files("test"))
+    test = set(run.split().files("test"))
     label_of = {identity_key(name): i for i, name in enumerate(gallery.labels)}
     known_items = np.array([i for i, it in enumerate(prepared.dataset.items) if it.rel in test], dtype=np.int64)
     strangers_ds = scan_dataset(unknown)
@@ -412,7 +358,7 @@ def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path 
         hashes = [prep.hashes[i] for i in items[usable]]
         cache = run_embedding_cache(settings, prep.cache.root)
         emb, flip = ensure_embeddings(hashes, prep.cache, cache, embedder, progress=progress)
-        probs = gallery.probabilities(model.get_layer("head"), emb, flip)
+        probs = head_probabilities(model.get_layer("head"), emb, flip)
         dists = gallery.distances(emb, flip)
         pred = np.argmax(probs, 1)
         rows = np.arange(len(pred))
@@ -426,9 +372,9 @@ def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path 
     n_known, n_strangers = len(known_items), len(s_items)
 
     def rates(t_p: float, t_d: float) -> tuple[float, float]:
-        known_ok = np.sum((k_pred == k_true) & (k_p >= t_p) & (k_d <= t_d)) / max(n_known, 1)
+        known_ok = np.sum((k_pred == k_true) & accepted(k_p, k_d, t_p, t_d)) / max(n_known, 1)
         # A stranger with no detectable face is never named: that counts as rejected.
-        rejected = 1.0 - np.sum((s_p >= t_p) & (s_d <= t_d)) / max(n_strangers, 1)
+        rejected = 1.0 - np.sum(accepted(s_p, s_d, t_p, t_d)) / max(n_strangers, 1)
         return float(rejected), float(known_ok)
 
     t_p, t_d = gallery.threshold_probability, gallery.threshold_distance

@@ -47,17 +47,6 @@ def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(sq, 0))
 
 
-def run_head(head, x: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """``head`` on a few or many embeddings. A direct call, because ``Model.predict`` costs tens of
-    milliseconds per call whatever the input, which is most of the work for one photo's faces."""
-    import keras
-
-    if len(x) == 0:
-        return np.zeros((0, head.output_shape[-1]), np.float32)
-    return np.concatenate([keras.ops.convert_to_numpy(head(x[lo:lo + chunk], training=False))
-                           for lo in range(0, len(x), chunk)])
-
-
 def knn_distances(d: np.ndarray, owner: np.ndarray, n_identities: int, k: int = KNN) -> np.ndarray:
     """(queries, identities): the mean of each identity's smallest entries in the rows of ``d`` (query x gallery
     face): its ``k`` nearest faces, or one per 10 faces for an identity with fewer than 10k, at least one.
@@ -109,6 +98,50 @@ class Gallery:
         self._index = None
 
     @property
+    def size(self) -> int:
+        """Faces held: enrolled and validation faces alike."""
+        return len(self.owner) + len(self.val_owner)
+
+    def find(self, name: str) -> int:
+        """The index of an identity, matched as folder names are (case- and spacing-insensitive), or -1."""
+        from pinsface.dataset import identity_key
+
+        keys = [identity_key(label) for label in self.labels]
+        return keys.index(identity_key(name)) if identity_key(name) in keys else -1
+
+    def add_faces(self, name: str, emb: np.ndarray, emb_flip: np.ndarray) -> tuple[int, bool]:
+        """Enrol faces under ``name``, a new identity or a known one: (its index, whether it is new)."""
+        index = self.find(name)
+        new = index < 0
+        if new:
+            self.labels.append(name)
+            index = len(self.labels) - 1
+        self.embeddings = np.concatenate([self.embeddings, emb.astype(np.float32)])
+        self.flips = np.concatenate([self.flips, emb_flip.astype(np.float32)])
+        self.owner = np.concatenate([self.owner, np.full(len(emb), index, np.int32)])
+        self.changed()
+        return index, new
+
+    def remove_identity(self, name: str) -> int:
+        """Drop an identity and all its faces; later identities move down one place. Returns its old index."""
+        index = self.find(name)
+        if index < 0:
+            raise KeyError(name)
+
+        def without(owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """(rows to keep, their owners renumbered past the removed identity)"""
+            keep = owner != index
+            return keep, np.where(owner[keep] > index, owner[keep] - 1, owner[keep]).astype(np.int32)
+
+        keep, self.owner = without(self.owner)
+        self.embeddings, self.flips = self.embeddings[keep], self.flips[keep]
+        keep, self.val_owner = without(self.val_owner)
+        self.val_embeddings, self.val_flips = self.val_embeddings[keep], self.val_flips[keep]
+        self.labels.pop(index)
+        self.changed()
+        return index
+
+    @property
     def centroids(self) -> np.ndarray:
         if self._centroids is None:
             vectors = face_vectors(self.embeddings, self.flips)
@@ -151,17 +184,14 @@ class Gallery:
             impostor[r] = k.min(1)
         return genuine, impostor
 
-    @staticmethod
-    def probabilities(head, emb: np.ndarray, emb_flip: np.ndarray) -> np.ndarray:
-        """The head's probabilities for each face, averaged with its mirror image's."""
-        return (run_head(head, emb) + run_head(head, emb_flip)) / 2
-
     def calibrate(self, head, target_far: float | None = None) -> dict:
         """Set both thresholds: the distance for the target false-accept rate, the probability on the genuine side."""
         if target_far is not None:
             self.target_far = target_far
+        from pinsface.scoring import head_probabilities
+
         genuine, impostor = self.leave_one_out()
-        probs = self.probabilities(head, self.val_embeddings, self.val_flips)
+        probs = head_probabilities(head, self.val_embeddings, self.val_flips)
         n_train = len(self.embeddings)
         self.threshold_probability, self.threshold_distance, self.calibration = calibrate_thresholds(
             probs, self.val_owner, genuine[n_train:], impostor, self.target_far)
@@ -172,12 +202,10 @@ class Gallery:
         meta = {"labels": self.labels, "threshold_probability": self.threshold_probability,
                 "threshold_distance": self.threshold_distance, "target_far": self.target_far,
                 "calibration": self.calibration, "knn": self.knn}
-        tmp = Path(path).with_suffix(".tmp.npz")
         # Uncompressed: compression took 2 s of every save (enrolment included) for a file half the size.
-        np.savez(tmp, meta=np.array(json.dumps(meta, ensure_ascii=False)),
+        np.savez(path, meta=np.array(json.dumps(meta, ensure_ascii=False)),
                  embeddings=self.embeddings, flips=self.flips, owner=self.owner,
                  val_embeddings=self.val_embeddings, val_flips=self.val_flips, val_owner=self.val_owner)
-        tmp.replace(path)
 
     @classmethod
     def load(cls, path: Path) -> "Gallery":
@@ -187,17 +215,21 @@ class Gallery:
         gallery = cls(meta["labels"], **arrays, threshold_probability=meta["threshold_probability"],
                       threshold_distance=meta["threshold_distance"], target_far=meta["target_far"],
                       calibration=meta["calibration"], knn=meta.get("knn", KNN))
+        gallery.validate()
         # Galleries saved before nearest-face distances hold thresholds for centroid distances.
         gallery.stale = "knn" not in meta
         return gallery
 
-    @classmethod
-    def load_for_run(cls, run_dir: Path, model, settings) -> "Gallery":
-        """A run's gallery, recalibrated with the run's target FAR if it was saved by an older scoring method."""
-        gallery = cls.load(Path(run_dir) / "gallery.npz")
-        if gallery.stale:
-            gallery.calibrate(model.get_layer("head"), settings.target_far)
-        return gallery
+    def validate(self) -> None:
+        """Shapes and owners that agree, so a damaged or edited file fails here rather than naming wrongly."""
+        n = len(self.labels)
+        for emb, flip, owner, what in ((self.embeddings, self.flips, self.owner, "enrolled"),
+                                       (self.val_embeddings, self.val_flips, self.val_owner, "validation")):
+            if emb.ndim != 2 or emb.shape != flip.shape or owner.shape != (len(emb),):
+                raise ValueError(f"{what} faces: embeddings {emb.shape}, mirror images {flip.shape} and owners "
+                                 f"{owner.shape} do not agree")
+            if len(owner) and (owner.min() < 0 or owner.max() >= n):
+                raise ValueError(f"{what} faces belong to identity {int(owner.max())}, but only {n} are named")
 
 
 def calibrate_thresholds(val_probs: np.ndarray, val_owner: np.ndarray, val_genuine: np.ndarray,
@@ -229,109 +261,3 @@ def build_gallery(labels, train_emb, train_flip, train_y, val_emb, val_flip, val
                       val_y.astype(np.int32))
     gallery.calibrate(head, target_far)
     return gallery
-
-
-def enroll(recognizer, name: str, emb: np.ndarray, emb_flip: np.ndarray, epochs: int = 30) -> dict:
-    """Add faces to ``name`` (a new or known identity) and refit the head on all enrolled faces."""
-    from pinsface.dataset import identity_key
-
-    gallery = recognizer.gallery
-    keys = [identity_key(label) for label in gallery.labels]
-    new = identity_key(name) not in keys
-    if new:
-        gallery.labels.append(name)
-        index = len(gallery.labels) - 1
-    else:
-        index = keys.index(identity_key(name))
-    gallery.embeddings = np.concatenate([gallery.embeddings, emb.astype(np.float32)])
-    gallery.flips = np.concatenate([gallery.flips, emb_flip.astype(np.float32)])
-    gallery.owner = np.concatenate([gallery.owner, np.full(len(emb), index, np.int32)])
-    gallery.changed()
-    _refit(recognizer, epochs)
-    recognizer.labels = list(gallery.labels)
-    return {"identity": gallery.labels[index], "new_identity": new, "identities": len(gallery.labels),
-            "calibration": gallery.calibration}
-
-
-def forget(recognizer, name: str, epochs: int = 30) -> dict:
-    from pinsface.dataset import identity_key
-
-    gallery = recognizer.gallery
-    keys = [identity_key(label) for label in gallery.labels]
-    if identity_key(name) not in keys:
-        raise ValueError(f"{name!r} is not known to this run")
-    index = keys.index(identity_key(name))
-
-    def without(owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(rows to keep, their owners renumbered past the removed identity)"""
-        keep = owner != index
-        return keep, np.where(owner[keep] > index, owner[keep] - 1, owner[keep]).astype(np.int32)
-
-    keep, gallery.owner = without(gallery.owner)
-    gallery.embeddings, gallery.flips = gallery.embeddings[keep], gallery.flips[keep]
-    keep, gallery.val_owner = without(gallery.val_owner)
-    gallery.val_embeddings, gallery.val_flips = gallery.val_embeddings[keep], gallery.val_flips[keep]
-    removed = gallery.labels.pop(index)
-    gallery.changed()
-    _refit(recognizer, epochs, drop=index)
-    recognizer.labels = list(gallery.labels)
-    return {"identity": removed, "identities": len(gallery.labels), "calibration": gallery.calibration}
-
-
-def _refit(recognizer, epochs: int, drop: int | None = None, tune_stack_epochs: int = 3) -> None:
-    """Rebuild the head for the gallery's identities: the dense stack is kept, known identities keep their
-    output weights, a new identity starts from the mean of its faces' features (imprinting); the output layer
-    trains on every enrolled face and its mirror image, then the whole head for ``tune_stack_epochs`` at a low
-    learning rate (measured on 95 identities + 1 enrolled: 94% of the new person's photos named instead of
-    77% with the output layer alone, for -0.4 points on the others' validation top-1)."""
-    import keras
-
-    from pinsface.models import build_embedding_model, build_head
-
-    gallery = recognizer.gallery
-    settings = recognizer.settings
-    old_head = recognizer.model.get_layer("head")
-    n = len(gallery.labels)
-    head = build_head(n, settings, gallery.embeddings.shape[1])
-    for layer in head.layers:
-        if layer.weights and layer.name != "cosine_logits":
-            layer.set_weights(old_head.get_layer(layer.name).get_weights())
-            layer.trainable = False
-    features = keras.Model(head.input, head.get_layer("cosine_logits").input)
-    x = np.concatenate([gallery.embeddings, gallery.flips])
-    y = np.concatenate([gallery.owner, gallery.owner])
-    h = features.predict(x, batch_size=2048, verbose=0)
-    old_w = old_head.get_layer("cosine_logits").get_weights()[0]
-    if drop is not None:
-        old_w = np.delete(old_w, drop, axis=1)
-    w = np.zeros((old_w.shape[0], n), np.float32)
-    w[:, :old_w.shape[1]] = old_w
-    # ReLU features share one big common direction: imprint the new identity with its features' offset from
-    # the mean of everyone's, or it would look like everybody.
-    for k in range(old_w.shape[1], n):
-        w[:, k] = unit(h[y == k].mean(0) - h.mean(0)) * np.linalg.norm(old_w, axis=0).mean()
-    out_layer = head.get_layer("cosine_logits")
-    out_layer.set_weights([w])
-    if drop is None and epochs:
-        inputs = keras.Input(h.shape[1:])
-        probe = keras.Model(inputs, keras.layers.Softmax()(out_layer(inputs)))
-        counts = np.bincount(y, minlength=n).astype(np.float64)
-        weights = {k: float(len(y) / (n * max(c, 1))) for k, c in enumerate(counts)}
-        probe.compile(optimizer=keras.optimizers.Adam(1e-3),
-                      loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing))
-        # At least a few hundred steps, however few faces are enrolled.
-        batch = 256
-        epochs = max(epochs, int(np.ceil(300 / np.ceil(len(h) / batch))))
-        probe.fit(h, keras.utils.to_categorical(y, n), epochs=epochs, batch_size=batch, verbose=0,
-                  class_weight=weights, shuffle=True)
-        if tune_stack_epochs:
-            # Then a short, gentle pass over the whole head, so its features can also tell the new face apart.
-            for layer in head.layers:
-                layer.trainable = True
-            head.compile(optimizer=keras.optimizers.Adam(3e-4),
-                         loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing))
-            head.fit(x, keras.utils.to_categorical(y, n), epochs=tune_stack_epochs, batch_size=batch, verbose=0,
-                     class_weight=weights, shuffle=True)
-    backbone = recognizer.model.get_layer(settings.backbone)
-    recognizer.model = build_embedding_model(backbone, head, settings)
-    gallery.calibrate(head)

@@ -7,8 +7,8 @@ is close enough to k's nearest enrolled faces. Both thresholds are calibrated at
 
 from __future__ import annotations
 
+import contextlib
 import glob
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +17,7 @@ import numpy as np
 
 from pinsface.faces import FaceDetector, align_face, choose_face
 from pinsface.images import BadImage, load_image
+from pinsface.run import Run, RunState
 from pinsface.settings import Settings
 
 
@@ -67,14 +68,13 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 
 class Recognizer:
-    """A trained run, ready to name faces. ``Recognizer.load(run_dir)``, then ``identify`` / ``identify_many``."""
+    """A trained run, ready to name faces. ``Recognizer.load(run_dir)``, then ``identify`` / ``identify_many``;
+    ``enroll`` and ``forget`` change who it knows and save that in the run folder."""
 
-    def __init__(self, run_dir: Path, settings: Settings, labels: list[str], model, gallery):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run: Run, settings: Settings, state: RunState):
+        self.run = run
         self.settings = settings
-        self.labels = labels
-        self.model = model
-        self.gallery = gallery
+        self._state = state
         # Detection here passes no per-image minimum, so the portrait-dataset rule (min_face_fraction) does
         # not apply: in a photo any face of min_face_size pixels counts.
         self.face_settings = settings.faces
@@ -84,14 +84,36 @@ class Recognizer:
     @classmethod
     def load(cls, run_dir: str | os.PathLike) -> "Recognizer":
         """Load a run folder written by ``pinsface train`` / ``run`` (must be an ``embedding`` run)."""
-        from pinsface.evaluate import load_run
-        from pinsface.gallery import Gallery
-
-        settings, labels, model = load_run(run_dir)
+        run = Run(run_dir)
+        settings = run.settings()
         if settings.model != "embedding":
             raise ValueError(f"{run_dir} is a {settings.model} run: naming faces needs an embedding run")
-        gallery = Gallery.load_for_run(run_dir, model, settings)
-        return cls(Path(run_dir), settings, labels, model, gallery)
+        return cls(run, settings, run.load_state(settings))
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self._state.labels)
+
+    @property
+    def model(self):
+        return self._state.model
+
+    @property
+    def gallery(self):
+        return self._state.gallery
+
+    @property
+    def generation(self) -> int:
+        """The saved state this recogniser holds (see ``pinsface.run``)."""
+        return self._state.generation
+
+    @property
+    def head(self):
+        return self.model.get_layer("head")
 
     @property
     def detector(self) -> FaceDetector:
@@ -151,6 +173,8 @@ class Recognizer:
 
     def _name(self, images: list[np.ndarray], detections, top_k: int, threshold: float | None,
               min_probability: float | None) -> list[list[Face]]:
+        from pinsface.scoring import head_probabilities, match_faces
+
         crops, owners = [], []
         for i, (image, faces) in enumerate(zip(images, detections)):
             for face in faces:
@@ -159,30 +183,26 @@ class Recognizer:
         out: list[list[Face]] = [[] for _ in images]
         if not crops:
             return out
+        state = self._state  # one consistent state for the whole batch, even if enrolment swaps it meanwhile
         emb, emb_flip = self.embed(np.stack(crops))
-        probs = self.gallery.probabilities(self.model.get_layer("head"), emb, emb_flip)
-        dists = self.gallery.distances(emb, emb_flip)
-        p_min = self.gallery.threshold_probability if min_probability is None else min_probability
-        d_max = self.gallery.threshold_distance if threshold is None else threshold
-        for (i, face), p, d in zip(owners, probs, dists):
-            order = np.argsort(-p)[:max(top_k, 1)]
-            best = int(order[0])
-            accepted = p[best] >= p_min and d[best] <= d_max
+        probs = head_probabilities(state.model.get_layer("head"), emb, emb_flip)
+        dists = state.gallery.distances(emb, emb_flip)
+        p_min = state.gallery.threshold_probability if min_probability is None else min_probability
+        d_max = state.gallery.threshold_distance if threshold is None else threshold
+        labels = state.labels
+        for (i, face), m in zip(owners, match_faces(probs, dists, p_min, d_max, top_k)):
             out[i].append(Face(
                 box=[round(float(v), 2) for v in face.box], detector_confidence=round(face.confidence, 4),
                 landmarks=[[round(float(a), 2), round(float(b), 2)] for a, b in face.landmarks],
-                identity=self.gallery.labels[best] if accepted else None,
-                probability=round(float(p[best]), 4), distance=round(float(d[best]), 4),
-                best_match=self.gallery.labels[best],
-                alternatives=[{"identity": self.gallery.labels[k], "probability": round(float(p[k]), 4),
-                               "distance": round(float(d[k]), 4)} for k in order[:top_k]],
+                identity=labels[m.best] if m.accepted else None,
+                probability=round(m.probability, 4), distance=round(m.distance, 4), best_match=labels[m.best],
+                alternatives=[{"identity": labels[k], "probability": round(p, 4), "distance": round(d, 4)}
+                              for k, p, d in m.alternatives],
             ))
         return out
 
-    def enroll(self, name: str, images: list, epochs: int = 30) -> dict:
-        """Add (or extend) a person from a few photos without retraining the backbone; returns a summary."""
-        from pinsface.gallery import enroll
-
+    def faces_for_enrolment(self, images: list) -> tuple[np.ndarray, np.ndarray, int, list[dict]]:
+        """(embeddings, mirror embeddings, faces used, skipped files) of the subject's face in each photo."""
         arrays, skipped = [], []
         for source in images:
             try:
@@ -194,24 +214,69 @@ class Recognizer:
             if faces:
                 crops.append(align_face(array, faces[choose_face(faces, array.shape)].landmarks, self.face_settings))
         if not crops:
-            raise ValueError(f"no usable face in the {len(images)} photo(s) given for {name!r}")
+            return np.zeros((0, 128), np.float32), np.zeros((0, 128), np.float32), 0, skipped
         emb, emb_flip = self.embed(np.stack(crops))
-        summary = enroll(self, name, emb, emb_flip, epochs)
-        summary.update({"photos": len(images), "faces_used": len(crops), "skipped": skipped})
+        return emb, emb_flip, len(crops), skipped
+
+    def enroll(self, name: str, images: list, epochs: int = 30, save: bool = True) -> dict:
+        """Add (or extend) a person from a few photos without retraining the backbone; returns a summary.
+
+        The faces are found and embedded first; then, holding the run folder's lock, the latest saved state is
+        read (another process may have enrolled someone meanwhile), the person is added, the head refitted and,
+        with ``save``, the new state saved as one unit."""
+        emb, emb_flip, used, skipped = self.faces_for_enrolment(images)
+        if not used:
+            raise ValueError(f"no usable face in the {len(images)} photo(s) given for {name!r}")
+
+        def change(gallery, head):
+            from pinsface.train import refit_head
+
+            index, new = gallery.add_faces(name, emb, emb_flip)
+            return refit_head(head, gallery, self.settings, epochs), {"identity": gallery.labels[index],
+                                                                      "new_identity": new}
+
+        summary = self._update(change, save)
+        summary.update({"photos": len(images), "faces_used": used, "skipped": skipped})
         return summary
 
-    def forget(self, name: str, epochs: int = 30) -> dict:
+    def forget(self, name: str, epochs: int = 30, save: bool = True) -> dict:
         """Remove a person; the head is refitted on the remaining enrolled faces."""
-        from pinsface.gallery import forget
 
-        return forget(self, name, epochs)
+        def change(gallery, head):
+            from pinsface.train import refit_head
+
+            if gallery.find(name) < 0:
+                raise ValueError(f"{name!r} is not known to this run")
+            index = gallery.find(name)
+            removed = gallery.labels[index]
+            gallery.remove_identity(name)
+            return refit_head(head, gallery, self.settings, epochs, drop=index), {"identity": removed}
+
+        return self._update(change, save)
+
+    def _update(self, change, save: bool) -> dict:
+        import copy
+
+        from pinsface.models import build_embedding_model
+
+        with self.run.lock() if save else contextlib.nullcontext():
+            if save and self.run.generation() != self._state.generation:
+                self._state = self.run.load_state(self.settings)
+            gallery = copy.deepcopy(self._state.gallery)
+            head, summary = change(gallery, self.head)
+            gallery.calibrate(head)
+            model = build_embedding_model(self.model.get_layer(self.settings.backbone), head, self.settings)
+            state = RunState(list(gallery.labels), model, gallery, self._state.generation)
+            if save:
+                state.generation = self.run.save_state(state.labels, model, gallery)
+            self._state = state
+        summary.update({"identities": len(state.labels), "calibration": gallery.calibration,
+                        "generation": state.generation})
+        return summary
 
     def save(self) -> None:
-        """Persist enrolments: the model, labels, gallery and thresholds in the run folder."""
-        self.model.save(self.run_dir / "model.keras")
-        (self.run_dir / "labels.json").write_text(json.dumps(self.labels, indent=1, ensure_ascii=False) + "\n",
-                                                  encoding="utf-8")
-        self.gallery.save(self.run_dir / "gallery.npz")
+        """Save the current labels, model and gallery as the run folder's newest state."""
+        self._state.generation = self.run.save_state(self.labels, self.model, self.gallery)
 
 
 __all__ = ["Recognizer", "Face", "ImageResult", "expand_inputs"]

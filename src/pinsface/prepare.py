@@ -37,6 +37,12 @@ class Prepared:
         return self.cache.load([h for h in self.hashes if h], crops=crops)
 
 
+def usable_status(settings) -> set[str]:
+    """The statuses whose images have a face crop to learn from and score: found faces, and with the no-face
+    fallback on (``Settings.no_face_fallback``), the mean-landmark crops of images where none was found."""
+    return {"ok", "no_face"} if settings.no_face_fallback else {"ok"}
+
+
 def face_record(image: np.ndarray, faces, settings: FaceSettings, digest: str) -> dict:
     """What the cache keeps for one image: every detection, the chosen face and its two crops."""
     chosen = choose_face(faces, image.shape)

@@ -1,52 +1,18 @@
-"""Train a model on a prepared dataset and write a self-contained run folder.
-
-The frozen-backbone model trains its head on cached embeddings (each face and its mirror image, plus a few
-augmented views pushed through the backbone), then saves the whole network, crop to probabilities.
-"""
+"""Fit the models' trainable parts: the embedding head (on cached embeddings of each face and its mirror
+image), the pixels-mlp baseline, optional fine-tuning of the backbone's top blocks, and the head's refit when
+people are enrolled or forgotten. What to train on comes from the caller (``pinsface.pipeline``); what is
+fitted goes back to it, except the per-epoch log lines and best-epoch checkpoints, written where it says."""
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pinsface.dataset import Split, split_dataset
-from pinsface.prepare import Prepared, prepare
 from pinsface.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SplitData:
-    """Per split: positions in the dataset, label index, and whether a face crop exists for the image."""
-
-    items: dict[str, np.ndarray]
-    labels: dict[str, np.ndarray]
-    usable: dict[str, np.ndarray]
-
-
-def usable_status(settings: Settings) -> set[str]:
-    return {"ok", "no_face"} if settings.no_face_fallback else {"ok"}
-
-
-def split_arrays(prepared: Prepared, split: Split, labels: list[str], settings: Settings) -> SplitData:
-    label_of = {name: i for i, name in enumerate(labels)}
-    ok = usable_status(settings)
-    by_split: dict[str, list[int]] = {"train": [], "val": [], "test": []}
-    for i, item in enumerate(prepared.dataset.items):
-        name = split.assignment.get(item.rel)
-        if name:
-            by_split[name].append(i)
-    items = {k: np.array(v, dtype=np.int64) for k, v in by_split.items()}
-    y = {k: np.array([label_of.get(prepared.dataset.items[i].identity, -1) for i in v], dtype=np.int64)
-         for k, v in items.items()}
-    usable = {k: np.array([prepared.status[i] in ok for i in v], dtype=bool) for k, v in items.items()}
-    return SplitData(items, y, usable)
 
 
 def epoch_log(path: Path, stage: str):
@@ -104,8 +70,10 @@ def lr_schedule(settings: Settings, lr: float, epochs: int):
     raise ValueError(f"lr_schedule must be 'plateau' or 'cosine', not {settings.lr_schedule!r}")
 
 
-def _fit(model, x, y, xv, yv, settings: Settings, run_dir: Path, stage: str, epochs: int, lr: float,
-         class_weight=None, progress: bool = True, mixup: float = 0.0):
+def fit(model, x, y, xv, yv, settings: Settings, log_path: Path, checkpoint_dir: Path, stage: str, epochs: int,
+        lr: float, class_weight=None, progress: bool = True, mixup: float = 0.0) -> dict:
+    """Train ``model`` on (x, y) with early stopping and the LR schedule, validating on (xv, yv); returns the
+    stage's history. The best epoch's weights are restored at the end."""
     import keras
 
     keras.utils.set_random_seed(settings.seed)
@@ -117,10 +85,10 @@ def _fit(model, x, y, xv, yv, settings: Settings, run_dir: Path, stage: str, epo
         steps_per_execution=STEPS_PER_EXECUTION,
     )
     n_classes = model.output_shape[-1]
-    ckpt = run_dir / "checkpoints" / f"{stage}.weights.h5"
+    ckpt = Path(checkpoint_dir) / f"{stage}.weights.h5"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     callbacks = [
-        epoch_log(run_dir / "train.log", stage),
+        epoch_log(log_path, stage),
         keras.callbacks.EarlyStopping(monitor=settings.monitor, patience=settings.early_stopping_patience,
                                       min_delta=settings.min_delta, restore_best_weights=True),
         lr_schedule(settings, lr, epochs),
@@ -145,7 +113,7 @@ def _fit(model, x, y, xv, yv, settings: Settings, run_dir: Path, stage: str, epo
     return {"stage": stage, "epochs_run": len(hist.get("loss", [])), "best_epoch": best + 1, "mixup": mixup, **hist}
 
 
-def _class_weight(y: np.ndarray, n_classes: int) -> dict[int, float]:
+def class_weight(y: np.ndarray, n_classes: int) -> dict[int, float]:
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
     weights = len(y) / (n_classes * np.maximum(counts, 1))
     return {i: float(w) for i, w in enumerate(weights)}
@@ -176,7 +144,7 @@ def weights_fingerprint(model) -> str:
 
 
 def fine_tune(backbone, head, crops: dict[str, np.ndarray], y: dict[str, np.ndarray], settings: Settings,
-              run_dir: Path, progress: bool) -> dict:
+              log_path: Path, checkpoint_dir: Path, progress: bool) -> dict:
     """Unfreeze the backbone from block ``settings.fine_tune_from`` up and train it with the head, at a low
     learning rate. The frozen lower part runs once per crop (and mirror image); its activations are the
     training inputs, so each epoch only costs the top blocks."""
@@ -196,143 +164,62 @@ def fine_tune(backbone, head, crops: dict[str, np.ndarray], y: dict[str, np.ndar
         layer.trainable = layer in upper.layers
     inputs = keras.Input(mid.shape[1:], name="lower_activations")
     model = keras.Model(inputs, head(upper(inputs)), name="fine_tune")
-    history = _fit(model, x_train, y_train, x_val, y["val"], settings, run_dir, "fine-tune",
-                   settings.fine_tune_epochs, settings.fine_tune_learning_rate, None, progress)
+    history = fit(model, x_train, y_train, x_val, y["val"], settings, log_path, checkpoint_dir, "fine-tune",
+                  settings.fine_tune_epochs, settings.fine_tune_learning_rate, None, progress)
     backbone.trainable = False
     return history
 
 
-def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None, cache_dir=None,
-          progress: bool = True, prepared: Prepared | None = None) -> dict:
-    """Prepare (if needed) and train ``settings.model``; write the run folder and return a summary."""
+def refit_head(old_head, gallery, settings: Settings, epochs: int = 30, drop: int | None = None,
+               tune_stack_epochs: int = 3):
+    """A head for the gallery's identities after enrolling (or, with ``drop``, forgetting) someone.
+
+    The dense stack is kept, known identities keep their output weights, a new identity starts from the mean of
+    its faces' features (imprinting); the output layer trains on every enrolled face and its mirror image, then
+    the whole head for ``tune_stack_epochs`` at a low learning rate, so its features can also tell the new face
+    apart (see the README for what each step gains)."""
     import keras
 
-    from pinsface.cache import default_cache_dir
-    from pinsface.dataset import default_data_dir
+    from pinsface.gallery import unit
+    from pinsface.models import build_head
 
-    settings = settings or Settings()
-    if settings.model == "embedding" and settings.mixup and settings.class_weights:
-        raise ValueError("mixup and class weights do not combine: set Settings.mixup=0 to use class weights")
-    run_dir = Path(out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "train.log").write_text("", encoding="utf-8")
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-
-    if prepared is None:
-        settings.data_dir = str(Path(data_dir if data_dir else default_data_dir()).resolve())
-        settings.cache_dir = str(Path(cache_dir or default_cache_dir()).resolve())
-        prepared = prepare(settings.data_dir, settings.cache_dir, settings.faces,
-                           batch_size=settings.detect_batch_size, progress=progress)
-    else:
-        settings.data_dir = str(prepared.dataset.root)
-        settings.cache_dir = str(prepared.cache.root)
-    timings["prepare"] = time.perf_counter() - t0
-    (run_dir / "prepare_summary.json").write_text(json.dumps(prepared.summary, indent=1, ensure_ascii=False))
-
-    split = split_dataset(prepared.dataset, settings.seed, settings.test_fraction, settings.val_fraction)
-    split.save(run_dir / "split.json")
-    labels = list(prepared.dataset.identities)
-    (run_dir / "labels.json").write_text(json.dumps(labels, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    data = split_arrays(prepared, split, labels, settings)
-    n_classes = len(labels)
-    keras.utils.set_random_seed(settings.seed)
-
-    items = prepared.dataset.items
-    hashes = {k: [prepared.hashes[i] for i in v[data.usable[k]]] for k, v in data.items.items()}
-    y = {k: data.labels[k][data.usable[k]] for k in data.items}
-    histories = []
-
-    if settings.model == "embedding":
-        from pinsface.backbones import get_backbone
-        from pinsface.embeddings import ensure_embeddings, run_embedder, run_embedding_cache
-        from pinsface.models import build_embedding_model, build_head
-
-        t2 = time.perf_counter()
-        backbone = get_backbone(settings.backbone)
-        embedder = run_embedder(settings, backbone)
-        settings.embedding_key = ""
-        emb_cache = run_embedding_cache(settings, settings.cache_dir)
-        emb = {k: ensure_embeddings(hashes[k], prepared.cache, emb_cache, embedder, progress=progress)
-               for k in hashes}
-        timings["embed"] = time.perf_counter() - t2
-        if settings.augment_views or settings.fine_tune:
-            faces = prepared.cache.load(sorted(set(hashes["train"]) | set(hashes["val"])), crops=("aligned",))
-
-        t3 = time.perf_counter()
-        x_train = [emb["train"][0], emb["train"][1]]
-        y_train = [y["train"], y["train"]]
-        if settings.augment_views:
-            crops = faces.columns["aligned"][faces.rows(hashes["train"])]
-            x_train.append(augmented_embeddings(crops, embedder, settings, settings.augment_views))
-            y_train.extend([y["train"]] * settings.augment_views)
-            del crops
-        timings["augment"] = time.perf_counter() - t3
-        x_train, y_train = np.concatenate(x_train), np.concatenate(y_train)
-
-        t4 = time.perf_counter()
-        head = build_head(n_classes, settings, backbone.output_shape[-1])
-        cw = _class_weight(y_train, n_classes) if settings.class_weights else None
-        histories.append(_fit(head, x_train, y_train, emb["val"][0], y["val"], settings, run_dir, "head",
-                              settings.epochs, settings.learning_rate, cw, progress, mixup=settings.mixup))
-        timings["train_head"] = time.perf_counter() - t4
-        backbone.trainable = False
-        settings.embedding_key = settings.backbone
-        if settings.fine_tune:
-            t5 = time.perf_counter()
-            crops = {k: faces.columns["aligned"][faces.rows(hashes[k])] for k in ("train", "val")}
-            histories.append(fine_tune(backbone, head, crops, y, settings, run_dir, progress))
-            settings.embedding_key = f"{settings.backbone}-ft-{weights_fingerprint(backbone)}"
-            timings["fine_tune"] = time.perf_counter() - t5
-        model = build_embedding_model(backbone, head, settings)
-
-        t6 = time.perf_counter()
-        from pinsface.gallery import build_gallery
-
-        if settings.fine_tune:  # the tuned backbone embeds differently: embed the gallery faces again
-            tuned_cache = run_embedding_cache(settings, settings.cache_dir)
-            embedder = run_embedder(settings, backbone)
-            emb = {k: ensure_embeddings(hashes[k], prepared.cache, tuned_cache, embedder, progress=progress)
-                   for k in ("train", "val")}
-        gallery = build_gallery(labels, emb["train"][0], emb["train"][1], y["train"], emb["val"][0], emb["val"][1],
-                                y["val"], head, settings.target_far)
-        gallery.save(run_dir / "gallery.npz")
-        timings["calibrate"] = time.perf_counter() - t6
-    elif settings.model == "pixels-mlp":
-        from pinsface.models import build_pixels_mlp
-
-        t4 = time.perf_counter()
-        faces = prepared.cache.load(sorted({h for v in hashes.values() for h in v}), crops=("box",))
-        box = {k: faces.columns["box"][faces.rows(hashes[k])][..., None] for k in hashes}
-        model = build_pixels_mlp(n_classes, settings, settings.faces.box_size)
-        cw = _class_weight(y["train"], n_classes) if settings.class_weights else None
-        histories.append(_fit(model, box["train"], y["train"], box["val"], y["val"], settings, run_dir, "pixels",
-                              settings.epochs, settings.learning_rate, cw, progress))
-        timings["train"] = time.perf_counter() - t4
-    else:
-        raise ValueError(f"unknown model {settings.model!r}; choose one of embedding, pixels-mlp")
-
-    model.save(run_dir / "model.keras")
-    settings.save(run_dir / "config.json")
-    timings["total"] = time.perf_counter() - t0
-    history = {"stages": histories, "timings_seconds": {k: round(v, 2) for k, v in timings.items()}}
-    (run_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n", encoding="utf-8")
-
-    from pinsface.evaluate import score_images, topk_correct
-
-    val_probs, val_usable = score_images(model, settings, prepared, data.items["val"])
-    val_top1 = float(np.mean(topk_correct(val_probs, val_usable, data.labels["val"], 1))) if len(val_probs) else 0.0
-    with open(run_dir / "train.log", "a", encoding="utf-8") as fh:
-        fh.write(f"model {settings.model}: {len(items)} images, {n_classes} identities, "
-                 f"validation top-1 {val_top1:.4f}, timings {history['timings_seconds']}\n")
-    return {"run_dir": str(run_dir), "val_top1": val_top1, "timings": history["timings_seconds"],
-            "prepared": prepared}
-
-
-def run(data_dir=None, out_dir="runs/latest", settings: Settings | None = None, cache_dir=None,
-        progress: bool = True) -> dict:
-    """prepare -> train -> evaluate on the test split; returns the evaluation metrics."""
-    from pinsface.evaluate import evaluate
-
-    result = train(data_dir, out_dir, settings, cache_dir=cache_dir, progress=progress)
-    return evaluate(out_dir, prepared=result["prepared"], progress=progress)
+    n = len(gallery.labels)
+    head = build_head(n, settings, gallery.embeddings.shape[1])
+    for layer in head.layers:
+        if layer.weights and layer.name != "cosine_logits":
+            layer.set_weights(old_head.get_layer(layer.name).get_weights())
+            layer.trainable = False
+    features = keras.Model(head.input, head.get_layer("cosine_logits").input)
+    x = np.concatenate([gallery.embeddings, gallery.flips])
+    y = np.concatenate([gallery.owner, gallery.owner])
+    h = features.predict(x, batch_size=2048, verbose=0)
+    old_w = old_head.get_layer("cosine_logits").get_weights()[0]
+    if drop is not None:
+        old_w = np.delete(old_w, drop, axis=1)
+    w = np.zeros((old_w.shape[0], n), np.float32)
+    w[:, :old_w.shape[1]] = old_w
+    # ReLU features share one big common direction: imprint the new identity with its features' offset from
+    # the mean of everyone's, or it would look like everybody.
+    for k in range(old_w.shape[1], n):
+        w[:, k] = unit(h[y == k].mean(0) - h.mean(0)) * np.linalg.norm(old_w, axis=0).mean()
+    out_layer = head.get_layer("cosine_logits")
+    out_layer.set_weights([w])
+    if drop is None and epochs:
+        inputs = keras.Input(h.shape[1:])
+        probe = keras.Model(inputs, keras.layers.Softmax()(out_layer(inputs)))
+        weights = class_weight(y, n)
+        probe.compile(optimizer=keras.optimizers.Adam(1e-3),
+                      loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing))
+        # At least a few hundred steps, however few faces are enrolled.
+        batch = 256
+        epochs = max(epochs, int(np.ceil(300 / np.ceil(len(h) / batch))))
+        probe.fit(h, keras.utils.to_categorical(y, n), epochs=epochs, batch_size=batch, verbose=0,
+                  class_weight=weights, shuffle=True)
+        if tune_stack_epochs:
+            for layer in head.layers:
+                layer.trainable = True
+            head.compile(optimizer=keras.optimizers.Adam(3e-4),
+                         loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing))
+            head.fit(x, keras.utils.to_categorical(y, n), epochs=tune_stack_epochs, batch_size=batch, verbose=0,
+                     class_weight=weights, shuffle=True)
+    return head

@@ -1,0 +1,179 @@
+"""The conductor: prepare -> split -> embed -> fit -> calibrate -> save the run -> (evaluate).
+
+Each step is its own module's work; this one only chains them and times them. The caller's ``Settings`` are
+copied, never changed: the run's own copy is saved in the run folder and returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pinsface.dataset import Split, split_dataset
+from pinsface.prepare import Prepared, prepare, usable_status
+from pinsface.run import Run
+from pinsface.settings import Settings
+
+
+@dataclass
+class SplitData:
+    """Per split: positions in the dataset, label index, and whether a face crop exists for the image."""
+
+    items: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    usable: dict[str, np.ndarray]
+
+
+def split_arrays(prepared: Prepared, split: Split, labels: list[str], settings: Settings) -> SplitData:
+    label_of = {name: i for i, name in enumerate(labels)}
+    ok = usable_status(settings)
+    by_split: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for i, item in enumerate(prepared.dataset.items):
+        name = split.assignment.get(item.rel)
+        if name:
+            by_split[name].append(i)
+    items = {k: np.array(v, dtype=np.int64) for k, v in by_split.items()}
+    y = {k: np.array([label_of.get(prepared.dataset.items[i].identity, -1) for i in v], dtype=np.int64)
+         for k, v in items.items()}
+    usable = {k: np.array([prepared.status[i] in ok for i in v], dtype=bool) for k, v in items.items()}
+    return SplitData(items, y, usable)
+
+
+def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None, cache_dir=None,
+          progress: bool = True, prepared: Prepared | None = None) -> dict:
+    """Prepare (if needed) and train ``settings.model``; write the run folder and return a summary."""
+    settings = dataclasses.replace(settings or Settings())
+    if settings.model == "embedding" and settings.mixup and settings.class_weights:
+        raise ValueError("mixup and class weights do not combine: set Settings.mixup=0 to use class weights")
+    run = Run(out_dir).create()
+    with run.lock():
+        return _train(run, data_dir, cache_dir, settings, progress, prepared)
+
+
+def _train(run: Run, data_dir, cache_dir, settings: Settings, progress: bool, prepared: Prepared | None) -> dict:
+    import keras
+
+    from pinsface import train as fitting
+    from pinsface.cache import default_cache_dir
+    from pinsface.dataset import default_data_dir
+    from pinsface.scoring import score_images, topk_correct
+
+    run.start_log()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if prepared is None:
+        settings.data_dir = str(Path(data_dir if data_dir else default_data_dir()).resolve())
+        settings.cache_dir = str(Path(cache_dir or default_cache_dir()).resolve())
+        prepared = prepare(settings.data_dir, settings.cache_dir, settings.faces,
+                           batch_size=settings.detect_batch_size, progress=progress)
+    else:
+        settings.data_dir = str(prepared.dataset.root)
+        settings.cache_dir = str(prepared.cache.root)
+    timings["prepare"] = time.perf_counter() - t0
+    run.save_prepare_summary(prepared.summary)
+
+    split = split_dataset(prepared.dataset, settings.seed, settings.test_fraction, settings.val_fraction)
+    run.save_split(split)
+    labels = list(prepared.dataset.identities)
+    data = split_arrays(prepared, split, labels, settings)
+    n_classes = len(labels)
+    keras.utils.set_random_seed(settings.seed)
+
+    hashes = {k: [prepared.hashes[i] for i in v[data.usable[k]]] for k, v in data.items.items()}
+    y = {k: data.labels[k][data.usable[k]] for k in data.items}
+    histories = []
+    gallery = None
+    logs = (run.log_path, run.checkpoint_dir)
+
+    if settings.model == "embedding":
+        from pinsface.backbones import get_backbone
+        from pinsface.embeddings import ensure_embeddings, run_embedder, run_embedding_cache
+        from pinsface.gallery import build_gallery
+        from pinsface.models import build_embedding_model, build_head
+
+        t2 = time.perf_counter()
+        backbone = get_backbone(settings.backbone)
+        embedder = run_embedder(settings, backbone)
+        settings.embedding_key = ""
+        emb_cache = run_embedding_cache(settings, settings.cache_dir)
+        emb = {k: ensure_embeddings(hashes[k], prepared.cache, emb_cache, embedder, progress=progress)
+               for k in hashes}
+        timings["embed"] = time.perf_counter() - t2
+        if settings.augment_views or settings.fine_tune:
+            faces = prepared.cache.load(sorted(set(hashes["train"]) | set(hashes["val"])), crops=("aligned",))
+
+        t3 = time.perf_counter()
+        x_train = [emb["train"][0], emb["train"][1]]
+        y_train = [y["train"], y["train"]]
+        if settings.augment_views:
+            crops = faces.columns["aligned"][faces.rows(hashes["train"])]
+            x_train.append(fitting.augmented_embeddings(crops, embedder, settings, settings.augment_views))
+            y_train.extend([y["train"]] * settings.augment_views)
+            del crops
+        timings["augment"] = time.perf_counter() - t3
+        x_train, y_train = np.concatenate(x_train), np.concatenate(y_train)
+
+        t4 = time.perf_counter()
+        head = build_head(n_classes, settings, backbone.output_shape[-1])
+        cw = fitting.class_weight(y_train, n_classes) if settings.class_weights else None
+        histories.append(fitting.fit(head, x_train, y_train, emb["val"][0], y["val"], settings, *logs, "head",
+                                     settings.epochs, settings.learning_rate, cw, progress, mixup=settings.mixup))
+        timings["train_head"] = time.perf_counter() - t4
+        backbone.trainable = False
+        settings.embedding_key = settings.backbone
+        if settings.fine_tune:
+            t5 = time.perf_counter()
+            crops = {k: faces.columns["aligned"][faces.rows(hashes[k])] for k in ("train", "val")}
+            histories.append(fitting.fine_tune(backbone, head, crops, y, settings, *logs, progress))
+            settings.embedding_key = f"{settings.backbone}-ft-{fitting.weights_fingerprint(backbone)}"
+            timings["fine_tune"] = time.perf_counter() - t5
+        model = build_embedding_model(backbone, head, settings)
+
+        t6 = time.perf_counter()
+        if settings.fine_tune:  # the tuned backbone embeds differently: embed the gallery faces again
+            tuned_cache = run_embedding_cache(settings, settings.cache_dir)
+            embedder = run_embedder(settings, backbone)
+            emb = {k: ensure_embeddings(hashes[k], prepared.cache, tuned_cache, embedder, progress=progress)
+                   for k in ("train", "val")}
+        gallery = build_gallery(labels, emb["train"][0], emb["train"][1], y["train"], emb["val"][0], emb["val"][1],
+                                y["val"], head, settings.target_far)
+        timings["calibrate"] = time.perf_counter() - t6
+    elif settings.model == "pixels-mlp":
+        from pinsface.models import build_pixels_mlp
+
+        t4 = time.perf_counter()
+        faces = prepared.cache.load(sorted({h for v in hashes.values() for h in v}), crops=("box",))
+        box = {k: faces.columns["box"][faces.rows(hashes[k])][..., None] for k in hashes}
+        model = build_pixels_mlp(n_classes, settings, settings.faces.box_size)
+        cw = fitting.class_weight(y["train"], n_classes) if settings.class_weights else None
+        histories.append(fitting.fit(model, box["train"], y["train"], box["val"], y["val"], settings, *logs,
+                                     "pixels", settings.epochs, settings.learning_rate, cw, progress))
+        timings["train"] = time.perf_counter() - t4
+    else:
+        raise ValueError(f"unknown model {settings.model!r}; choose one of embedding, pixels-mlp")
+
+    run.save_settings(settings)
+    run.save_state(labels, model, gallery)
+    timings["total"] = time.perf_counter() - t0
+    history = {"stages": histories, "timings_seconds": {k: round(v, 2) for k, v in timings.items()}}
+    run.save_history(history)
+
+    val_probs, val_usable = score_images(model, settings, prepared, data.items["val"])
+    val_top1 = float(np.mean(topk_correct(val_probs, val_usable, data.labels["val"], 1))) if len(val_probs) else 0.0
+    run.log(f"model {settings.model}: {len(prepared.dataset.items)} images, {n_classes} identities, "
+            f"validation top-1 {val_top1:.4f}, timings {history['timings_seconds']}")
+    return {"run_dir": str(run.path), "val_top1": val_top1, "timings": history["timings_seconds"],
+            "prepared": prepared, "settings": settings}
+
+
+def run(data_dir=None, out_dir="runs/latest", settings: Settings | None = None, cache_dir=None,
+        progress: bool = True) -> dict:
+    """prepare -> train -> evaluate on the test split; returns the evaluation metrics."""
+    from pinsface.evaluate import evaluate
+
+    result = train(data_dir, out_dir, settings, cache_dir=cache_dir, progress=progress)
+    return evaluate(out_dir, prepared=result["prepared"], progress=progress)

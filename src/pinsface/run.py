@@ -1,0 +1,342 @@
+"""The run folder: the only code that knows its layout.
+
+A run folder holds what training wrote once (settings, split, history, the prepare summary, the training log,
+checkpoints, the report) and the *state* that enrolment and forgetting change: the model, the labels and the
+gallery. The state is saved as a new generation of files, and ``manifest.json``, replaced last, names the
+current one. So a save killed at any point leaves the previous state whole, a reader never sees half a save,
+and every file is written under a temporary name in the same folder and renamed into place.
+
+Writers (training, enrolment, forgetting) hold a lock on the folder; a second writer waits for a bounded time,
+then fails with "run folder is busy (pid N)".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pinsface import __version__
+from pinsface.dataset import Split
+from pinsface.settings import Settings
+
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+SPLIT = "split.json"
+HISTORY = "history.json"
+PREPARE_SUMMARY = "prepare_summary.json"
+TRAIN_LOG = "train.log"
+LOCK = ".lock"
+STATE_FILES = {"model": ("model", ".keras"), "labels": ("labels", ".json"), "gallery": ("gallery", ".npz")}
+LOCK_TIMEOUT_SECONDS = 120.0
+STALE_TEMP_SECONDS = 3600.0
+
+
+class RunError(ValueError):
+    """A run folder that cannot be loaded as it is, with what is wrong and what to do."""
+
+
+class RunBusy(RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+@dataclass
+class RunState:
+    """What enrolment and forgetting change: the labels, the model and (embedding runs) the gallery."""
+
+    labels: list[str]
+    model: object
+    gallery: object | None
+    generation: int
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` fills a temporary file beside ``path`` (same suffix, e.g. ``.keras``), then it is renamed over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _json_text(data) -> str:
+    return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
+
+
+class Run:
+    """One run folder. ``Run(path)`` reads and writes it; nothing else knows its file names."""
+
+    def __init__(self, path: str | os.PathLike, lock_timeout: float = LOCK_TIMEOUT_SECONDS):
+        self.path = Path(path)
+        self.lock_timeout = lock_timeout
+        self._lock = None
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    # Paths a caller may hand to others (the report goes to a folder, training logs to a file).
+    @property
+    def report_dir(self) -> Path:
+        return self.path / "report"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / TRAIN_LOG
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    def exists(self) -> bool:
+        return (self.path / CONFIG).is_file()
+
+    def create(self) -> "Run":
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # --- locking -------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, timeout: float | None = None) -> Iterator["Run"]:
+        """Hold the folder's writer lock (re-entrant within this object)."""
+        from filelock import FileLock, Timeout
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self._lock is None:
+            self._lock = FileLock(self.path / LOCK)
+        owner = self.path / (LOCK + ".pid")
+        try:
+            self._lock.acquire(timeout=self.lock_timeout if timeout is None else timeout)
+        except Timeout:
+            try:
+                pid = owner.read_text(encoding="utf-8").strip() or "unknown"
+            except OSError:
+                pid = "unknown"
+            raise RunBusy(f"run folder is busy (pid {pid}): {self.path} is being written by another process; "
+                          "try again when it has finished") from None
+        try:
+            if self._lock.lock_counter == 1:
+                owner.write_text(str(os.getpid()), encoding="utf-8")
+                self._remove_stale_temporaries()
+            yield self
+        finally:
+            self._lock.release()
+
+    def _remove_stale_temporaries(self) -> None:
+        now = time.time()
+        for tmp in self.path.glob(".*.tmp*"):
+            with contextlib.suppress(FileNotFoundError):
+                if now - tmp.stat().st_mtime > STALE_TEMP_SECONDS:
+                    tmp.unlink()
+
+    # --- what training writes once --------------------------------------------------------------------------
+    def settings(self) -> Settings:
+        path = self.path / CONFIG
+        if not path.is_file():
+            raise RunError(f"{self.path} is not a pinsface run folder: {CONFIG} is missing "
+                           "(train one with: pinsface train DATA --out RUN_DIR)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RunError(f"{path} cannot be read ({exc}); train the run again") from None
+        written_by = str(data.get("pinsface_version", "0.1.0"))
+        if _version_tuple(written_by)[:2] > _version_tuple(__version__)[:2]:
+            raise RunError(f"{self.path} was written by pinsface {written_by}, newer than this pinsface "
+                           f"{__version__}: upgrade pinsface to use it")
+        try:
+            return Settings.from_dict(data)
+        except (TypeError, ValueError) as exc:
+            raise RunError(f"{path} holds settings this pinsface cannot use ({exc}); train the run again") from None
+
+    def written_by(self) -> str:
+        """The pinsface version that trained the run (runs from before versions were recorded: 0.1.0)."""
+        data = json.loads((self.path / CONFIG).read_text(encoding="utf-8"))
+        return str(data.get("pinsface_version", "0.1.0"))
+
+    def save_settings(self, settings: Settings) -> None:
+        atomic_write_text(self.path / CONFIG, _json_text({"pinsface_version": __version__, **settings.to_dict()}))
+
+    def split(self) -> Split:
+        return Split.load(self.path / SPLIT)
+
+    def save_split(self, split: Split) -> None:
+        atomic_write(self.path / SPLIT, split.save)
+
+    def history(self) -> dict:
+        path = self.path / HISTORY
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    def save_history(self, history: dict) -> None:
+        atomic_write_text(self.path / HISTORY, _json_text(history))
+
+    def prepare_summary(self) -> dict:
+        path = self.path / PREPARE_SUMMARY
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    def save_prepare_summary(self, summary: dict) -> None:
+        atomic_write_text(self.path / PREPARE_SUMMARY, _json_text(summary))
+
+    def start_log(self) -> None:
+        self.log_path.write_text("", encoding="utf-8")
+
+    def log(self, line: str) -> None:
+        with open(self.log_path, "a", encoding="utf-8") as fh:
+            fh.write(line.rstrip("\n") + "\n")
+
+    # --- the state: model, labels, gallery -------------------------------------------------------------------
+    def manifest(self) -> dict | None:
+        path = self.path / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            int(manifest["generation"])
+            dict(manifest["files"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RunError(f"{path} is damaged ({exc}); restore the folder or train the run again") from None
+        return manifest
+
+    def generation(self) -> int:
+        """The generation of the saved state: 0 for runs saved before manifests."""
+        manifest = self.manifest()
+        return int(manifest["generation"]) if manifest else 0
+
+    @staticmethod
+    def state_names(generation: int) -> dict[str, str]:
+        """File names of one generation: the first keeps the plain names (``model.keras`` ...)."""
+        return {key: stem + (f".g{generation}" if generation > 1 else "") + suffix
+                for key, (stem, suffix) in STATE_FILES.items()}
+
+    def load_state(self, settings: Settings | None = None, model: bool = True) -> RunState:
+        """The current labels, model and gallery, checked against each other and the manifest. A reader that
+        races a writer's clean-up of old generations reads the new manifest and tries again."""
+        for attempt in range(3):
+            manifest = self.manifest()
+            files = manifest["files"] if manifest else self.state_names(1)
+            try:
+                return self._load_state(manifest, files, settings or self.settings(), model)
+            except FileNotFoundError as exc:
+                newer = self.manifest()
+                if attempt == 2 or (newer or {}).get("generation") == (manifest or {}).get("generation"):
+                    raise RunError(f"{self.path}: {Path(exc.filename).name} is missing; restore the folder or "
+                                   "train the run again") from None
+        raise AssertionError("unreachable")
+
+    def _load_state(self, manifest: dict | None, files: dict, settings: Settings, load_model: bool) -> RunState:
+        from pinsface.gallery import Gallery
+
+        labels_path = self.path / files["labels"]
+        try:
+            labels = json.loads(labels_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise RunError(f"{labels_path.name} is damaged ({exc}); restore the folder or train again") from None
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise RunError(f"{labels_path.name} must be a list of names")
+        model = self._load_model(self.path / files["model"]) if load_model else None
+        gallery = None
+        if files.get("gallery"):
+            gallery_path = self.path / files["gallery"]
+            if gallery_path.exists() or settings.model == "embedding":
+                try:
+                    gallery = Gallery.load(gallery_path)
+                except FileNotFoundError:
+                    raise
+                except Exception as exc:  # a damaged npz can fail in many ways inside numpy or zipfile
+                    raise RunError(f"{gallery_path.name} is damaged ({type(exc).__name__}: {exc}); restore the "
+                                   "folder or train the run again") from None
+        self._check(manifest, labels, model, gallery, files)
+        if gallery is not None and gallery.stale and model is not None:
+            # Galleries saved before nearest-face distances hold thresholds for centroid distances.
+            gallery.calibrate(model.get_layer("head"), settings.target_far)
+        return RunState(labels, model, gallery, int(manifest["generation"]) if manifest else 0)
+
+    def _load_model(self, path: Path):
+        import keras
+
+        import pinsface.layers  # noqa: F401  (registers the custom layers for safe loading)
+
+        if not path.is_file():
+            raise FileNotFoundError(2, "missing", str(path))
+        try:
+            return keras.saving.load_model(path, safe_mode=True, compile=False)
+        except Exception as exc:  # a truncated or edited archive fails inside zipfile, h5py or Keras
+            raise RunError(f"{path.name} is damaged and cannot be loaded ({type(exc).__name__}: {exc}); "
+                           "restore the folder or train the run again") from None
+
+    def _check(self, manifest: dict | None, labels: list[str], model, gallery, files: dict) -> None:
+        """One clear error naming what disagrees, rather than an IndexError or a wrong name later."""
+        problems = []
+        outputs = int(model.output_shape[-1]) if model is not None else None
+        if outputs is not None and outputs != len(labels):
+            problems.append(f"model has {outputs} outputs but {files['labels']} has {len(labels)} names")
+        if gallery is not None and list(gallery.labels) != list(labels):
+            problems.append(f"the gallery knows {len(gallery.labels)} identities but {files['labels']} has "
+                            f"{len(labels)} names" if len(gallery.labels) != len(labels)
+                            else f"the gallery's names differ from {files['labels']}")
+        if manifest:
+            if manifest.get("labels") != len(labels):
+                problems.append(f"manifest.json says {manifest.get('labels')} names but {files['labels']} has "
+                                f"{len(labels)}")
+            if outputs is not None and manifest.get("model_outputs") != outputs:
+                problems.append(f"manifest.json says the model has {manifest.get('model_outputs')} outputs but "
+                                f"{files['model']} has {outputs}")
+            if gallery is not None and manifest.get("gallery_faces") != gallery.size:
+                problems.append(f"manifest.json says the gallery holds {manifest.get('gallery_faces')} faces but "
+                                f"{files['gallery']} holds {gallery.size}")
+        if problems:
+            raise RunError(f"{self.path} is inconsistent: " + "; ".join(problems)
+                           + ". It was edited by hand or left half-saved by an older pinsface; restore it or train "
+                             "the run again")
+
+    def save_state(self, labels: list[str], model, gallery=None) -> int:
+        """Save a new generation of the state and return its number. Holds the lock while it writes."""
+        with self.lock():
+            generation = self.generation() + 1
+            names = self.state_names(generation)
+            atomic_write(self.path / names["model"], lambda tmp: model.save(tmp))
+            atomic_write_text(self.path / names["labels"], _json_text(list(labels)))
+            if gallery is not None:
+                atomic_write(self.path / names["gallery"], gallery.save)
+            else:
+                names["gallery"] = None
+            manifest = {"pinsface_version": __version__, "generation": generation, "files": names,
+                        "labels": len(labels), "model_outputs": int(model.output_shape[-1]),
+                        "gallery_identities": len(gallery.labels) if gallery is not None else None,
+                        "gallery_faces": gallery.size if gallery is not None else None,
+                        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            atomic_write_text(self.path / MANIFEST, _json_text(manifest))
+            self._fsync_folder()
+            self._remove_generations_before(generation - 1)
+            return generation
+
+    def _fsync_folder(self) -> None:
+        with contextlib.suppress(OSError):
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _remove_generations_before(self, keep_from: int) -> None:
+        """Old generations' files. The one before the current stays, for readers that loaded its manifest."""
+        for generation in range(1, keep_from):
+            for name in self.state_names(generation).values():
+                (self.path / name).unlink(missing_ok=True)
