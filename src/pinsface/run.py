@@ -33,6 +33,7 @@ PREPARE_SUMMARY = "prepare_summary.json"
 TRAIN_LOG = "train.log"
 LOCK = ".lock"
 STATE_FILES = {"model": ("model", ".keras"), "labels": ("labels", ".json"), "gallery": ("gallery", ".npz")}
+# How long a writer waits for another to finish; PINSFACE_LOCK_TIMEOUT overrides it.
 LOCK_TIMEOUT_SECONDS = 120.0
 STALE_TEMP_SECONDS = 3600.0
 
@@ -83,8 +84,10 @@ def _json_text(data) -> str:
 class Run:
     """One run folder. ``Run(path)`` reads and writes it; nothing else knows its file names."""
 
-    def __init__(self, path: str | os.PathLike, lock_timeout: float = LOCK_TIMEOUT_SECONDS):
+    def __init__(self, path: str | os.PathLike, lock_timeout: float | None = None):
         self.path = Path(path)
+        if lock_timeout is None:
+            lock_timeout = float(os.environ.get("PINSFACE_LOCK_TIMEOUT", LOCK_TIMEOUT_SECONDS))
         self.lock_timeout = lock_timeout
         self._lock = None
 
