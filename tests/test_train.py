@@ -9,7 +9,7 @@ from pinsface.dataset import Split
 from pinsface.embeddings import run_embedding_cache
 from pinsface.models import build_head, build_pixels_mlp
 from pinsface.settings import Settings
-from pinsface.train import mixup_batches
+from pinsface.train import mix_batch
 
 
 def test_run_folder_has_every_artifact(small_run):
@@ -97,15 +97,16 @@ def test_unknown_model_name_is_refused(tmp_path, small_dataset, detector):
 def test_mixup_blends_inputs_and_labels_alike_and_is_repeatable():
     n = 64
     x = np.eye(n, dtype=np.float32)  # input == label, so any blend must keep them equal
-    batches = list(mixup_batches(x, x, batch_size=16, alpha=0.4, seed=3))
-    assert len(batches) == 4
+    batches = [mix_batch(x[lo:lo + 16], x[lo:lo + 16], 0.4, seed=3, step=lo // 16) for lo in range(0, n, 16)]
     xb = np.concatenate([b[0].numpy() for b in batches])
     yb = np.concatenate([b[1].numpy() for b in batches])
     np.testing.assert_allclose(xb, yb, atol=1e-6)
     np.testing.assert_allclose(yb.sum(1), 1.0, atol=1e-5)
     assert np.mean(yb.max(1) < 0.999) > 0.5  # most examples really are blends
-    again = np.concatenate([b[0].numpy() for b in mixup_batches(x, x, 16, 0.4, seed=3)])
-    np.testing.assert_array_equal(xb, again)
+    again = mix_batch(x[:16], x[:16], 0.4, seed=3, step=0)[0].numpy()
+    np.testing.assert_array_equal(xb[:16], again)
+    images = np.ones((4, 5, 5, 1), np.float32)  # image batches blend too (the pixels-mlp baseline)
+    assert mix_batch(images, np.eye(4, dtype=np.float32), 0.4, 1, 0)[0].shape == images.shape
 
 
 def test_mixup_and_class_weights_do_not_combine(tmp_path, small_dataset):

@@ -1,6 +1,6 @@
 """pinsface: offline face identification on folder-per-person photo collections."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from pinsface._tf import import_tensorflow_quietly  # noqa: E402
 

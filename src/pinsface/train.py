@@ -15,42 +15,36 @@ from pinsface.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def epoch_log(path: Path, stage: str):
-    """A Keras callback: the learning rate into the history, and one line per epoch into ``train.log``."""
+def epoch_log(path: Path, stage: str, echo: bool = False):
+    """A Keras callback: the learning rate into the history, and one line per epoch into ``train.log`` (and,
+    with ``echo``, onto the terminal)."""
     import keras
 
     class EpochLog(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-            text = " ".join(f"{k}={v:.5g}" for k, v in sorted(logs.items()))
+            line = f"{stage} epoch {epoch + 1}: " + " ".join(f"{k}={v:.5g}" for k, v in sorted(logs.items()))
             with open(path, "a", encoding="utf-8") as fh:
-                fh.write(f"{stage} epoch {epoch + 1}: {text}\n")
+                fh.write(line + "\n")
+            if echo:
+                print(line, flush=True)
 
     return EpochLog()
 
 
-STEPS_PER_EXECUTION = 8
-
-
-def mixup_batches(x: np.ndarray, y_onehot: np.ndarray, batch_size: int, alpha: float, seed: int):
-    """Shuffled batches in which each example is blended with another of the same batch, labels alike,
-    with Beta(alpha, alpha) weights. Deterministic for a seed."""
+def mix_batch(xb, yb, alpha: float, seed: int, step):
+    """Each example blended with another of the same batch, labels alike, with Beta(alpha, alpha) weights.
+    Deterministic for (seed, step)."""
     import tensorflow as tf
 
-    def mix(step, batch):
-        xb, yb = batch
-        n = tf.shape(xb)[0]
-        a = tf.random.stateless_gamma([n, 1], [seed, 2 * step], alpha)
-        b = tf.random.stateless_gamma([n, 1], [seed, 2 * step + 1], alpha)
-        lam = a / (a + b)
-        other = tf.random.experimental.stateless_shuffle(tf.range(n), [seed + 1, step])
-        return lam * xb + (1 - lam) * tf.gather(xb, other), lam * yb + (1 - lam) * tf.gather(yb, other)
-
-    data = tf.data.Dataset.from_tensor_slices((x.astype(np.float32), y_onehot.astype(np.float32)))
-    data = data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
-    # enumerate() restarts every epoch; the epoch's own shuffle keeps the pairs changing.
-    return data.enumerate().map(lambda i, b: mix(tf.cast(i, tf.int32), b)).prefetch(2)
+    n = tf.shape(xb)[0]
+    a = tf.random.stateless_gamma([n, 1], [seed, 2 * step], alpha)
+    b = tf.random.stateless_gamma([n, 1], [seed, 2 * step + 1], alpha)
+    lam = a / (a + b)
+    other = tf.random.experimental.stateless_shuffle(tf.range(n), [seed + 1, step])
+    lam_x = tf.reshape(lam, tf.concat([[n], tf.ones([tf.rank(xb) - 1], tf.int32)], 0))
+    return lam_x * xb + (1 - lam_x) * tf.gather(xb, other), lam * yb + (1 - lam) * tf.gather(yb, other)
 
 
 def lr_schedule(settings: Settings, lr: float, epochs: int):
@@ -71,42 +65,95 @@ def lr_schedule(settings: Settings, lr: float, epochs: int):
 
 
 def fit(model, x, y, xv, yv, settings: Settings, log_path: Path, checkpoint_dir: Path, stage: str, epochs: int,
-        lr: float, class_weight=None, progress: bool = True, mixup: float = 0.0) -> dict:
+        lr: float, class_weight=None, progress: bool = True, mixup: float = 0.0,
+        lr_trajectory: list[float] | None = None) -> dict:
     """Train ``model`` on (x, y) with early stopping and the LR schedule, validating on (xv, yv); returns the
-    stage's history. The best epoch's weights are restored at the end."""
+    stage's history. The best epoch's weights are restored at the end.
+
+    With ``lr_trajectory`` (the learning rate of each epoch of an earlier fit) it is a replay instead: exactly
+    those epochs at those rates, no early stopping, the last epoch kept. That is the final refit on more data,
+    whose validation faces are part of its training data and so cannot pick an epoch.
+
+    Each epoch is one compiled call: shuffling, mixup, every step and the metrics run inside one graph, because
+    the head's steps are so cheap that per-step and per-batch overhead (Keras's loop, tf.data) cost several
+    times the arithmetic. The epochs are driven by Keras's own callbacks, as ``Model.fit`` would."""
     import keras
+    import tensorflow as tf
 
     keras.utils.set_random_seed(settings.seed)
-    model.compile(
-        optimizer=keras.optimizers.AdamW(lr, weight_decay=settings.weight_decay),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing),
-        metrics=["accuracy"],
-        # Several small steps per graph call: the head's steps are so cheap that per-call overhead dominated.
-        steps_per_execution=STEPS_PER_EXECUTION,
-    )
     n_classes = model.output_shape[-1]
+    model.compile(optimizer=keras.optimizers.AdamW(lr, weight_decay=settings.weight_decay),
+                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing))
+    optimizer, loss_fn = model.optimizer, model.loss
     ckpt = Path(checkpoint_dir) / f"{stage}.weights.h5"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    callbacks = [
-        epoch_log(log_path, stage),
-        keras.callbacks.EarlyStopping(monitor=settings.monitor, patience=settings.early_stopping_patience,
-                                      min_delta=settings.min_delta, restore_best_weights=True),
-        lr_schedule(settings, lr, epochs),
-        keras.callbacks.ModelCheckpoint(str(ckpt), monitor=settings.monitor, save_best_only=True,
-                                        save_weights_only=True),
-    ]
-    targets = keras.utils.to_categorical(y, n_classes)
-    if mixup:
-        data = {"x": mixup_batches(x, targets, settings.batch_size, mixup, settings.seed), "shuffle": False}
+    if lr_trajectory:
+        epochs = len(lr_trajectory)
+        control = [keras.callbacks.LearningRateScheduler(lambda epoch: float(lr_trajectory[epoch])),
+                   keras.callbacks.ModelCheckpoint(str(ckpt), save_weights_only=True)]
     else:
-        data = {"x": x, "y": targets, "batch_size": settings.batch_size, "shuffle": True, "class_weight": class_weight}
-    history = model.fit(
-        **data, validation_data=(xv, keras.utils.to_categorical(yv, n_classes)),
-        epochs=epochs, callbacks=callbacks, verbose=2 if progress else 0,
-    )
-    hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+        control = [keras.callbacks.EarlyStopping(monitor=settings.monitor, patience=settings.early_stopping_patience,
+                                                 min_delta=settings.min_delta, restore_best_weights=True),
+                   lr_schedule(settings, lr, epochs),
+                   keras.callbacks.ModelCheckpoint(str(ckpt), monitor=settings.monitor, save_best_only=True,
+                                                   save_weights_only=True)]
+    callbacks = keras.callbacks.CallbackList([epoch_log(log_path, stage, progress), *control], model=model)
+
+    x = tf.convert_to_tensor(np.asarray(x, np.float32))
+    targets = tf.one_hot(tf.convert_to_tensor(y, tf.int32), n_classes)
+    weights = tf.ones([n_classes]) if class_weight is None else tf.constant(
+        [class_weight.get(k, 1.0) for k in range(n_classes)], tf.float32)
+    xv = tf.convert_to_tensor(np.asarray(xv, np.float32))
+    val_targets = tf.one_hot(tf.convert_to_tensor(yv, tf.int32), n_classes)
+    batch, seed, n = settings.batch_size, settings.seed, len(y)
+    steps = -(-n // batch)
+    variables = model.trainable_variables
+
+    @tf.function(reduce_retracing=True)
+    def train_epoch(epoch):
+        order = tf.random.experimental.stateless_shuffle(tf.range(n), [seed, epoch])
+        total_loss, total_correct = tf.constant(0.0), tf.constant(0.0)
+        for step in tf.range(steps):
+            rows = order[step * batch:tf.minimum((step + 1) * batch, n)]
+            xb, yb = tf.gather(x, rows), tf.gather(targets, rows)
+            if mixup:
+                xb, yb = mix_batch(xb, yb, mixup, seed, epoch * steps + step)
+            sample_weight = tf.gather(weights, tf.argmax(yb, 1))
+            with tf.GradientTape() as tape:
+                probs = model(xb, training=True)
+                loss = loss_fn(yb, probs, sample_weight=sample_weight)
+            optimizer.apply(tape.gradient(loss, variables), variables)
+            count = tf.cast(tf.shape(rows)[0], tf.float32)
+            total_loss += loss * count
+            total_correct += tf.reduce_sum(tf.cast(tf.argmax(probs, 1) == tf.argmax(yb, 1), tf.float32))
+        return total_loss / n, total_correct / n
+
+    @tf.function(reduce_retracing=True)
+    def validate():
+        probs = tf.concat([model(xv[lo:lo + 4096], training=False) for lo in range(0, len(yv), 4096)], 0) \
+            if len(yv) else tf.zeros([0, n_classes])
+        accuracy = tf.reduce_mean(tf.cast(tf.argmax(probs, 1) == tf.argmax(val_targets, 1), tf.float32))
+        return loss_fn(val_targets, probs), accuracy
+
+    hist: dict[str, list[float]] = {}
+    model.stop_training = False
+    callbacks.on_train_begin()
+    for epoch in range(epochs):
+        callbacks.on_epoch_begin(epoch)
+        loss, accuracy = train_epoch(tf.constant(epoch))
+        val_loss, val_accuracy = validate()
+        logs = {"loss": float(loss), "accuracy": float(accuracy), "val_loss": float(val_loss),
+                "val_accuracy": float(val_accuracy)}
+        callbacks.on_epoch_end(epoch, logs)
+        for key, value in logs.items():
+            hist.setdefault(key, []).append(float(value))
+        if model.stop_training:
+            break
+    callbacks.on_train_end()
     series = hist.get(settings.monitor)
-    if series:
+    if lr_trajectory:
+        best = len(hist.get("loss", [])) - 1
+    elif series:
         best = int(np.argmax(series)) if "acc" in settings.monitor else int(np.argmin(series))
     else:
         best = len(hist.get("loss", [])) - 1
