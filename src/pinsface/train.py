@@ -227,7 +227,6 @@ def refit_head(old_head, gallery, settings: Settings, epochs: int = 30, drop: in
     apart (see the README for what each step gains)."""
     import keras
 
-    from pinsface.gallery import unit
     from pinsface.models import build_head
 
     n = len(gallery.labels)
@@ -248,7 +247,8 @@ def refit_head(old_head, gallery, settings: Settings, epochs: int = 30, drop: in
     # ReLU features share one big common direction: imprint the new identity with its features' offset from
     # the mean of everyone's, or it would look like everybody.
     for k in range(old_w.shape[1], n):
-        w[:, k] = unit(h[y == k].mean(0) - h.mean(0)) * np.linalg.norm(old_w, axis=0).mean()
+        direction = h[y == k].mean(0) - h.mean(0)
+        w[:, k] = direction / max(np.linalg.norm(direction), 1e-12) * np.linalg.norm(old_w, axis=0).mean()
     out_layer = head.get_layer("cosine_logits")
     out_layer.set_weights([w])
     if drop is None and epochs:

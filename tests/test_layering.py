@@ -1,0 +1,49 @@
+"""Data flows one way through the modules: no import cycles, counting imports inside functions too."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "pinsface"
+
+
+def imports() -> dict[str, set[str]]:
+    graph = {}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pinsface"):
+                found.add(node.module)
+                found.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.startswith("pinsface"))
+        graph[name] = found
+    return {k: {m for m in v if m in graph and m != k and m != "pinsface"} for k, v in graph.items()}
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    graph = imports()
+    cycles = []
+
+    def visit(node, stack):
+        for nxt in sorted(graph[node]):
+            if nxt in stack:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif len(stack) < 12:
+                visit(nxt, stack + [nxt])
+
+    for start in sorted(graph):
+        visit(start, [start])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles[:5])
+
+
+def test_lower_stages_never_import_higher_ones():
+    order = ["pinsface.settings", "pinsface.dataset", "pinsface.images", "pinsface.faces", "pinsface.cache",
+             "pinsface.prepare", "pinsface.embeddings", "pinsface.models", "pinsface.scoring", "pinsface.train",
+             "pinsface.gallery", "pinsface.run", "pinsface.evaluate", "pinsface.pipeline", "pinsface.predict",
+             "pinsface.cli"]
+    graph = imports()
+    rank = {name: i for i, name in enumerate(order)}
+    upward = [(a, b) for a in order for b in graph.get(a, ()) if b in rank and rank[b] > rank[a]]
+    assert upward == []
