@@ -97,8 +97,11 @@ class Gallery:
     target_far: float = 0.07
     calibration: dict = field(default_factory=dict)
     knn: int = KNN
+    trained_labels: list[str] | None = None  # the identities the run was trained on; the rest were enrolled
 
     def __post_init__(self):
+        if self.trained_labels is None:
+            self.trained_labels = list(self.labels)
         self._centroids = None
         self._index = None
         self.stale = False  # thresholds from an older scoring method: calibrate before use
@@ -171,7 +174,7 @@ class Gallery:
     def save(self, path: Path) -> None:
         meta = {"labels": self.labels, "threshold_probability": self.threshold_probability,
                 "threshold_distance": self.threshold_distance, "target_far": self.target_far,
-                "calibration": self.calibration, "knn": self.knn}
+                "calibration": self.calibration, "knn": self.knn, "trained_labels": self.trained_labels}
         tmp = Path(path).with_suffix(".tmp.npz")
         # Uncompressed: compression took 2 s of every save (enrolment included) for a file half the size.
         np.savez(tmp, meta=np.array(json.dumps(meta, ensure_ascii=False)),
@@ -186,7 +189,8 @@ class Gallery:
             arrays = {k: data[k] for k in ("embeddings", "flips", "owner", "val_embeddings", "val_flips", "val_owner")}
         gallery = cls(meta["labels"], **arrays, threshold_probability=meta["threshold_probability"],
                       threshold_distance=meta["threshold_distance"], target_far=meta["target_far"],
-                      calibration=meta["calibration"], knn=meta.get("knn", KNN))
+                      calibration=meta["calibration"], knn=meta.get("knn", KNN),
+                      trained_labels=meta.get("trained_labels"))
         # Galleries saved before nearest-face distances hold thresholds for centroid distances.
         gallery.stale = "knn" not in meta
         return gallery
@@ -226,7 +230,7 @@ def build_gallery(labels, train_emb, train_flip, train_y, val_emb, val_flip, val
                   target_far: float = 0.07) -> Gallery:
     gallery = Gallery(list(labels), train_emb.astype(np.float32), train_flip.astype(np.float32),
                       train_y.astype(np.int32), val_emb.astype(np.float32), val_flip.astype(np.float32),
-                      val_y.astype(np.int32))
+                      val_y.astype(np.int32), trained_labels=list(labels))
     gallery.calibrate(head, target_far)
     return gallery
 

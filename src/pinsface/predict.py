@@ -206,6 +206,14 @@ class Recognizer:
 
         return forget(self, name, epochs)
 
+    def identities(self) -> list[dict]:
+        """Every known identity: ``{"name", "faces" (enrolled face count), "enrolled" (added after training)}``."""
+        g = self.gallery
+        counts = np.bincount(np.concatenate([g.owner, g.val_owner]).astype(np.int64), minlength=len(g.labels))
+        trained = set(g.trained_labels)
+        return [{"name": name, "faces": int(counts[i]), "enrolled": name not in trained}
+                for i, name in enumerate(g.labels)]
+
     def save(self) -> None:
         """Persist enrolments: the model, labels, gallery and thresholds in the run folder."""
         self.model.save(self.run_dir / "model.keras")
