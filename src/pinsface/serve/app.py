@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from fastapi import HTTPException
+# FastAPI reads the endpoints' annotations (strings, with the __future__ import) from this module's globals.
+from fastapi import FastAPI, File, HTTPException, Query, Request, Security, UploadFile
+from fastapi import Path as PathParam
 
 from pinsface.images import BadImage, load_image
 from pinsface.serve.batcher import InferenceWorker, QueueFull
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 # Formats a photo may come in. Pillow can open others (EPS, for one, runs Ghostscript): those are refused.
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 MAX_NAME_LENGTH = 100
 CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
                            "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
@@ -154,7 +156,9 @@ def cluster_summary(recognizer, name: str, n_new: int) -> dict:
 
 class _Metrics:
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+        disable_created_metrics()  # the *_created series only add noise here
 
         self.registry = CollectorRegistry()
         self.requests = Counter("pinsface_requests", "HTTP requests", ["method", "route", "status"],
@@ -183,7 +187,10 @@ class _Guard:
         path = scope["path"]
         if not (path.startswith("/v1/") or path == "/metrics"):
             return False  # the page, its assets and the API description hold no data
-        return self.state.settings.auth == "all" or scope["method"] not in ("GET", "HEAD", "OPTIONS")
+        if self.state.settings.auth == "all":
+            return True
+        # Naming faces changes nothing; every other method than a read does.
+        return scope["method"] not in ("GET", "HEAD", "OPTIONS") and path != "/v1/identify"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -260,7 +267,6 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
     ``settings.api_key_file`` (created there when missing; default RUN_DIR/api_key) unless ``api_key`` is given."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, File, Path as PathParam, Query, Request, Security, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
     from fastapi.security import APIKeyHeader
