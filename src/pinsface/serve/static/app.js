@@ -185,6 +185,10 @@ function clusterPlot(cluster, name) {
     dot.append(svg("title", {}, `${f.new ? "new" : "earlier"} face, distance to ${name}'s mean ${fmt(f.distance_to_mean)}`));
     plot.append(dot);
   }
+  const mx = cluster.faces.reduce((a, f) => a + f.x, 0) / cluster.faces.length;
+  const my = cluster.faces.reduce((a, f) => a + f.y, 0) / cluster.faces.length;
+  plot.append(svg("text", { class: "own", x: Math.min(Math.max(sx(mx) - 30, 4), W - 110), y: Math.max(sy(my) - 34, 14) },
+    name));
   for (const n of cluster.neighbours) {
     plot.append(svg("rect", { x: sx(n.x) - 5, y: sy(n.y) - 5, width: 10, height: 10, class: "neighbour" }));
     plot.append(svg("text", { x: Math.min(sx(n.x) + 8, W - 90), y: sy(n.y) + 4 }, n.name));
