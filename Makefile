@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,serve]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,6 +21,8 @@ run: $(STAMP)
 	$(BIN)/pinsface run $(DATA) --out $(OUT)
 
 test: $(STAMP)
+	@# The browser test drives Debian's chromium (never a downloaded browser): install it where apt-get can.
+	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || (apt-get update && apt-get install -y chromium)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)

@@ -129,6 +129,23 @@ def _forget(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    try:
+        from pinsface.serve import ServeSettings, serve
+    except ImportError as exc:
+        raise RuntimeError(f"pinsface serve needs the serve extra (pip install 'pinsface[serve]'): {exc}") from exc
+
+    if args.workers != 1:
+        raise ValueError("--workers: only 1 is supported; one process holds the run's enrolled state and batches "
+                         "every request into shared detector/embedder batches")
+    settings = ServeSettings(api_key_file=args.api_key_file, auth=args.auth, max_upload_mb=args.max_upload_mb,
+                             max_request_mb=args.max_request_mb, max_files=args.max_files,
+                             max_pending=args.max_pending)
+    serve(args.run_dir, host=args.host, port=args.port, settings=settings,
+          log_level="info" if args.verbose else "warning")
+    return 0
+
+
 def _headline(m: dict) -> str:
     return (f"top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
             f"({m['n_images']} images, {m['n_no_face']} without a detected face, {m['n_unreadable']} unreadable)")
@@ -208,6 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--name", required=True)
     p.set_defaults(func=_forget)
+
+    p = sub.add_parser("serve", help="a REST API and a web page over a run (needs the serve extra)")
+    p.add_argument("run_dir")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-file", metavar="PATH",
+                   help="file holding the API key; created (mode 0600) when missing (default: RUN_DIR/api_key)")
+    p.add_argument("--auth", choices=("write", "all"), default="write",
+                   help="endpoints that need the key: those that change state (default) or every API endpoint")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, metavar="N", help="cap per uploaded file")
+    p.add_argument("--max-request-mb", type=float, default=50.0, metavar="N", help="cap per request")
+    p.add_argument("--max-files", type=int, default=32, metavar="N", help="photos per request")
+    p.add_argument("--max-pending", type=int, default=256, metavar="N",
+                   help="images waiting or being named; past it requests get 503 with Retry-After")
+    p.add_argument("--workers", type=int, default=1, help="server processes (only 1 is supported)")
+    p.set_defaults(func=_serve)
     return parser
 
 

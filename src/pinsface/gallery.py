@@ -86,8 +86,11 @@ class Gallery:
     target_far: float = 0.07
     calibration: dict = field(default_factory=dict)
     knn: int = KNN
+    trained_labels: list[str] | None = None  # the identities the run was trained on; the rest were enrolled
 
     def __post_init__(self):
+        if self.trained_labels is None:
+            self.trained_labels = list(self.labels)
         self._centroids = None
         self._index = None
         self.stale = False  # thresholds from an older scoring method: calibrate before use
@@ -201,7 +204,7 @@ class Gallery:
     def save(self, path: Path) -> None:
         meta = {"labels": self.labels, "threshold_probability": self.threshold_probability,
                 "threshold_distance": self.threshold_distance, "target_far": self.target_far,
-                "calibration": self.calibration, "knn": self.knn}
+                "calibration": self.calibration, "knn": self.knn, "trained_labels": self.trained_labels}
         # Uncompressed: compression took 2 s of every save (enrolment included) for a file half the size.
         np.savez(path, meta=np.array(json.dumps(meta, ensure_ascii=False)),
                  embeddings=self.embeddings, flips=self.flips, owner=self.owner,
@@ -214,7 +217,8 @@ class Gallery:
             arrays = {k: data[k] for k in ("embeddings", "flips", "owner", "val_embeddings", "val_flips", "val_owner")}
         gallery = cls(meta["labels"], **arrays, threshold_probability=meta["threshold_probability"],
                       threshold_distance=meta["threshold_distance"], target_far=meta["target_far"],
-                      calibration=meta["calibration"], knn=meta.get("knn", KNN))
+                      calibration=meta["calibration"], knn=meta.get("knn", KNN),
+                      trained_labels=meta.get("trained_labels"))
         gallery.validate()
         # Galleries saved before nearest-face distances hold thresholds for centroid distances.
         gallery.stale = "knn" not in meta
@@ -258,6 +262,6 @@ def build_gallery(labels, train_emb, train_flip, train_y, val_emb, val_flip, val
                   target_far: float = 0.07) -> Gallery:
     gallery = Gallery(list(labels), train_emb.astype(np.float32), train_flip.astype(np.float32),
                       train_y.astype(np.int32), val_emb.astype(np.float32), val_flip.astype(np.float32),
-                      val_y.astype(np.int32))
+                      val_y.astype(np.int32), trained_labels=list(labels))
     gallery.calibrate(head, target_far)
     return gallery

@@ -274,6 +274,14 @@ class Recognizer:
                         "generation": state.generation})
         return summary
 
+    def identities(self) -> list[dict]:
+        """Every known identity: ``{"name", "faces" (enrolled face count), "enrolled" (added after training)}``."""
+        g = self.gallery
+        counts = np.bincount(np.concatenate([g.owner, g.val_owner]).astype(np.int64), minlength=len(g.labels))
+        trained = set(g.trained_labels)
+        return [{"name": name, "faces": int(counts[i]), "enrolled": name not in trained}
+                for i, name in enumerate(g.labels)]
+
     def save(self) -> None:
         """Save the current labels, model and gallery as the run folder's newest state."""
         self._state.generation = self.run.save_state(self.labels, self.model, self.gallery)

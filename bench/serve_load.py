@@ -1,0 +1,201 @@
+"""Load on `pinsface serve`: many concurrent clients uploading 224-px Pins photos to a real server on 127.0.0.1,
+against batched `identify_many` in-process on the same photos; then the same load with hostile uploads mixed in.
+
+    python bench/serve_load.py --run RUN_DIR [--clients 200] [--seconds 60] [--max-requests 5000] [--hostile 0.1]
+
+Each phase is bounded in requests and in time and then stops; only loopback addresses are used. Prints req/s,
+p50/p95/p99 latency, responses by status, /v1/health latency under load and the server's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+PINS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pins" / "105_classes_pins_dataset"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.badinput: the same awkward files the tests use
+
+IN_PROCESS = """
+import json, statistics, sys, time
+from pathlib import Path
+from pinsface.predict import Recognizer
+rec = Recognizer.load(sys.argv[1])
+photos = [Path(p).read_bytes() for p in json.loads(sys.argv[2])]
+batch = int(sys.argv[3])
+rec.identify_many(photos[:batch], batch_size=batch)  # warm up the graphs
+rates = []
+for _ in range(int(sys.argv[4])):
+    t = time.perf_counter()
+    rec.identify_many(photos, batch_size=batch)
+    rates.append(len(photos) / (time.perf_counter() - t))
+print(json.dumps({"photos_per_s": statistics.median(rates), "runs": rates}))
+"""
+
+
+def pick_photos(n: int, seed: int = 0) -> list[Path]:
+    files = sorted(PINS.rglob("*.jpg"))
+    return random.Random(seed).sample(files, min(n, len(files)))
+
+
+def hostile_files(source: Path, folder: Path, max_upload_mb: float) -> list[tuple[str, bytes]]:
+    from tests.badinput import make_bad_corpus
+
+    bad = make_bad_corpus(folder, source)
+    out = [(p.name, p.read_bytes()) for p in sorted(bad.iterdir()) if p.is_file() and not p.is_symlink()]
+    out.append(("oversize.jpg", b"\xff\xd8\xff" + os.urandom(int(max_upload_mb * 1024 * 1024) + 1024)))
+    out.append(("fake.jpg", b"\xff\xd8\xff\xe0" + os.urandom(4000)))  # JPEG magic, garbage after it
+    return out
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+async def drive(url: str, photos: list[bytes], hostile: list[tuple[str, bytes]], hostile_rate: float,
+                clients: int, seconds: float, max_requests: int, seed: int) -> dict:
+    import httpx
+
+    rng = random.Random(seed)
+    latencies: list[float] = []
+    statuses: Counter = Counter()
+    per_file_errors: Counter = Counter()
+    health_ms: list[float] = []
+    sent = 0
+    deadline = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        async def one_client():
+            nonlocal sent
+            while sent < max_requests and time.monotonic() < deadline:
+                sent += 1
+                if hostile and rng.random() < hostile_rate:
+                    name, data = rng.choice(hostile)
+                else:
+                    name, data = "photo.jpg", rng.choice(photos)
+                t = time.perf_counter()
+                try:
+                    r = await client.post("/v1/identify", files=[("files", (name, data, "image/jpeg"))])
+                    statuses[r.status_code] += 1
+                    if r.status_code == 200:
+                        for result in r.json()["results"]:
+                            if result["error"]:
+                                per_file_errors[result["error"]] += 1
+                except httpx.HTTPError as exc:
+                    statuses[type(exc).__name__] += 1
+                latencies.append(time.perf_counter() - t)
+
+        async def prober():
+            while time.monotonic() < deadline and sent < max_requests:
+                t = time.perf_counter()
+                try:
+                    r = await client.get("/v1/health")
+                    if r.status_code == 200:
+                        health_ms.append(1000 * (time.perf_counter() - t))
+                except httpx.HTTPError:
+                    health_ms.append(float("inf"))
+                await asyncio.sleep(0.5)
+
+        started = time.perf_counter()
+        await asyncio.gather(prober(), *[one_client() for _ in range(clients)])
+        elapsed = time.perf_counter() - started
+    return {"requests": len(latencies), "seconds": elapsed, "req_per_s": len(latencies) / elapsed,
+            "p50": pct(latencies, 50), "p95": pct(latencies, 95), "p99": pct(latencies, 99),
+            "statuses": dict(statuses), "per_file_errors": dict(per_file_errors),
+            "health_p50_ms": pct(health_ms, 50), "health_max_ms": max(health_ms) if health_ms else float("nan"),
+            "health_probes": len(health_ms)}
+
+
+def report(title: str, r: dict) -> None:
+    print(f"{title}: {r['requests']} requests in {r['seconds']:.1f} s = {r['req_per_s']:.1f} req/s; latency p50 "
+          f"{r['p50']:.2f} s, p95 {r['p95']:.2f} s, p99 {r['p99']:.2f} s; by status {r['statuses']}; per-file "
+          f"errors {r['per_file_errors'] or 'none'}; /v1/health under load: median {r['health_p50_ms']:.0f} ms, "
+          f"max {r['health_max_ms']:.0f} ms ({r['health_probes']} probes)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a run folder (copied: the bench changes nothing in it)")
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=60, help="time bound per phase")
+    parser.add_argument("--max-requests", type=int, default=5000, help="request bound per phase")
+    parser.add_argument("--hostile", type=float, default=0.1, help="share of hostile uploads in the second phase")
+    parser.add_argument("--photos", type=int, default=256, help="distinct Pins photos uploaded")
+    parser.add_argument("--repeats", type=int, default=3, help="in-process identify_many repeats (median)")
+    parser.add_argument("--port", type=int, default=0, help="default: a free port")
+    args = parser.parse_args()
+
+    import httpx
+
+    from tests.serving import free_port, wait_healthy
+
+    paths = pick_photos(args.photos)
+    photos = [p.read_bytes() for p in paths]
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+        tmp = Path(tmp)
+        # In-process first, alone on the machine: batched identify_many on the same photos.
+        out = subprocess.run([sys.executable, "-c", IN_PROCESS, args.run, json.dumps([str(p) for p in paths]), "32",
+                              str(args.repeats)], capture_output=True, text=True, check=True)
+        inproc = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"in-process identify_many (batch 32, {len(photos)} photos, median of {args.repeats}): "
+              f"{inproc['photos_per_s']:.1f} photos/s")
+
+        import shutil
+
+        run = tmp / "run"
+        shutil.copytree(args.run, run)
+        port = args.port or free_port()
+        url = f"http://127.0.0.1:{port}"
+        log = open(tmp / "serve.log", "wb")
+        server = subprocess.Popen([sys.executable, "-m", "pinsface.cli", "serve", str(run), "--port", str(port),
+                                   "--api-key-file", str(tmp / "key")], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_healthy(url, server, timeout=300)
+            clean = asyncio.run(drive(url, photos, [], 0.0, args.clients, args.seconds, args.max_requests, 1))
+            report(f"{args.clients} clients, 224-px photos", clean)
+            print(f"  server throughput / in-process: {clean['req_per_s'] / inproc['photos_per_s']:.0%}")
+            hostile = hostile_files(PINS / "pins_Bill Gates" / "Bill Gates104_500.jpg", tmp / "bad", 10.0)
+            mixed = asyncio.run(drive(url, photos, hostile, args.hostile, args.clients, args.seconds,
+                                      args.max_requests, 2))
+            report(f"{args.clients} clients, {args.hostile:.0%} hostile uploads", mixed)
+            fives = {k: v for k, v in mixed["statuses"].items() if str(k).startswith("5") or not str(k).isdigit()}
+            health = httpx.get(f"{url}/v1/health", timeout=10)
+            print(f"  5xx or failed requests in the hostile run: {fives or 'none'}; health afterwards: "
+                  f"{health.status_code} {health.json().get('status')}, {health.json().get('pending_images')} pending")
+            print(f"server peak RSS: {peak_rss_mb(server.pid):.0f} MB")
+        finally:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait(10)
+            log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,557 @@
+"""The REST API and web page over a ``Recognizer``: ``create_app(run_dir, ServeSettings(...))``.
+
+Uploads are checked in the request (size caps, API key, image format and pixel count read from the content's
+header) before any work is queued; naming, enrolling and forgetting go through one ``InferenceWorker``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import io
+import logging
+import os
+import secrets
+import time
+import unicodedata
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+# FastAPI reads the endpoints' annotations (strings, with the __future__ import) from this module's globals.
+from fastapi import FastAPI, File, HTTPException, Query, Request, Security, UploadFile
+from fastapi import Path as PathParam
+
+from pinsface.images import BadImage, load_image
+from pinsface.run import RunBusy
+from pinsface.serve.batcher import InferenceWorker, QueueFull
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+# Formats a photo may come in. Pillow can open others (EPS, for one, runs Ghostscript): those are refused.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+MAX_NAME_LENGTH = 100
+CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+                           "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+
+
+@dataclass
+class ServeSettings:
+    api_key_file: str | None = None  # default: RUN_DIR/api_key, created on first start
+    auth: Literal["write", "all"] = "write"  # which endpoints need the key: state-changing ones, or every one
+    max_upload_mb: float = 10.0  # per file
+    max_request_mb: float = 50.0  # per request, all files together
+    max_files: int = 32  # per request
+    max_pixels: int = 40_000_000  # per photo, read from its header before it is decoded
+    max_pending: int = 256  # images queued or being named; past it requests get 503 + Retry-After
+    max_batch: int = 32  # images per shared detector/embedder batch
+    max_wait_ms: float = 10.0  # how long a batch waits for more requests
+    max_requests: int = 512  # requests in progress (health excepted); past it 503 + Retry-After
+    retry_after_s: int = 1
+
+
+class ApiError(HTTPException):
+    """An error answered as JSON ``{"code", "message"}``. An HTTPException, so FastAPI's body parsing lets it
+    through (it turns any other exception there into a 400)."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None, **extra):
+        super().__init__(status, message, headers)
+        self.status, self.code, self.message, self.headers, self.extra = status, code, message, headers, extra
+
+
+def load_or_create_key(path: Path) -> str:
+    """The API key in ``path``; a new random one, written readable by the owner only, if there is none."""
+    path = Path(path)
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        key = ""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process created it just now
+            return load_or_create_key(path)
+        new = secrets.token_urlsafe(32)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(new + "\n")
+        log.warning("created an API key in %s (readable by its owner only)", path)
+        return new
+    if len(key) < 16:
+        raise ValueError(f"the API key in {path} is shorter than 16 characters")
+    return key
+
+
+def sniff(data: bytes, max_pixels: int) -> int:
+    """The pixel count of an encoded photo, read from its header only; ``BadImage`` for a non-image, a format
+    not in ``IMAGE_FORMATS`` or a photo over ``max_pixels`` (a decompression bomb is refused here, undecoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise BadImage("empty_file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+                width, height = image.size
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise BadImage("too_large", str(exc)) from exc
+        except UnidentifiedImageError as exc:
+            raise BadImage("not_an_image", "not a JPEG, PNG, WebP, BMP, GIF or TIFF image") from exc
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise BadImage("unreadable", str(exc)) from exc
+    if width * height > max_pixels:
+        raise BadImage("too_large", f"{width}x{height} pixels is over the cap of {max_pixels}")
+    return width * height
+
+
+def clean_name(name: str) -> str:
+    """An identity name from a URL: trimmed, NFC, no control characters, at most ``MAX_NAME_LENGTH``."""
+    name = unicodedata.normalize("NFC", name).strip()
+    if not name:
+        raise ApiError(422, "invalid_name", "the name is empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ApiError(422, "invalid_name", f"the name is longer than {MAX_NAME_LENGTH} characters")
+    if any(unicodedata.category(ch).startswith("C") for ch in name) or "/" in name or "\\" in name:
+        raise ApiError(422, "invalid_name", "the name contains control characters or slashes")
+    return name
+
+
+def cluster_summary(recognizer, name: str, n_new: int) -> dict:
+    """How one identity's faces lie: each face's distance to the identity's mean face and a 2-D projection
+    (PCA) of its faces with the nearest other identities' mean faces; the last ``n_new`` training faces are new."""
+    from pinsface.dataset import identity_key
+    from pinsface.gallery import face_vectors
+
+    g = recognizer.gallery
+    index = [identity_key(label) for label in g.labels].index(identity_key(name))
+    train = face_vectors(g.embeddings, g.flips)[g.owner == index]
+    val = face_vectors(g.val_embeddings, g.val_flips)[g.val_owner == index]
+    mine = np.concatenate([train, val]).astype(np.float64)
+    new = np.zeros(len(mine), bool)
+    new[max(0, len(train) - n_new):len(train)] = True
+    centre = mine.mean(0)
+    spread = np.linalg.norm(mine - centre, axis=1)
+    others = [k for k in range(len(g.labels)) if k != index]
+    gaps = np.linalg.norm(g.centroids[others] - centre, axis=1) if others else np.zeros(0)
+    nearest = [others[k] for k in np.argsort(gaps)[:3]]
+    points = np.concatenate([mine, g.centroids[nearest]]) if nearest else mine
+    centred = points - points.mean(0)
+    if len(points) >= 2:
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        xy = centred @ vt[:2].T
+        if xy.shape[1] < 2:
+            xy = np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
+    else:
+        xy = np.zeros((len(points), 2))
+    r = lambda v: round(float(v), 4)  # noqa: E731
+    return {
+        "faces": [{"x": r(x), "y": r(y), "new": bool(n), "distance_to_mean": r(d)}
+                  for (x, y), n, d in zip(xy[:len(mine)], new, spread)],
+        "neighbours": [{"name": g.labels[k], "x": r(x), "y": r(y), "distance_to_mean": r(gaps[others.index(k)])}
+                       for k, (x, y) in zip(nearest, xy[len(mine):])],
+        "threshold_distance": r(g.threshold_distance),
+    }
+
+
+class _Metrics:
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+        disable_created_metrics()  # the *_created series only add noise here
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("pinsface_requests", "HTTP requests", ["method", "route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("pinsface_request_seconds", "HTTP request latency", ["route"], registry=self.registry,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.faces = Counter("pinsface_faces", "faces found, by result", ["result"], registry=self.registry)
+        self.errors = Counter("pinsface_errors", "errors, by code (per-file image errors included)", ["code"],
+                              registry=self.registry)
+        self.batch_images = Histogram("pinsface_batch_images", "images per inference batch", registry=self.registry,
+                                      buckets=(1, 2, 4, 8, 16, 24, 32, 64))
+        self.batch_seconds = Histogram("pinsface_batch_seconds", "inference time per batch", registry=self.registry,
+                                       buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16))
+        self.pending = Gauge("pinsface_pending_images", "images queued or being named", registry=self.registry)
+
+
+class _Guard:
+    """ASGI middleware, outermost: counts and times requests, refuses bodies over the request cap (413) and
+    requests without the right API key (401/403) before anything reads their body."""
+
+    def __init__(self, app, state):
+        self.app = app
+        self.state = state
+
+    def _needs_key(self, scope) -> bool:
+        path = scope["path"]
+        if not (path.startswith("/v1/") or path == "/metrics"):
+            return False  # the page, its assets and the API description hold no data
+        if self.state.settings.auth == "all":
+            return True
+        # Naming faces changes nothing; every other method than a read does.
+        return scope["method"] not in ("GET", "HEAD", "OPTIONS") and path != "/v1/identify"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = self.state
+        started = time.perf_counter()
+        status = {"code": 500, "sent": False}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"], status["sent"] = message["status"], True
+            await send(message)
+
+        limit = int(state.settings.max_request_mb * 1024 * 1024)
+        received = 0
+
+        async def receive_wrapper():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise ApiError(413, "request_too_large", f"the request is over {state.settings.max_request_mb:g} MB")
+            return message
+
+        counted = False
+        try:
+            if scope["path"] != "/v1/health":  # health answers even when everything else is refused
+                if state.in_flight >= state.settings.max_requests:
+                    raise ApiError(503, "busy", "too many requests in progress; retry later",
+                                   headers={"Retry-After": str(state.settings.retry_after_s)})
+                state.in_flight += 1
+                counted = True
+            headers = dict(scope["headers"])
+            length = headers.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                raise ApiError(413, "request_too_large", f"the request is over {state.settings.max_request_mb:g} MB")
+            if self._needs_key(scope):
+                given = headers.get(b"x-api-key")
+                if given is None:
+                    raise ApiError(401, "missing_api_key", "this endpoint needs an API key in the X-API-Key header")
+                if not hmac.compare_digest(given, state.api_key.encode("utf-8")):
+                    raise ApiError(403, "invalid_api_key", "the API key is not valid")
+            await self.app(scope, receive_wrapper, send_wrapper)
+        except ApiError as exc:
+            if status["sent"]:
+                raise
+            await _json_response(exc)(scope, receive, send_wrapper)
+            state.metrics.errors.labels(exc.code).inc()
+        finally:
+            if counted:
+                state.in_flight -= 1
+            route = scope.get("route")
+            name = getattr(route, "path", None) or ("/static" if scope["path"].startswith("/static/") else "unmatched")
+            state.metrics.requests.labels(scope["method"], name, str(status["code"])).inc()
+            state.metrics.latency.labels(name).observe(time.perf_counter() - started)
+
+
+def _json_response(exc: ApiError):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"code": exc.code, "message": exc.message, **exc.extra}, status_code=exc.status,
+                        headers=exc.headers)
+
+
+_STATUS_CODES = {400: "bad_request", 401: "missing_api_key", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type",
+                 422: "validation_error", 429: "too_many_requests", 500: "internal_error", 503: "busy"}
+
+
+def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings | None = None, recognizer=None,
+               api_key: str | None = None):
+    """The FastAPI app for a run folder (or an already loaded ``recognizer``). The key is read from
+    ``settings.api_key_file`` (created there when missing; default RUN_DIR/api_key) unless ``api_key`` is given."""
+    from contextlib import asynccontextmanager
+
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+    from fastapi.security import APIKeyHeader
+    from fastapi.staticfiles import StaticFiles
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    import pinsface
+    from pinsface.predict import ImageResult, Recognizer
+
+    settings = settings or ServeSettings()
+    if recognizer is None:
+        if run_dir is None:
+            raise ValueError("create_app needs a run folder or a recognizer")
+        recognizer = Recognizer.load(run_dir)
+    run_dir = Path(recognizer.run_dir)
+    if api_key is None:
+        api_key = load_or_create_key(Path(settings.api_key_file) if settings.api_key_file else run_dir / "api_key")
+    max_file = int(settings.max_upload_mb * 1024 * 1024)
+
+    class State:
+        pass
+
+    state = State()
+    state.settings, state.api_key, state.metrics = settings, api_key, _Metrics()
+    state.started = time.time()
+    state.in_flight = 0
+
+    def snapshot(rec) -> None:
+        """What /v1/health and /v1/identities read, taken on the worker thread after each change."""
+        state.identities = rec.identities()
+        state.thresholds = {"probability": round(float(rec.gallery.threshold_probability), 4),
+                            "distance": round(float(rec.gallery.threshold_distance), 4),
+                            "target_far": rec.gallery.target_far}
+
+    def on_batch(images: int, seconds: float) -> None:
+        state.metrics.batch_images.observe(images)
+        state.metrics.batch_seconds.observe(seconds)
+
+    snapshot(recognizer)
+    worker = InferenceWorker(recognizer, max_batch=settings.max_batch, max_wait=settings.max_wait_ms / 1000,
+                             max_pending=settings.max_pending, max_batch_pixels=5 * settings.max_pixels,
+                             on_batch=on_batch, on_change=snapshot)
+    state.metrics.pending.set_function(lambda: worker.pending)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        # Build the detector and embedder graphs now, so the first request does not pay for them.
+        await worker.run(lambda rec: rec.identify_many([np.zeros((64, 64, 3), np.uint8)]))
+        yield
+        worker.stop()
+
+    app = FastAPI(title="pinsface", version=pinsface.__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Name the faces in photos, enrol and forget people. State-changing endpoints need "
+                              "the API key in the `X-API-Key` header.")
+    app.state.pinsface = state
+    app.state.worker = worker
+    key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the server's API key")
+
+    def api_error(exc: ApiError):
+        state.metrics.errors.labels(exc.code).inc()
+        return _json_response(exc)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request, exc: ApiError):
+        return api_error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request, exc):
+        code = _STATUS_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no such endpoint: {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        return api_error(ApiError(exc.status_code, code, message, headers=getattr(exc, "headers", None)))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request, exc):
+        errors = [{"where": ".".join(str(part) for part in e.get("loc", ())), "problem": str(e.get("msg", ""))}
+                  for e in exc.errors()]
+        message = "; ".join(f"{e['where']}: {e['problem']}" for e in errors) or "invalid request"
+        return api_error(ApiError(422, "validation_error", message, errors=errors))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request, exc):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return api_error(ApiError(500, "internal_error", f"unexpected error: {type(exc).__name__}"))
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        if not request.url.path.startswith("/docs"):
+            response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        return response
+
+    async def read_uploads(files: list[UploadFile]) -> list[tuple[str, bytes]]:
+        if len(files) > settings.max_files:
+            raise ApiError(413, "too_many_files", f"{len(files)} files; at most {settings.max_files} per request")
+        if len(files) > settings.max_pending:
+            raise ApiError(413, "too_many_files", f"{len(files)} files; the queue holds {settings.max_pending}")
+        out = []
+        for f in files:
+            name = (f.filename or "upload")[-200:]
+            if f.size is not None and f.size > max_file:
+                raise ApiError(413, "file_too_large", f"{name} is over {settings.max_upload_mb:g} MB")
+            data = await f.read(max_file + 1)
+            if len(data) > max_file:
+                raise ApiError(413, "file_too_large", f"{name} is over {settings.max_upload_mb:g} MB")
+            out.append((name, data))
+        return out
+
+    def run_busy(exc: RunBusy) -> ApiError:
+        """Another process (a CLI enrolment, another server) is writing the run folder."""
+        return ApiError(503, "run_busy", str(exc), headers={"Retry-After": str(settings.retry_after_s)})
+
+    def busy(exc: QueueFull) -> ApiError:
+        return ApiError(503, "busy", f"the server is busy: {exc}; retry later",
+                        headers={"Retry-After": str(settings.retry_after_s)})
+
+    def check(uploads: list[tuple[str, bytes]]) -> list[int | BadImage]:
+        out = []
+        for _, data in uploads:
+            try:
+                out.append(sniff(data, settings.max_pixels))
+            except BadImage as exc:
+                out.append(exc)
+        return out
+
+    files_param = File(..., description="one or more photos (JPEG, PNG, WebP, BMP, GIF, TIFF)")
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    try:
+        import swagger_ui
+
+        app.mount("/docs/assets", StaticFiles(directory=Path(swagger_ui.__file__).parent / "static"), name="docs")
+        docs_assets = "/docs/assets"
+    except ImportError:  # the page still lists the API without it
+        docs_assets = None
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        if docs_assets is None:
+            return HTMLResponse('<p>Install swagger-ui-py for this page; the API description is '
+                                '<a href="/openapi.json">/openapi.json</a>.</p>')
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="pinsface API",
+                                   swagger_js_url=f"{docs_assets}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{docs_assets}/swagger-ui.css",
+                                   swagger_favicon_url=f"{docs_assets}/favicon-32x32.png")
+
+    @app.post("/v1/identify", tags=["faces"], dependencies=[Security(key_header)])
+    async def identify(files: list[UploadFile] = files_param,
+                       top_k: int = Query(3, ge=1, le=20, description="alternatives listed per face"),
+                       threshold: float | None = Query(None, ge=0, le=10, description="distance threshold override"),
+                       min_probability: float | None = Query(None, ge=0, le=1,
+                                                             description="probability threshold override")):
+        """Every face in each photo, in the record of `pinsface predict --json`. A bad file gets an `error`
+        in its record (the response is still 200); a photo without a face gets a `note`."""
+        uploads = await read_uploads(files)
+        checked = await run_in_threadpool(check, uploads)
+        good = [(i, data) for i, ((_, data), c) in enumerate(zip(uploads, checked)) if not isinstance(c, BadImage)]
+        results: list = [None] * len(uploads)
+        for i, c in enumerate(checked):
+            if isinstance(c, BadImage):
+                results[i] = ImageResult(uploads[i][0], [], error=c.reason)
+        if good:
+            try:
+                named = await worker.identify([data for _, data in good], sum(checked[i] for i, _ in good),
+                                              top_k, threshold, min_probability)
+            except QueueFull as exc:
+                raise busy(exc) from exc
+            for (i, _), result in zip(good, named):
+                result.source = uploads[i][0]
+                results[i] = result
+        for r in results:
+            if r.error:
+                state.metrics.errors.labels(f"image_{r.error}").inc()
+            for face in r.faces:
+                state.metrics.faces.labels("named" if face.identity else "unknown").inc()
+        return {"results": [r.to_dict() for r in results]}
+
+    @app.get("/v1/identities", tags=["identities"], dependencies=[Security(key_header)])
+    async def identities():
+        """Every identity the run knows: face count, and whether it was enrolled after training."""
+        people = state.identities
+        return {"count": len(people), "identities": people}
+
+    @app.post("/v1/identities/{name}/faces", tags=["identities"], dependencies=[Security(key_header)])
+    async def enroll(name: str = PathParam(..., description="the person's name"), files: list[UploadFile] = files_param):
+        """Enrol a person from photos (the largest face of each), or add photos to one already known.
+        Saved in the run folder before the response is sent."""
+        name = clean_name(name)
+        uploads = await read_uploads(files)
+
+        def decode():
+            arrays = []
+            for file_name, data in uploads:
+                try:
+                    sniff(data, settings.max_pixels)
+                    arrays.append(load_image(data, settings.max_pixels))
+                except BadImage as exc:
+                    raise ApiError(422, "bad_image", f"{file_name}: {exc}", reason=exc.reason, file=file_name) from exc
+            return arrays
+
+        arrays = await run_in_threadpool(decode)
+
+        def enroll_and_save(rec):
+            try:
+                summary = rec.enroll(name, arrays)
+            except ValueError as exc:
+                raise ApiError(422, "no_face", str(exc)) from exc
+            except RunBusy as exc:
+                raise run_busy(exc) from exc
+            summary.pop("skipped", None)
+            summary["cluster"] = cluster_summary(rec, summary["identity"], summary["faces_used"])
+            summary["faces"] = len(summary["cluster"]["faces"])
+            return summary
+
+        try:
+            return await worker.run(enroll_and_save)
+        except QueueFull as exc:
+            raise busy(exc) from exc
+
+    @app.delete("/v1/identities/{name}", tags=["identities"], dependencies=[Security(key_header)])
+    async def forget(name: str = PathParam(..., description="the person's name")):
+        """Forget a person: their faces leave the gallery and the head is refitted. Saved before the response."""
+        name = clean_name(name)
+
+        def forget_and_save(rec):
+            from pinsface.dataset import identity_key
+
+            if identity_key(name) not in [identity_key(label) for label in rec.labels]:
+                raise ApiError(404, "unknown_identity", f"{name!r} is not known to this run")
+            if len(rec.labels) <= 2:
+                raise ApiError(409, "too_few_identities", "a run must keep at least two identities")
+            try:
+                return rec.forget(name)
+            except RunBusy as exc:
+                raise run_busy(exc) from exc
+
+        try:
+            return await worker.run(forget_and_save)
+        except QueueFull as exc:
+            raise busy(exc) from exc
+
+    @app.get("/v1/health", tags=["service"], dependencies=[Security(key_header)])
+    async def health():
+        """Answered on the event loop from figures the worker keeps current: never waits for inference."""
+        s = recognizer.settings
+        return {"status": "ok", "version": pinsface.__version__,
+                "model": {"kind": s.model, "backbone": s.backbone, "run": run_dir.name},
+                "identities": len(state.identities), "thresholds": state.thresholds,
+                "uptime_s": round(time.time() - state.started, 1), "pending_images": worker.pending,
+                "limits": {"max_upload_mb": settings.max_upload_mb, "max_request_mb": settings.max_request_mb,
+                           "max_files": settings.max_files, "max_pending": settings.max_pending},
+                "auth": settings.auth}
+
+    @app.get("/metrics", tags=["service"], dependencies=[Security(key_header)])
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(_Guard, state=state)
+    return app
+
+
+def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
+          settings: ServeSettings | None = None, log_level: str = "info") -> None:
+    """Load the run once and serve it with uvicorn until interrupted."""
+    import uvicorn
+
+    app = create_app(run_dir, settings)
+    # One process: the recogniser's enrolled state lives in it (more processes would each hold their own).
+    uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1, timeout_graceful_shutdown=10)
+
+
+__all__ = ["ServeSettings", "create_app", "serve", "load_or_create_key", "sniff"]

@@ -1,0 +1,168 @@
+"""One thread owns the Recognizer: identify requests are gathered into shared batches, enrol/forget run alone.
+
+The Recognizer is not thread-safe, so every call into it goes through ``InferenceWorker``. Requests waiting
+for it are bounded (in images): past the bound ``submit`` raises ``QueueFull`` at once instead of letting
+memory grow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+class QueueFull(Exception):
+    """Too much work is already waiting; the caller should retry later."""
+
+
+@dataclass
+class _Job:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    weight: int  # images (identify) or 1 (exclusive)
+    images: list = field(default_factory=list)  # identify: encoded photos
+    pixels: int = 0  # identify: their decoded size, to bound a batch's memory
+    options: tuple = ()  # identify: (top_k, threshold, min_probability); only equal options share a batch
+    call: Callable[[Any], Any] | None = None  # exclusive: fn(recognizer)
+    queued_at: float = 0.0
+
+
+class InferenceWorker:
+    """Runs ``recognizer.identify_many`` on batches of up to ``max_batch`` images gathered for up to
+    ``max_wait`` seconds from concurrent requests, and exclusive calls (``run``) one at a time, on one thread."""
+
+    def __init__(self, recognizer, max_batch: int = 32, max_wait: float = 0.01, max_pending: int = 256,
+                 max_batch_pixels: int = 200_000_000, on_batch: Callable[[int, float], None] | None = None,
+                 on_change: Callable[[Any], None] | None = None):
+        self.recognizer = recognizer
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self.max_pending = max_pending
+        self.max_batch_pixels = max_batch_pixels
+        self.on_batch = on_batch  # (images, seconds) after each identify batch, from the worker thread
+        self.on_change = on_change  # (recognizer) after each exclusive call, from the worker thread
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._pending = 0  # weight queued or running
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="pinsface-inference", daemon=True)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def start(self) -> "InferenceWorker":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    async def identify(self, images: list[bytes], pixels: int, top_k: int, threshold: float | None,
+                       min_probability: float | None) -> list:
+        """``ImageResult``s for ``images`` (encoded bytes), computed in a batch shared with other requests."""
+        return await self._submit(_Job(None, None, len(images), images=images, pixels=pixels,
+                                       options=(top_k, threshold, min_probability)))
+
+    async def run(self, call: Callable[[Any], Any]) -> Any:
+        """``call(recognizer)`` alone on the worker thread (enrol, forget, save, reading the gallery)."""
+        return await self._submit(_Job(None, None, 1, call=call))
+
+    async def _submit(self, job: _Job) -> Any:
+        job.loop = asyncio.get_running_loop()
+        job.future = job.loop.create_future()
+        job.queued_at = time.perf_counter()
+        with self._cond:
+            if self._stopping:
+                raise QueueFull("the server is stopping")
+            if self._pending + job.weight > self.max_pending:
+                raise QueueFull(f"{self._pending} images are already waiting (limit {self.max_pending})")
+            self._pending += job.weight
+            self._jobs.append(job)
+            self._cond.notify()
+        # Shielded: a client that disconnects does not cancel work the batch has already counted on.
+        return await asyncio.shield(job.future)
+
+    def _take(self) -> list[_Job] | None:
+        """The next exclusive job alone, or identify jobs with equal options gathered for up to max_wait."""
+        with self._cond:
+            while not self._jobs and not self._stopping:
+                self._cond.wait()
+            if self._stopping and not self._jobs:
+                return None
+            first = self._jobs.popleft()
+            if first.call is not None:
+                return [first]
+            batch, images, pixels = [first], first.weight, first.pixels
+            deadline = time.perf_counter() + self.max_wait
+            while images < self.max_batch and pixels < self.max_batch_pixels:
+                fits = next((j for j in self._jobs if j.call is None and j.options == first.options
+                             and images + j.weight <= self.max_batch), None)
+                if fits is not None:
+                    self._jobs.remove(fits)
+                    batch.append(fits)
+                    images += fits.weight
+                    pixels += fits.pixels
+                    continue
+                left = deadline - time.perf_counter()
+                if left <= 0 or self._stopping:
+                    break
+                self._cond.wait(left)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            try:
+                if batch[0].call is not None:
+                    results = [batch[0].call(self.recognizer)]
+                    if self.on_change is not None:
+                        self.on_change(self.recognizer)
+                else:
+                    results = self._identify(batch)
+                for job, result in zip(batch, results):
+                    self._settle(job, result, None)
+            except BaseException as exc:  # noqa: BLE001 - every waiting request gets the error, the worker lives
+                for job in batch:
+                    self._settle(job, None, exc)
+            finally:
+                with self._cond:
+                    self._pending -= sum(job.weight for job in batch)
+
+    def _identify(self, batch: list[_Job]) -> list[list]:
+        top_k, threshold, min_probability = batch[0].options
+        sources = [image for job in batch for image in job.images]
+        started = time.perf_counter()
+        results = self.recognizer.identify_many(sources, batch_size=max(self.max_batch, len(sources)), top_k=top_k,
+                                                threshold=threshold, min_probability=min_probability)
+        if self.on_batch is not None:
+            self.on_batch(len(sources), time.perf_counter() - started)
+        out, lo = [], 0
+        for job in batch:
+            out.append(results[lo:lo + job.weight])
+            lo += job.weight
+        return out
+
+    @staticmethod
+    def _settle(job: _Job, result: Any, error: BaseException | None) -> None:
+        def settle():
+            if job.future.done():
+                return
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)
+
+        try:
+            job.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the event loop has closed: nobody is waiting any more
+            pass

@@ -1,0 +1,305 @@
+"use strict";
+// The pinsface page: name faces in photos, enrol and forget people. No framework, no build step.
+
+const KEY = "pinsface-api-key";
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else if (k === "style") Object.assign(node.style, v);
+    else node.setAttribute(k, v);
+  }
+  for (const child of children) if (child != null) node.append(child);
+  return node;
+}
+
+function svg(tag, attrs = {}, text) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  if (text != null) node.textContent = text;
+  return node;
+}
+
+function say(message, isError = false) {
+  const status = $("status");
+  status.textContent = message;
+  status.classList.toggle("error", isError);
+}
+
+// --- API key: asked for once, when the server wants it, and kept for this tab only (sessionStorage).
+function askKey(why) {
+  const dialog = $("key-dialog");
+  $("key-why").textContent = why;
+  $("key-input").value = "";
+  return new Promise((resolve) => {
+    const done = (value) => {
+      $("key-form").onsubmit = null;
+      $("key-cancel").onclick = null;
+      dialog.onclose = null;
+      if (dialog.open) dialog.close();
+      resolve(value);
+    };
+    $("key-form").onsubmit = (event) => { event.preventDefault(); done($("key-input").value.trim() || null); };
+    $("key-cancel").onclick = () => done(null);
+    dialog.onclose = () => done(null);
+    dialog.showModal();
+    $("key-input").focus();
+  });
+}
+
+async function api(method, url, body) {
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const headers = {};
+    const key = sessionStorage.getItem(KEY);
+    if (key) headers["X-API-Key"] = key;
+    const response = await fetch(url, { method, body, headers });
+    let data = null;
+    try { data = await response.json(); } catch (e) { data = { code: "bad_response", message: response.statusText }; }
+    if (response.status === 401 || response.status === 403) {
+      sessionStorage.removeItem(KEY);
+      const why = response.status === 401
+        ? "This action needs the server's API key (see the server's api_key file). It is kept for this tab only."
+        : "That API key was not accepted. Enter the server's API key.";
+      const entered = await askKey(why);
+      if (!entered) throw new Error("cancelled: no API key given");
+      sessionStorage.setItem(KEY, entered);
+      continue;
+    }
+    if (!response.ok) {
+      const wait = response.headers.get("Retry-After");
+      throw new Error(`${data.message || response.statusText}${wait ? ` (retry in ${wait} s)` : ""}`);
+    }
+    return data;
+  }
+  throw new Error("the API key was not accepted");
+}
+
+// --- Health line
+async function refreshHealth() {
+  try {
+    const h = await api("GET", "/v1/health");
+    $("health").textContent = `${h.identities} people known · unknown when probability < ${h.thresholds.probability}` +
+      ` or distance > ${h.thresholds.distance} · version ${h.version}`;
+  } catch (e) {
+    $("health").textContent = `Server not reachable: ${e.message}`;
+  }
+}
+
+// --- Naming faces
+const fmt = (x) => Number(x).toFixed(2);
+let tipCount = 0;
+
+function faceBox(face, index, width, height) {
+  const [x1, y1, x2, y2] = face.box;
+  const known = face.identity !== null;
+  const name = known ? face.identity : "unknown";
+  const detail = `probability ${fmt(face.probability)}, distance ${fmt(face.distance)}` +
+    (known ? "" : `, nearest: ${face.best_match}`);
+  const tip = el("span", { class: "tip", role: "tooltip", id: `tip-${++tipCount}` });
+  tip.append(el("strong", { text: known ? face.identity : `unknown (nearest: ${face.best_match})` }),
+    el("br"), `probability ${fmt(face.probability)} · distance ${fmt(face.distance)}`);
+  for (const alt of face.alternatives.slice(1)) {
+    tip.append(el("br"), `${alt.identity}: p ${fmt(alt.probability)} · d ${fmt(alt.distance)}`);
+  }
+  const box = el("button", {
+    type: "button", class: `face ${known ? "known" : "unknown"}${y1 < 0.08 * height ? " low" : ""}`,
+    "aria-label": `Face ${index + 1}: ${name}, ${detail}`, "aria-describedby": tip.id,
+    "data-identity": known ? face.identity : "",
+    style: {
+      left: `${(100 * Math.max(0, x1)) / width}%`, top: `${(100 * Math.max(0, y1)) / height}%`,
+      width: `${(100 * (Math.min(width, x2) - Math.max(0, x1))) / width}%`,
+      height: `${(100 * (Math.min(height, y2) - Math.max(0, y1))) / height}%`,
+    },
+  }, el("span", { class: "tag", "aria-hidden": "true", text: known ? face.identity : "unknown?" }), tip);
+  return box;
+}
+
+function showResult(file, url, result, target) {
+  const img = el("img", { src: url, alt: `Photo ${file.name}` });
+  const frame = el("div", { class: "frame" }, img);
+  const caption = el("figcaption", {}, el("strong", { text: file.name }));
+  const figure = el("figure", { class: "photo" }, frame, caption);
+  target.append(figure);
+  if (result.error) {
+    caption.append(el("div", { class: "error-text", text: `Not used: ${result.error.replaceAll("_", " ")}` }));
+    return;
+  }
+  if (!result.faces.length) {
+    caption.append(el("div", { class: "muted", text: result.note || "no face found" }));
+    return;
+  }
+  const list = el("ol");
+  for (const [i, face] of result.faces.entries()) {
+    const known = face.identity !== null;
+    list.append(el("li", {}, el("span", {
+      class: known ? "who-known" : "who-unknown", text: known ? face.identity : "unknown",
+    }), ` (p ${fmt(face.probability)}, d ${fmt(face.distance)}${known ? "" : `, nearest ${face.best_match}`})`));
+  }
+  caption.append(list);
+  const draw = () => {
+    for (const [i, face] of result.faces.entries()) {
+      frame.append(faceBox(face, i, img.naturalWidth, img.naturalHeight));
+    }
+  };
+  if (img.complete && img.naturalWidth) draw(); else img.addEventListener("load", draw, { once: true });
+}
+
+async function identify(files) {
+  files = [...files];
+  if (!files.length) return;
+  const target = $("identify-results");
+  target.replaceChildren();
+  say(`Naming the faces in ${files.length} photo(s)…`);
+  const form = new FormData();
+  for (const f of files) form.append("files", f, f.name);
+  try {
+    const data = await api("POST", "/v1/identify", form);
+    data.results.forEach((result, i) => showResult(files[i], URL.createObjectURL(files[i]), result, target));
+    const faces = data.results.reduce((n, r) => n + r.faces.length, 0);
+    const named = data.results.reduce((n, r) => n + r.faces.filter((f) => f.identity !== null).length, 0);
+    say(`${files.length} photo(s): ${faces} face(s) found, ${named} named, ${faces - named} unknown.`);
+  } catch (e) {
+    say(`Could not name the faces: ${e.message}`, true);
+  }
+}
+
+// --- Enrolment
+function clusterPlot(cluster, name) {
+  const W = 420, H = 260, pad = 28;
+  const pts = [...cluster.faces, ...cluster.neighbours];
+  const xs = pts.map((p) => p.x), ys = pts.map((p) => p.y);
+  const [x0, x1] = [Math.min(...xs), Math.max(...xs)], [y0, y1] = [Math.min(...ys), Math.max(...ys)];
+  const span = Math.max(x1 - x0, y1 - y0, 1e-6);
+  const sx = (x) => pad + ((x - x0) / span) * (W - 2 * pad), sy = (y) => H - pad - ((y - y0) / span) * (H - 2 * pad);
+  const newCount = cluster.faces.filter((f) => f.new).length;
+  const plot = svg("svg", {
+    class: "cluster", viewBox: `0 0 ${W} ${H}`, role: "img",
+    "aria-label": `2-D projection of ${name}'s ${cluster.faces.length} faces (${newCount} new, filled) ` +
+      `and the mean faces of the nearest other people: ${cluster.neighbours.map((n) => n.name).join(", ")}`,
+  });
+  for (const f of cluster.faces) {
+    const dot = svg("circle", { cx: sx(f.x), cy: sy(f.y), r: f.new ? 5 : 4, class: f.new ? "new" : "old" });
+    dot.append(svg("title", {}, `${f.new ? "new" : "earlier"} face, distance to ${name}'s mean ${fmt(f.distance_to_mean)}`));
+    plot.append(dot);
+  }
+  const mx = cluster.faces.reduce((a, f) => a + f.x, 0) / cluster.faces.length;
+  const my = cluster.faces.reduce((a, f) => a + f.y, 0) / cluster.faces.length;
+  plot.append(svg("text", { class: "own", x: Math.min(Math.max(sx(mx) - 30, 4), W - 110), y: Math.max(sy(my) - 34, 14) },
+    name));
+  for (const n of cluster.neighbours) {
+    plot.append(svg("rect", { x: sx(n.x) - 5, y: sy(n.y) - 5, width: 10, height: 10, class: "neighbour" }));
+    plot.append(svg("text", { x: Math.min(sx(n.x) + 8, W - 90), y: sy(n.y) + 4 }, n.name));
+  }
+  return plot;
+}
+
+async function enrol(event) {
+  event.preventDefault();
+  const name = $("enrol-name").value.trim();
+  const files = [...$("enrol-files").files];
+  if (!name) { say("Enter the person's name.", true); $("enrol-name").focus(); return; }
+  if (!files.length) { say("Choose photos of that person.", true); $("enrol-files").focus(); return; }
+  const form = new FormData();
+  for (const f of files) form.append("files", f, f.name);
+  const button = $("enrol-submit");
+  button.disabled = true;
+  say(`Enrolling ${name} from ${files.length} photo(s)… this takes a few seconds.`);
+  try {
+    const s = await api("POST", `/v1/identities/${encodeURIComponent(name)}/faces`, form);
+    const out = $("enrol-result");
+    const newFaces = s.cluster.faces.filter((f) => f.new);
+    const dists = newFaces.map((f) => f.distance_to_mean);
+    out.replaceChildren(
+      el("h3", { text: `${s.new_identity ? "Enrolled" : "Added photos to"} ${s.identity}` }),
+      el("p", { text: `${s.faces_used} face(s) used from ${s.photos} photo(s); ${s.identity} now has ${s.faces} ` +
+        `face(s); ${s.identities} people known.` }),
+      el("div", { class: "thumbs" }, ...files.map((f) => el("img", { src: URL.createObjectURL(f), alt: f.name }))),
+      el("p", { class: "muted", text: `How ${s.identity}'s faces cluster: filled dots are the new faces, rings ` +
+        `earlier ones, grey squares the nearest other people. New faces lie ${fmt(Math.min(...dists))}–` +
+        `${fmt(Math.max(...dists))} from ${s.identity}'s mean face; the naming threshold is ` +
+        `${fmt(s.cluster.threshold_distance)}.` }),
+      clusterPlot(s.cluster, s.identity),
+    );
+    say(`Enrolled ${s.identity}.`);
+    $("enrol-form").reset();
+    await Promise.all([refreshPeople(), refreshHealth()]);
+  } catch (e) {
+    say(`Could not enrol ${name}: ${e.message}`, true);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// --- People
+let people = [];
+
+function renderPeople() {
+  const query = $("people-search").value.trim().toLowerCase();
+  const shown = people.filter((p) => p.name.toLowerCase().includes(query));
+  $("people-count").textContent = `${shown.length} of ${people.length} people`;
+  $("people-list").replaceChildren(...shown.map((p) => el("li", {},
+    el("span", { class: "name", text: p.name }),
+    el("span", { class: "muted", text: `${p.faces} faces` }),
+    el("span", { class: `badge${p.enrolled ? " enrolled" : ""}`, text: p.enrolled ? "enrolled" : "trained" }),
+    Object.assign(el("button", { type: "button", class: "secondary", "aria-label": `Forget ${p.name}`,
+                                 text: "Forget" }), { onclick: () => forget(p) }),
+  )));
+}
+
+async function refreshPeople() {
+  try {
+    people = (await api("GET", "/v1/identities")).identities;
+    people.sort((a, b) => a.name.localeCompare(b.name));
+    renderPeople();
+  } catch (e) {
+    $("people-count").textContent = `Could not list people: ${e.message}`;
+  }
+}
+
+function confirmForget(p) {
+  const dialog = $("confirm-dialog");
+  $("confirm-title").textContent = `Forget ${p.name}?`;
+  $("confirm-text").textContent = `${p.name}'s ${p.faces} faces are removed from the run and nobody will be ` +
+    "named as them any more. This cannot be undone.";
+  dialog.returnValue = "cancel";
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "confirm"), { once: true });
+    dialog.showModal();
+    $("confirm-cancel").focus();
+  });
+}
+
+async function forget(p) {
+  if (!(await confirmForget(p))) { say(`Kept ${p.name}.`); return; }
+  say(`Forgetting ${p.name}…`);
+  try {
+    const s = await api("DELETE", `/v1/identities/${encodeURIComponent(p.name)}`);
+    say(`Forgot ${s.identity}; ${s.identities} people known.`);
+    await Promise.all([refreshPeople(), refreshHealth()]);
+    $("people-search").focus();
+  } catch (e) {
+    say(`Could not forget ${p.name}: ${e.message}`, true);
+  }
+}
+
+// --- Wiring
+function setup() {
+  $("identify-files").addEventListener("change", (e) => identify(e.target.files));
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); identify(e.dataTransfer.files); });
+  $("enrol-form").addEventListener("submit", enrol);
+  $("people-search").addEventListener("input", renderPeople);
+  $("key-button").addEventListener("click", async () => {
+    const entered = await askKey("Enter the server's API key. It is kept for this browser tab only.");
+    if (entered) { sessionStorage.setItem(KEY, entered); say("API key set for this tab."); }
+  });
+  refreshHealth();
+  refreshPeople();
+}
+
+document.addEventListener("DOMContentLoaded", setup);

@@ -1,0 +1,90 @@
+"""Helpers for the server tests: a real uvicorn on 127.0.0.1 (in a thread or a process) and photo uploads."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+API_KEY = "test-key-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    """A copy of a run folder: enrol/forget change it."""
+    shutil.copytree(run_dir, dest)
+    return dest
+
+
+class ThreadServer:
+    """``create_app(...)`` served by a real uvicorn on 127.0.0.1 in a thread, for the length of a ``with``."""
+
+    def __init__(self, app, port: int | None = None):
+        import uvicorn
+
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "ThreadServer":
+        self.thread.start()
+        deadline = time.monotonic() + 180
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
+def start_process(run_dir: Path, port: int, *args: str, log: Path) -> subprocess.Popen:
+    """``pinsface serve`` in its own process (so it can be killed for real)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "pinsface.cli", "serve", str(run_dir), "--port", str(port),
+                                 *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def wait_healthy(url: str, process: subprocess.Popen | None = None, headers: dict | None = None,
+                 timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
+        try:
+            r = httpx.get(f"{url}/v1/health", headers=headers, timeout=5)
+            if r.status_code == 200:
+                return r.json()
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not become healthy in {timeout} s")
+
+
+def uploads(paths, field: str = "files") -> list:
+    """httpx multipart ``files=`` for photo paths (or (name, bytes) pairs)."""
+    out = []
+    for p in paths:
+        if isinstance(p, tuple):
+            name, data = p
+        else:
+            name, data = Path(p).name, Path(p).read_bytes()
+        out.append((field, (name, data, "application/octet-stream")))
+    return out
