@@ -83,7 +83,9 @@ def compute_metrics(probs: np.ndarray, usable: np.ndarray, y: np.ndarray, labels
     per_identity = {labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
                                 "support": int(s[i])} for i in range(n_classes)}
     present = s > 0
-    n_unreadable = sum(1 for st in status if st not in ("ok", "no_face"))
+    from pinsface.images import REASONS
+
+    n_unreadable = sum(1 for st in status if st in REASONS)
     return {
         "top1": float(np.mean(pred[known] == y[known])) if known.any() else 0.0,
         "top5": float(np.mean(topk_correct(probs, usable, y, 5)[known])) if known.any() else 0.0,

@@ -31,7 +31,9 @@ class SplitData:
 
 
 def usable_status(settings: Settings) -> set[str]:
-    return {"ok", "no_face"} if settings.no_face_fallback else {"ok"}
+    from pinsface.faces import FACE_STATUSES
+
+    return {*FACE_STATUSES, "no_face"} if settings.no_face_fallback else set(FACE_STATUSES)
 
 
 def split_arrays(prepared: Prepared, split: Split, labels: list[str], settings: Settings) -> SplitData:
