@@ -188,6 +188,8 @@ def write_top_confusions(path: Path, y: np.ndarray, pred: np.ndarray, labels: li
     import csv
     from collections import Counter
 
+    from pinsface.dataset import spreadsheet_safe
+
     support = Counter(y.tolist())
     pairs = Counter((int(t), int(p)) for t, p in zip(y, pred) if t != p)
     rows = [(labels[t], labels[p] if p >= 0 else "(no face)", c, c / support[t]) for (t, p), c in pairs.most_common()]
@@ -196,7 +198,7 @@ def write_top_confusions(path: Path, y: np.ndarray, pred: np.ndarray, labels: li
         writer = csv.writer(fh)
         writer.writerow(["true", "predicted", "count", "share_of_true"])
         for t, p, c, share in rows[:limit]:
-            writer.writerow([t, p, c, f"{share:.4f}"])
+            writer.writerow([spreadsheet_safe(t), spreadsheet_safe(p), c, f"{share:.4f}"])
     return [(t, p, c) for t, p, c, _ in rows if p != "(no face)"]
 
 
@@ -352,6 +354,8 @@ def write_reports(out: Path, metrics: dict, labels: list[str]) -> None:
     """classification_report.txt and .csv: per identity, then macro and weighted averages."""
     import csv
 
+    from pinsface.dataset import spreadsheet_safe
+
     rows = [(name, v["precision"], v["recall"], v["f1"], v["support"]) for name, v in metrics["per_identity"].items()]
     support = np.array([r[4] for r in rows], dtype=np.float64)
     present = support > 0
@@ -371,7 +375,7 @@ def write_reports(out: Path, metrics: dict, labels: list[str]) -> None:
         writer = csv.writer(fh)
         writer.writerow(["identity", "precision", "recall", "f1", "support"])
         for r in rows:
-            writer.writerow([r[0], f"{r[1]:.6f}", f"{r[2]:.6f}", f"{r[3]:.6f}", r[4]])
+            writer.writerow([spreadsheet_safe(r[0]), f"{r[1]:.6f}", f"{r[2]:.6f}", f"{r[3]:.6f}", r[4]])
         writer.writerow(["macro avg", *(f"{v:.6f}" for v in macro), int(support.sum())])
         writer.writerow(["weighted avg", *(f"{v:.6f}" for v in weighted), int(support.sum())])
 

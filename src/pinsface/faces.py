@@ -289,3 +289,15 @@ def face_crops(view, landmarks: np.ndarray, box: np.ndarray, settings: FaceSetti
     aligned = align_face(view.pixels, view.from_full(landmarks), settings)
     crop = box_crop(view.pixels, view.from_full(np.asarray(box).reshape(2, 2)).reshape(4), settings.box_size)
     return aligned, crop
+
+
+def refine_view(source, view, face_sizes: list[float], max_pixels: int):
+    """``view`` again, decoded from ``source`` (a path or bytes) fine enough to cut chips of faces of these
+    full-resolution sizes (see ``crop_scale_ok``)."""
+    from pinsface.images import load_scaled, reduction_for
+
+    if isinstance(source, np.ndarray) or not face_sizes:
+        return view
+    fine = reduction_for(min(face_sizes), ALIGN_FACE_PX)
+    short = min(view.full_size)
+    return load_scaled(source, max_pixels, -(-short // fine) if fine > 1 else None)

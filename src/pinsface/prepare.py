@@ -13,10 +13,10 @@ import numpy as np
 
 from pinsface.cache import FaceCache, content_hash
 from pinsface.dataset import Dataset, scan_dataset
-from pinsface.faces import (ALIGN_FACE_PX, FACE_STATUSES, STATUSES, FaceDetector, choose_subject, crop_scale_ok,
+from pinsface.faces import (FACE_STATUSES, STATUSES, FaceDetector, choose_subject, crop_scale_ok,
                             detect_each, face_crops, fallback_landmarks, is_crop_like, landmarks_box,
-                            min_subject_size, subject_scores, to_full_face)
-from pinsface.images import BadImage, decode_scaled, read_bytes, reduction_for
+                            min_subject_size, refine_view, subject_scores, to_full_face)
+from pinsface.images import BadImage, decode_scaled, read_bytes
 from pinsface.settings import FaceSettings
 
 log = logging.getLogger(__name__)
@@ -141,9 +141,7 @@ def _image_records(detector, batch, hashes, settings: FaceSettings, held: dict) 
             if multi:
                 wanted = [faces[k].size for k in order]
             if wanted and not crop_scale_ok(view, wanted):
-                short = min(view.full_size)
-                fine = reduction_for(min(wanted), ALIGN_FACE_PX)
-                view = decode_scaled(data, settings.max_pixels, -(-short // fine) if fine > 1 else None)
+                view = refine_view(data, view, wanted, settings.max_pixels)
             record = face_record(view.pixels, faces, settings, hashes[i], view, chosen, status)
             if multi and settings.subject_pass_min_photos > 0:
                 record["candidates"] = {int(k): face_crops(view, faces[k].landmarks, faces[k].box, settings)

@@ -210,9 +210,10 @@ def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None
     import keras
 
     from pinsface.cache import default_cache_dir
-    from pinsface.dataset import default_data_dir
+    from pinsface.dataset import check_trainable, default_data_dir, scan_dataset
 
     settings = settings or Settings()
+    check_trainable(prepared.dataset if prepared else scan_dataset(data_dir if data_dir else default_data_dir()))
     if settings.model == "embedding" and settings.mixup and settings.class_weights:
         raise ValueError("mixup and class weights do not combine: set Settings.mixup=0 to use class weights")
     run_dir = Path(out_dir)
