@@ -60,11 +60,17 @@ class FaceDetector:
             factors.append(factor)
             if min(small.shape[:2]) >= 12:  # PNet's window: nothing smaller can hold a face
                 groups.setdefault(small.shape, []).append(i)
+        batches = []
         for indices in groups.values():
             wanted = [
                 max(s.min_face_size, (min_face_sizes[i] if min_face_sizes else 0)) * factors[i] for i in indices
             ]
             min_face = max(12.0, min(wanted))
+            h, w = scaled[indices[0]].shape[:2]
+            # MTCNN's memory grows with the batch times the pixels PNet scans: bound it for any photo size.
+            per_batch = max(1, int(DETECT_BATCH_PIXELS / (h * w * (12.0 / min_face) ** 2)))
+            batches += [(indices[k:k + per_batch], min_face) for k in range(0, len(indices), per_batch)]
+        for indices, min_face in batches:
             rows = self._mtcnn.detect_faces(
                 [scaled[i] for i in indices], output_type="numpy", box_format="xyxy", min_face_size=min_face,
                 threshold_pnet=s.thresholds[0], threshold_rnet=s.thresholds[1], threshold_onet=s.thresholds[2],
@@ -85,6 +91,8 @@ class FaceDetector:
 # image is never shrunk below this long side for it: dataset crops and small photos are scanned as they are.
 DETECT_FACE_PX = 16
 DETECT_KEEP_SIDE = 720
+# Pixels of PNet's largest pyramid level in one MTCNN call (sets its peak memory).
+DETECT_BATCH_PIXELS = 1_000_000
 
 
 def detection_factor(height: int, width: int, min_face: float, settings: FaceSettings) -> float:

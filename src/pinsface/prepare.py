@@ -86,6 +86,10 @@ BATCH_BYTES = 200_000_000
 # Each image is decoded at a scale whose shorter side is at least this (or in full): enough for detection and,
 # in 12-megapixel photos, for chips of faces down to a few percent of the frame without a second decode.
 DECODE_MIN_SIDE = 1000
+# First, coarse scan of photos (see _image_records): faces from this fraction of the shorter side; its result
+# stands when its largest face is COARSE_ACCEPT times that size or more.
+COARSE_FACE_FRACTION = 0.05
+COARSE_ACCEPT = 1.5
 # Candidate faces per multi-face photo kept for the second pass.
 MAX_CANDIDATES = 4
 
@@ -127,8 +131,18 @@ def _image_records(detector, batch, hashes, settings: FaceSettings, held: dict) 
     errors = [(i, r) for i, r in batch if isinstance(r, BadImage)]
     images = [view.pixels for _, view, _ in good]
     min_sizes = [min_subject_size(view.full_size, settings) * min(view.scale) for _, view, _ in good]
+    # Coarse to fine: a photo is first scanned for faces of COARSE_FACE_FRACTION of its shorter side and up
+    # (a fraction of MTCNN's time), and scanned down to the smallest size only when that found no face large
+    # enough that any face it could miss is too small to be the subject.
+    coarse = [max(m, COARSE_FACE_FRACTION * min(image.shape[:2])) for m, image in zip(min_sizes, images)]
+    found = detect_each(detector, images, coarse)
+    finer = [k for k, faces in enumerate(found) if coarse[k] > min_sizes[k] and not isinstance(faces, Exception)
+             and (not faces or max(f.size for f in faces) < COARSE_ACCEPT * coarse[k])]
+    if finer:
+        for k, faces in zip(finer, detect_each(detector, [images[k] for k in finer], [min_sizes[k] for k in finer])):
+            found[k] = faces
     records = []
-    for (i, view, data), found in zip(good, detect_each(detector, images, min_sizes)):
+    for (i, view, data), found in zip(good, found):
         if isinstance(found, Exception):
             errors.append((i, BadImage("detector_error", f"{type(found).__name__}: {found}")))
             continue
