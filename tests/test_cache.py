@@ -122,3 +122,10 @@ def test_two_preparers_on_one_cache_both_finish_and_keep_each_image_once(tmp_pat
 
     summaries = [json.loads(o[0]) for o in outs]
     assert all(s["faces_found"] + s["no_face"] == 24 for s in summaries)
+
+
+def test_every_status_the_faces_stage_gives_has_a_stored_code():
+    from pinsface import cache, faces
+
+    assert set(faces.STATUSES) <= set(cache.STATUSES)
+    assert cache.STATUSES[:2] == ("ok", "no_face")  # codes already on disk keep their meaning

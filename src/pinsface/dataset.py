@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,48 @@ def identity_key(name: str) -> str:
     return " ".join(name.casefold().split())
 
 
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be an identity (a folder name or ``enroll --name``), or None when it can."""
+    if not name or not name.strip():
+        return "the name is empty"
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in name):
+        return "the name is not valid UTF-8"
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in name):
+        return "the name holds control characters"
+    return None
+
+
+def check_identity_name(name: str) -> str:
+    """``name`` if it can be an identity, else ValueError saying why (shown escaped, as the terminal should)."""
+    problem = name_problem(name)
+    if problem:
+        raise ValueError(f"identity name {printable(name)}: {problem}")
+    return name
+
+
+def printable(text: str) -> str:
+    """``text`` for a terminal or log: control characters and undecodable bytes escaped, quoted."""
+    safe = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return repr(safe)
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A CSV cell a spreadsheet shows as text: one starting like a formula (= + - @, tab, CR) gets a quote."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def check_trainable(dataset: "Dataset") -> "Dataset":
+    """Refuse, before any work, a dataset that cannot train an identifier: it needs two people or more."""
+    if len(dataset.identities) < 2:
+        found = ", ".join(printable(name) for name in dataset.identities) or "none"
+        raise ValueError(
+            f"{dataset.root} holds {len(dataset.identities)} identity with images ({found}): training needs at "
+            "least 2, one sub-folder of photos per person. To add one person to a trained run, use "
+            "`pinsface enroll`."
+        )
+    return dataset
+
+
 @dataclass(frozen=True)
 class ImageItem:
     rel: str  # path relative to the dataset root, POSIX separators
@@ -117,13 +160,20 @@ def scan_dataset(root: str | os.PathLike) -> Dataset:
     identities: list[str] = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         identity = identity_from_folder(folder.name)
+        bad_folder = name_problem(identity)
         found = 0
         for path in sorted(folder.rglob("*")):
-            if not (path.is_file() or path.is_symlink()):  # a dangling link is listed, then reported unreadable
+            if path.is_dir():
                 continue
+            # FIFOs, devices and links to them are listed too, then skipped by the reader as "not_a_file".
             rel = path.relative_to(root).as_posix()
             if any(part.startswith(".") for part in path.relative_to(root).parts):
                 reason = "hidden"
+            elif bad_folder or name_problem(rel):
+                # Names that are not UTF-8 (zips from other systems) or hold control characters would break
+                # the terminal, JSON and CSV files downstream: listed, escaped, and left out.
+                reason = "bad_name"
+                rel = printable(rel)[1:-1]
             elif path.suffix.lower() not in IMAGE_EXTENSIONS:
                 reason = "not_image_extension"
             else:
@@ -135,7 +185,7 @@ def scan_dataset(root: str | os.PathLike) -> Dataset:
         if found:
             identities.append(identity)
         else:
-            empty.append(folder.name)
+            empty.append(printable(folder.name)[1:-1] if bad_folder else folder.name)
     if not items:
         raise DataNotFoundError(
             f"no images found under {root}: expected one sub-folder of photos per person "

@@ -32,7 +32,9 @@ def compute_metrics(probs: np.ndarray, usable: np.ndarray, y: np.ndarray, labels
     per_identity = {labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
                                 "support": int(s[i])} for i in range(n_classes)}
     present = s > 0
-    n_unreadable = sum(1 for st in status if st not in ("ok", "no_face"))
+    from pinsface.images import REASONS
+
+    n_unreadable = sum(1 for st in status if st in REASONS)
     return {
         "top1": float(np.mean(pred[known] == y[known])) if known.any() else 0.0,
         "top5": float(np.mean(topk_correct(probs, usable, y, 5)[known])) if known.any() else 0.0,
@@ -136,6 +138,8 @@ def write_top_confusions(path: Path, y: np.ndarray, pred: np.ndarray, labels: li
     import csv
     from collections import Counter
 
+    from pinsface.dataset import spreadsheet_safe
+
     support = Counter(y.tolist())
     pairs = Counter((int(t), int(p)) for t, p in zip(y, pred) if t != p)
     rows = [(labels[t], labels[p] if p >= 0 else "(no face)", c, c / support[t]) for (t, p), c in pairs.most_common()]
@@ -144,7 +148,7 @@ def write_top_confusions(path: Path, y: np.ndarray, pred: np.ndarray, labels: li
         writer = csv.writer(fh)
         writer.writerow(["true", "predicted", "count", "share_of_true"])
         for t, p, c, share in rows[:limit]:
-            writer.writerow([t, p, c, f"{share:.4f}"])
+            writer.writerow([spreadsheet_safe(t), spreadsheet_safe(p), c, f"{share:.4f}"])
     return [(t, p, c) for t, p, c, _ in rows if p != "(no face)"]
 
 
@@ -296,6 +300,8 @@ def write_reports(out: Path, metrics: dict, labels: list[str]) -> None:
     """classification_report.txt and .csv: per identity, then macro and weighted averages."""
     import csv
 
+    from pinsface.dataset import spreadsheet_safe
+
     rows = [(name, v["precision"], v["recall"], v["f1"], v["support"]) for name, v in metrics["per_identity"].items()]
     support = np.array([r[4] for r in rows], dtype=np.float64)
     present = support > 0
@@ -315,7 +321,7 @@ def write_reports(out: Path, metrics: dict, labels: list[str]) -> None:
         writer = csv.writer(fh)
         writer.writerow(["identity", "precision", "recall", "f1", "support"])
         for r in rows:
-            writer.writerow([r[0], f"{r[1]:.6f}", f"{r[2]:.6f}", f"{r[3]:.6f}", r[4]])
+            writer.writerow([spreadsheet_safe(r[0]), f"{r[1]:.6f}", f"{r[2]:.6f}", f"{r[3]:.6f}", r[4]])
         writer.writerow(["macro avg", *(f"{v:.6f}" for v in macro), int(support.sum())])
         writer.writerow(["weighted avg", *(f"{v:.6f}" for v in weighted), int(support.sum())])
 

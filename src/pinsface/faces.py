@@ -43,7 +43,8 @@ class FaceDetector:
         self._mtcnn = MTCNN(device="CPU:0")
 
     def detect(self, images: list[np.ndarray], min_face_sizes: list[float] | None = None) -> list[list[Face]]:
-        """Faces per image. Same-shape images go through MTCNN together; big ones are scanned downscaled."""
+        """Faces per image. Same-shape images go through MTCNN together; big ones are scanned downscaled, no finer
+        than the smallest wanted face needs (``detection_factor``)."""
         s = self.settings
         results: list[list[Face]] = [[] for _ in images]
         groups: dict[tuple, list[int]] = {}
@@ -51,17 +52,25 @@ class FaceDetector:
         factors: list[float] = []
         for i, image in enumerate(images):
             h, w = image.shape[:2]
-            factor = min(1.0, s.detect_max_side / max(h, w))
-            small = image if factor == 1.0 else cv2.resize(image, (round(w * factor), round(h * factor)),
-                                                           interpolation=cv2.INTER_AREA)
+            wanted = max(s.min_face_size, min_face_sizes[i] if min_face_sizes else 0)
+            factor = detection_factor(h, w, wanted, s)
+            size = (max(1, round(w * factor)), max(1, round(h * factor)))
+            small = image if factor == 1.0 else cv2.resize(image, size, interpolation=cv2.INTER_AREA)
             scaled.append(small)
             factors.append(factor)
-            groups.setdefault(small.shape, []).append(i)
+            if min(small.shape[:2]) >= 12:  # PNet's window: nothing smaller can hold a face
+                groups.setdefault(small.shape, []).append(i)
+        batches = []
         for indices in groups.values():
             wanted = [
                 max(s.min_face_size, (min_face_sizes[i] if min_face_sizes else 0)) * factors[i] for i in indices
             ]
             min_face = max(12.0, min(wanted))
+            h, w = scaled[indices[0]].shape[:2]
+            # MTCNN's memory grows with the batch times the pixels PNet scans: bound it for any photo size.
+            per_batch = max(1, int(DETECT_BATCH_PIXELS / (h * w * (12.0 / min_face) ** 2)))
+            batches += [(indices[k:k + per_batch], min_face) for k in range(0, len(indices), per_batch)]
+        for indices, min_face in batches:
             rows = self._mtcnn.detect_faces(
                 [scaled[i] for i in indices], output_type="numpy", box_format="xyxy", min_face_size=min_face,
                 threshold_pnet=s.thresholds[0], threshold_rnet=s.thresholds[1], threshold_onet=s.thresholds[2],
@@ -76,6 +85,44 @@ class FaceDetector:
         for faces in results:
             faces.sort(key=lambda face: -face.confidence)
         return results
+
+
+# A face of the smallest wanted size reaches MTCNN at least this many pixels wide (its window is 12), and an
+# image is never shrunk below this long side for it: dataset crops and small photos are scanned as they are.
+DETECT_FACE_PX = 16
+DETECT_KEEP_SIDE = 720
+# Pixels of PNet's largest pyramid level in one MTCNN call (sets its peak memory).
+DETECT_BATCH_PIXELS = 1_000_000
+
+
+def detection_factor(height: int, width: int, min_face: float, settings: FaceSettings) -> float:
+    """How much to shrink an image before MTCNN: to at most ``detect_max_side`` on the long side, and for large
+    photos further, as far as the smallest wanted face allows (MTCNN's time grows with the pixels it scans)."""
+    long_side = max(height, width)
+    factor = min(1.0, settings.detect_max_side / long_side)
+    return min(factor, max(DETECT_FACE_PX / max(min_face, 1.0), DETECT_KEEP_SIDE / long_side))
+
+
+def detect_each(detector, images: list[np.ndarray], min_face_sizes: list[float] | None = None
+                ) -> list[list[Face] | Exception]:
+    """``detector.detect`` that survives a failing image: if the batch raises, each image is retried alone and
+    the one that fails gets its exception in place of its faces."""
+    try:
+        return detector.detect(images, min_face_sizes)
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        if len(images) == 1:
+            return [exc]
+    out: list[list[Face] | Exception] = []
+    for i, image in enumerate(images):
+        try:
+            out.append(detector.detect([image], [min_face_sizes[i]] if min_face_sizes else None)[0])
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001  (one image's detector or OpenCV error must not stop the run)
+            out.append(exc)
+    return out
 
 
 def choose_face(faces: list[Face], image_shape: tuple[int, ...]) -> int:
@@ -96,6 +143,74 @@ def choose_face(faces: list[Face], image_shape: tuple[int, ...]) -> int:
         return ((cx - w / 2) / w) ** 2 + ((cy - h / 2) / h) ** 2
 
     return min(candidates, key=off_centre)
+
+
+# What became of an image in a person's folder. Stored in the face cache, which maps them to codes in this
+# order: new ones go at the end. The FACE_STATUSES have a chosen face and train; "no_face" images are crop-like
+# and are aligned with the mean landmarks when Settings.no_face_fallback is on; the rest are left out.
+STATUSES = ("ok", "small_face", "subject", "ambiguous", "no_face", "no_face_photo")
+FACE_STATUSES = ("ok", "small_face", "subject")
+# One face under this fraction of the image's shorter side is a "small_face".
+SMALL_FACE_FRACTION = 0.2
+# In a photo with several faces the best one must score this many times the next, or the photo is "ambiguous".
+SUBJECT_MARGIN = 1.5
+# A face at least this fraction of the shorter side makes the image a crop around it (like the Pins photos).
+CROP_FACE_FRACTION = 0.25
+
+
+def subject_scores(faces: list[Face], image_shape: tuple[int, ...]) -> np.ndarray:
+    """How likely each face is the photo's subject: large, confident and central scores high."""
+    h, w = image_shape[:2]
+    scores = []
+    for face in faces:
+        cx, cy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
+        off = ((cx - w / 2) / w) ** 2 + ((cy - h / 2) / h) ** 2
+        scores.append(face.size * face.confidence ** 2 * np.exp(-off / (2 * 0.35 ** 2)))
+    return np.asarray(scores, dtype=np.float64)
+
+
+def is_crop_shaped(image_shape: tuple[int, ...], settings: FaceSettings) -> bool:
+    """A small, square or portrait image: shaped like a dataset's face crop (the Pins photos) more than a photo."""
+    h, w = image_shape[:2]
+    return max(h, w) <= settings.detect_max_side and 0.6 <= w / h <= 1.1
+
+
+def is_crop_like(faces: list[Face], image_shape: tuple[int, ...], settings: FaceSettings) -> bool:
+    """Whether the image is a crop around one face rather than a photo of a scene."""
+    if is_crop_shaped(image_shape, settings):
+        return True
+    return bool(faces) and max(face.size for face in faces) >= CROP_FACE_FRACTION * min(image_shape[:2])
+
+
+def choose_subject(faces: list[Face], image_shape: tuple[int, ...], settings: FaceSettings | None = None
+                   ) -> tuple[int, str]:
+    """(index of the subject's face or -1, one of ``STATUSES``) for an image in a person's folder.
+
+    One face: "ok", or "small_face" under ``SMALL_FACE_FRACTION`` of the shorter side. Several: in a crop-like
+    image the portrait rule (``choose_face``) picks the centred face; in a photo the best ``subject_scores`` face
+    is the "subject" when it clearly leads, else the photo is "ambiguous". None: "no_face" where the image is
+    crop-like (the mean-landmark fallback fits it), "no_face_photo" elsewhere.
+    """
+    settings = settings or FaceSettings()
+    if not faces:
+        return -1, "no_face" if is_crop_like(faces, image_shape, settings) else "no_face_photo"
+    if len(faces) == 1:
+        small = faces[0].size < SMALL_FACE_FRACTION * min(image_shape[:2])
+        return 0, "small_face" if small else "ok"
+    if is_crop_like(faces, image_shape, settings):
+        return choose_face(faces, image_shape), "subject"
+    scores = subject_scores(faces, image_shape)
+    order = np.argsort(-scores)
+    best, second = int(order[0]), int(order[1])
+    return best, "subject" if scores[best] >= SUBJECT_MARGIN * scores[second] else "ambiguous"
+
+
+def min_subject_size(image_shape: tuple[int, ...], settings: FaceSettings) -> float:
+    """The smallest face counted in a person's folder, in pixels: ``min_face_fraction`` of a photo's shorter side
+    (``crop_min_face_fraction`` in a crop-shaped image, where a small face is not the subject), and at least
+    ``min_face_size``."""
+    fraction = settings.crop_min_face_fraction if is_crop_shaped(image_shape, settings) else settings.min_face_fraction
+    return max(float(settings.min_face_size), fraction * min(image_shape[:2]))
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -158,3 +273,39 @@ def landmarks_box(landmarks: np.ndarray) -> np.ndarray:
     half = 1.1 * eye_mouth
     return np.array([centre[0] - half, centre[1] - 1.2 * half, centre[0] + half, centre[1] + 0.9 * half],
                     dtype=np.float32)
+
+
+# A chip is cut from an image in which the face is at least this many pixels wide (about its size in the chip):
+# large photos are decoded at reduced scale only as far as that allows.
+ALIGN_FACE_PX = 100
+
+
+def to_full_face(face: Face, view) -> Face:
+    """A face found in ``view.pixels`` (an ``images.Decoded``) in full-resolution coordinates."""
+    corners = view.to_full(face.box.reshape(2, 2)).reshape(4)
+    return Face(corners.astype(np.float32), face.confidence, view.to_full(face.landmarks))
+
+
+def crop_scale_ok(view, face_sizes: list[float]) -> bool:
+    """Whether ``view`` is fine enough to cut chips of faces of these full-resolution sizes."""
+    sx = min(view.scale)
+    return sx >= 0.999 or all(size * sx >= ALIGN_FACE_PX for size in face_sizes)
+
+
+def face_crops(view, landmarks: np.ndarray, box: np.ndarray, settings: FaceSettings) -> tuple[np.ndarray, np.ndarray]:
+    """(aligned chip, box crop) of one face given in full-resolution coordinates, cut from ``view``."""
+    aligned = align_face(view.pixels, view.from_full(landmarks), settings)
+    crop = box_crop(view.pixels, view.from_full(np.asarray(box).reshape(2, 2)).reshape(4), settings.box_size)
+    return aligned, crop
+
+
+def refine_view(source, view, face_sizes: list[float], max_pixels: int):
+    """``view`` again, decoded from ``source`` (a path or bytes) fine enough to cut chips of faces of these
+    full-resolution sizes (see ``crop_scale_ok``)."""
+    from pinsface.images import load_scaled, reduction_for
+
+    if isinstance(source, np.ndarray) or not face_sizes:
+        return view
+    fine = reduction_for(min(face_sizes), ALIGN_FACE_PX)
+    short = min(view.full_size)
+    return load_scaled(source, max_pixels, -(-short // fine) if fine > 1 else None)

@@ -1,20 +1,35 @@
-"""Read any image a user may bring into an RGB uint8 array, or fail with a named reason."""
+"""Read any image a user may bring into an RGB uint8 array, or fail with a named reason.
+
+Nothing is read without bounds: only regular files (never FIFOs or devices, even behind a link), at most
+``DEFAULT_MAX_BYTES`` of them, decoded only by the Pillow plugins of the formats pinsface accepts, and only when
+the header's pixel count is under the cap. Large JPEGs can be decoded at a reduced scale (libjpeg's DCT scaling),
+which is how photos of any size are read in bounded memory and time.
+"""
 
 from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
-from pathlib import Path
+from dataclasses import dataclass
+from struct import error as struct_error  # Pillow raises it for some malformed headers
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_BYTES = 100 * 1024 * 1024
+# No face of the smallest size pinsface looks for fits in a thinner image.
+MIN_SIDE = 20
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# The only Pillow plugins ever asked to read a file: the formats of dataset.IMAGE_EXTENSIONS. Anything else
+# (EPS/PostScript, which Pillow hands to Ghostscript, and the rarer plugins) is "not_an_image", whatever its name.
+FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF", "PPM")
 
 # The reasons a file is skipped; each one is reported by name.
-REASONS = ("unreadable", "empty_file", "not_an_image", "truncated", "too_large")
+REASONS = ("unreadable", "empty_file", "not_an_image", "truncated", "too_large", "too_small", "not_a_file",
+           "bad_name", "detector_error")
 
 
 class BadImage(Exception):
@@ -26,42 +41,124 @@ class BadImage(Exception):
         self.detail = detail
 
 
-def read_bytes(path: str | os.PathLike) -> bytes:
+def read_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; FIFOs, devices and sockets are never opened."""
     try:
-        return Path(path).read_bytes()
+        info = os.stat(path)  # follows links: a link to /dev/zero is judged by what it points at
+    except (OSError, ValueError) as exc:
+        raise BadImage("unreadable", str(exc)) from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise BadImage("not_a_file", f"{os.fsdecode(path)!r} is not a regular file")
+    if info.st_size > max_bytes:
+        raise BadImage("too_large", f"{info.st_size} bytes is over the cap of {max_bytes}")
+    try:
+        # O_NONBLOCK: if the name was swapped for a FIFO since the check, opening it must not hang.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise BadImage("unreadable", str(exc)) from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BadImage("not_a_file", f"{os.fsdecode(path)!r} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise BadImage("unreadable", str(exc)) from exc
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise BadImage("too_large", f"over the cap of {max_bytes} bytes")
+    return data
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Bytes -> (H, W, 3) uint8 RGB with EXIF orientation applied."""
+@dataclass
+class Decoded:
+    """An image decoded at some scale: ``pixels`` (h, w, 3) and the ``full_size`` (height, width) it has at full
+    resolution (both with EXIF orientation applied)."""
+
+    pixels: np.ndarray
+    full_size: tuple[int, int]
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """(x, y) factors from full-resolution pixel coordinates to ``pixels`` coordinates."""
+        return self.pixels.shape[1] / self.full_size[1], self.pixels.shape[0] / self.full_size[0]
+
+    def to_full(self, points: np.ndarray) -> np.ndarray:
+        """Points (..., 2) in ``pixels`` coordinates -> full-resolution coordinates (pixel centres kept)."""
+        sx, sy = self.scale
+        return ((np.asarray(points, np.float64) + 0.5) / np.array([sx, sy]) - 0.5).astype(np.float32)
+
+    def from_full(self, points: np.ndarray) -> np.ndarray:
+        sx, sy = self.scale
+        return ((np.asarray(points, np.float64) + 0.5) * np.array([sx, sy]) - 0.5).astype(np.float32)
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Identify ``data`` and check its header (format, pixel count, shape) without decoding the pixels."""
     if not data:
         raise BadImage("empty_file")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise BadImage("too_large", str(exc)) from exc
         except UnidentifiedImageError as exc:
             raise BadImage("not_an_image", "not a recognised image format") from exc
-        except OSError as exc:
+        except (OSError, SyntaxError, ValueError, TypeError, struct_error, EOFError) as exc:
             raise BadImage("unreadable", str(exc)) from exc
-        width, height = image.size
-        if width * height > max_pixels:
-            raise BadImage("too_large", f"{width}x{height} pixels is over the cap of {max_pixels}")
+    width, height = image.size
+    if width * height > max_pixels:
+        raise BadImage("too_large", f"{width}x{height} pixels is over the cap of {max_pixels}")
+    if min(width, height) < MIN_SIDE:
+        raise BadImage("too_small", f"{width}x{height} pixels: no face fits")
+    return image
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(0x0112, 1))
+    except Exception:  # a malformed EXIF block must not cost the image
+        return 1
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> np.ndarray:
+    """Bytes -> (H, W, 3) uint8 RGB with EXIF orientation applied (see ``decode_scaled`` for ``min_side``)."""
+    return decode_scaled(data, max_pixels, min_side).pixels
+
+
+def decode_scaled(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> Decoded:
+    """Decode ``data``; with ``min_side``, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps
+    its shorter side at least ``min_side`` pixels, at a fraction of the time and memory of a full decode."""
+    image = open_image(data, max_pixels)
+    width, height = image.size
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
+            if min_side and image.format in ("JPEG", "MPO") and min(width, height) >= 2 * min_side:
+                f = min_side / min(width, height)
+                image.draft(None, (max(1, int(width * f)), max(1, int(height * f))))
             image.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise BadImage("too_large", str(exc)) from exc
-        except (OSError, SyntaxError, ValueError) as exc:
-            reason = "truncated" if "truncat" in str(exc).lower() or "broken data" in str(exc).lower() else "unreadable"
+        except (OSError, SyntaxError, ValueError, TypeError, struct_error, EOFError, MemoryError) as exc:
+            text = str(exc).lower()
+            reason = "truncated" if "truncat" in text or "broken data" in text else "unreadable"
             raise BadImage(reason, str(exc)) from exc
+    full = (height, width)
+    if _orientation(image) in (5, 6, 7, 8):
+        full = (width, height)
     try:
         image = ImageOps.exif_transpose(image)
     except Exception:  # a malformed EXIF block must not cost the image
         pass
-    return to_rgb(image)
+    try:
+        pixels = to_rgb(image)
+    except (OSError, ValueError, TypeError) as exc:
+        raise BadImage("unreadable", str(exc)) from exc
+    if pixels.shape[:2] != full and pixels.shape[:2] == full[::-1]:  # orientation tag ignored after all
+        full = full[::-1]
+    return Decoded(pixels, full)
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
@@ -80,14 +177,33 @@ def to_rgb(image: Image.Image) -> np.ndarray:
 
 def load_image(source: str | os.PathLike | bytes | np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """A path, encoded bytes or an array -> (H, W, 3) uint8 RGB. Raises ``BadImage``."""
+    return load_scaled(source, max_pixels).pixels
+
+
+def load_scaled(source: str | os.PathLike | bytes | np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS,
+                min_side: int | None = None) -> Decoded:
+    """Like ``load_image``, possibly at a reduced scale (``decode_scaled``). Raises ``BadImage``."""
     if isinstance(source, np.ndarray):
         array = source
         if array.ndim == 2:
             array = np.repeat(array[:, :, None], 3, axis=2)
         if array.ndim != 3 or array.shape[2] not in (3, 4):
             raise BadImage("not_an_image", f"array of shape {source.shape}")
+        if min(array.shape[:2]) < MIN_SIDE:
+            raise BadImage("too_small", f"array of shape {source.shape}: no face fits")
         if array.dtype != np.uint8:
             array = np.clip(array, 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(array[:, :, :3])
+        array = np.ascontiguousarray(array[:, :, :3])
+        return Decoded(array, array.shape[:2])
     data = source if isinstance(source, (bytes, bytearray)) else read_bytes(source)
-    return decode_image(bytes(data), max_pixels)
+    return decode_scaled(bytes(data), max_pixels, min_side)
+
+
+def reduction_for(face_size: float, target: float) -> int:
+    """The largest JPEG reduction (1, 2, 4 or 8) that keeps a face of ``face_size`` full-resolution pixels at
+    least ``target`` pixels."""
+    for d in (8, 4, 2):
+        if face_size / d >= target:
+            return d
+    return 1
+

@@ -46,7 +46,10 @@ def split_arrays(prepared: Prepared, split: Split, labels: list[str], settings: 
 def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None, cache_dir=None,
           progress: bool = True, prepared: Prepared | None = None) -> dict:
     """Prepare (if needed) and train ``settings.model``; write the run folder and return a summary."""
+    from pinsface.dataset import check_trainable, default_data_dir, scan_dataset
+
     settings = dataclasses.replace(settings or Settings())
+    check_trainable(prepared.dataset if prepared else scan_dataset(data_dir if data_dir else default_data_dir()))
     if settings.model == "embedding" and settings.mixup and settings.class_weights:
         raise ValueError("mixup and class weights do not combine: set Settings.mixup=0 to use class weights")
     run = Run(out_dir).create()

@@ -73,13 +73,18 @@ def most_confused_block(confusion: np.ndarray, size: int) -> tuple[int, int]:
     return start, start + size
 
 
+def as_text(name: str) -> str:
+    """A name as matplotlib should show it: dollar signs literal, never read as mathtext."""
+    return str(name).replace("$", r"\$")
+
+
 def plot_confusion(confusion: np.ndarray, labels: list[str], order: np.ndarray, path: Path,
                    zoom: int = 14) -> tuple[Path, tuple[int, int]]:
     """Row-normalised confusion matrix in cluster order, with a zoomed, annotated most-confused block."""
     cm = confusion[np.ix_(order, order)].astype(np.float64)
     rows = cm.sum(1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-    names = [labels[i] for i in order]
+    names = [as_text(labels[i]) for i in order]
     n = len(names)
     side = max(8.0, 0.15 * n + 3)
     fig = plt.figure(figsize=(side + 9, side))
@@ -158,8 +163,8 @@ def plot_samples(samples: list[dict], path: Path, title: str, columns: int = 6) 
         ax.axis("on")
         ok = sample["true"] == sample["pred"]
         color = "forestgreen" if ok else "crimson"
-        pred = sample["pred"] if sample["pred"] is not None else "-"
-        text = f"true: {sample['true']}\npred: {pred}\nconf: {sample['confidence']:.2f}"
+        pred = as_text(sample["pred"]) if sample["pred"] is not None else "-"
+        text = f"true: {as_text(sample['true'])}\npred: {pred}\nconf: {sample['confidence']:.2f}"
         _crop_panel(ax, sample["image"], text, color, sample.get("note"))
         if paired:
             nax = axes[r][c + 1]

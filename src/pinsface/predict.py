@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pinsface.faces import FaceDetector, align_face, choose_face
-from pinsface.images import BadImage, load_image
+from pinsface.faces import (FaceDetector, align_face, choose_face, crop_scale_ok, detect_each, refine_view,
+                            to_full_face)
+from pinsface.images import BadImage, Decoded, load_image, load_scaled
 from pinsface.run import Run, RunState
 from pinsface.settings import Settings
 
@@ -60,11 +61,15 @@ def expand_inputs(inputs: list[str]) -> list[str]:
         if path.is_dir():
             files.extend(str(p) for p in sorted(path.rglob("*"))
                          if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
-        elif any(ch in item for ch in "*?["):
+        elif any(ch in item for ch in "*?[") and not os.path.lexists(item):  # an existing file is a file
             files.extend(sorted(glob.glob(item, recursive=True)))
         else:
             files.append(item)
     return files
+
+
+# Photos are decoded for naming at a scale whose shorter side is at least this (JPEG DCT scaling).
+PHOTO_DECODE_MIN_SIDE = 1000
 
 
 class Recognizer:
@@ -150,17 +155,36 @@ class Recognizer:
         bar = tqdm(total=len(sources), desc="photos", unit="photo", disable=not progress, leave=False)
         for lo in range(0, len(sources), batch_size):
             batch = sources[lo:lo + batch_size]
-            arrays, names, entries = [], [], []
+            arrays, names, entries, sources = [], [], [], []
             for source in batch:
                 name = source if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
+                # A name that is not UTF-8 is shown escaped: printing it must not stop the run.
+                name = os.fsencode(name).decode("utf-8", "backslashreplace") if isinstance(name, (str, os.PathLike)) \
+                    else name
                 try:
-                    arrays.append(load_image(source, self.face_settings.max_pixels))
+                    # Large photos are decoded at reduced scale (see faces.refine_view): memory stays bounded.
+                    arrays.append(load_scaled(source, self.face_settings.max_pixels, PHOTO_DECODE_MIN_SIDE))
                     names.append(str(name))
                     entries.append(None)
+                    sources.append(source)
                 except BadImage as exc:
                     entries.append(ImageResult(str(name), [], error=exc.reason))
-            faces = (self._name(arrays, self.detector.detect(arrays), top_k, threshold, min_probability)
-                     if arrays else [])
+            found = detect_each(self.detector, [view.pixels for view in arrays]) if arrays else []
+            pending = [j for j, e in enumerate(entries) if e is None]
+            for k, faces in enumerate(found):
+                if isinstance(faces, Exception):  # this image alone failed in the detector: report it, go on
+                    entries[pending[k]] = ImageResult(
+                        names[k], [], error="detector_error", note=f"{type(faces).__name__}: {faces}")
+            keep = [k for k, faces in enumerate(found) if not isinstance(faces, Exception)]
+            arrays, names, sources = [arrays[k] for k in keep], [names[k] for k in keep], [sources[k] for k in keep]
+            found = [[to_full_face(f, view) for f in found[k]] for k, view in zip(keep, arrays)]
+            try:
+                arrays = [view if crop_scale_ok(view, [f.size for f in faces]) else
+                          refine_view(source, view, [f.size for f in faces], self.face_settings.max_pixels)
+                          for source, view, faces in zip(sources, arrays, found)]
+            except BadImage:  # the file changed under us: use what was decoded
+                pass
+            faces = self._name(arrays, found, top_k, threshold, min_probability) if arrays else []
             it = iter(zip(names, faces))
             for entry in entries:
                 if entry is None:
@@ -178,7 +202,10 @@ class Recognizer:
         crops, owners = [], []
         for i, (image, faces) in enumerate(zip(images, detections)):
             for face in faces:
-                crops.append(align_face(image, face.landmarks, self.face_settings))
+                if isinstance(image, Decoded):  # a reduced-scale view; faces are in full-resolution pixels
+                    crops.append(align_face(image.pixels, image.from_full(face.landmarks), self.face_settings))
+                else:
+                    crops.append(align_face(image, face.landmarks, self.face_settings))
                 owners.append((i, face))
         out: list[list[Face]] = [[] for _ in images]
         if not crops:
@@ -224,6 +251,9 @@ class Recognizer:
         The faces are found and embedded first; then, holding the run folder's lock, the latest saved state is
         read (another process may have enrolled someone meanwhile), the person is added, the head refitted and,
         with ``save``, the new state saved as one unit."""
+        from pinsface.dataset import check_identity_name
+
+        name = check_identity_name(name)
         emb, emb_flip, used, skipped = self.faces_for_enrolment(images)
         if not used:
             raise ValueError(f"no usable face in the {len(images)} photo(s) given for {name!r}")

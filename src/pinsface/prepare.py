@@ -13,8 +13,10 @@ import numpy as np
 
 from pinsface.cache import FaceCache, content_hash
 from pinsface.dataset import Dataset, scan_dataset
-from pinsface.faces import FaceDetector, align_face, box_crop, choose_face, fallback_landmarks, landmarks_box
-from pinsface.images import BadImage, decode_image, read_bytes
+from pinsface.faces import (FACE_STATUSES, STATUSES, FaceDetector, choose_subject, crop_scale_ok,
+                            detect_each, face_crops, fallback_landmarks, is_crop_like, landmarks_box,
+                            min_subject_size, refine_view, subject_scores, to_full_face)
+from pinsface.images import BadImage, decode_scaled, read_bytes
 from pinsface.settings import FaceSettings
 
 log = logging.getLogger(__name__)
@@ -24,7 +26,8 @@ CHUNK_IMAGES = 512
 
 @dataclass
 class Prepared:
-    """The dataset with each image's content hash and outcome: 'ok', 'no_face' or a skip reason."""
+    """The dataset with each image's content hash and outcome: one of ``faces.STATUSES`` or a skip reason
+    (``images.REASONS``)."""
 
     dataset: Dataset
     hashes: list[str | None]
@@ -40,29 +43,41 @@ class Prepared:
 def usable_status(settings) -> set[str]:
     """The statuses whose images have a face crop to learn from and score: found faces, and with the no-face
     fallback on (``Settings.no_face_fallback``), the mean-landmark crops of images where none was found."""
-    return {"ok", "no_face"} if settings.no_face_fallback else {"ok"}
+    from pinsface.faces import FACE_STATUSES
+
+    return {*FACE_STATUSES, "no_face"} if settings.no_face_fallback else set(FACE_STATUSES)
 
 
-def face_record(image: np.ndarray, faces, settings: FaceSettings, digest: str) -> dict:
-    """What the cache keeps for one image: every detection, the chosen face and its two crops."""
-    chosen = choose_face(faces, image.shape)
+def face_record(image: np.ndarray, faces, settings: FaceSettings, digest: str, view=None, chosen: int | None = None,
+                status: str | None = None) -> dict:
+    """What the cache keeps for one image: every detection, the chosen face and its two crops.
+
+    ``faces`` are in full-resolution coordinates; the crops are cut from ``view`` (an ``images.Decoded``, which
+    must be fine enough for the chosen face) or, without one, from ``image``."""
+    from pinsface.images import Decoded
+
+    view = view if view is not None else Decoded(image, image.shape[:2])
+    shape = tuple(view.full_size)
+    if chosen is None:
+        chosen, status = choose_subject(faces, shape, settings)
     if chosen >= 0:
         landmarks, box, fallback = faces[chosen].landmarks, faces[chosen].box, False
     else:
-        landmarks = fallback_landmarks(image.shape, settings)
+        landmarks = fallback_landmarks(shape, settings)
         box, fallback = landmarks_box(landmarks), True
+    aligned, crop = face_crops(view, landmarks, box, settings)
     return {
         "hash": digest,
-        "status": "ok" if chosen >= 0 else "no_face",
+        "status": status,
         "n_faces": len(faces),
         "chosen": chosen,
         "boxes": np.array([f.box for f in faces], dtype=np.float32).reshape(-1, 4),
         "scores": np.array([f.confidence for f in faces], dtype=np.float32),
         "landmarks": np.array([f.landmarks for f in faces], dtype=np.float32).reshape(-1, 5, 2),
-        "image_shape": np.array(image.shape[:2], dtype=np.int32),
+        "image_shape": np.array(shape, dtype=np.int32),
         "fallback": fallback,
-        "aligned": align_face(image, landmarks, settings),
-        "box": box_crop(image, box, settings.box_size),
+        "aligned": aligned,
+        "box": crop,
     }
 
 
@@ -72,6 +87,154 @@ def _hash_file(path: Path) -> tuple[str | None, str | None]:
         return content_hash(read_bytes(path)), None
     except BadImage as exc:
         return None, exc.reason
+
+
+# Decoded pixels held at once for one detector batch (bytes of RGB): a batch of large photos is split to fit.
+BATCH_BYTES = 200_000_000
+# Each image is decoded at a scale whose shorter side is at least this (or in full): enough for detection and,
+# in 12-megapixel photos, for chips of faces down to a few percent of the frame without a second decode.
+DECODE_MIN_SIDE = 1000
+# First, coarse scan of photos (see _image_records): faces from this fraction of the shorter side; its result
+# stands when its largest face is COARSE_ACCEPT times that size or more.
+COARSE_FACE_FRACTION = 0.05
+COARSE_ACCEPT = 1.5
+# Candidate faces per multi-face photo kept for the second pass.
+MAX_CANDIDATES = 4
+
+
+def _decode(path: Path, settings: FaceSettings):
+    """(Decoded, file bytes) or a BadImage, for one file; never raises otherwise."""
+    try:
+        data = read_bytes(path)
+        return decode_scaled(data, settings.max_pixels, DECODE_MIN_SIDE), data
+    except BadImage as exc:
+        return exc
+    except Exception as exc:  # noqa: BLE001  (a decoder bug on one file must not stop the run)
+        return BadImage("unreadable", f"{type(exc).__name__}: {exc}")
+
+
+def _decoded_batches(pool, paths: list[tuple[int, Path]], batch_size: int, settings: FaceSettings):
+    """Decode files a few at a time, yielding batches of at most ``batch_size`` images and ``BATCH_BYTES``."""
+    batch, held = [], 0
+    window = 8
+    for lo in range(0, len(paths), window):
+        part = paths[lo:lo + window]
+        for (i, _), result in zip(part, pool.map(lambda p: _decode(p[1], settings), part)):
+            batch.append((i, result))
+            if not isinstance(result, BadImage):
+                held += result[0].pixels.nbytes + len(result[1])
+            if len(batch) >= batch_size or held >= BATCH_BYTES:
+                yield batch
+                batch, held = [], 0
+    if batch:
+        yield batch
+
+
+def _image_records(detector, batch, hashes, settings: FaceSettings, held: dict) -> tuple[list[dict], list]:
+    """Detect faces in one decoded batch and make each image's record. Returns (records, [(i, BadImage)]).
+
+    Photos with several faces whose subject a second pass may settle are put in ``held`` (hash -> record
+    with each candidate's crops) instead of being returned."""
+    good = [(i, view, data) for i, (view, data) in ((i, r) for i, r in batch if not isinstance(r, BadImage))]
+    errors = [(i, r) for i, r in batch if isinstance(r, BadImage)]
+    images = [view.pixels for _, view, _ in good]
+    min_sizes = [min_subject_size(view.full_size, settings) * min(view.scale) for _, view, _ in good]
+    # Coarse to fine: a photo is first scanned for faces of COARSE_FACE_FRACTION of its shorter side and up
+    # (a fraction of MTCNN's time), and scanned down to the smallest size only when that found no face large
+    # enough that any face it could miss is too small to be the subject.
+    coarse = [max(m, COARSE_FACE_FRACTION * min(image.shape[:2])) for m, image in zip(min_sizes, images)]
+    found = detect_each(detector, images, coarse)
+    finer = [k for k, faces in enumerate(found) if coarse[k] > min_sizes[k] and not isinstance(faces, Exception)
+             and (not faces or max(f.size for f in faces) < COARSE_ACCEPT * coarse[k])]
+    if finer:
+        for k, faces in zip(finer, detect_each(detector, [images[k] for k in finer], [min_sizes[k] for k in finer])):
+            found[k] = faces
+    records = []
+    for (i, view, data), found in zip(good, found):
+        if isinstance(found, Exception):
+            errors.append((i, BadImage("detector_error", f"{type(found).__name__}: {found}")))
+            continue
+        try:
+            faces = [to_full_face(face, view) for face in found]
+            chosen, status = choose_subject(faces, view.full_size, settings)
+            wanted = [faces[chosen].size] if chosen >= 0 else []
+            multi = status in ("subject", "ambiguous") and not is_crop_like(faces, view.full_size, settings)
+            order = list(np.argsort(-subject_scores(faces, view.full_size))[:MAX_CANDIDATES]) if multi else []
+            if multi:
+                wanted = [faces[k].size for k in order]
+            if wanted and not crop_scale_ok(view, wanted):
+                view = refine_view(data, view, wanted, settings.max_pixels)
+            record = face_record(view.pixels, faces, settings, hashes[i], view, chosen, status)
+            if multi and settings.subject_pass_min_photos > 0:
+                record["candidates"] = {int(k): face_crops(view, faces[k].landmarks, faces[k].box, settings)
+                                        for k in order}
+                held[hashes[i]] = (i, record)
+            else:
+                records.append(record)
+        except BadImage as exc:
+            errors.append((i, exc))
+        except Exception as exc:  # noqa: BLE001  (an OpenCV error on one image must not stop the run)
+            errors.append((i, BadImage("detector_error", f"{type(exc).__name__}: {exc}")))
+    return records, errors
+
+
+# Descriptor distance (dlib's scale: under 0.6 is the same person) within which a candidate face counts as the
+# person's, and the lead it needs over the next candidate, for the second pass to decide a photo.
+SUBJECT_DISTANCE = 0.6
+SUBJECT_DISTANCE_MARGIN = 0.08
+SUBJECT_REFERENCES = 32
+
+
+def second_pass(held: dict, dataset: Dataset, hashes: list, status: list, cache: FaceCache,
+                settings: FaceSettings, embedder=None) -> dict:
+    """Choose the subject of held multi-face photos by their faces' distance to the person's single-face photos.
+
+    Done per identity with at least ``subject_pass_min_photos`` held photos and 3 single-face references; other
+    held photos keep the rule's choice. Returns counts of what changed."""
+    by_identity: dict[str, list[str]] = {}
+    for digest, (i, _) in held.items():
+        by_identity.setdefault(dataset.items[i].identity, []).append(digest)
+    counts = Counter()
+    todo = {}
+    for identity, digests in by_identity.items():
+        if len(digests) < settings.subject_pass_min_photos:
+            continue
+        refs = [hashes[i] for i, it in enumerate(dataset.items)
+                if it.identity == identity and status[i] in ("ok", "small_face") and hashes[i]]
+        if len(refs) >= 3:
+            todo[identity] = (digests, refs[:SUBJECT_REFERENCES])
+    if not todo:
+        return dict(counts)
+    if embedder is None:
+        from pinsface.backbones import get_backbone
+        from pinsface.embeddings import Embedder
+
+        embedder = Embedder(get_backbone())
+    table = cache.load(sorted({h for _, refs in todo.values() for h in refs}), crops=("aligned",))
+    for identity, (digests, refs) in todo.items():
+        refs = [h for h in refs if h in table]
+        if len(refs) < 3:
+            continue
+        ref_emb = embedder(table.columns["aligned"][table.rows(refs)])
+        for digest in digests:
+            _, record = held[digest]
+            keys = list(record["candidates"])
+            emb = embedder(np.stack([record["candidates"][k][0] for k in keys]))
+            dist = np.linalg.norm(emb[:, None, :] - ref_emb[None, :, :], axis=2)
+            near = np.sort(dist, axis=1)[:, :min(5, len(refs))].mean(axis=1)
+            order = np.argsort(near)
+            best = int(order[0])
+            lead = near[order[1]] - near[best] if len(order) > 1 else np.inf
+            if near[best] <= SUBJECT_DISTANCE and lead >= SUBJECT_DISTANCE_MARGIN:
+                chosen = keys[best]
+                counts["changed" if chosen != record["chosen"] else "confirmed"] += 1
+                if record["status"] == "ambiguous":
+                    counts["resolved"] += 1
+                record["chosen"], record["status"] = chosen, "subject"
+                record["aligned"], record["box"] = record["candidates"][chosen]
+            else:
+                counts["undecided"] += 1
+    return dict(counts)
 
 
 def prepare(data_dir=None, cache_dir=None, settings: FaceSettings | None = None, batch_size: int = 64,
@@ -106,41 +269,45 @@ def prepare(data_dir=None, cache_dir=None, settings: FaceSettings | None = None,
     bar = tqdm(total=len(todo), desc="faces", unit="img", disable=not progress, leave=False)
     detector = detector if (detector or not todo) else FaceDetector(settings)
     scheduled: set[str] = set()
+    held: dict[str, tuple[int, dict]] = {}
 
-    def decode(i: int):
-        try:
-            return decode_image(read_bytes(dataset.path(dataset.items[i])), settings.max_pixels), None
-        except BadImage as exc:
-            return None, exc
+    def skip(i: int, error: BadImage) -> None:
+        status[i] = error.reason
+        hashes[i] = None
+        skipped_files.append({"path": dataset.items[i].rel, "reason": error.reason, "detail": error.detail})
 
     for lo in range(0, len(todo), CHUNK_IMAGES):
-        chunk = todo[lo:lo + CHUNK_IMAGES]
-        records = []
-        decoded = list(pool.map(decode, chunk))
-        usable = []
-        for i, (image, error) in zip(chunk, decoded):
-            if error is not None:
-                status[i] = error.reason
-                hashes[i] = None
-                skipped_files.append({"path": dataset.items[i].rel, "reason": error.reason, "detail": error.detail})
+        chunk = []
+        for i in todo[lo:lo + CHUNK_IMAGES]:
+            if hashes[i] in scheduled:
                 bar.update(1)
-            elif hashes[i] not in scheduled:
-                scheduled.add(hashes[i])
-                usable.append((i, image))
             else:
-                bar.update(1)
-        for b in range(0, len(usable), batch_size):
-            batch = usable[b:b + batch_size]
-            images = [image for _, image in batch]
-            min_sizes = [settings.min_face_fraction * min(im.shape[:2]) for im in images]
-            for (i, image), faces in zip(batch, detector.detect(images, min_sizes)):
-                records.append(face_record(image, faces, settings, hashes[i]))
+                scheduled.add(hashes[i])
+                chunk.append(i)
+        records = []
+        for batch in _decoded_batches(pool, [(i, dataset.path(dataset.items[i])) for i in chunk], batch_size,
+                                      settings):
+            made, errors = _image_records(detector, batch, hashes, settings, held)
+            records.extend(made)
+            for i, error in errors:
+                skip(i, error)
             bar.update(len(batch))
         cache.write(records)
     bar.close()
     pool.shutdown()
 
     table = cache.load([h for h in hashes if h], crops=())
+    subject_pass = {}
+    if held:
+        for digest, (i, record) in held.items():
+            status[i] = record["status"]
+        for i, digest in enumerate(hashes):
+            row = table.index.get(digest) if digest else None
+            if row is not None:
+                status[i] = str(table.columns["status"][row])
+        subject_pass = second_pass(held, dataset, hashes, status, cache, settings)
+        cache.write([{k: v for k, v in record.items() if k != "candidates"} for _, record in held.values()])
+        table = cache.load([h for h in hashes if h], crops=())
     n_faces = Counter()
     for i, digest in enumerate(hashes):
         if digest is None:
@@ -153,12 +320,16 @@ def prepare(data_dir=None, cache_dir=None, settings: FaceSettings | None = None,
         n_faces[i] = int(table.columns["n_faces"][row])
     seconds = time.perf_counter() - start
     skipped = Counter(f["reason"] for f in skipped_files)
+    outcomes = Counter(s for s in status if s in STATUSES)
     summary = {
         "data_dir": str(dataset.root),
         "identities": len(dataset.identities),
         "images": n,
-        "faces_found": sum(1 for s in status if s == "ok"),
-        "no_face": sum(1 for s in status if s == "no_face"),
+        "faces_found": sum(outcomes[s] for s in FACE_STATUSES),
+        "no_face": outcomes["no_face"] + outcomes["no_face_photo"],
+        "outcomes": {s: outcomes[s] for s in STATUSES},
+        "ambiguous": outcomes["ambiguous"],
+        "subject_pass": subject_pass,
         "skipped": dict(skipped),
         "skipped_files": skipped_files,
         "multi_face": sum(1 for c in n_faces.values() if c > 1),
@@ -173,20 +344,26 @@ def prepare(data_dir=None, cache_dir=None, settings: FaceSettings | None = None,
     }
     return Prepared(dataset, hashes, status, cache, summary)
 
-
 def format_summary(summary: dict) -> str:
     lines = [
         f"identities      {summary['identities']}",
         f"images          {summary['images']}",
         f"faces found     {summary['faces_found']}",
-        f"no face         {summary['no_face']}",
+        f"no face         {summary['no_face']}"
+        + (f" ({summary['outcomes']['no_face_photo']} photos, not crop-like: left out)"
+           if summary["outcomes"]["no_face_photo"] else ""),
         f"multi-face      {summary['multi_face']}",
+        f"small face      {summary['outcomes']['small_face']}  (one face, under a fifth of the short side)",
+        f"subject chosen  {summary['outcomes']['subject']}  (several faces, one clearly the subject)",
+        f"ambiguous       {summary['ambiguous']}  (several faces, none clearly the subject: left out)",
         f"skipped         {sum(summary['skipped'].values())}"
         + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(summary['skipped'].items())) + ")"
            if summary["skipped"] else ""),
         f"from cache      {summary['from_cache']}",
         f"time            {summary['seconds']:.1f} s ({summary['images_per_second']} images/s)",
     ]
+    if summary["subject_pass"]:
+        lines.append("second pass     " + ", ".join(f"{k}: {v}" for k, v in sorted(summary["subject_pass"].items())))
     if summary["ignored_files"]:
         lines.append("ignored files   " + ", ".join(f"{k}: {v}" for k, v in summary["ignored_files"].items()))
     if summary["empty_folders"]:

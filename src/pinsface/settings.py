@@ -20,8 +20,13 @@ class FaceSettings:
     """Everything that changes what the faces stage produces; its hash keys the face cache."""
 
     min_face_size: int = 20
-    # For dataset preparation: ignore faces smaller than this fraction of the image's shorter side.
-    min_face_fraction: float = 0.2
+    # For dataset preparation: ignore faces smaller than this fraction of a photo's shorter side, or of a
+    # crop-shaped image's (small, square or portrait, like the Pins photos: see faces.is_crop_shaped).
+    min_face_fraction: float = 0.03
+    crop_min_face_fraction: float = 0.2
+    # Second pass in a person's folder: when it holds at least this many photos with several faces, the face
+    # nearest (in embedding space) to the person's other faces is chosen in each; 0 turns it off.
+    subject_pass_min_photos: int = 3
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8)
     detect_max_side: int = 1024
     template: tuple[tuple[float, float], ...] = FACE_TEMPLATE_150

@@ -1,0 +1,205 @@
+"""Phone-size photos: `prepare`, `run` (train + evaluate) and `predict` photos/s and peak RSS, and subject choice
+in group photos with and without the second pass.
+
+    python bench/photos.py [--photos 1000] [--identities 10] [--root /tmp/photos-bench] [--chunk 512]
+    python bench/photos.py --groups [--subjects 8 --groups-per-subject 6]
+
+The photo folder (4000x3000 JPEGs, one Pins face each, about a tenth of the shorter side, on a textured
+background) is built under --root on first use and kept there; it is never committed. Each phase runs in its
+own process and reports that process's own peak RSS. Run it at `nice -n 10` on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+PINS = Path(os.environ.get("PINSFACE_SHARED", REPO.parent / "shared")) / "data" / "pins" / "105_classes_pins_dataset"
+
+PREPARE = r"""
+import json, resource, sys, time
+import pinsface.prepare as prep
+from pinsface.prepare import prepare
+data, cache, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3])
+prep.CHUNK_IMAGES = chunk
+t = time.perf_counter()
+result = prepare(data, cache, progress=False)
+seconds = time.perf_counter() - t
+table = result.cache.load([h for h in result.hashes if h], crops=())
+chosen = {}
+for item, h in zip(result.dataset.items, result.hashes):
+    row = table.index.get(h) if h else None
+    if row is not None and table.columns["chosen"][row] >= 0:
+        chosen[item.rel] = table.detections(row)["boxes"][table.columns["chosen"][row]].tolist()
+print(json.dumps({"images": len(result.dataset.items), "seconds": seconds, "outcomes": result.summary["outcomes"],
+                  "faces_found": result.summary["faces_found"], "chosen": chosen,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+RUN = r"""
+import json, resource, sys, time
+from pinsface.pipeline import run
+from pinsface.settings import Settings
+data, cache, out = sys.argv[1], sys.argv[2], sys.argv[3]
+t = time.perf_counter()
+report = run(data, out, Settings(), cache_dir=cache, progress=False)
+print(json.dumps({"seconds": time.perf_counter() - t, "test_top1": report.get("top1"),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+PREDICT = r"""
+import json, resource, sys, time
+from pinsface.predict import Recognizer, expand_inputs
+run_dir, data = sys.argv[1], sys.argv[2]
+recognizer = Recognizer.load(run_dir)
+files = expand_inputs([data])
+t = time.perf_counter()
+results = recognizer.identify_many(files)
+seconds = time.perf_counter() - t
+from pinsface.dataset import identity_from_folder
+named = sum(1 for r, f in zip(results, files)
+            if r.faces and r.faces[0].identity == identity_from_folder(f.split("/")[-2]))
+print(json.dumps({"images": len(files), "seconds": seconds, "with_face": sum(1 for r in results if r.faces),
+                  "named_correctly": named,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def child(code: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO)
+    if out.returncode:
+        sys.stderr.write(out.stderr[-3000:])
+        raise SystemExit(f"phase failed ({out.returncode})")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def build_photos(root: Path, photos: int, identities: int) -> dict:
+    """The photo folder and, per file, where its face was pasted (kept in truth.json beside it)."""
+    from tests.photos import phone_photo, pins_faces
+
+    truth_path = root / "truth.json"
+    if truth_path.exists():
+        truth = json.loads(truth_path.read_text())
+        if len(truth) == photos:
+            return truth
+    shutil.rmtree(root / "data", ignore_errors=True)
+    people = sorted(p.name for p in PINS.iterdir() if p.is_dir())[:identities]
+    truth = {}
+    t = time.perf_counter()
+    for k in range(photos):
+        person = people[k % identities]
+        faces = pins_faces(PINS, person)
+        data, pasted = phone_photo(faces[(k // identities) % len(faces)], person, seed=k)
+        folder = root / "data" / person
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"photo_{k:04d}.jpg").write_bytes(data)
+        truth[f"{person}/photo_{k:04d}.jpg"] = pasted.rect
+    truth_path.write_text(json.dumps(truth))
+    print(f"built {photos} photos of 4000x3000 in {time.perf_counter() - t:.0f} s under {root / 'data'}")
+    return truth
+
+
+def on_pasted(box, rect) -> bool:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return rect[0] <= cx <= rect[2] and rect[1] <= cy <= rect[3]
+
+
+def bench_photos(args) -> None:
+    root = Path(args.root)
+    truth = build_photos(root, args.photos, args.identities)
+    data = str(root / "data")
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    work = root / "work"  # caches and the trained run, kept for a look afterwards; cleared on each start
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    if True:
+        tmp = str(work)
+        results = {}
+        for r in range(args.repeats):
+            cache = Path(tmp) / f"cache{r}"
+            p = child(PREPARE, data, str(cache), str(args.chunk))
+            found = sum(1 for rel, rect in truth.items() if rel in p["chosen"] and on_pasted(p["chosen"][rel], rect))
+            print(f"prepare (cold, chunk {args.chunk}): {p['images'] / p['seconds']:.1f} photos/s, "
+                  f"peak RSS {p['peak_rss_mb']:.0f} MB; subject's face found in {found}/{p['images']}; "
+                  f"outcomes {p['outcomes']}")
+            results.setdefault("prepare", []).append(p)
+        if "run" in args.phases:
+            run = child(RUN, data, str(Path(tmp) / "cache0"), str(Path(tmp) / "run"))
+            print(f"run (train + evaluate, warm cache): {run['seconds']:.0f} s, peak RSS {run['peak_rss_mb']:.0f} MB, "
+                  f"test top-1 {run['test_top1']}")
+        if "predict" in args.phases:
+            for r in range(args.repeats):
+                pr = child(PREDICT, str(Path(tmp) / "run"), data)
+                print(f"predict: {pr['images'] / pr['seconds']:.1f} photos/s, peak RSS {pr['peak_rss_mb']:.0f} MB; "
+                      f"{pr['with_face']}/{pr['images']} with a face, {pr['named_correctly']} named correctly")
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
+
+
+def bench_groups(args) -> None:
+    from pinsface.cache import FaceCache
+    from pinsface.faces import FaceDetector
+    from pinsface.prepare import prepare
+    from pinsface.settings import FaceSettings
+    from tests.photos import build_groups, chosen_is
+
+    people = sorted(p.name for p in PINS.iterdir() if p.is_dir())
+    subjects, others = people[:args.subjects], people[args.subjects:args.subjects + 30]
+    with tempfile.TemporaryDirectory(prefix="photos-groups-") as tmp:
+        truth = build_groups(PINS, Path(tmp) / "data", subjects, others, args.references, args.groups_per_subject)
+        detector = FaceDetector()
+        for label, settings in (("rule only", FaceSettings(subject_pass_min_photos=0)),
+                                ("with second pass", FaceSettings())):
+            result = prepare(Path(tmp) / "data", Path(tmp) / "cache", settings, progress=False, detector=detector)
+            table = FaceCache(Path(tmp) / "cache", settings.version()).load(
+                [h for h in result.hashes if h], crops=())
+            correct = wrong = ambiguous = missed = 0
+            for item, h, status in zip(result.dataset.items, result.hashes, result.status):
+                if item.rel not in truth:
+                    continue
+                row = table.index[h]
+                chosen = int(table.columns["chosen"][row])
+                boxes = table.detections(row)["boxes"]
+                if not any(chosen_is(b, truth[item.rel][0]) for b in boxes):
+                    missed += 1
+                elif status == "ambiguous":
+                    ambiguous += 1
+                elif chosen >= 0 and chosen_is(boxes[chosen], truth[item.rel][0]):
+                    correct += 1
+                else:
+                    wrong += 1
+            faces = sum(int(table.columns["n_faces"][table.index[h]]) for item, h in
+                        zip(result.dataset.items, result.hashes) if item.rel in truth)
+            pasted = sum(len(v) for v in truth.values())
+            print(f"{label}: {len(truth)} group photos ({pasted} faces pasted, {faces} found): subject chosen "
+                  f"correctly {correct}, wrongly {wrong}, left out as ambiguous {ambiguous}, subject's face not "
+                  f"detected {missed}; second pass {result.summary['subject_pass']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--photos", type=int, default=1000)
+    parser.add_argument("--identities", type=int, default=10)
+    parser.add_argument("--root", default="/tmp/photos-bench")
+    parser.add_argument("--chunk", type=int, default=512, help="prepare's CHUNK_IMAGES")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--phases", default="prepare,run,predict")
+    parser.add_argument("--groups", action="store_true", help="the group-photo composites instead")
+    parser.add_argument("--subjects", type=int, default=8)
+    parser.add_argument("--references", type=int, default=12)
+    parser.add_argument("--groups-per-subject", type=int, default=6)
+    args = parser.parse_args()
+    bench_groups(args) if args.groups else bench_photos(args)
+
+
+if __name__ == "__main__":
+    main()
