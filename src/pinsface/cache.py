@@ -255,7 +255,12 @@ class ChunkStore:
         """Every readable chunk, in order (optionally only the rows whose hash is in ``wanted``)."""
         paths = self.paths_holding(wanted) if paths is None else paths
         with ThreadPoolExecutor(2) as pool:  # lz4 releases the GIL: two loads overlap
-            for chunk in pool.map(self.read, paths):
+            # At most two chunks read ahead: pool.map would read every chunk into memory as fast as it can.
+            pending = [pool.submit(self.read, p) for p in paths[:2]]
+            for i in range(len(paths)):
+                chunk = pending.pop(0).result()
+                if i + 2 < len(paths):
+                    pending.append(pool.submit(self.read, paths[i + 2]))
                 if chunk is None:
                     continue
                 if keep is not None:
@@ -301,7 +306,7 @@ class ChunkStore:
             for c in columns:
                 value = chunk[c]
                 if c in PER_FACE or capacity < 0:
-                    pieces[c].append(value)
+                    pieces[c].append(np.array(value))  # a copy: a view would keep the whole chunk's buffer alive
                     continue
                 if c not in out:
                     out[c] = np.empty((capacity, *value.shape[1:]), dtype=value.dtype)
