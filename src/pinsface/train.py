@@ -16,14 +16,12 @@ log = logging.getLogger(__name__)
 
 
 def epoch_log(path: Path, stage: str, echo: bool = False):
-    """A Keras callback: the learning rate into the history, and one line per epoch into ``train.log`` (and,
-    with ``echo``, onto the terminal)."""
+    """A Keras callback: one line per epoch into ``train.log`` (and, with ``echo``, onto the terminal)."""
     import keras
 
     class EpochLog(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             logs = logs if logs is not None else {}
-            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             line = f"{stage} epoch {epoch + 1}: " + " ".join(f"{k}={v:.5g}" for k, v in sorted(logs.items()))
             with open(path, "a", encoding="utf-8") as fh:
                 fh.write(line + "\n")
@@ -140,10 +138,11 @@ def fit(model, x, y, xv, yv, settings: Settings, log_path: Path, checkpoint_dir:
     callbacks.on_train_begin()
     for epoch in range(epochs):
         callbacks.on_epoch_begin(epoch)
+        rate = float(keras.ops.convert_to_numpy(optimizer.learning_rate))  # before the schedule changes it
         loss, accuracy = train_epoch(tf.constant(epoch))
         val_loss, val_accuracy = validate()
         logs = {"loss": float(loss), "accuracy": float(accuracy), "val_loss": float(val_loss),
-                "val_accuracy": float(val_accuracy)}
+                "val_accuracy": float(val_accuracy), "learning_rate": rate}
         callbacks.on_epoch_end(epoch, logs)
         for key, value in logs.items():
             hist.setdefault(key, []).append(float(value))
