@@ -75,7 +75,7 @@ def encode_chunk(columns: dict[str, np.ndarray]) -> bytes:
                          "columns": [{"name": k, "dtype": a.dtype.str, "shape": list(a.shape)}
                                      for k, a in zip(names, arrays)]}).encode()
     payload = b"".join([MAGIC, struct.pack("<I", len(header)), header, *(a.tobytes() for a in arrays)])
-    return lz4.frame.compress(payload, store_size=True, content_checksum=True)
+    return lz4.frame.compress(payload, store_size=True, content_checksum=True, block_checksum=True)
 
 
 def _parse_header(data: bytes) -> tuple[dict, int]:
@@ -133,22 +133,40 @@ def decode_chunk(data: bytes) -> dict[str, np.ndarray]:
     return out
 
 
-def read_chunk_hashes(path: Path) -> list[str]:
-    """The hash column of a chunk, decompressing only the start of the file (it comes first)."""
+def read_chunk_columns(path: Path, names: set[str]) -> dict[str, np.ndarray]:
+    """Some columns of a chunk, decompressing only the start of the file, up to the last column wanted.
+    The ``hash`` column comes first and the crops last, so the hashes and the per-image records read cheaply.
+    Each lz4 block carries its own checksum, so a damaged part that is read is still caught."""
     with open(path, "rb") as fh:
         decompressor = lz4.frame.LZ4FrameDecompressor()
         head = decompressor.decompress(fh.read(1 << 16), max_length=len(MAGIC) + 4 + MAX_HEADER_BYTES)
-        header, offset = _parse_header(head)
-        _, dtype, shape, nbytes = next(_columns(header))
-        data = head[offset:]
-        while len(data) < nbytes and not decompressor.eof:
-            block = fh.read(1 << 16)
+        header, start = _parse_header(head)
+        layout, end = {}, start
+        for name, dtype, shape, nbytes in _columns(header):
+            layout[name] = (dtype, shape, end)
+            end += nbytes
+            if names <= layout.keys():
+                break
+        pieces, size = [head], len(head)
+        while size < end and not decompressor.eof:
+            block = fh.read(1 << 20)
             if not block and decompressor.needs_input:
                 break
-            data += decompressor.decompress(block, max_length=nbytes - len(data))
-    if len(data) < nbytes:
-        raise ChunkError("hash column cut short")
-    return [h.decode("ascii") for h in np.frombuffer(data[:nbytes], dtype, shape[0])]
+            piece = decompressor.decompress(block)
+            pieces.append(piece)
+            size += len(piece)
+    if size < end:
+        raise ChunkError("chunk cut short")
+    data = b"".join(pieces)
+    out = {"n": header["n"]}
+    for name in names & layout.keys():
+        dtype, shape, offset = layout[name]
+        out[name] = np.frombuffer(data, dtype, int(np.prod(shape)), offset).reshape(shape)
+    return out
+
+
+def read_chunk_hashes(path: Path) -> list[str]:
+    return [h.decode("ascii") for h in read_chunk_columns(path, {"hash"})["hash"]]
 
 
 @dataclass
@@ -180,12 +198,13 @@ class ChunkStore:
         self.corrupt.append(path.name)
         path.unlink(missing_ok=True)
 
-    def read(self, path: Path) -> dict | None:
-        """A chunk's columns, or None (reported and deleted) if the file is not a valid chunk."""
+    def read(self, path: Path, columns: set[str] | None = None) -> dict | None:
+        """A chunk's columns (all, or those named), or None (reported and deleted) if the file is not a valid
+        chunk."""
         try:
             if path.stat().st_size > MAX_CHUNK_BYTES:
                 raise ChunkError("file too large")
-            chunk = decode_chunk(path.read_bytes())
+            chunk = decode_chunk(path.read_bytes()) if columns is None else read_chunk_columns(path, columns)
             if "status" in chunk and chunk["status"].size and int(chunk["status"].max()) >= len(STATUSES):
                 raise ChunkError("unknown status code (written by a newer pinsface?)")
             return chunk
@@ -256,15 +275,14 @@ class ChunkStore:
         paths = self.paths_holding(wanted) if paths is None else paths
         with ThreadPoolExecutor(2) as pool:  # lz4 releases the GIL: two loads overlap
             # At most two chunks read ahead: pool.map would read every chunk into memory as fast as it can.
-            pending = [pool.submit(self.read, p) for p in paths[:2]]
+            columns = None if keep is None else {*keep, "hash", "n_faces"}
+            pending = [pool.submit(self.read, p, columns) for p in paths[:2]]
             for i in range(len(paths)):
                 chunk = pending.pop(0).result()
                 if i + 2 < len(paths):
-                    pending.append(pool.submit(self.read, paths[i + 2]))
+                    pending.append(pool.submit(self.read, paths[i + 2], columns))
                 if chunk is None:
                     continue
-                if keep is not None:
-                    chunk = {k: v for k, v in chunk.items() if k in keep or k in ("hash", "n", "n_faces")}
                 if wanted is not None:
                     rows = np.array([h.decode("ascii") in wanted for h in chunk["hash"]], dtype=bool)
                     if not rows.any():
