@@ -34,7 +34,7 @@ def _download(args) -> int:
 def _settings_from(args):
     from pinsface.settings import Settings
 
-    keys = ("model", "epochs", "seed", "augment_views", "target_far", "fine_tune")
+    keys = ("model", "epochs", "seed", "augment_views", "target_far", "fine_tune", "mode")
     return Settings(**{key: getattr(args, key) for key in keys if getattr(args, key, None) is not None})
 
 
@@ -61,12 +61,12 @@ def _evaluate(args) -> int:
     from pinsface.evaluate import evaluate
 
     metrics = evaluate(args.run_dir, data=args.data, out=args.out, progress=not args.no_progress,
-                       compare=args.compare)
+                       compare=args.compare, mode=args.mode)
     print(_headline(metrics))
     if args.unknown:
         from pinsface.evaluate import evaluate_open_set
 
-        o = evaluate_open_set(args.run_dir, args.unknown, out=args.out, progress=not args.no_progress)
+        o = evaluate_open_set(args.run_dir, args.unknown, out=args.out, progress=not args.no_progress, mode=args.mode)
         print(f"open set: {100 * o['strangers_rejected']:.2f}% of {o['n_strangers']} strangers rejected, "
               f"{100 * o['known_accepted_and_correct']:.2f}% of {o['n_known_test_images']} known test images "
               f"accepted and named correctly (thresholds: probability >= {o['threshold_probability']:.3f}, "
@@ -81,7 +81,7 @@ def _predict(args) -> int:
     from pinsface.images import load_image
     from pinsface.predict import Recognizer, annotate, expand_inputs, format_table
 
-    recognizer = Recognizer.load(args.run_dir)
+    recognizer = Recognizer.load(args.run_dir, mode=args.mode)
     files = expand_inputs(args.paths)
     if not files:
         raise FileNotFoundError(f"no images found in {' '.join(args.paths)}")
@@ -110,7 +110,7 @@ def _predict(args) -> int:
 def _enroll(args) -> int:
     from pinsface.predict import Recognizer, expand_inputs
 
-    recognizer = Recognizer.load(args.run_dir)
+    recognizer = Recognizer.load(args.run_dir, mode=args.mode)
     summary = recognizer.enroll(args.name, expand_inputs(args.photos))
     recognizer.save()
     print(f"enrolled {summary['identity']!r} from {summary['faces_used']} face(s) of {summary['photos']} photo(s); "
@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pinsface", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def mode_option(p):
+        p.add_argument("--mode", choices=("auto", "head", "gallery"),
+                       help="name faces with the head (checked by the gallery) or with the gallery alone "
+                            "(no head; default auto: gallery for large galleries)")
 
     def common(p, data=True):
         if data:
@@ -175,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(embedding model; default 0: the mirror-image twin only)")
         p.add_argument("--target-far", type=float, metavar="RATE",
                        help="false-accept rate the 'unknown' threshold is calibrated for (default 0.07)")
+        mode_option(p)
         p.set_defaults(func=func)
 
     p = sub.add_parser("evaluate", help="score a trained run and write its report (RUN_DIR/report/)")
@@ -183,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default RUN_DIR/report)")
     p.add_argument("--compare", help="another run (e.g. the pixels-mlp baseline) to compare against")
     p.add_argument("--unknown", help="a folder of people the run was not trained on: open-set evaluation")
+    mode_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_evaluate)
 
@@ -198,12 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the calibrated probability threshold")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    mode_option(p)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("enroll", help="add a person from a few photos, without retraining the network")
     p.add_argument("run_dir")
     p.add_argument("--name", required=True)
     p.add_argument("photos", nargs="+", help="photos, folders or globs of that person")
+    mode_option(p)
     p.set_defaults(func=_enroll)
 
     p = sub.add_parser("forget", help="remove a person from a run")

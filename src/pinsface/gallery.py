@@ -101,12 +101,33 @@ class Gallery:
     def __post_init__(self):
         self._centroids = None
         self._index = None
+        self._face_index = None
         self.stale = False  # thresholds from an older scoring method: calibrate before use
 
     def changed(self) -> None:
         """Forget what was derived from the faces, after enrolling or forgetting someone."""
         self._centroids = None
         self._index = None
+        self._face_index = None
+
+    def added(self, emb: np.ndarray, emb_flip: np.ndarray, identity: int) -> None:
+        """After enrolment appended faces of ``identity`` to the training faces: the FAISS index grows in place."""
+        face_index = self._face_index
+        self.changed()
+        if face_index is not None:
+            face_index.add(face_vectors(emb, emb_flip), np.full(len(emb), identity), len(self.labels))
+            self._face_index = face_index
+
+    @property
+    def face_index(self):
+        """The gallery faces (training, then validation, then any enrolled since) in a ``FaceIndex``."""
+        if self._face_index is None:
+            from pinsface.face_index import FaceIndex
+
+            vectors, owner = self.index
+            self._face_index = FaceIndex(vectors, owner, len(self.labels), self.knn)
+            self._face_index.validation = (len(self.embeddings), len(self.val_embeddings))
+        return self._face_index
 
     @property
     def centroids(self) -> np.ndarray:
@@ -137,6 +158,10 @@ class Gallery:
     def leave_one_out(self, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """(genuine, impostor) distance of every gallery face, scored with itself removed from the gallery:
         to its own identity, and to the nearest other identity."""
+        from pinsface.face_index import ALL_PAIRS_LIMIT
+
+        if len(self.embeddings) + len(self.val_embeddings) > ALL_PAIRS_LIMIT:
+            return self.leave_one_out_indexed()
         vectors, owner = self.index
         rows = np.arange(len(vectors))
         genuine = np.empty(len(vectors), np.float32)
@@ -150,6 +175,14 @@ class Gallery:
             k[np.arange(len(r)), owner[r]] = np.inf
             impostor[r] = k.min(1)
         return genuine, impostor
+
+    def leave_one_out_indexed(self) -> tuple[np.ndarray, np.ndarray]:
+        """``leave_one_out`` from the FAISS index's nearest faces instead of all pairs, in the same order."""
+        face_index = self.face_index
+        genuine, impostor = face_index.leave_one_out()
+        n_train, n_val = face_index.validation
+        order = np.r_[np.arange(n_train), np.arange(n_train + n_val, face_index.n), np.arange(n_train, n_train + n_val)]
+        return genuine[order], impostor[order]
 
     @staticmethod
     def probabilities(head, emb: np.ndarray, emb_flip: np.ndarray) -> np.ndarray:
@@ -246,8 +279,9 @@ def enroll(recognizer, name: str, emb: np.ndarray, emb_flip: np.ndarray, epochs:
     gallery.embeddings = np.concatenate([gallery.embeddings, emb.astype(np.float32)])
     gallery.flips = np.concatenate([gallery.flips, emb_flip.astype(np.float32)])
     gallery.owner = np.concatenate([gallery.owner, np.full(len(emb), index, np.int32)])
-    gallery.changed()
-    _refit(recognizer, epochs)
+    gallery.added(emb, emb_flip, index)
+    if getattr(recognizer, "mode", "head") == "head":  # gallery mode has no head to refit
+        _refit(recognizer, epochs)
     recognizer.labels = list(gallery.labels)
     return {"identity": gallery.labels[index], "new_identity": new, "identities": len(gallery.labels),
             "calibration": gallery.calibration}
@@ -302,7 +336,7 @@ def _refit(recognizer, epochs: int, drop: int | None = None, tune_stack_epochs: 
     y = np.concatenate([gallery.owner, gallery.owner])
     h = features.predict(x, batch_size=2048, verbose=0)
     old_w = old_head.get_layer("cosine_logits").get_weights()[0]
-    if drop is not None:
+    if drop is not None and drop < old_w.shape[1]:  # an identity enrolled in gallery mode has no column
         old_w = np.delete(old_w, drop, axis=1)
     w = np.zeros((old_w.shape[0], n), np.float32)
     w[:, :old_w.shape[1]] = old_w

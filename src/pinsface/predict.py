@@ -28,7 +28,7 @@ class Face:
     detector_confidence: float
     landmarks: list[list[float]]  # left eye, right eye, nose, left mouth, right mouth
     identity: str | None
-    probability: float  # the head's probability for the best-matching identity
+    probability: float | None  # the head's probability for the best-matching identity (None in gallery mode)
     distance: float  # mean descriptor distance to that identity's 5 nearest enrolled faces (dlib: < 0.6 same)
     best_match: str  # the best-matching identity, even when rejected as unknown
     alternatives: list[dict] = field(default_factory=list)  # top-k: {"identity", "probability", "distance"}
@@ -69,8 +69,9 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 class Recognizer:
     """A trained run, ready to name faces. ``Recognizer.load(run_dir)``, then ``identify`` / ``identify_many``."""
 
-    def __init__(self, run_dir: Path, settings: Settings, labels: list[str], model, gallery):
+    def __init__(self, run_dir: Path, settings: Settings, labels: list[str], model, gallery, mode: str = "head"):
         self.run_dir = Path(run_dir)
+        self.mode = mode  # "head" or "gallery" (pinsface.scoring)
         self.settings = settings
         self.labels = labels
         self.model = model
@@ -82,16 +83,22 @@ class Recognizer:
         self._embedder = None
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike) -> "Recognizer":
-        """Load a run folder written by ``pinsface train`` / ``run`` (must be an ``embedding`` run)."""
+    def load(cls, run_dir: str | os.PathLike, mode: str | None = None) -> "Recognizer":
+        """Load a run folder written by ``pinsface train`` / ``run`` (must be an ``embedding`` run).
+        ``mode`` (head, gallery, auto) overrides the run's ``Settings.mode``."""
         from pinsface.evaluate import load_run
         from pinsface.gallery import Gallery
+        from pinsface.scoring import resolve_mode
 
         settings, labels, model = load_run(run_dir)
         if settings.model != "embedding":
             raise ValueError(f"{run_dir} is a {settings.model} run: naming faces needs an embedding run")
         gallery = Gallery.load_for_run(run_dir, model, settings)
-        return cls(Path(run_dir), settings, labels, model, gallery)
+        mode = resolve_mode(mode or settings.mode, len(gallery.labels))
+        if mode == "head" and model.output_shape[-1] != len(gallery.labels):
+            raise ValueError(f"{run_dir}: the head knows {model.output_shape[-1]} of {len(gallery.labels)} identities "
+                             "(people were enrolled in gallery mode): use mode 'gallery'")
+        return cls(Path(run_dir), settings, labels, model, gallery, mode)
 
     @property
     def detector(self) -> FaceDetector:
@@ -160,21 +167,28 @@ class Recognizer:
         if not crops:
             return out
         emb, emb_flip = self.embed(np.stack(crops))
-        probs = self.gallery.probabilities(self.model.get_layer("head"), emb, emb_flip)
-        dists = self.gallery.distances(emb, emb_flip)
         p_min = self.gallery.threshold_probability if min_probability is None else min_probability
         d_max = self.gallery.threshold_distance if threshold is None else threshold
-        for (i, face), p, d in zip(owners, probs, dists):
-            order = np.argsort(-p)[:max(top_k, 1)]
+        if self.mode == "gallery":
+            from pinsface.scoring import nearest_identities
+
+            ids, near = nearest_identities(self.gallery, emb, emb_flip, max(top_k, 1))
+            scored = [(order[order >= 0], None, dict(zip(order.tolist(), d.tolist()))) for order, d in zip(ids, near)]
+        else:
+            probs = self.gallery.probabilities(self.model.get_layer("head"), emb, emb_flip)
+            dists = self.gallery.distances(emb, emb_flip)
+            scored = [(np.argsort(-p)[:max(top_k, 1)], p, d) for p, d in zip(probs, dists)]
+        for (i, face), (order, p, d) in zip(owners, scored):
             best = int(order[0])
-            accepted = p[best] >= p_min and d[best] <= d_max
+            accepted = (p is None or p[best] >= p_min) and d[best] <= d_max
             out[i].append(Face(
                 box=[round(float(v), 2) for v in face.box], detector_confidence=round(face.confidence, 4),
                 landmarks=[[round(float(a), 2), round(float(b), 2)] for a, b in face.landmarks],
                 identity=self.gallery.labels[best] if accepted else None,
-                probability=round(float(p[best]), 4), distance=round(float(d[best]), 4),
+                probability=None if p is None else round(float(p[best]), 4), distance=round(float(d[best]), 4),
                 best_match=self.gallery.labels[best],
-                alternatives=[{"identity": self.gallery.labels[k], "probability": round(float(p[k]), 4),
+                alternatives=[{"identity": self.gallery.labels[k],
+                               "probability": None if p is None else round(float(p[k]), 4),
                                "distance": round(float(d[k]), 4)} for k in order[:top_k]],
             ))
         return out
@@ -228,7 +242,8 @@ def annotate(image: np.ndarray, faces: list[Face], path: Path) -> Path:
         x1, y1, x2, y2 = (int(round(v)) for v in face.box)
         known = face.identity is not None
         color = (60, 180, 75) if known else (40, 40, 230)
-        text = f"{face.identity} {face.probability:.2f}" if known else f"unknown (~{face.best_match}?)"
+        score = f"{face.probability:.2f}" if face.probability is not None else f"d {face.distance:.2f}"
+        text = f"{face.identity} {score}" if known else f"unknown (~{face.best_match}?)"
         cv2.rectangle(canvas, (x1, y1), (x2, y2), color, thickness)
         # Text about an eighth of the box tall and never wider than the box, but at least readable (12 px).
         weight = max(1, thickness // 2)
@@ -257,6 +272,7 @@ def format_table(results: list[ImageResult]) -> str:
         for i, f in enumerate(r.faces):
             who = f.identity if f.identity else f"unknown (nearest: {f.best_match})"
             box = ",".join(str(int(v)) for v in f.box)
-            lines.append(f"{name if i == 0 else '':40s} {i + 1:>4d}  {who[:28]:28s} {f.probability:5.2f} "
+            prob = f"{f.probability:5.2f}" if f.probability is not None else f"{'-':>5s}"
+            lines.append(f"{name if i == 0 else '':40s} {i + 1:>4d}  {who[:28]:28s} {prob} "
                          f"{f.distance:5.2f}  {box}")
     return "\n".join(lines)
