@@ -69,8 +69,12 @@ def _hash_file(path: Path) -> tuple[str | None, str | None]:
 
 
 def prepare(data_dir=None, cache_dir=None, settings: FaceSettings | None = None, batch_size: int = 64,
-            progress: bool = True, detector: FaceDetector | None = None, dataset: Dataset | None = None) -> Prepared:
-    """Detect and crop every image of ``data_dir`` that the cache does not have yet."""
+            progress: bool = True, detector: FaceDetector | None = None, dataset: Dataset | None = None,
+            engine: str = "local", address: str | None = None, embed=None, workers: int | None = None) -> Prepared:
+    """Detect and crop every image of ``data_dir`` that the cache does not have yet.
+
+    ``engine="ray"`` does that work on a Ray cluster (``address``, else a local instance with ``workers`` CPUs),
+    and embeds the faces too with the backbone of ``embed`` (a ``Settings``), see ``pinsface.ray_engine``."""
     from tqdm import tqdm
 
     from pinsface.cache import default_cache_dir
@@ -96,9 +100,22 @@ def prepare(data_dir=None, cache_dir=None, settings: FaceSettings | None = None,
         if digest not in known:
             todo.append(i)
     from_cache = n - len(todo) - len(skipped_files)
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be local or ray, not {engine!r}")
+    ray_report = None
+    if engine == "ray" and todo:
+        from pinsface.ray_engine import prepare_on_ray
 
-    bar = tqdm(total=len(todo), desc="faces", unit="img", disable=not progress, leave=False)
-    detector = detector if (detector or not todo) else FaceDetector(settings)
+        ray_report = prepare_on_ray([str(dataset.path(dataset.items[i])) for i in todo], [hashes[i] for i in todo],
+                                    cache, settings, embed, address, workers)
+        for j, (reason, detail) in ray_report.pop("errors").items():
+            i = todo[j]
+            status[i], hashes[i] = reason, None
+            skipped_files.append({"path": dataset.items[i].rel, "reason": reason, "detail": detail})
+    local = todo if engine == "local" else []
+
+    bar = tqdm(total=len(local), desc="faces", unit="img", disable=not progress, leave=False)
+    detector = detector if (detector or not local) else FaceDetector(settings)
     scheduled: set[str] = set()
 
     def decode(i: int):
@@ -107,8 +124,8 @@ def prepare(data_dir=None, cache_dir=None, settings: FaceSettings | None = None,
         except BadImage as exc:
             return None, exc
 
-    for lo in range(0, len(todo), CHUNK_IMAGES):
-        chunk = todo[lo:lo + CHUNK_IMAGES]
+    for lo in range(0, len(local), CHUNK_IMAGES):
+        chunk = local[lo:lo + CHUNK_IMAGES]
         records = []
         decoded = list(pool.map(decode, chunk))
         usable = []
@@ -163,7 +180,10 @@ def prepare(data_dir=None, cache_dir=None, settings: FaceSettings | None = None,
         "images_per_second": round(n / seconds, 1) if seconds > 0 else None,
         "from_cache": from_cache,
         "processed": len(todo),
+        "engine": engine,
     }
+    if ray_report is not None:
+        summary["ray"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in ray_report.items()}
     return Prepared(dataset, hashes, status, cache, summary)
 
 

@@ -1,0 +1,229 @@
+"""The per-image work of ``prepare`` on a Ray cluster (Ray Data), for archives one machine cannot get through.
+
+The driver lists and hashes the files and skips those already cached, exactly as the local engine does. The
+rest go to a Ray Data pipeline: a dataset of (file path, content hash) rows, then ``map_batches`` with
+``FaceWorker``, a callable class run by a pool of actors. Each actor loads MTCNN and the backbone once and runs
+TensorFlow on one thread; it decodes, detects, chooses the face, aligns, crops and embeds (the face and its
+mirror image). The driver writes what comes back into the same ``FaceCache`` and ``EmbeddingCache`` the local
+engine uses, so everything after prepare is unchanged.
+
+Ray restarts an actor whose process dies and retries its batch, so a lost worker costs time, not images.
+Workers read the files by path: on a cluster the data folder must be on a file system every node mounts.
+This module is imported only for ``engine="ray"``; Ray is the optional extra ``pinsface[ray]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+from pinsface.settings import FaceSettings
+
+log = logging.getLogger(__name__)
+
+# Per-face columns travel as float32 bytes (a face count varies per image), read back with np.frombuffer.
+RAGGED = {"boxes": (4,), "scores": (), "landmarks": (5, 2)}
+
+
+def _one_thread() -> None:
+    """One TensorFlow (and BLAS) thread per worker: Ray gives each worker one CPU."""
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
+                 "TF_NUM_INTEROP_THREADS"):
+        os.environ[name] = "1"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from pinsface._tf import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # TensorFlow already started in this process: it keeps its pools
+        pass
+
+
+class FaceWorker:
+    """A Ray Data callable class: a batch of {"path", "hash"} rows -> face records and embeddings."""
+
+    def __init__(self, face_settings: dict, backbone: str | None, precision: str, embed_batch_size: int,
+                 detect_batch_size: int):
+        _one_thread()
+        from pinsface.faces import FaceDetector
+
+        self.settings = FaceSettings.from_dict(face_settings)
+        self.detector = FaceDetector(self.settings)
+        self.detect_batch_size = detect_batch_size
+        self.embedder = None
+        if backbone:
+            from pinsface.backbones import get_backbone
+            from pinsface.embeddings import Embedder
+
+            self.embedder = Embedder(get_backbone(backbone), embed_batch_size, precision)
+        self.pid = os.getpid()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pinsface.images import BadImage, decode_image, read_bytes
+        from pinsface.prepare import face_record
+
+        s = self.settings
+        paths, hashes = [str(p) for p in batch["path"]], [str(h) for h in batch["hash"]]
+        images, errors = [], []
+        for path in paths:
+            try:
+                images.append(decode_image(read_bytes(path), s.max_pixels))
+                errors.append(("", ""))
+            except BadImage as exc:
+                images.append(None)
+                errors.append((exc.reason, exc.detail))
+        usable = [i for i, im in enumerate(images) if im is not None]
+        records: dict[int, dict] = {}
+        for lo in range(0, len(usable), self.detect_batch_size):
+            part = usable[lo:lo + self.detect_batch_size]
+            found = self.detector.detect([images[i] for i in part],
+                                         [s.min_face_fraction * min(images[i].shape[:2]) for i in part])
+            for i, faces in zip(part, found):
+                records[i] = face_record(images[i], faces, s, hashes[i])
+        n = len(paths)
+        dim = self.embedder.backbone.output_shape[-1] if self.embedder else 0
+        emb = np.zeros((n, dim), np.float32)
+        emb_flip = np.zeros((n, dim), np.float32)
+        if self.embedder is not None and records:
+            rows = sorted(records)
+            emb[rows], emb_flip[rows] = self.embedder.both_views(np.stack([records[i]["aligned"] for i in rows]))
+        blank = face_record(np.zeros((s.aligned_size, s.aligned_size, 3), np.uint8), [], s, "")
+        out = {"index": np.asarray(batch["index"], np.int64), "hash": np.array(hashes),
+               "error": np.array([e[0] for e in errors]), "detail": np.array([e[1] for e in errors]),
+               "pid": np.full(n, self.pid, np.int64), "embedding": emb, "embedding_flip": emb_flip}
+        full = [records.get(i, blank) for i in range(n)]
+        for key in ("status", "n_faces", "chosen", "image_shape", "fallback", "aligned", "box"):
+            out[key] = np.stack([np.asarray(r[key]) for r in full])
+        for key in RAGGED:
+            out[key] = np.array([np.asarray(r[key], np.float32).tobytes() for r in full], dtype=object)
+        return out
+
+
+def records_from(batch: dict[str, np.ndarray]) -> list[dict]:
+    """The face records (as ``pinsface.prepare.face_record`` makes them) of a batch's readable images."""
+    records = []
+    for j in range(len(batch["hash"])):
+        if batch["error"][j]:
+            continue
+        record = {"hash": str(batch["hash"][j]), "status": str(batch["status"][j])}
+        for key in ("n_faces", "chosen", "image_shape", "fallback", "aligned", "box"):
+            record[key] = batch[key][j]
+        for key, shape in RAGGED.items():
+            record[key] = np.frombuffer(batch[key][j], np.float32).reshape(-1, *shape).copy()
+        record["n_faces"] = int(record["n_faces"])
+        record["chosen"] = int(record["chosen"])
+        record["fallback"] = bool(record["fallback"])
+        records.append(record)
+    return records
+
+
+class RayCluster:
+    """Connects to ``address`` (``ray start --head`` elsewhere, ``ray://...``), or starts a local instance with
+    ``num_cpus`` CPUs (default: all of this machine's). Shuts down only what it started."""
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None,
+                 object_store_bytes: int = 512 * 2 ** 20):
+        try:
+            import ray
+        except ImportError as exc:
+            raise RuntimeError("the ray engine needs Ray: pip install 'pinsface[ray]'") from exc
+        self.ray = ray
+        self.started = not ray.is_initialized()
+        if self.started:
+            env = {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2", "OMP_NUM_THREADS": "1"}}
+            if address:
+                ray.init(address=address, runtime_env=env, log_to_driver=False)
+            else:
+                # "local": a fresh instance of our own, never another process's cluster on this machine.
+                ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_bytes,
+                         include_dashboard=False, runtime_env=env, log_to_driver=False)
+
+    def workers(self) -> int:
+        return max(1, int(self.ray.cluster_resources().get("CPU", 1)))
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
+def process(paths: list[str], hashes: list[str], settings: FaceSettings, embed=None, address: str | None = None,
+            workers: int | None = None, batch_size: int = 16, on_batch=None) -> dict:
+    """Run ``FaceWorker`` over ``paths`` on Ray and hand each finished batch (numpy columns) to ``on_batch``.
+
+    ``embed``: a ``Settings`` whose backbone and precision embed the faces too (None: faces only).
+    ``workers``: actors in the pool (default: every CPU of the cluster). Returns timing figures."""
+    import ray.data
+
+    from pinsface.embeddings import resolve_precision
+
+    cluster = RayCluster(address, num_cpus=workers)
+    start = time.perf_counter()
+    try:
+        n_workers = workers or cluster.workers()
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        rows = [{"index": i, "path": p, "hash": h} for i, (p, h) in enumerate(zip(paths, hashes))]
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * n_workers)))
+        ds = ds.map_batches(
+            FaceWorker, batch_size=batch_size, batch_format="numpy", concurrency=n_workers, num_cpus=1,
+            fn_constructor_kwargs={
+                "face_settings": asdict(settings),
+                "backbone": embed.backbone if embed is not None else None,
+                "precision": resolve_precision(embed.embed_precision) if embed is not None else "float32",
+                "embed_batch_size": embed.embed_batch_size if embed is not None else 64,
+                "detect_batch_size": embed.detect_batch_size if embed is not None else 64,
+            })
+        driver = 0.0
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+            t = time.perf_counter()
+            if on_batch is not None:
+                on_batch(batch)
+            driver += time.perf_counter() - t
+        return {"workers": n_workers, "seconds": time.perf_counter() - start, "driver_write_seconds": driver}
+    finally:
+        cluster.close()
+
+
+def prepare_on_ray(paths: list[str], hashes: list[str], cache, settings: FaceSettings, embed=None,
+                   address: str | None = None, workers: int | None = None, batch_size: int = 16) -> dict:
+    """``prepare``'s per-image work for ``paths`` (with their content hashes) on Ray, written into ``cache`` (and
+    the embedding cache matching ``embed``). Returns {"errors": {position: (reason, detail)}, "seconds", ...}."""
+    from dataclasses import replace
+
+    from pinsface.embeddings import run_embedding_cache
+
+    first: dict[str, int] = {}
+    for j, h in enumerate(hashes):
+        first.setdefault(h, j)  # identical files are processed once
+    todo = sorted(first.values())
+    emb_cache = run_embedding_cache(replace(embed, embedding_key=""), cache.root) if embed is not None else None
+    errors: dict[str, tuple[str, str]] = {}
+    seen: set[int] = set()
+
+    def write(batch):
+        for k, j in enumerate(batch["index"]):
+            seen.add(int(j))
+            if batch["error"][k]:
+                errors[str(batch["hash"][k])] = (str(batch["error"][k]), str(batch["detail"][k]))
+        records = records_from(batch)
+        cache.write(records)
+        if emb_cache is not None and records:
+            ok = np.flatnonzero(batch["error"] == "")
+            emb_cache.write([str(h) for h in batch["hash"][ok]], batch["embedding"][ok], batch["embedding_flip"][ok])
+
+    report = process([paths[j] for j in todo], [hashes[j] for j in todo], settings, embed, address, workers,
+                     batch_size, on_batch=write)
+    missing = len(todo) - len(seen)
+    if missing:  # Ray gave up on some rows: say so instead of leaving them out silently
+        raise RuntimeError(f"the ray engine returned {len(seen)} of {len(todo)} images")
+    report["errors"] = {j: errors[h] for j, h in enumerate(hashes) if h in errors}
+    report["images"] = len(todo)
+    return report
