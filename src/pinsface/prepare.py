@@ -107,7 +107,7 @@ def prepare(data_dir=None, cache_dir=None, settings: FaceSettings | None = None,
         from pinsface.ray_engine import prepare_on_ray
 
         ray_report = prepare_on_ray([str(dataset.path(dataset.items[i])) for i in todo], [hashes[i] for i in todo],
-                                    cache, settings, embed, address, workers)
+                                    cache, settings, embed, address, workers, detect_batch_size=batch_size)
         for j, (reason, detail) in ray_report.pop("errors").items():
             i = todo[j]
             status[i], hashes[i] = reason, None

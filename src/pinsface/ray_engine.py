@@ -67,11 +67,18 @@ class FaceWorker:
         self.pid = os.getpid()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Each row is one chunk of the local engine's (``pinsface.prepare.CHUNK_IMAGES`` files): MTCNN's boxes
+        shift by a few pixels with what else is in its batch, so the chunk is decoded and detected in the
+        local engine's batches, which gives the local engine's faces. Returns one row per image."""
+        parts = [self._chunk([str(p) for p in paths], [str(h) for h in hashes], np.asarray(index, np.int64))
+                 for paths, hashes, index in zip(batch["paths"], batch["hashes"], batch["index"])]
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+    def _chunk(self, paths: list[str], hashes: list[str], index: np.ndarray) -> dict[str, np.ndarray]:
         from pinsface.images import BadImage, decode_image, read_bytes
         from pinsface.prepare import face_record
 
         s = self.settings
-        paths, hashes = [str(p) for p in batch["path"]], [str(h) for h in batch["hash"]]
         images, errors = [], []
         for path in paths:
             try:
@@ -96,7 +103,7 @@ class FaceWorker:
             rows = sorted(records)
             emb[rows], emb_flip[rows] = self.embedder.both_views(np.stack([records[i]["aligned"] for i in rows]))
         blank = face_record(np.zeros((s.aligned_size, s.aligned_size, 3), np.uint8), [], s, "")
-        out = {"index": np.asarray(batch["index"], np.int64), "hash": np.array(hashes),
+        out = {"index": index, "hash": np.array(hashes),
                "error": np.array([e[0] for e in errors]), "detail": np.array([e[1] for e in errors]),
                "pid": np.full(n, self.pid, np.int64), "embedding": emb, "embedding_flip": emb_flip}
         full = [records.get(i, blank) for i in range(n)]
@@ -154,9 +161,10 @@ class RayCluster:
             self.ray.shutdown()
 
 
-def process(paths: list[str], hashes: list[str], settings: FaceSettings, embed=None, address: str | None = None,
-            workers: int | None = None, batch_size: int = 16, on_batch=None) -> dict:
-    """Run ``FaceWorker`` over ``paths`` on Ray and hand each finished batch (numpy columns) to ``on_batch``.
+def process(chunks: list[list[int]], paths: list[str], hashes: list[str], settings: FaceSettings, embed=None,
+            address: str | None = None, workers: int | None = None, on_batch=None, detect_batch_size: int = 64) -> dict:
+    """Run ``FaceWorker`` over ``paths`` on Ray, one row per chunk (``chunks``: lists of positions in ``paths``),
+    and hand each finished batch (numpy columns, one row per image; ``index``: the position) to ``on_batch``.
 
     ``embed``: a ``Settings`` whose backbone and precision embed the faces too (None: faces only).
     ``workers``: actors in the pool (default: every CPU of the cluster). Returns timing figures."""
@@ -170,16 +178,18 @@ def process(paths: list[str], hashes: list[str], settings: FaceSettings, embed=N
         n_workers = workers or cluster.workers()
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
-        rows = [{"index": i, "path": p, "hash": h} for i, (p, h) in enumerate(zip(paths, hashes))]
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 4 * n_workers)))
+        rows = [{"index": list(chunk), "paths": [paths[j] for j in chunk], "hashes": [hashes[j] for j in chunk]}
+                for chunk in chunks if chunk]
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
         ds = ds.map_batches(
-            FaceWorker, batch_size=batch_size, batch_format="numpy", concurrency=n_workers, num_cpus=1,
+            FaceWorker, batch_size=1, batch_format="numpy", num_cpus=1,
+            compute=ray.data.ActorPoolStrategy(size=n_workers),
             fn_constructor_kwargs={
                 "face_settings": asdict(settings),
                 "backbone": embed.backbone if embed is not None else None,
                 "precision": resolve_precision(embed.embed_precision) if embed is not None else "float32",
                 "embed_batch_size": embed.embed_batch_size if embed is not None else 64,
-                "detect_batch_size": embed.detect_batch_size if embed is not None else 64,
+                "detect_batch_size": detect_batch_size,
             })
         driver = 0.0
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
@@ -193,18 +203,29 @@ def process(paths: list[str], hashes: list[str], settings: FaceSettings, embed=N
 
 
 def prepare_on_ray(paths: list[str], hashes: list[str], cache, settings: FaceSettings, embed=None,
-                   address: str | None = None, workers: int | None = None, batch_size: int = 16) -> dict:
-    """``prepare``'s per-image work for ``paths`` (with their content hashes) on Ray, written into ``cache`` (and
-    the embedding cache matching ``embed``). Returns {"errors": {position: (reason, detail)}, "seconds", ...}."""
+                   address: str | None = None, workers: int | None = None, chunk_images: int | None = None,
+                   detect_batch_size: int = 64) -> dict:
+    """``prepare``'s per-image work for ``paths`` (with their content hashes, in the local engine's order) on Ray,
+    written into ``cache`` (and the embedding cache matching ``embed``).
+    Returns {"errors": {position: (reason, detail)}, "seconds", ...}."""
     from dataclasses import replace
 
     from pinsface.embeddings import run_embedding_cache
+    from pinsface.prepare import CHUNK_IMAGES
 
-    first: dict[str, int] = {}
-    for j, h in enumerate(hashes):
-        first.setdefault(h, j)  # identical files are processed once
-    todo = sorted(first.values())
-    emb_cache = run_embedding_cache(replace(embed, embedding_key=""), cache.root) if embed is not None else None
+    chunk_images = chunk_images or CHUNK_IMAGES
+    # The local engine's chunks, each without the files identical to one met before (processed once).
+    first: set[str] = set()
+    chunks = []
+    for lo in range(0, len(paths), chunk_images):
+        chunk = []
+        for j in range(lo, min(lo + chunk_images, len(paths))):
+            if hashes[j] not in first:
+                first.add(hashes[j])
+                chunk.append(j)
+        chunks.append(chunk)
+    embed = replace(embed, embedding_key="") if embed is not None else None
+    emb_cache = run_embedding_cache(embed, cache.root) if embed is not None else None
     errors: dict[str, tuple[str, str]] = {}
     seen: set[int] = set()
 
@@ -219,11 +240,11 @@ def prepare_on_ray(paths: list[str], hashes: list[str], cache, settings: FaceSet
             ok = np.flatnonzero(batch["error"] == "")
             emb_cache.write([str(h) for h in batch["hash"][ok]], batch["embedding"][ok], batch["embedding_flip"][ok])
 
-    report = process([paths[j] for j in todo], [hashes[j] for j in todo], settings, embed, address, workers,
-                     batch_size, on_batch=write)
-    missing = len(todo) - len(seen)
-    if missing:  # Ray gave up on some rows: say so instead of leaving them out silently
-        raise RuntimeError(f"the ray engine returned {len(seen)} of {len(todo)} images")
+    report = process(chunks, paths, hashes, settings, embed, address, workers, on_batch=write,
+                     detect_batch_size=detect_batch_size)
+    expected = sum(len(c) for c in chunks)
+    if len(seen) != expected:  # Ray gave up on some rows: say so instead of leaving them out silently
+        raise RuntimeError(f"the ray engine returned {len(seen)} of {expected} images")
     report["errors"] = {j: errors[h] for j, h in enumerate(hashes) if h in errors}
-    report["images"] = len(todo)
+    report["images"] = expected
     return report
