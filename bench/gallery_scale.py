@@ -22,6 +22,7 @@ import numpy as np
 
 FACES_PER_IDENTITY = 10
 DIM = 128
+SPREAD = 0.2  # log-normal sigma of the per-identity and per-face scales (widens the p5-p95 range like the real one)
 
 
 def rss_gb() -> float:
@@ -64,27 +65,34 @@ def stats(vectors: np.ndarray, owner: np.ndarray, rng, pairs: int = 20000) -> di
             "face_to_centroid_p5_p50_p95": q(own)}
 
 
+def spread(rng, n: int) -> np.ndarray:
+    """Per-identity and per-face scale factors: real distances spread wider than one Gaussian's."""
+    return np.exp(SPREAD * rng.standard_normal(n)).astype(np.float32)[:, None]
+
+
 def synthesise(n_identities: int, mean: np.ndarray, s_b: float, s_w: float, rng, per: int = FACES_PER_IDENTITY):
-    centroids = unit(mean + s_b * rng.standard_normal((n_identities, DIM), dtype=np.float32))
+    centroids = unit(mean + s_b * spread(rng, n_identities) * rng.standard_normal((n_identities, DIM),
+                                                                                  dtype=np.float32))
     owner = np.repeat(np.arange(n_identities), per)
     vectors = np.empty((len(owner), DIM), np.float32)
     step = 100_000
     for lo in range(0, len(owner), step):
         o = owner[lo:lo + step]
-        vectors[lo:lo + step] = unit(centroids[o] + s_w * rng.standard_normal((len(o), DIM), dtype=np.float32))
+        noise = rng.standard_normal((len(o), DIM), dtype=np.float32) * spread(rng, len(o))
+        vectors[lo:lo + step] = unit(centroids[o] + s_w * noise)
     return centroids, vectors, owner
 
 
 def fit_spread(mean: np.ndarray, target: dict, rng) -> tuple[float, float]:
     """s_b and s_w (bisection) whose synthetic medians match the real between-centroid and within distances."""
     def median_between(s_b):
-        c = unit(mean + s_b * rng.standard_normal((2000, DIM)))
+        c = unit(mean + s_b * spread(rng, 2000) * rng.standard_normal((2000, DIM)))
         return float(np.median(np.linalg.norm(c[:1000] - c[1000:], axis=1)))
 
     def median_within(s_w):
-        c = unit(mean + s_b * rng.standard_normal((1000, DIM)))
-        f1 = unit(c + s_w * rng.standard_normal(c.shape))
-        f2 = unit(c + s_w * rng.standard_normal(c.shape))
+        c = unit(mean + s_b * spread(rng, 1000) * rng.standard_normal((1000, DIM)))
+        f1 = unit(c + s_w * spread(rng, 1000) * rng.standard_normal(c.shape))
+        f2 = unit(c + s_w * spread(rng, 1000) * rng.standard_normal(c.shape))
         return float(np.median(np.linalg.norm(f1 - f2, axis=1)))
 
     def bisect(fn, want):
@@ -124,7 +132,8 @@ def run_size(n_faces: int, mean, s_b, s_w, rng, args) -> None:
 
     # Queries: new faces of gallery identities (as a camera would bring), drawn like the gallery's.
     q_owner = rng.integers(0, n_ids, args.queries)
-    queries = unit(centroids[q_owner] + s_w * rng.standard_normal((args.queries, DIM), dtype=np.float32))
+    queries = unit(centroids[q_owner] + s_w * spread(rng, args.queries) * rng.standard_normal(
+        (args.queries, DIM), dtype=np.float32))
     queries = queries.astype(np.float32)
 
     single = []

@@ -99,3 +99,18 @@ def test_a_killed_worker_is_replaced_and_no_image_is_lost(local_ray, tmp_path):
     # Every image came back, once each batch is counted: a retried batch may be delivered only once.
     assert sorted(set(seen)) == list(range(len(files)))
     assert len(pids - set(killed)) >= 1
+
+
+def test_cli_prepare_with_the_ray_engine(local_ray, sample, tmp_path, capsys):
+    import json
+
+    from pinsface.cli import main
+
+    assert main(["prepare", str(sample), "--cache", str(tmp_path), "--engine", "ray", "--json", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["engine"] == "ray" and summary["ray"]["workers"] == 2
+    assert summary["faces_found"] + summary["no_face"] == summary["images"] - 1 and summary["skipped"] == {
+        "not_an_image": 1}
+    settings = Settings()
+    index, _, _ = EmbeddingCache(tmp_path, settings.faces.version(), embedding_key(settings)).load()
+    assert len(index) == summary["images"] - 2  # every distinct readable image (one file is a duplicate)

@@ -15,8 +15,13 @@ def _prepare(args) -> int:
     from pinsface.prepare import format_summary, prepare
     from pinsface.settings import FaceSettings
 
+    embed = None
+    if args.engine == "ray":  # the workers embed the faces too, with the default backbone
+        from pinsface.settings import Settings
+
+        embed = Settings()
     result = prepare(args.data_dir, args.cache, FaceSettings(), batch_size=args.batch_size,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, engine=args.engine, address=args.address, embed=embed)
     if args.json:
         print(json.dumps(result.summary, ensure_ascii=False))
     else:
@@ -42,7 +47,7 @@ def _train(args) -> int:
     from pinsface.train import train
 
     result = train(args.data_dir, args.out, _settings_from(args), cache_dir=args.cache,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, engine=args.engine, address=args.address)
     print(f"saved {args.out}: validation top-1 {result['val_top1']:.4f}")
     return 0
 
@@ -51,7 +56,7 @@ def _run(args) -> int:
     from pinsface.train import run
 
     report = run(args.data_dir, args.out, _settings_from(args), cache_dir=args.cache,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, engine=args.engine, address=args.address)
     print(f"test split: {_headline(report)}")
     print(f"report: {os.path.join(args.out, 'report', 'report.html')}")
     return 0
@@ -61,7 +66,7 @@ def _evaluate(args) -> int:
     from pinsface.evaluate import evaluate
 
     metrics = evaluate(args.run_dir, data=args.data, out=args.out, progress=not args.no_progress,
-                       compare=args.compare, mode=args.mode)
+                       compare=args.compare, mode=args.mode, engine=args.engine, address=args.address)
     print(_headline(metrics))
     if args.unknown:
         from pinsface.evaluate import evaluate_open_set
@@ -148,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="name faces with the head (checked by the gallery) or with the gallery alone "
                             "(no head; default auto: gallery for large galleries)")
 
+    def engine_options(p):
+        p.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="where faces are detected and embedded: this process, or a Ray cluster (pinsface[ray])")
+        p.add_argument("--address", help="the Ray cluster to use (e.g. ray://head:10001); default: a local instance")
+
     def common(p, data=True):
         if data:
             p.add_argument("data_dir", nargs="?", help="folder with one sub-folder per person "
@@ -159,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--batch-size", type=int, default=64, help="images per MTCNN batch")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    engine_options(p)
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("download", help="fetch the Pins dataset from Kaggle (needs credentials + kagglehub)")
@@ -181,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--target-far", type=float, metavar="RATE",
                        help="false-accept rate the 'unknown' threshold is calibrated for (default 0.07)")
         mode_option(p)
+        engine_options(p)
         p.set_defaults(func=func)
 
     p = sub.add_parser("evaluate", help="score a trained run and write its report (RUN_DIR/report/)")
@@ -190,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", help="another run (e.g. the pixels-mlp baseline) to compare against")
     p.add_argument("--unknown", help="a folder of people the run was not trained on: open-set evaluation")
     mode_option(p)
+    engine_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_evaluate)
 

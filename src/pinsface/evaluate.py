@@ -130,7 +130,8 @@ def class_similarity(model, settings: Settings, run_dir: Path | None = None) -> 
 
 def evaluate(run_dir: str | Path, data: str | Path | None = None, out: str | Path | None = None,
              prepared: Prepared | None = None, progress: bool = True, model=None,
-             compare: str | Path | None = None, figures: bool = True, mode: str | None = None) -> dict:
+             compare: str | Path | None = None, figures: bool = True, mode: str | None = None,
+             engine: str = "local", address: str | None = None) -> dict:
     """Score a run on its own test split (default) or on every image of a labelled folder ``data``,
     and write metrics, reports, figures and ``report.html`` into ``out`` (default ``RUN_DIR/report``).
     ``mode`` (head, gallery, auto) overrides the run's ``Settings.mode``."""
@@ -148,7 +149,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, out: str | Pat
     if data is None:
         if prepared is None:
             prepared = prepare(settings.data_dir, settings.cache_dir, settings.faces,
-                               batch_size=settings.detect_batch_size, progress=progress)
+                               batch_size=settings.detect_batch_size, progress=progress, engine=engine,
+                               address=address, embed=settings)
         training = prepared
         test = set(split.files("test"))
         items = np.array([i for i, it in enumerate(prepared.dataset.items) if it.rel in test], dtype=np.int64)
@@ -156,7 +158,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, out: str | Pat
     else:
         dataset = scan_dataset(data)
         prepared = prepare(dataset.root, settings.cache_dir, settings.faces, batch_size=settings.detect_batch_size,
-                           progress=progress, dataset=dataset)
+                           progress=progress, dataset=dataset, engine=engine, address=address, embed=settings)
         counts = dataset.counts()
         unknown_folders = {name: counts[name] for name in dataset.identities if identity_key(name) not in label_of}
         for name, count in unknown_folders.items():

@@ -203,8 +203,10 @@ def fine_tune(backbone, head, crops: dict[str, np.ndarray], y: dict[str, np.ndar
 
 
 def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None, cache_dir=None,
-          progress: bool = True, prepared: Prepared | None = None) -> dict:
-    """Prepare (if needed) and train ``settings.model``; write the run folder and return a summary."""
+          progress: bool = True, prepared: Prepared | None = None, engine: str = "local",
+          address: str | None = None) -> dict:
+    """Prepare (if needed) and train ``settings.model``; write the run folder and return a summary.
+    ``engine``/``address``: where prepare runs (``pinsface.prepare.prepare``)."""
     import keras
 
     from pinsface.cache import default_cache_dir
@@ -223,7 +225,8 @@ def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None
         settings.data_dir = str(Path(data_dir if data_dir else default_data_dir()).resolve())
         settings.cache_dir = str(Path(cache_dir or default_cache_dir()).resolve())
         prepared = prepare(settings.data_dir, settings.cache_dir, settings.faces,
-                           batch_size=settings.detect_batch_size, progress=progress)
+                           batch_size=settings.detect_batch_size, progress=progress, engine=engine, address=address,
+                           embed=settings if settings.model == "embedding" else None)
     else:
         settings.data_dir = str(prepared.dataset.root)
         settings.cache_dir = str(prepared.cache.root)
@@ -330,9 +333,10 @@ def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None
 
 
 def run(data_dir=None, out_dir="runs/latest", settings: Settings | None = None, cache_dir=None,
-        progress: bool = True) -> dict:
+        progress: bool = True, engine: str = "local", address: str | None = None) -> dict:
     """prepare -> train -> evaluate on the test split; returns the evaluation metrics."""
     from pinsface.evaluate import evaluate
 
-    result = train(data_dir, out_dir, settings, cache_dir=cache_dir, progress=progress)
+    result = train(data_dir, out_dir, settings, cache_dir=cache_dir, progress=progress, engine=engine,
+                   address=address)
     return evaluate(out_dir, prepared=result["prepared"], progress=progress)
