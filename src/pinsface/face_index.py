@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import numpy as np
 
-# Faces up to which the index is exact. Chosen on bench/gallery_scale.py, where exact search of a batch of
-# 1,000 faces stays above the batch-query target up to about this size; HNSW is faster above it.
+# Faces up to which the index is exact. Exact search costs CPU in proportion to the gallery (bench/gallery_scale.py):
+# up to about twice this size it still answers batches at the README's target rate on 2 cores; HNSW above it.
 FLAT_LIMIT = 50_000
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 64
-HNSW_EF_SEARCH = 128
+# Searched candidates: on synthetic galleries shaped like the real descriptors, half of this missed the exact
+# nearest face for about 1 query in 200 at 10^5 faces (bench/gallery_scale.py).
+HNSW_EF_SEARCH = 256
 NEIGHBOURS = 32  # nearest faces fetched per query on the first pass
 MAX_NEIGHBOURS = 512  # then up to this many, before comparing with every face
 # Gallery faces above which leave-one-out calibration uses the index rather than all pairs (see bench/gallery_scale.py).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -106,7 +107,8 @@ def prepare(data_dir=None, cache_dir=None, settings: FaceSettings | None = None,
     if engine == "ray" and todo:
         from pinsface.ray_engine import prepare_on_ray
 
-        ray_report = prepare_on_ray([str(dataset.path(dataset.items[i])) for i in todo], [hashes[i] for i in todo],
+        ray_report = prepare_on_ray([os.path.abspath(dataset.path(dataset.items[i])) for i in todo],
+                                    [hashes[i] for i in todo],
                                     cache, settings, embed, address, workers, detect_batch_size=batch_size)
         for j, (reason, detail) in ray_report.pop("errors").items():
             i = todo[j]
