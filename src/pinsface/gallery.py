@@ -177,12 +177,14 @@ class Gallery:
         return genuine, impostor
 
     def leave_one_out_indexed(self) -> tuple[np.ndarray, np.ndarray]:
-        """``leave_one_out`` from the FAISS index's nearest faces instead of all pairs, in the same order."""
+        """``leave_one_out`` from the FAISS index's nearest faces instead of all pairs, in the same order; on a
+        gallery above ``face_index.IMPOSTOR_TRIALS`` faces, the impostor distances of a random sample of them."""
         face_index = self.face_index
         genuine, impostor = face_index.leave_one_out()
         n_train, n_val = face_index.validation
         order = np.r_[np.arange(n_train), np.arange(n_train + n_val, face_index.n), np.arange(n_train, n_train + n_val)]
-        return genuine[order], impostor[order]
+        impostor = impostor[order]
+        return genuine[order], impostor[~np.isnan(impostor)]
 
     @staticmethod
     def probabilities(head, emb: np.ndarray, emb_flip: np.ndarray) -> np.ndarray:
