@@ -15,8 +15,13 @@ def _prepare(args) -> int:
     from pinsface.prepare import format_summary, prepare
     from pinsface.settings import FaceSettings
 
+    embed = None
+    if args.engine == "ray":  # the workers embed the faces too, with the default backbone
+        from pinsface.settings import Settings
+
+        embed = Settings()
     result = prepare(args.data_dir, args.cache, FaceSettings(), batch_size=args.batch_size,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, engine=args.engine, address=args.address, embed=embed)
     if args.json:
         print(json.dumps(result.summary, ensure_ascii=False))
     else:
@@ -34,7 +39,7 @@ def _download(args) -> int:
 def _settings_from(args):
     from pinsface.settings import Settings
 
-    keys = ("model", "epochs", "seed", "augment_views", "target_far", "fine_tune")
+    keys = ("model", "epochs", "seed", "augment_views", "target_far", "fine_tune", "mode")
     return Settings(**{key: getattr(args, key) for key in keys if getattr(args, key, None) is not None})
 
 
@@ -42,7 +47,7 @@ def _train(args) -> int:
     from pinsface.pipeline import train
 
     result = train(args.data_dir, args.out, _settings_from(args), cache_dir=args.cache,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, engine=args.engine, address=args.address)
     print(f"saved {args.out}: validation top-1 {result['val_top1']:.4f}")
     return 0
 
@@ -51,7 +56,7 @@ def _run(args) -> int:
     from pinsface.pipeline import run
 
     report = run(args.data_dir, args.out, _settings_from(args), cache_dir=args.cache,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, engine=args.engine, address=args.address)
     print(f"test split: {_headline(report)}")
     print(f"report: {os.path.join(args.out, 'report', 'report.html')}")
     return 0
@@ -61,12 +66,12 @@ def _evaluate(args) -> int:
     from pinsface.evaluate import evaluate
 
     metrics = evaluate(args.run_dir, data=args.data, out=args.out, progress=not args.no_progress,
-                       compare=args.compare)
+                       compare=args.compare, mode=args.mode, engine=args.engine, address=args.address)
     print(_headline(metrics))
     if args.unknown:
         from pinsface.evaluate import evaluate_open_set
 
-        o = evaluate_open_set(args.run_dir, args.unknown, out=args.out, progress=not args.no_progress)
+        o = evaluate_open_set(args.run_dir, args.unknown, out=args.out, progress=not args.no_progress, mode=args.mode)
         print(f"open set: {100 * o['strangers_rejected']:.2f}% of {o['n_strangers']} strangers rejected, "
               f"{100 * o['known_accepted_and_correct']:.2f}% of {o['n_known_test_images']} known test images "
               f"accepted and named correctly (thresholds: probability >= {o['threshold_probability']:.3f}, "
@@ -81,7 +86,7 @@ def _predict(args) -> int:
     from pinsface.images import load_image
     from pinsface.predict import Recognizer, annotate, expand_inputs, format_table
 
-    recognizer = Recognizer.load(args.run_dir)
+    recognizer = Recognizer.load(args.run_dir, mode=args.mode)
     files = expand_inputs(args.paths)
     if not files:
         raise FileNotFoundError(f"no images found in {' '.join(args.paths)}")
@@ -110,7 +115,7 @@ def _predict(args) -> int:
 def _enroll(args) -> int:
     from pinsface.predict import Recognizer, expand_inputs
 
-    recognizer = Recognizer.load(args.run_dir)
+    recognizer = Recognizer.load(args.run_dir, mode=args.mode)
     summary = recognizer.enroll(args.name, expand_inputs(args.photos))
     print(f"enrolled {summary['identity']!r} from {summary['faces_used']} face(s) of {summary['photos']} photo(s); "
           f"{summary['identities']} identities known; thresholds: probability >= "
@@ -158,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def mode_option(p):
+        p.add_argument("--mode", choices=("auto", "head", "gallery"),
+                       help="name faces with the head (checked by the gallery) or with the gallery alone "
+                            "(no head; default auto: gallery for large galleries)")
+
+    def engine_options(p):
+        p.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="where faces are detected and embedded: this process, or a Ray cluster (pinsface[ray])")
+        p.add_argument("--address", help="the Ray cluster to use (e.g. ray://head:10001); default: a local instance")
+
     def common(p, data=True):
         if data:
             p.add_argument("data_dir", nargs="?", help="folder with one sub-folder per person "
@@ -169,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--batch-size", type=int, default=64, help="images per MTCNN batch")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    engine_options(p)
     p.set_defaults(func=_prepare)
 
     p = sub.add_parser("download", help="fetch the Pins dataset from Kaggle (needs credentials + kagglehub)")
@@ -190,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(embedding model; default 0: the mirror-image twin only)")
         p.add_argument("--target-far", type=float, metavar="RATE",
                        help="false-accept rate the 'unknown' threshold is calibrated for (default 0.07)")
+        mode_option(p)
+        engine_options(p)
         p.set_defaults(func=func)
 
     p = sub.add_parser("evaluate", help="score a trained run and write its report (RUN_DIR/report/)")
@@ -198,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default RUN_DIR/report)")
     p.add_argument("--compare", help="another run (e.g. the pixels-mlp baseline) to compare against")
     p.add_argument("--unknown", help="a folder of people the run was not trained on: open-set evaluation")
+    mode_option(p)
+    engine_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_evaluate)
 
@@ -213,12 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the calibrated probability threshold")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    mode_option(p)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("enroll", help="add a person from a few photos, without retraining the network")
     p.add_argument("run_dir")
     p.add_argument("--name", required=True)
     p.add_argument("photos", nargs="+", help="photos, folders or globs of that person")
+    mode_option(p)
     p.set_defaults(func=_enroll)
 
     p = sub.add_parser("forget", help="remove a person from a run")

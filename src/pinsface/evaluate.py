@@ -74,9 +74,13 @@ def class_similarity(model, settings: Settings, gallery=None) -> np.ndarray:
 
 def evaluate(run_dir: str | Path, data: str | Path | None = None, out: str | Path | None = None,
              prepared: Prepared | None = None, progress: bool = True, model=None,
-             compare: str | Path | None = None, figures: bool = True) -> dict:
+             compare: str | Path | None = None, figures: bool = True, mode: str | None = None,
+             engine: str = "local", address: str | None = None) -> dict:
     """Score a run on its own test split (default) or on every image of a labelled folder ``data``,
-    and write metrics, reports, figures and ``report.html`` into ``out`` (default ``RUN_DIR/report``)."""
+    and write metrics, reports, figures and ``report.html`` into ``out`` (default ``RUN_DIR/report``).
+    ``mode`` (head, gallery, auto) overrides the run's ``Settings.mode``."""
+    from pinsface.scoring import resolve_mode
+
     t0 = time.perf_counter()
     run = Run(run_dir)
     settings = run.settings()
@@ -91,7 +95,8 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, out: str | Pat
     if data is None:
         if prepared is None:
             prepared = prepare(settings.data_dir, settings.cache_dir, settings.faces,
-                               batch_size=settings.detect_batch_size, progress=progress)
+                               batch_size=settings.detect_batch_size, progress=progress, engine=engine,
+                               address=address, embed=settings)
         training = prepared
         test = set(split.files("test"))
         items = np.array([i for i, it in enumerate(prepared.dataset.items) if it.rel in test], dtype=np.int64)
@@ -99,7 +104,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, out: str | Pat
     else:
         dataset = scan_dataset(data)
         prepared = prepare(dataset.root, settings.cache_dir, settings.faces, batch_size=settings.detect_batch_size,
-                           progress=progress, dataset=dataset)
+                           progress=progress, dataset=dataset, engine=engine, address=address, embed=settings)
         counts = dataset.counts()
         unknown_folders = {name: counts[name] for name in dataset.identities if identity_key(name) not in label_of}
         for name, count in unknown_folders.items():
@@ -108,13 +113,16 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, out: str | Pat
                           if identity_key(it.identity) in label_of], dtype=np.int64)
     y = np.array([label_of[identity_key(prepared.dataset.items[i].identity)] for i in items], dtype=np.int64)
     t1 = time.perf_counter()
-    probs, usable = score_images(model, settings, prepared, items, progress)
+    mode = resolve_mode(mode or settings.mode, len(labels)) if settings.model == "embedding" else "head"
+    probs, usable = score_images(model, settings, prepared, items, progress,
+                                 gallery=state.gallery if mode == "gallery" else None)
     t2 = time.perf_counter()
     status = [prepared.status[i] for i in items]
     metrics = compute_metrics(probs, usable, y, labels, status)
     metrics["unknown_identities"] = unknown_folders
     metrics["data"] = str(prepared.dataset.root) if data is not None else "the run's test split"
     metrics["model"] = settings.model
+    metrics["mode"] = mode
     metrics["seconds"] = {"prepare": round(t1 - t0, 2), "score": round(t2 - t1, 2)}
     write_reports(out, metrics, labels)
     pred = np.where(usable, np.argmax(probs, 1), -1)
@@ -327,7 +335,7 @@ def write_reports(out: Path, metrics: dict, labels: list[str]) -> None:
 
 
 def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path | None = None,
-                      prepared: Prepared | None = None, progress: bool = True) -> dict:
+                      prepared: Prepared | None = None, progress: bool = True, mode: str | None = None) -> dict:
     """Known test faces vs faces of people the run never saw: how many strangers are rejected, how many known
     faces are still accepted and named correctly, and the trade-off curve between the two."""
     from pinsface import plots
@@ -337,8 +345,11 @@ def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path 
     settings = run.settings()
     if settings.model != "embedding":
         raise ValueError("open-set evaluation needs an embedding run (with a calibrated gallery)")
+    from pinsface.scoring import nearest_identities, resolve_mode
+
     state = run.load_state(settings)
     model, gallery = state.model, state.gallery
+    mode = resolve_mode(mode or settings.mode, len(gallery.labels))
     out = Path(out) if out else run.report_dir
     out.mkdir(parents=True, exist_ok=True)
     if prepared is None:
@@ -364,6 +375,9 @@ def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path 
         hashes = [prep.hashes[i] for i in items[usable]]
         cache = run_embedding_cache(settings, prep.cache.root)
         emb, flip = ensure_embeddings(hashes, prep.cache, cache, embedder, progress=progress)
+        if mode == "gallery":  # no head: every face passes the probability check
+            ids, near = nearest_identities(gallery, emb, flip, 1)
+            return usable, ids[:, 0], np.ones(len(ids), np.float32), near[:, 0]
         probs = head_probabilities(model.get_layer("head"), emb, flip)
         dists = gallery.distances(emb, flip)
         pred = np.argmax(probs, 1)
@@ -383,7 +397,7 @@ def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path 
         rejected = 1.0 - np.sum(accepted(s_p, s_d, t_p, t_d)) / max(n_strangers, 1)
         return float(rejected), float(known_ok)
 
-    t_p, t_d = gallery.threshold_probability, gallery.threshold_distance
+    t_p, t_d = (gallery.threshold_probability if mode == "head" else 0.0), gallery.threshold_distance
     rejected, known_ok = rates(t_p, t_d)
     curve = [rates(t_p, d) for d in np.linspace(0.0, 1.0, 1001)]
     curve_p = [rates(p, t_d) for p in np.linspace(0.0, 1.0, 101)]
@@ -392,7 +406,7 @@ def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path 
         "n_strangers_with_face": int(s_usable.sum()), "n_known_test_images": n_known,
         "strangers_rejected": rejected, "known_accepted_and_correct": known_ok,
         "threshold_probability": t_p, "threshold_distance": t_d, "target_far": gallery.target_far,
-        "calibration": gallery.calibration,
+        "calibration": gallery.calibration, "mode": mode,
     }
     plots.plot_open_set(curve, curve_p, (rejected, known_ok), out / "open_set.png")
     (out / "open_set.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -93,12 +93,36 @@ class Gallery:
             self.trained_labels = list(self.labels)
         self._centroids = None
         self._index = None
+        self._face_index = None
         self.stale = False  # thresholds from an older scoring method: calibrate before use
 
     def changed(self) -> None:
         """Forget what was derived from the faces, after enrolling or forgetting someone."""
         self._centroids = None
         self._index = None
+        self._face_index = None
+
+    def copy(self) -> "Gallery":
+        """A gallery to change while this one stays as it is. The face arrays are shared, since every change
+        makes new ones; so is the FAISS index, which enrolment grows in place: call ``changed`` on this gallery
+        if the copy's change is abandoned."""
+        import copy
+
+        new = copy.copy(self)
+        new.labels, new.trained_labels = list(self.labels), list(self.trained_labels)
+        new.calibration = dict(self.calibration)
+        return new
+
+    @property
+    def face_index(self):
+        """The gallery faces (training, then validation, then any enrolled since) in a ``FaceIndex``."""
+        if self._face_index is None:
+            from pinsface.face_index import FaceIndex
+
+            vectors, owner = self.index
+            self._face_index = FaceIndex(vectors, owner, len(self.labels), self.knn)
+            self._face_index.validation = (len(self.embeddings), len(self.val_embeddings))
+        return self._face_index
 
     @property
     def size(self) -> int:
@@ -122,7 +146,11 @@ class Gallery:
         self.embeddings = np.concatenate([self.embeddings, emb.astype(np.float32)])
         self.flips = np.concatenate([self.flips, emb_flip.astype(np.float32)])
         self.owner = np.concatenate([self.owner, np.full(len(emb), index, np.int32)])
+        face_index = self._face_index
         self.changed()
+        if face_index is not None:  # the FAISS index grows in place rather than being rebuilt
+            face_index.add(face_vectors(emb, emb_flip), np.full(len(emb), index), len(self.labels))
+            self._face_index = face_index
         return index, new
 
     def remove_identity(self, name: str) -> int:
@@ -173,6 +201,10 @@ class Gallery:
     def leave_one_out(self, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """(genuine, impostor) distance of every gallery face, scored with itself removed from the gallery:
         to its own identity, and to the nearest other identity."""
+        from pinsface.face_index import ALL_PAIRS_LIMIT
+
+        if len(self.embeddings) + len(self.val_embeddings) > ALL_PAIRS_LIMIT:
+            return self.leave_one_out_indexed()
         vectors, owner = self.index
         rows = np.arange(len(vectors))
         genuine = np.empty(len(vectors), np.float32)
@@ -186,6 +218,16 @@ class Gallery:
             k[np.arange(len(r)), owner[r]] = np.inf
             impostor[r] = k.min(1)
         return genuine, impostor
+
+    def leave_one_out_indexed(self) -> tuple[np.ndarray, np.ndarray]:
+        """``leave_one_out`` from the FAISS index's nearest faces instead of all pairs, in the same order; on a
+        gallery above ``face_index.IMPOSTOR_TRIALS`` faces, the impostor distances of a random sample of them."""
+        face_index = self.face_index
+        genuine, impostor = face_index.leave_one_out()
+        n_train, n_val = face_index.validation
+        order = np.r_[np.arange(n_train), np.arange(n_train + n_val, face_index.n), np.arange(n_train, n_train + n_val)]
+        impostor = impostor[order]
+        return genuine[order], impostor[~np.isnan(impostor)]
 
     def calibrate(self, head, target_far: float | None = None) -> dict:
         """Set both thresholds: the distance for the target false-accept rate, the probability on the genuine side."""

@@ -44,8 +44,10 @@ def split_arrays(prepared: Prepared, split: Split, labels: list[str], settings: 
 
 
 def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None, cache_dir=None,
-          progress: bool = True, prepared: Prepared | None = None) -> dict:
-    """Prepare (if needed) and train ``settings.model``; write the run folder and return a summary."""
+          progress: bool = True, prepared: Prepared | None = None, engine: str = "local",
+          address: str | None = None) -> dict:
+    """Prepare (if needed) and train ``settings.model``; write the run folder and return a summary.
+    ``engine``/``address``: where prepare runs (``pinsface.prepare.prepare``)."""
     from pinsface.dataset import check_trainable, default_data_dir, scan_dataset
 
     settings = dataclasses.replace(settings or Settings())
@@ -54,10 +56,11 @@ def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None
         raise ValueError("mixup and class weights do not combine: set Settings.mixup=0 to use class weights")
     run = Run(out_dir).create()
     with run.lock():
-        return _train(run, data_dir, cache_dir, settings, progress, prepared)
+        return _train(run, data_dir, cache_dir, settings, progress, prepared, engine, address)
 
 
-def _train(run: Run, data_dir, cache_dir, settings: Settings, progress: bool, prepared: Prepared | None) -> dict:
+def _train(run: Run, data_dir, cache_dir, settings: Settings, progress: bool, prepared: Prepared | None,
+           engine: str = "local", address: str | None = None) -> dict:
     import keras
 
     from pinsface import train as fitting
@@ -72,7 +75,8 @@ def _train(run: Run, data_dir, cache_dir, settings: Settings, progress: bool, pr
         settings.data_dir = str(Path(data_dir if data_dir else default_data_dir()).resolve())
         settings.cache_dir = str(Path(cache_dir or default_cache_dir()).resolve())
         prepared = prepare(settings.data_dir, settings.cache_dir, settings.faces,
-                           batch_size=settings.detect_batch_size, progress=progress)
+                           batch_size=settings.detect_batch_size, progress=progress, engine=engine, address=address,
+                           embed=settings if settings.model == "embedding" else None)
     else:
         settings.data_dir = str(prepared.dataset.root)
         settings.cache_dir = str(prepared.cache.root)
@@ -174,9 +178,10 @@ def _train(run: Run, data_dir, cache_dir, settings: Settings, progress: bool, pr
 
 
 def run(data_dir=None, out_dir="runs/latest", settings: Settings | None = None, cache_dir=None,
-        progress: bool = True) -> dict:
+        progress: bool = True, engine: str = "local", address: str | None = None) -> dict:
     """prepare -> train -> evaluate on the test split; returns the evaluation metrics."""
     from pinsface.evaluate import evaluate
 
-    result = train(data_dir, out_dir, settings, cache_dir=cache_dir, progress=progress)
+    result = train(data_dir, out_dir, settings, cache_dir=cache_dir, progress=progress, engine=engine,
+                   address=address)
     return evaluate(out_dir, prepared=result["prepared"], progress=progress)

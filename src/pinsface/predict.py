@@ -30,7 +30,7 @@ class Face:
     detector_confidence: float
     landmarks: list[list[float]]  # left eye, right eye, nose, left mouth, right mouth
     identity: str | None
-    probability: float  # the head's probability for the best-matching identity
+    probability: float | None  # the head's probability for the best-matching identity (None in gallery mode)
     distance: float  # mean descriptor distance to that identity's 5 nearest enrolled faces (dlib: < 0.6 same)
     best_match: str  # the best-matching identity, even when rejected as unknown
     alternatives: list[dict] = field(default_factory=list)  # top-k: {"identity", "probability", "distance"}
@@ -76,8 +76,9 @@ class Recognizer:
     """A trained run, ready to name faces. ``Recognizer.load(run_dir)``, then ``identify`` / ``identify_many``;
     ``enroll`` and ``forget`` change who it knows and save that in the run folder."""
 
-    def __init__(self, run: Run, settings: Settings, state: RunState):
+    def __init__(self, run: Run, settings: Settings, state: RunState, mode: str = "head"):
         self.run = run
+        self.mode = mode  # "head" or "gallery" (pinsface.scoring)
         self.settings = settings
         self._state = state
         # Detection here passes no per-image minimum, so the portrait-dataset rule (min_face_fraction) does
@@ -87,13 +88,21 @@ class Recognizer:
         self._embedder = None
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike) -> "Recognizer":
-        """Load a run folder written by ``pinsface train`` / ``run`` (must be an ``embedding`` run)."""
+    def load(cls, run_dir: str | os.PathLike, mode: str | None = None) -> "Recognizer":
+        """Load a run folder written by ``pinsface train`` / ``run`` (must be an ``embedding`` run).
+        ``mode`` (head, gallery, auto) overrides the run's ``Settings.mode``."""
+        from pinsface.scoring import resolve_mode
+
         run = Run(run_dir)
         settings = run.settings()
         if settings.model != "embedding":
             raise ValueError(f"{run_dir} is a {settings.model} run: naming faces needs an embedding run")
-        return cls(run, settings, run.load_state(settings))
+        state = run.load_state(settings)
+        mode = resolve_mode(mode or settings.mode, len(state.labels))
+        if mode == "head" and state.model.output_shape[-1] != len(state.labels):
+            raise ValueError(f"{run_dir}: the head knows {state.model.output_shape[-1]} of {len(state.labels)} "
+                             "identities (people were enrolled in gallery mode): use mode 'gallery'")
+        return cls(run, settings, state, mode)
 
     @property
     def run_dir(self) -> Path:
@@ -197,7 +206,7 @@ class Recognizer:
 
     def _name(self, images: list[np.ndarray], detections, top_k: int, threshold: float | None,
               min_probability: float | None) -> list[list[Face]]:
-        from pinsface.scoring import head_probabilities, match_faces
+        from pinsface.scoring import head_probabilities, match_faces, match_nearest, nearest_identities
 
         crops, owners = [], []
         for i, (image, faces) in enumerate(zip(images, detections)):
@@ -212,18 +221,25 @@ class Recognizer:
             return out
         state = self._state  # one consistent state for the whole batch, even if enrolment swaps it meanwhile
         emb, emb_flip = self.embed(np.stack(crops))
-        probs = head_probabilities(state.model.get_layer("head"), emb, emb_flip)
-        dists = state.gallery.distances(emb, emb_flip)
         p_min = state.gallery.threshold_probability if min_probability is None else min_probability
         d_max = state.gallery.threshold_distance if threshold is None else threshold
+        if self.mode == "gallery":
+            matches = match_nearest(*nearest_identities(state.gallery, emb, emb_flip, max(top_k, 1)), d_max, top_k)
+        else:
+            probs = head_probabilities(state.model.get_layer("head"), emb, emb_flip)
+            matches = match_faces(probs, state.gallery.distances(emb, emb_flip), p_min, d_max, top_k)
         labels = state.labels
-        for (i, face), m in zip(owners, match_faces(probs, dists, p_min, d_max, top_k)):
+
+        def rounded(value: float | None) -> float | None:
+            return None if value is None else round(value, 4)
+
+        for (i, face), m in zip(owners, matches):
             out[i].append(Face(
                 box=[round(float(v), 2) for v in face.box], detector_confidence=round(face.confidence, 4),
                 landmarks=[[round(float(a), 2), round(float(b), 2)] for a, b in face.landmarks],
                 identity=labels[m.best] if m.accepted else None,
-                probability=round(m.probability, 4), distance=round(m.distance, 4), best_match=labels[m.best],
-                alternatives=[{"identity": labels[k], "probability": round(p, 4), "distance": round(d, 4)}
+                probability=rounded(m.probability), distance=round(m.distance, 4), best_match=labels[m.best],
+                alternatives=[{"identity": labels[k], "probability": rounded(p), "distance": round(d, 4)}
                               for k, p, d in m.alternatives],
             ))
         return out
@@ -262,8 +278,10 @@ class Recognizer:
             from pinsface.train import refit_head
 
             index, new = gallery.add_faces(name, emb, emb_flip)
-            return refit_head(head, gallery, self.settings, epochs), {"identity": gallery.labels[index],
-                                                                      "new_identity": new}
+            summary = {"identity": gallery.labels[index], "new_identity": new}
+            if self.mode == "gallery":  # no head to refit: the index grew in place
+                return None, summary
+            return refit_head(head, gallery, self.settings, epochs), summary
 
         summary = self._update(change, save)
         summary.update({"photos": len(images), "faces_used": used, "skipped": skipped})
@@ -285,20 +303,24 @@ class Recognizer:
         return self._update(change, save)
 
     def _update(self, change, save: bool) -> dict:
-        import copy
-
         from pinsface.models import build_embedding_model
 
         with self.run.lock() if save else contextlib.nullcontext():
             if save and self.run.generation() != self._state.generation:
                 self._state = self.run.load_state(self.settings)
-            gallery = copy.deepcopy(self._state.gallery)
-            head, summary = change(gallery, self.head)
-            gallery.calibrate(head)
-            model = build_embedding_model(self.model.get_layer(self.settings.backbone), head, self.settings)
+            gallery = self._state.gallery.copy()
+            try:
+                head, summary = change(gallery, self.head)
+            except BaseException:
+                self._state.gallery.changed()  # its FAISS index may have grown with the abandoned change
+                raise
+            model = self.model
+            if head is not None:
+                gallery.calibrate(head)
+                model = build_embedding_model(self.model.get_layer(self.settings.backbone), head, self.settings)
             state = RunState(list(gallery.labels), model, gallery, self._state.generation)
             if save:
-                state.generation = self.run.save_state(state.labels, model, gallery)
+                state.generation = self.run.save_state(state.labels, model, gallery, model_changed=head is not None)
             self._state = state
         summary.update({"identities": len(state.labels), "calibration": gallery.calibration,
                         "generation": state.generation})
@@ -331,7 +353,8 @@ def annotate(image: np.ndarray, faces: list[Face], path: Path) -> Path:
         x1, y1, x2, y2 = (int(round(v)) for v in face.box)
         known = face.identity is not None
         color = (60, 180, 75) if known else (40, 40, 230)
-        text = f"{face.identity} {face.probability:.2f}" if known else f"unknown (~{face.best_match}?)"
+        score = f"{face.probability:.2f}" if face.probability is not None else f"d {face.distance:.2f}"
+        text = f"{face.identity} {score}" if known else f"unknown (~{face.best_match}?)"
         cv2.rectangle(canvas, (x1, y1), (x2, y2), color, thickness)
         # Text about an eighth of the box tall and never wider than the box, but at least readable (12 px).
         weight = max(1, thickness // 2)
@@ -360,6 +383,7 @@ def format_table(results: list[ImageResult]) -> str:
         for i, f in enumerate(r.faces):
             who = f.identity if f.identity else f"unknown (nearest: {f.best_match})"
             box = ",".join(str(int(v)) for v in f.box)
-            lines.append(f"{name if i == 0 else '':40s} {i + 1:>4d}  {who[:28]:28s} {f.probability:5.2f} "
+            prob = f"{f.probability:5.2f}" if f.probability is not None else f"{'-':>5s}"
+            lines.append(f"{name if i == 0 else '':40s} {i + 1:>4d}  {who[:28]:28s} {prob} "
                          f"{f.distance:5.2f}  {box}")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -238,8 +239,12 @@ def second_pass(held: dict, dataset: Dataset, hashes: list, status: list, cache:
 
 
 def prepare(data_dir=None, cache_dir=None, settings: FaceSettings | None = None, batch_size: int = 64,
-            progress: bool = True, detector: FaceDetector | None = None, dataset: Dataset | None = None) -> Prepared:
-    """Detect and crop every image of ``data_dir`` that the cache does not have yet."""
+            progress: bool = True, detector: FaceDetector | None = None, dataset: Dataset | None = None,
+            engine: str = "local", address: str | None = None, embed=None, workers: int | None = None) -> Prepared:
+    """Detect and crop every image of ``data_dir`` that the cache does not have yet.
+
+    ``engine="ray"`` does that work on a Ray cluster (``address``, else a local instance with ``workers`` CPUs),
+    and embeds the faces too with the backbone of ``embed`` (a ``Settings``), see ``pinsface.ray_engine``."""
     from tqdm import tqdm
 
     from pinsface.cache import default_cache_dir
@@ -265,9 +270,23 @@ def prepare(data_dir=None, cache_dir=None, settings: FaceSettings | None = None,
         if digest not in known:
             todo.append(i)
     from_cache = n - len(todo) - len(skipped_files)
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be local or ray, not {engine!r}")
+    ray_report = None
+    if engine == "ray" and todo:
+        from pinsface.ray_engine import prepare_on_ray
 
-    bar = tqdm(total=len(todo), desc="faces", unit="img", disable=not progress, leave=False)
-    detector = detector if (detector or not todo) else FaceDetector(settings)
+        ray_report = prepare_on_ray([os.path.abspath(dataset.path(dataset.items[i])) for i in todo],
+                                    [hashes[i] for i in todo],
+                                    cache, settings, embed, address, workers, detect_batch_size=batch_size)
+        for j, (reason, detail) in ray_report.pop("errors").items():
+            i = todo[j]
+            status[i], hashes[i] = reason, None
+            skipped_files.append({"path": dataset.items[i].rel, "reason": reason, "detail": detail})
+    local = todo if engine == "local" else []
+
+    bar = tqdm(total=len(local), desc="faces", unit="img", disable=not progress, leave=False)
+    detector = detector if (detector or not local) else FaceDetector(settings)
     scheduled: set[str] = set()
     held: dict[str, tuple[int, dict]] = {}
 
@@ -276,9 +295,9 @@ def prepare(data_dir=None, cache_dir=None, settings: FaceSettings | None = None,
         hashes[i] = None
         skipped_files.append({"path": dataset.items[i].rel, "reason": error.reason, "detail": error.detail})
 
-    for lo in range(0, len(todo), CHUNK_IMAGES):
+    for lo in range(0, len(local), CHUNK_IMAGES):
         chunk = []
-        for i in todo[lo:lo + CHUNK_IMAGES]:
+        for i in local[lo:lo + CHUNK_IMAGES]:
             if hashes[i] in scheduled:
                 bar.update(1)
             else:
@@ -341,8 +360,12 @@ def prepare(data_dir=None, cache_dir=None, settings: FaceSettings | None = None,
         "images_per_second": round(n / seconds, 1) if seconds > 0 else None,
         "from_cache": from_cache,
         "processed": len(todo),
+        "engine": engine,
     }
+    if ray_report is not None:
+        summary["ray"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in ray_report.items()}
     return Prepared(dataset, hashes, status, cache, summary)
+
 
 def format_summary(summary: dict) -> str:
     lines = [

@@ -288,7 +288,10 @@ class Run:
         """One clear error naming what disagrees, rather than an IndexError or a wrong name later."""
         problems = []
         outputs = int(model.output_shape[-1]) if model is not None else None
-        if outputs is not None and outputs != len(labels):
+        # People enrolled in gallery mode have no output in the head (pinsface.scoring): the head then knows
+        # the first identities only, as the manifest records.
+        head_covers_all = not manifest or manifest.get("model_outputs") == manifest.get("labels")
+        if outputs is not None and (outputs > len(labels) or (head_covers_all and outputs != len(labels))):
             problems.append(f"model has {outputs} outputs but {files['labels']} has {len(labels)} names")
         if gallery is not None and list(gallery.labels) != list(labels):
             problems.append(f"the gallery knows {len(gallery.labels)} identities but {files['labels']} has "
@@ -309,12 +312,17 @@ class Run:
                            + ". It was edited by hand or left half-saved by an older pinsface; restore it or train "
                              "the run again")
 
-    def save_state(self, labels: list[str], model, gallery=None) -> int:
-        """Save a new generation of the state and return its number. Holds the lock while it writes."""
+    def save_state(self, labels: list[str], model, gallery=None, model_changed: bool = True) -> int:
+        """Save a new generation of the state and return its number. Holds the lock while it writes.
+        Without ``model_changed`` (gallery-mode enrolment) the new generation keeps the current model file."""
         with self.lock():
-            generation = self.generation() + 1
+            previous = self.manifest()
+            generation = (int(previous["generation"]) if previous else 0) + 1
             names = self.state_names(generation)
-            atomic_write(self.path / names["model"], lambda tmp: model.save(tmp))
+            if not model_changed and previous:
+                names["model"] = previous["files"]["model"]
+            else:
+                atomic_write(self.path / names["model"], lambda tmp: model.save(tmp))
             atomic_write_text(self.path / names["labels"], _json_text(list(labels)))
             if gallery is not None:
                 atomic_write(self.path / names["gallery"], gallery.save)
@@ -327,7 +335,8 @@ class Run:
                         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             atomic_write_text(self.path / MANIFEST, _json_text(manifest))
             self._fsync_folder()
-            self._remove_generations_before(generation - 1)
+            in_use = {*names.values(), *((previous or {}).get("files") or {}).values()}
+            self._remove_generations_before(generation - 1, in_use)
             return generation
 
     def _fsync_folder(self) -> None:
@@ -338,8 +347,10 @@ class Run:
             finally:
                 os.close(fd)
 
-    def _remove_generations_before(self, keep_from: int) -> None:
-        """Old generations' files. The one before the current stays, for readers that loaded its manifest."""
+    def _remove_generations_before(self, keep_from: int, in_use: set) -> None:
+        """Old generations' files, except those ``in_use``: the current and previous manifests' (the previous
+        stays for readers that loaded its manifest a moment ago)."""
         for generation in range(1, keep_from):
             for name in self.state_names(generation).values():
-                (self.path / name).unlink(missing_ok=True)
+                if name not in in_use:
+                    (self.path / name).unlink(missing_ok=True)

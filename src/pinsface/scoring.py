@@ -1,5 +1,12 @@
 """Scoring, in one place for training, evaluation, prediction and the server: the head's probabilities for
-faces (averaged with their mirror images), top-k, and the rule that names a face or calls it unknown."""
+faces (averaged with their mirror images), top-k, and the rule that names a face or calls it unknown.
+
+Faces are scored against a run in one of two modes: by the head (with the gallery's distance check), or by the
+gallery alone. Gallery mode has no head: a face is named as the identity with the smallest k-nearest-faces
+distance (see ``pinsface.gallery``), when that distance is within the calibrated ``threshold_distance``. It is
+meant for galleries with more identities than a softmax head suits, where enrolment must not refit anything:
+the FAISS index grows in place (``pinsface.face_index``). ``auto`` picks gallery mode above
+``GALLERY_MODE_ABOVE`` identities."""
 
 from __future__ import annotations
 
@@ -10,6 +17,53 @@ import numpy as np
 from pinsface.embeddings import ensure_embeddings, run_embedder, run_embedding_cache
 from pinsface.prepare import Prepared, usable_status
 from pinsface.settings import Settings
+
+
+MODES = ("auto", "head", "gallery")
+# Identities above which "auto" means gallery mode. On the shared data (105 identities) the head names more
+# test faces than the gallery (README, bench/openset.py), while refitting it on enrolment costs time in
+# proportion to the enrolled faces: at this size a refit would already take minutes.
+GALLERY_MODE_ABOVE = 1000
+
+
+def resolve_mode(mode: str, n_identities: int) -> str:
+    """``head`` or ``gallery``: ``mode`` itself, or for ``auto`` the one that suits ``n_identities``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode == "auto":
+        return "gallery" if n_identities > GALLERY_MODE_ABOVE else "head"
+    return mode
+
+
+def nearest_identities(gallery, emb: np.ndarray, emb_flip: np.ndarray, top: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Gallery mode: (identities, distances), each (faces, top), by k-nearest-faces distance, nearest first."""
+    from pinsface.gallery import face_vectors
+
+    if len(emb) == 0:
+        return np.zeros((0, top), np.int64), np.zeros((0, top), np.float32)
+    return gallery.face_index.nearest_identities(face_vectors(emb, emb_flip), top)
+
+
+def gallery_scores(gallery, emb: np.ndarray, emb_flip: np.ndarray, top: int = 5) -> np.ndarray:
+    """Gallery mode as a (faces, identities) score matrix where larger is better, for the metrics written for
+    class probabilities: minus the distance for each face's ``top`` nearest identities, -inf elsewhere."""
+    ids, dists = nearest_identities(gallery, emb, emb_flip, top)
+    scores = np.full((len(emb), len(gallery.labels)), -np.inf, np.float32)
+    rows = np.repeat(np.arange(len(emb)), ids.shape[1])
+    found = ids.ravel() >= 0
+    scores[rows[found], ids.ravel()[found]] = -dists.ravel()[found]
+    return scores
+
+
+def calibrate_distance(gallery, target_far: float | None = None) -> float:
+    """Gallery mode's only threshold: the distance that accepts ``target_far`` of the leave-one-out impostors."""
+    if target_far is not None:
+        gallery.target_far = target_far
+    _, impostor = gallery.leave_one_out()
+    impostor = impostor[np.isfinite(impostor)]
+    gallery.threshold_distance = float(np.quantile(impostor, gallery.target_far, method="lower")) if len(
+        impostor) else 10.0
+    return gallery.threshold_distance
 
 
 def run_head(head, x: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -45,10 +99,10 @@ class Match:
     """The outcome for one face: the best identity (named or not) and the runners-up, best first."""
 
     best: int
-    probability: float
+    probability: float | None  # None in gallery mode, which has no head
     distance: float
     accepted: bool
-    alternatives: list[tuple[int, float, float]]  # (identity, probability, distance)
+    alternatives: list[tuple[int, float | None, float]]  # (identity, probability, distance)
 
 
 def match_faces(probs: np.ndarray, dists: np.ndarray, min_probability: float, max_distance: float,
@@ -64,16 +118,29 @@ def match_faces(probs: np.ndarray, dists: np.ndarray, min_probability: float, ma
     return out
 
 
+def match_nearest(ids: np.ndarray, dists: np.ndarray, max_distance: float, top_k: int = 3) -> list[Match]:
+    """Gallery mode: per face (rows of ``nearest_identities``), its nearest identity, named when close enough."""
+    out = []
+    for order, d in zip(ids, dists):
+        found = order >= 0
+        order, d = order[found], d[found]
+        out.append(Match(int(order[0]), None, float(d[0]), bool(d[0] <= max_distance),
+                         [(int(k), None, float(v)) for k, v in zip(order[:top_k], d[:top_k])]))
+    return out
+
+
 def score_images(model, settings: Settings, prepared: Prepared, items: np.ndarray,
-                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 progress: bool = False, gallery=None) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities for dataset positions ``items`` and a mask of those that had a face to score.
 
     For the embedding model this runs the saved head on cached backbone embeddings (computing any that are
     missing), which is what the whole saved network computes from the aligned crop, at a fraction of the cost.
+    With a ``gallery``, gallery mode's scores instead (``gallery_scores``).
     """
     ok = usable_status(settings)
     usable = np.array([prepared.status[i] in ok for i in items], dtype=bool)
-    probs = np.zeros((len(items), model.output_shape[-1]), dtype=np.float32)
+    n_classes = len(gallery.labels) if gallery is not None else model.output_shape[-1]
+    probs = np.zeros((len(items), n_classes), dtype=np.float32)
     hashes = [prepared.hashes[i] for i in items[usable]]
     if not hashes:
         return probs, usable
@@ -81,8 +148,11 @@ def score_images(model, settings: Settings, prepared: Prepared, items: np.ndarra
         emb, emb_flip = ensure_embeddings(hashes, prepared.cache, run_embedding_cache(settings, prepared.cache.root),
                                           run_embedder(settings, model.get_layer(settings.backbone)),
                                           progress=progress)
-        probs[usable] = head_probabilities(model.get_layer("head"), emb,
-                                           emb_flip if settings.test_time_flip else None)
+        if gallery is not None:
+            probs[usable] = gallery_scores(gallery, emb, emb_flip)
+        else:
+            probs[usable] = head_probabilities(model.get_layer("head"), emb,
+                                               emb_flip if settings.test_time_flip else None)
     else:
         faces = prepared.cache.load(hashes, crops=("box",))
         probs[usable] = model.predict(faces.columns["box"][faces.rows(hashes)][..., None], batch_size=512,

@@ -117,6 +117,9 @@ class Settings:
     # else float32. The saved model itself stays float32.
     embed_precision: str = "auto"
     detect_batch_size: int = 64
+    # How faces are named: "head" (the head, checked by the gallery's distance), "gallery" (the gallery's
+    # nearest identities alone, no head), or "auto" (gallery above pinsface.scoring.GALLERY_MODE_ABOVE identities).
+    mode: str = "auto"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,274 @@
+"""Nearest-face search for the gallery on a FAISS index, and the k-nearest-faces distances built on it.
+
+``pinsface.gallery`` scores a face against an identity by the mean distance to that identity's ``kk`` nearest
+faces (``knn_distances``: ``kk`` is ``knn``, or one per 10 faces for an identity with fewer than ``10 * knn``).
+Computing that for every identity means comparing the face with every gallery face. Here a FAISS index
+returns the face's ``k`` nearest gallery faces instead, and only the identities among them are scored:
+
+- an identity with at least ``kk`` faces among the neighbours is scored from them, exactly (with exact search);
+- an identity with fewer is scored exactly against all its own faces (a few dozen comparisons);
+- an identity with no face among the neighbours is farther than the farthest neighbour, which bounds it. A face
+  whose answer the bound cannot settle is searched again with more neighbours, then against every face.
+
+Up to ``FLAT_LIMIT`` faces the index is exact (``IndexFlatL2``); above it, HNSW (``IndexHNSWFlat``), whose
+recall against exact search is measured by bench/gallery_scale.py. Faces are added in place (enrolment).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Faces up to which the index is exact. Exact search costs CPU in proportion to the gallery (bench/gallery_scale.py):
+# up to about twice this size it still answers batches at the README's target rate on 2 cores; HNSW above it.
+FLAT_LIMIT = 50_000
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 64
+# Searched candidates: on synthetic galleries shaped like the real descriptors, half of this missed the exact
+# nearest face for about 1 query in 200 at 10^5 faces (bench/gallery_scale.py).
+HNSW_EF_SEARCH = 256
+NEIGHBOURS = 32  # nearest faces fetched per query on the first pass
+MAX_NEIGHBOURS = 512  # then up to this many, before comparing with every face
+# Gallery faces above which leave-one-out calibration uses the index rather than all pairs (see bench/gallery_scale.py).
+ALL_PAIRS_LIMIT = 20_000
+# Impostor trials at most: above this, leave-one-out scores a fixed random sample of the faces against the other
+# identities (the threshold is a quantile of these; 10^5 trials pin a 7% quantile to about +-0.1%).
+IMPOSTOR_TRIALS = 100_000
+
+
+def knn_counts(owner: np.ndarray, n_identities: int, knn: int) -> np.ndarray:
+    """How many nearest faces each identity is scored on (see ``pinsface.gallery.knn_distances``)."""
+    counts = np.bincount(owner, minlength=n_identities)
+    return np.minimum(knn, np.maximum(1, counts // 10)).astype(np.int64)
+
+
+def _sq_to_distance(d: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.maximum(d, 0)).astype(np.float32)
+
+
+class FaceIndex:
+    """The gallery's face descriptors (float32, one row per face) with their owners, searchable by FAISS."""
+
+    def __init__(self, vectors: np.ndarray, owner: np.ndarray, n_identities: int, knn: int,
+                 flat_limit: int = FLAT_LIMIT, threads: int | None = None):
+        import faiss
+
+        if threads is not None:
+            faiss.omp_set_num_threads(threads)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.dim = vectors.shape[1]
+        self.knn = knn
+        self.n_identities = n_identities
+        self.kind = "flat" if len(vectors) <= flat_limit else "hnsw"
+        self.index = self._new_index(self.kind, self.dim)
+        self._vectors = np.zeros((0, self.dim), np.float32)
+        self._owner = np.zeros(0, np.int64)
+        self.n = 0
+        self._groups = None
+        self.validation = (len(vectors), 0)  # (first, count) of the validation faces among the ids
+        self.add(vectors, owner, n_identities)
+
+    @staticmethod
+    def _new_index(kind: str, dim: int):
+        import faiss
+
+        if kind == "flat":
+            return faiss.IndexFlatL2(dim)
+        index = faiss.IndexHNSWFlat(dim, HNSW_M)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+        return index
+
+    @property
+    def vectors(self) -> np.ndarray:
+        return self._vectors[:self.n]
+
+    @property
+    def owner(self) -> np.ndarray:
+        return self._owner[:self.n]
+
+    def add(self, vectors: np.ndarray, owner: np.ndarray, n_identities: int) -> None:
+        """Append faces (new rows get the next ids) in place: FAISS adds them to the index as it stands."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        m = len(vectors)
+        self.n_identities = max(n_identities, self.n_identities)
+        if self.n + m > len(self._vectors):  # grow by doubling: enrolment does not copy the whole gallery
+            capacity = max(self.n + m, 2 * len(self._vectors))
+            grown = np.zeros((capacity, self.dim), np.float32)
+            grown[:self.n] = self.vectors
+            owners = np.zeros(capacity, np.int64)
+            owners[:self.n] = self.owner
+            self._vectors, self._owner = grown, owners
+        self._vectors[self.n:self.n + m] = vectors
+        self._owner[self.n:self.n + m] = owner
+        self.n += m
+        if m:
+            self.index.add(vectors)
+        self._groups = None
+
+    def _grouped(self):
+        """(face ids sorted by owner, each identity's [lo, hi) bounds in it, faces each identity is scored on)"""
+        if self._groups is None:
+            owner = self.owner
+            order = np.argsort(owner, kind="stable")
+            bounds = np.searchsorted(owner[order], np.arange(self.n_identities + 1))
+            self._groups = order, bounds, knn_counts(owner, self.n_identities, self.knn)
+        return self._groups
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, face ids) of each query's ``k`` nearest faces, nearest first; id -1 where there are none."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.kind == "hnsw":
+            self.index.hnsw.efSearch = max(HNSW_EF_SEARCH, k)
+        d, ids = self.index.search(queries, min(k, max(self.n, 1)))
+        return _sq_to_distance(d), ids
+
+    def exact_pairs(self, queries: np.ndarray, rows: np.ndarray, identities: np.ndarray) -> np.ndarray:
+        """The k-nearest-faces distance of ``queries[rows[j]]`` to identity ``identities[j]``, against all the
+        identity's faces (inf for an identity with none)."""
+        from pinsface.gallery import pairwise_distances
+
+        order, bounds, kk_of = self._grouped()
+        out = np.full(len(rows), np.inf, np.float32)
+        by_identity = np.argsort(identities, kind="stable")
+        ids_sorted = identities[by_identity]
+        cuts = np.flatnonzero(np.r_[True, ids_sorted[1:] != ids_sorted[:-1], True])
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            c = int(ids_sorted[lo])
+            f_lo, f_hi = bounds[c], bounds[c + 1]
+            if f_hi == f_lo:
+                continue
+            pairs = by_identity[lo:hi]
+            d = pairwise_distances(queries[rows[pairs]], self.vectors[order[f_lo:f_hi]])
+            kk = int(kk_of[c])
+            out[pairs] = np.partition(d, kk - 1, axis=1)[:, :kk].mean(1)
+        return out
+
+    def _candidates(self, queries, dist, ids, exclude_owner=None, exclude_id=None):
+        """Score the identities among each query's neighbours: (row, identity, distance) triples, and each
+        row's bound (the farthest neighbour's distance: identities not among the neighbours are farther)."""
+        n, k = ids.shape
+        valid = ids >= 0
+        owner = np.where(valid, self.owner[np.maximum(ids, 0)], -1)
+        complete = valid.all(1) & (k < self.n)
+        bound = np.where(complete, dist[:, -1], np.inf).astype(np.float32)
+        if exclude_id is not None:
+            valid &= ids != exclude_id[:, None]
+        if exclude_owner is not None:
+            valid &= owner != exclude_owner[:, None]
+        rows = np.broadcast_to(np.arange(n)[:, None], (n, k))[valid]
+        who, d = owner[valid], dist[valid]
+        # Rows come out in order and each row's neighbours nearest first; a stable sort by (row, identity)
+        # keeps each identity's faces nearest first.
+        key = rows.astype(np.int64) * self.n_identities + who
+        order = np.argsort(key, kind="stable")
+        key, rows, who, d = key[order], rows[order], who[order], d[order]
+        if len(key) == 0:
+            return rows, who, d, bound
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+        group = np.cumsum(np.r_[True, key[1:] != key[:-1]]) - 1
+        rank = np.arange(len(key)) - starts[group]
+        kk_of = self._grouped()[2]
+        kk = kk_of[who]
+        take = rank < kk
+        sums = np.bincount(group[take], weights=d[take], minlength=len(starts))
+        counts = np.bincount(group[take], minlength=len(starts))
+        g_rows, g_who = rows[starts], who[starts]
+        g_kk = kk_of[g_who]
+        g_d = (sums / g_kk).astype(np.float32)
+        partial = counts < g_kk
+        if partial.any():
+            g_d[partial] = self.exact_pairs(queries, g_rows[partial], g_who[partial])
+        return g_rows, g_who, g_d, bound
+
+    def _exhaustive(self, queries: np.ndarray, exclude_owner=None, exclude_id=None) -> np.ndarray:
+        """(queries, identities) k-nearest-faces distances against every face: the numpy path, for the few faces
+        the neighbours cannot settle."""
+        from pinsface.gallery import knn_distances, pairwise_distances
+
+        d = pairwise_distances(np.asarray(queries, np.float32), self.vectors)
+        if exclude_id is not None:
+            d[np.arange(len(d)), exclude_id] = np.inf
+        out = knn_distances(d, self.owner, self.n_identities, self.knn)
+        if exclude_owner is not None:
+            out[np.arange(len(out)), exclude_owner] = np.inf
+        return out
+
+    def nearest_identities(self, queries: np.ndarray, top: int = 1, exclude_owner: np.ndarray | None = None,
+                           exclude_id: np.ndarray | None = None, neighbours: int = NEIGHBOURS
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """(identities, distances), each (queries, top): the identities with the smallest k-nearest-faces
+        distance, nearest first (-1 and inf where there are fewer). ``exclude_id`` leaves out one face per
+        query (itself), ``exclude_owner`` one identity per query."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        n = len(queries)
+        out_ids = np.full((n, top), -1, np.int64)
+        out_d = np.full((n, top), np.inf, np.float32)
+        todo = np.arange(n)
+        k = neighbours
+        while len(todo):
+            q = queries[todo]
+            ex_o = exclude_owner[todo] if exclude_owner is not None else None
+            ex_i = exclude_id[todo] if exclude_id is not None else None
+            if k > MAX_NEIGHBOURS:
+                full = self._exhaustive(q, ex_o, ex_i)
+                best = np.argsort(full, axis=1, kind="stable")[:, :top]
+                out_ids[todo, :best.shape[1]] = best
+                out_d[todo, :best.shape[1]] = np.take_along_axis(full, best, 1)
+                out_ids[todo] = np.where(np.isfinite(out_d[todo]), out_ids[todo], -1)
+                break
+            dist, ids = self.search(q, k + (1 if exclude_id is not None else 0))
+            rows, who, d, bound = self._candidates(q, dist, ids, ex_o, ex_i)
+            order = np.lexsort((who, d, rows))
+            rows, who, d = rows[order], who[order], d[order]
+            starts = np.searchsorted(rows, np.arange(len(todo)))
+            rank = np.arange(len(rows)) - starts[rows]
+            keep = rank < top
+            ids_t = np.full((len(todo), top), -1, np.int64)
+            d_t = np.full((len(todo), top), np.inf, np.float32)
+            ids_t[rows[keep], rank[keep]] = who[keep]
+            d_t[rows[keep], rank[keep]] = d[keep]
+            # Settled when the top-th identity is no farther than the farthest neighbour.
+            settled = d_t[:, -1] <= bound
+            out_ids[todo[settled]], out_d[todo[settled]] = ids_t[settled], d_t[settled]
+            todo = todo[~settled]
+            k *= 4
+        return out_ids, out_d
+
+    def leave_one_out(self, trials: int = IMPOSTOR_TRIALS) -> tuple[np.ndarray, np.ndarray]:
+        """(genuine, impostor) distance of every face with itself left out: to its own identity (exactly, from
+        the identity's own faces) and to the nearest other identity (from the index's nearest faces). Above
+        ``trials`` faces, impostor distances are those of a fixed random sample of ``trials`` faces; the other
+        entries are NaN."""
+        from pinsface.gallery import pairwise_distances
+
+        order, bounds, kk_of = self._grouped()
+        vectors, owner = self.vectors, self.owner
+        genuine = np.full(self.n, np.inf, np.float32)
+        for c in range(self.n_identities):
+            lo, hi = bounds[c], bounds[c + 1]
+            if hi - lo < 2:
+                continue
+            faces = order[lo:hi]
+            d = pairwise_distances(vectors[faces], vectors[faces])
+            np.fill_diagonal(d, np.inf)
+            kk = int(kk_of[c])
+            nearest = np.partition(d, kk - 1, axis=1)[:, :kk]
+            finite = np.isfinite(nearest)
+            genuine[faces] = np.where(finite.any(1), np.where(finite, nearest, 0).sum(1) / np.maximum(
+                finite.sum(1), 1), np.inf)
+        impostor = np.full(self.n, np.nan, np.float32)
+        counts = np.diff(bounds)
+        chunk = 8192
+        faces = order
+        if self.n > trials:
+            chosen = np.zeros(self.n, bool)
+            chosen[np.random.default_rng(0).choice(self.n, trials, replace=False)] = True
+            faces = order[chosen[order]]
+        for lo in range(0, len(faces), chunk):
+            rows = faces[lo:lo + chunk]  # identity by identity: the own faces to skip are alike in number
+            # Past its own identity's faces, a face's neighbours are the other identities.
+            k = min(MAX_NEIGHBOURS, NEIGHBOURS + int(counts[owner[rows]].max()))
+            _, d = self.nearest_identities(vectors[rows], 1, exclude_owner=owner[rows], exclude_id=rows,
+                                           neighbours=k)
+            impostor[rows] = d[:, 0]
+        return genuine, impostor
