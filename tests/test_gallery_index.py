@@ -69,11 +69,7 @@ def test_enrolment_grows_the_index_in_place(gallery, queries):
     index = copy.face_index
     before = index.index.ntotal
     new = gallery.val_embeddings[gallery.val_owner == 0][:8] + 0.0
-    copy.labels.append("Newcomer")
-    copy.embeddings = np.concatenate([copy.embeddings, new])
-    copy.flips = np.concatenate([copy.flips, new])
-    copy.owner = np.concatenate([copy.owner, np.full(len(new), len(copy.labels) - 1, np.int32)])
-    copy.added(new, new, len(copy.labels) - 1)
+    assert copy.add_faces("Newcomer", new, new) == (len(copy.labels) - 1, True)
     assert copy.face_index is index and index.index.ntotal == before + len(new)
     ids, d = nearest_identities(copy, new, new, 1)
     assert (ids[:, 0] == len(copy.labels) - 1).all() and np.allclose(d, 0, atol=1e-3)

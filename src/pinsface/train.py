@@ -239,7 +239,7 @@ def refit_head(old_head, gallery, settings: Settings, epochs: int = 30, drop: in
     y = np.concatenate([gallery.owner, gallery.owner])
     h = features.predict(x, batch_size=2048, verbose=0)
     old_w = old_head.get_layer("cosine_logits").get_weights()[0]
-    if drop is not None:
+    if drop is not None and drop < old_w.shape[1]:  # an identity enrolled in gallery mode has no column
         old_w = np.delete(old_w, drop, axis=1)
     w = np.zeros((old_w.shape[0], n), np.float32)
     w[:, :old_w.shape[1]] = old_w
