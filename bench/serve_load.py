@@ -37,12 +37,13 @@ rec = Recognizer.load(sys.argv[1])
 photos = [Path(p).read_bytes() for p in json.loads(sys.argv[2])]
 batch = int(sys.argv[3])
 rec.identify_many(photos[:batch], batch_size=batch)  # warm up the graphs
-rates = []
+rates, cpu_rates = [], []
 for _ in range(int(sys.argv[4])):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     rec.identify_many(photos, batch_size=batch)
     rates.append(len(photos) / (time.perf_counter() - t))
-print(json.dumps({"photos_per_s": statistics.median(rates), "runs": rates}))
+    cpu_rates.append(len(photos) / (time.process_time() - c))
+print(json.dumps({"runs": rates, "cpu_runs": cpu_rates}))
 """
 
 
@@ -139,7 +140,7 @@ async def drive(url: str, photos: list[bytes], hostile: list[tuple[str, bytes]],
         elapsed = time.perf_counter() - started
     server_cpu, client_cpu = cpu_seconds(server_pid) - server_cpu, time.process_time() - client_cpu
     health_ms = json.loads(probe.communicate(timeout=seconds + 120)[0] or "[]")
-    return {"server_cpu_s": server_cpu, "client_cpu_s": client_cpu, "requests": len(latencies), "seconds": elapsed, "req_per_s": len(latencies) / elapsed,
+    return {"server_cpu_s": server_cpu, "client_cpu_s": client_cpu, "ok": statuses[200], "requests": len(latencies), "seconds": elapsed, "req_per_s": len(latencies) / elapsed,
             "p50": pct(latencies, 50), "p95": pct(latencies, 95), "p99": pct(latencies, 99),
             "statuses": dict(statuses), "per_file_errors": dict(per_file_errors),
             "health_p50_ms": pct(health_ms, 50), "health_max_ms": max(health_ms) if health_ms else float("nan"),
@@ -175,15 +176,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         tmp = Path(tmp)
         # In-process first, alone on the machine: batched identify_many on the same photos.
-        def in_process() -> list[float]:
+        def in_process() -> tuple[list[float], list[float]]:
             out = subprocess.run([sys.executable, "-c", IN_PROCESS, args.run, json.dumps([str(p) for p in paths]),
                                   "32", str(args.repeats)], capture_output=True, text=True, check=True)
-            return json.loads(out.stdout.strip().splitlines()[-1])["runs"]
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            return result["runs"], result["cpu_runs"]
 
-        rates = in_process()
+        rates, cpu_rates = in_process()
         inproc = {"photos_per_s": statistics.median(rates)}
         print(f"in-process identify_many (batch 32, {len(photos)} photos, median of {args.repeats}): "
-              f"{inproc['photos_per_s']:.1f} photos/s")
+              f"{inproc['photos_per_s']:.1f} photos/s, {statistics.median(cpu_rates):.1f} photos per CPU-second")
 
         import shutil
 
@@ -191,7 +193,9 @@ def main() -> int:
         shutil.copytree(args.run, run)
         port = args.port or free_port()
         url = f"http://127.0.0.1:{port}"
-        log = open(tmp / "serve.log", "wb")
+        log_path = Path(tempfile.gettempdir()) / "serve_load_server.log"
+        print(f"server log: {log_path}")
+        log = open(log_path, "wb")
         server = subprocess.Popen([sys.executable, "-m", "pinsface.cli", "serve", str(run), "--port", str(port),
                                    "--api-key-file", str(tmp / "key")], stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -201,7 +205,8 @@ def main() -> int:
             clean = asyncio.run(drive(url, photos, [], 0.0, args.clients, args.seconds, args.max_requests, 1,
                                server.pid))
             report(f"{args.clients} clients, 224-px photos", clean)
-            print(f"  server throughput / in-process: {clean['req_per_s'] / inproc['photos_per_s']:.0%}")
+            print(f"  server throughput / in-process: {clean['req_per_s'] / inproc['photos_per_s']:.0%}; "
+                  f"{clean['ok'] / clean['server_cpu_s']:.1f} photos per server CPU-second")
             hostile = hostile_files(PINS / "pins_Bill Gates" / "Bill Gates104_500.jpg", tmp / "bad", 10.0)
             mixed = asyncio.run(drive(url, photos, hostile, args.hostile, args.clients, args.seconds,
                                       args.max_requests, 2, server.pid))
@@ -220,11 +225,14 @@ def main() -> int:
                 server.wait(10)
             log.close()
         # The machine's load drifts: measure in-process again, after, and compare with the median of both.
-        rates += in_process()
-        both = statistics.median(rates)
+        more, more_cpu = in_process()
+        rates += more
+        cpu_rates += more_cpu
+        both, both_cpu = statistics.median(rates), statistics.median(cpu_rates)
         print(f"in-process identify_many again: median of all {len(rates)} runs {both:.1f} photos/s "
-              f"(min {min(rates):.1f}, max {max(rates):.1f}); server throughput / that: "
-              f"{clean['req_per_s'] / both:.0%}")
+              f"(min {min(rates):.1f}, max {max(rates):.1f}), {both_cpu:.1f} photos per CPU-second")
+        print(f"server / in-process: throughput {clean['req_per_s'] / both:.0%}, photos per CPU-second "
+              f"{clean['ok'] / clean['server_cpu_s'] / both_cpu:.0%}")
     return 0
 
 
