@@ -254,3 +254,19 @@ def test_a_killed_server_keeps_an_acknowledged_enrolment(small_run, pins_dir, tm
     finally:
         process.kill()
         process.wait(30)
+
+
+def test_trained_labels_are_saved_and_default_to_every_label(small_run, tmp_path):
+    import json
+
+    from pinsface.gallery import Gallery
+
+    gallery = Gallery.load(small_run[0] / "gallery.npz")
+    assert gallery.trained_labels == gallery.labels and len(gallery.labels) == 6
+    with np.load(small_run[0] / "gallery.npz", allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(str(arrays["meta"]))
+    del meta["trained_labels"]  # a gallery saved before the field existed
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(tmp_path / "old.npz", **arrays)
+    assert Gallery.load(tmp_path / "old.npz").trained_labels == gallery.labels
