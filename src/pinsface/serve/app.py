@@ -326,7 +326,10 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
                               "the API key in the `X-API-Key` header.")
     app.state.pinsface = state
     app.state.worker = worker
+    # For the API description only (the key itself is checked by _Guard before a body is read).
     key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the server's API key")
+    write_key = [Security(key_header)]
+    read_key = write_key if settings.auth == "all" else []
 
     def api_error(exc: ApiError):
         state.metrics.errors.labels(exc.code).inc()
@@ -439,7 +442,7 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
                                    swagger_css_url=f"{docs_assets}/swagger-ui.css",
                                    swagger_favicon_url=f"{docs_assets}/favicon-32x32.png")
 
-    @app.post("/v1/identify", tags=["faces"], dependencies=[Security(key_header)])
+    @app.post("/v1/identify", tags=["faces"], dependencies=read_key)
     async def identify(files: list[UploadFile] = files_param,
                        top_k: int = Query(3, ge=1, le=20, description="alternatives listed per face"),
                        threshold: float | None = Query(None, ge=0, le=10, description="distance threshold override"),
@@ -473,13 +476,13 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
                 state.metrics.faces.labels("named" if face.identity else "unknown").inc()
         return {"results": [r.to_dict() for r in results]}
 
-    @app.get("/v1/identities", tags=["identities"], dependencies=[Security(key_header)])
+    @app.get("/v1/identities", tags=["identities"], dependencies=read_key)
     async def identities():
         """Every identity the run knows: face count, and whether it was enrolled after training."""
         people = state.identities
         return {"count": len(people), "identities": people}
 
-    @app.post("/v1/identities/{name}/faces", tags=["identities"], dependencies=[Security(key_header)])
+    @app.post("/v1/identities/{name}/faces", tags=["identities"], dependencies=write_key)
     async def enroll(name: str = PathParam(..., description="the person's name"), files: list[UploadFile] = files_param):
         """Enrol a person from photos (the largest face of each), or add photos to one already known.
         Saved in the run folder before the response is sent."""
@@ -516,7 +519,7 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
         except QueueFull as exc:
             raise busy(exc) from exc
 
-    @app.delete("/v1/identities/{name}", tags=["identities"], dependencies=[Security(key_header)])
+    @app.delete("/v1/identities/{name}", tags=["identities"], dependencies=write_key)
     async def forget(name: str = PathParam(..., description="the person's name")):
         """Forget a person: their faces leave the gallery and the head is refitted. Saved before the response."""
         name = clean_name(name)
@@ -537,7 +540,7 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
         except QueueFull as exc:
             raise busy(exc) from exc
 
-    @app.get("/v1/health", tags=["service"], dependencies=[Security(key_header)])
+    @app.get("/v1/health", tags=["service"], dependencies=read_key)
     async def health():
         """Answered on the event loop from figures the worker keeps current: never waits for inference."""
         s = recognizer.settings
@@ -549,7 +552,7 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
                            "max_files": settings.max_files, "max_pending": settings.max_pending},
                 "auth": settings.auth}
 
-    @app.get("/metrics", tags=["service"], dependencies=[Security(key_header)])
+    @app.get("/metrics", tags=["service"], dependencies=read_key)
     async def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
