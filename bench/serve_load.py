@@ -15,6 +15,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,13 +37,37 @@ rec = Recognizer.load(sys.argv[1])
 photos = [Path(p).read_bytes() for p in json.loads(sys.argv[2])]
 batch = int(sys.argv[3])
 rec.identify_many(photos[:batch], batch_size=batch)  # warm up the graphs
-rates = []
+rates, cpu_rates = [], []
 for _ in range(int(sys.argv[4])):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     rec.identify_many(photos, batch_size=batch)
     rates.append(len(photos) / (time.perf_counter() - t))
-print(json.dumps({"photos_per_s": statistics.median(rates), "runs": rates}))
+    cpu_rates.append(len(photos) / (time.process_time() - c))
+print(json.dumps({"runs": rates, "cpu_runs": cpu_rates}))
 """
+
+
+# /v1/health probed from its own process, so the clients' event loop does not delay the probes.
+PROBE = """
+import json, sys, time, httpx
+url, seconds = sys.argv[1], float(sys.argv[2])
+out, end = [], time.monotonic() + seconds
+with httpx.Client(timeout=60) as client:
+    while time.monotonic() < end:
+        t = time.perf_counter()
+        try:
+            ok = client.get(url + "/v1/health").status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        out.append(1000 * (time.perf_counter() - t) if ok else float("inf"))
+        time.sleep(0.25)
+print(json.dumps(out))
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pick_photos(n: int, seed: int = 0) -> list[Path]:
@@ -75,14 +100,16 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def drive(url: str, photos: list[bytes], hostile: list[tuple[str, bytes]], hostile_rate: float,
-                clients: int, seconds: float, max_requests: int, seed: int) -> dict:
+                clients: int, seconds: float, max_requests: int, seed: int, server_pid: int) -> dict:
     import httpx
+
+    probe = subprocess.Popen([sys.executable, "-c", PROBE, url, str(seconds)], stdout=subprocess.PIPE, text=True)
+    server_cpu, client_cpu = cpu_seconds(server_pid), time.process_time()
 
     rng = random.Random(seed)
     latencies: list[float] = []
     statuses: Counter = Counter()
     per_file_errors: Counter = Counter()
-    health_ms: list[float] = []
     sent = 0
     deadline = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
@@ -108,21 +135,12 @@ async def drive(url: str, photos: list[bytes], hostile: list[tuple[str, bytes]],
                     statuses[type(exc).__name__] += 1
                 latencies.append(time.perf_counter() - t)
 
-        async def prober():
-            while time.monotonic() < deadline and sent < max_requests:
-                t = time.perf_counter()
-                try:
-                    r = await client.get("/v1/health")
-                    if r.status_code == 200:
-                        health_ms.append(1000 * (time.perf_counter() - t))
-                except httpx.HTTPError:
-                    health_ms.append(float("inf"))
-                await asyncio.sleep(0.5)
-
         started = time.perf_counter()
-        await asyncio.gather(prober(), *[one_client() for _ in range(clients)])
+        await asyncio.gather(*[one_client() for _ in range(clients)])
         elapsed = time.perf_counter() - started
-    return {"requests": len(latencies), "seconds": elapsed, "req_per_s": len(latencies) / elapsed,
+    server_cpu, client_cpu = cpu_seconds(server_pid) - server_cpu, time.process_time() - client_cpu
+    health_ms = json.loads(probe.communicate(timeout=seconds + 120)[0] or "[]")
+    return {"server_cpu_s": server_cpu, "client_cpu_s": client_cpu, "ok": statuses[200], "requests": len(latencies), "seconds": elapsed, "req_per_s": len(latencies) / elapsed,
             "p50": pct(latencies, 50), "p95": pct(latencies, 95), "p99": pct(latencies, 99),
             "statuses": dict(statuses), "per_file_errors": dict(per_file_errors),
             "health_p50_ms": pct(health_ms, 50), "health_max_ms": max(health_ms) if health_ms else float("nan"),
@@ -133,7 +151,8 @@ def report(title: str, r: dict) -> None:
     print(f"{title}: {r['requests']} requests in {r['seconds']:.1f} s = {r['req_per_s']:.1f} req/s; latency p50 "
           f"{r['p50']:.2f} s, p95 {r['p95']:.2f} s, p99 {r['p99']:.2f} s; by status {r['statuses']}; per-file "
           f"errors {r['per_file_errors'] or 'none'}; /v1/health under load: median {r['health_p50_ms']:.0f} ms, "
-          f"max {r['health_max_ms']:.0f} ms ({r['health_probes']} probes)")
+          f"max {r['health_max_ms']:.0f} ms ({r['health_probes']} probes); CPU: server {r['server_cpu_s']:.0f} s, "
+          f"load clients {r['client_cpu_s']:.0f} s")
 
 
 def main() -> int:
@@ -157,11 +176,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         tmp = Path(tmp)
         # In-process first, alone on the machine: batched identify_many on the same photos.
-        out = subprocess.run([sys.executable, "-c", IN_PROCESS, args.run, json.dumps([str(p) for p in paths]), "32",
-                              str(args.repeats)], capture_output=True, text=True, check=True)
-        inproc = json.loads(out.stdout.strip().splitlines()[-1])
+        def in_process() -> tuple[list[float], list[float]]:
+            out = subprocess.run([sys.executable, "-c", IN_PROCESS, args.run, json.dumps([str(p) for p in paths]),
+                                  "32", str(args.repeats)], capture_output=True, text=True, check=True)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            return result["runs"], result["cpu_runs"]
+
+        rates, cpu_rates = in_process()
+        inproc = {"photos_per_s": statistics.median(rates)}
         print(f"in-process identify_many (batch 32, {len(photos)} photos, median of {args.repeats}): "
-              f"{inproc['photos_per_s']:.1f} photos/s")
+              f"{inproc['photos_per_s']:.1f} photos/s, {statistics.median(cpu_rates):.1f} photos per CPU-second")
 
         import shutil
 
@@ -169,17 +193,23 @@ def main() -> int:
         shutil.copytree(args.run, run)
         port = args.port or free_port()
         url = f"http://127.0.0.1:{port}"
-        log = open(tmp / "serve.log", "wb")
+        log_path = Path(tempfile.gettempdir()) / "serve_load_server.log"
+        print(f"server log: {log_path}")
+        log = open(log_path, "wb")
         server = subprocess.Popen([sys.executable, "-m", "pinsface.cli", "serve", str(run), "--port", str(port),
                                    "--api-key-file", str(tmp / "key")], stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_healthy(url, server, timeout=300)
-            clean = asyncio.run(drive(url, photos, [], 0.0, args.clients, args.seconds, args.max_requests, 1))
+            # Warm up as the in-process figure does: the first batches of each size build the graphs.
+            asyncio.run(drive(url, photos, [], 0.0, 32, 60, 96, 0, server.pid))
+            clean = asyncio.run(drive(url, photos, [], 0.0, args.clients, args.seconds, args.max_requests, 1,
+                               server.pid))
             report(f"{args.clients} clients, 224-px photos", clean)
-            print(f"  server throughput / in-process: {clean['req_per_s'] / inproc['photos_per_s']:.0%}")
+            print(f"  server throughput / in-process: {clean['req_per_s'] / inproc['photos_per_s']:.0%}; "
+                  f"{clean['ok'] / clean['server_cpu_s']:.1f} photos per server CPU-second")
             hostile = hostile_files(PINS / "pins_Bill Gates" / "Bill Gates104_500.jpg", tmp / "bad", 10.0)
             mixed = asyncio.run(drive(url, photos, hostile, args.hostile, args.clients, args.seconds,
-                                      args.max_requests, 2))
+                                      args.max_requests, 2, server.pid))
             report(f"{args.clients} clients, {args.hostile:.0%} hostile uploads", mixed)
             fives = {k: v for k, v in mixed["statuses"].items() if str(k).startswith("5") or not str(k).isdigit()}
             health = httpx.get(f"{url}/v1/health", timeout=10)
@@ -194,6 +224,15 @@ def main() -> int:
                 server.kill()
                 server.wait(10)
             log.close()
+        # The machine's load drifts: measure in-process again, after, and compare with the median of both.
+        more, more_cpu = in_process()
+        rates += more
+        cpu_rates += more_cpu
+        both, both_cpu = statistics.median(rates), statistics.median(cpu_rates)
+        print(f"in-process identify_many again: median of all {len(rates)} runs {both:.1f} photos/s "
+              f"(min {min(rates):.1f}, max {max(rates):.1f}), {both_cpu:.1f} photos per CPU-second")
+        print(f"server / in-process: throughput {clean['req_per_s'] / both:.0%}, photos per CPU-second "
+              f"{clean['ok'] / clean['server_cpu_s'] / both_cpu:.0%}")
     return 0
 
 

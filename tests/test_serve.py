@@ -84,6 +84,28 @@ def test_identify_names_faces_in_the_predict_json_record(server, pins_dir):
     assert len(r["faces"][0]["alternatives"]) == 1
 
 
+def metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+               or line.startswith(name + "{"))
+
+
+def test_concurrent_requests_share_batches(server, pins_dir):
+    files = photos(pins_dir, "pins_Chris Evans", 6)
+    before = httpx.get(f"{server.url}/metrics").text
+
+    async def send_all():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            return await asyncio.gather(*[client.post("/v1/identify", files=uploads([f])) for f in files])
+
+    responses = asyncio.run(send_all())
+    assert [r.status_code for r in responses] == [200] * 6
+    assert [r.json()["results"][0]["source"] for r in responses] == [f.name for f in files]  # each gets its own
+    after = httpx.get(f"{server.url}/metrics").text
+    batches = metric(after, "pinsface_batch_images_count") - metric(before, "pinsface_batch_images_count")
+    images = metric(after, "pinsface_batch_images_sum") - metric(before, "pinsface_batch_images_sum")
+    assert images == 6 and batches < 6  # while the first batch runs, the others queue and are named together
+
+
 def test_bad_files_get_a_per_file_error_in_a_200(server, pins_dir, bad_files):
     blank = png(np.tile(np.linspace(0, 255, 300, dtype=np.uint8), (200, 1)))
     sent = [("blank.png", blank), ("not_an_image.jpg", (bad_files / "not_an_image.jpg").read_bytes()),
@@ -232,3 +254,19 @@ def test_a_killed_server_keeps_an_acknowledged_enrolment(small_run, pins_dir, tm
     finally:
         process.kill()
         process.wait(30)
+
+
+def test_trained_labels_are_saved_and_default_to_every_label(small_run, tmp_path):
+    import json
+
+    from pinsface.gallery import Gallery
+
+    gallery = Gallery.load(small_run[0] / "gallery.npz")
+    assert gallery.trained_labels == gallery.labels and len(gallery.labels) == 6
+    with np.load(small_run[0] / "gallery.npz", allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(str(arrays["meta"]))
+    del meta["trained_labels"]  # a gallery saved before the field existed
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(tmp_path / "old.npz", **arrays)
+    assert Gallery.load(tmp_path / "old.npz").trained_labels == gallery.labels

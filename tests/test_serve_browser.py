@@ -95,6 +95,9 @@ def test_name_enrol_name_forget_in_the_browser(small_run, pins_dir, browser, tmp
         page.get_by_role("button", name="Forget", exact=True).click()
         expect(page.locator("#status")).to_contain_text("Forgot Ben Affleck", timeout=120_000)
         expect(page.locator("#people-list li")).to_have_count(0)
+        # The photo on show is named again: nobody is called Ben Affleck any more.
+        expect(page.locator('.face[data-identity="Ben Affleck"]')).to_have_count(0, timeout=120_000)
+        expect(page.locator(".face")).to_have_count(1)
         page.get_by_label("Search people").fill("")
         expect(page.locator("#people-count")).to_have_text("6 of 6 people")
         page.screenshot(path=shots / "6-forgotten.png", full_page=True)

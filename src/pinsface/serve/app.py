@@ -48,7 +48,8 @@ class ServeSettings:
     max_pending: int = 256  # images queued or being named; past it requests get 503 + Retry-After
     max_batch: int = 32  # images per shared detector/embedder batch
     max_wait_ms: float = 10.0  # how long a batch waits for more requests
-    max_requests: int = 512  # requests in progress (health excepted); past it 503 + Retry-After
+    max_requests: int = 256  # requests in progress (health excepted); past it 503 + Retry-After
+    max_pending_mb: float = 1024.0  # uploaded bytes held in memory by requests in progress; past it 503
     retry_after_s: int = 1
 
 
@@ -326,7 +327,10 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
                               "the API key in the `X-API-Key` header.")
     app.state.pinsface = state
     app.state.worker = worker
+    # For the API description only (the key itself is checked by _Guard before a body is read).
     key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the server's API key")
+    write_key = [Security(key_header)]
+    read_key = write_key if settings.auth == "all" else []
 
     def api_error(exc: ApiError):
         state.metrics.errors.labels(exc.code).inc()
@@ -367,21 +371,37 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
             response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
         return response
 
-    async def read_uploads(files: list[UploadFile]) -> list[tuple[str, bytes]]:
+    state.bytes_held = 0
+    max_held = int(settings.max_pending_mb * 1024 * 1024)
+
+    @asynccontextmanager
+    async def read_uploads(files: list[UploadFile]):
+        """The uploads as (name, bytes), counted against the memory budget until the request is done."""
         if len(files) > settings.max_files:
             raise ApiError(413, "too_many_files", f"{len(files)} files; at most {settings.max_files} per request")
         if len(files) > settings.max_pending:
             raise ApiError(413, "too_many_files", f"{len(files)} files; the queue holds {settings.max_pending}")
-        out = []
         for f in files:
-            name = (f.filename or "upload")[-200:]
             if f.size is not None and f.size > max_file:
-                raise ApiError(413, "file_too_large", f"{name} is over {settings.max_upload_mb:g} MB")
-            data = await f.read(max_file + 1)
-            if len(data) > max_file:
-                raise ApiError(413, "file_too_large", f"{name} is over {settings.max_upload_mb:g} MB")
-            out.append((name, data))
-        return out
+                raise ApiError(413, "file_too_large", f"{f.filename} is over {settings.max_upload_mb:g} MB")
+        size = sum(f.size or max_file for f in files)
+        if size > max_held:
+            raise ApiError(413, "request_too_large", f"the uploads are over {settings.max_pending_mb:g} MB")
+        if state.bytes_held + size > max_held:
+            raise ApiError(503, "busy", "too many uploads are held in memory; retry later",
+                           headers={"Retry-After": str(settings.retry_after_s)})
+        state.bytes_held += size
+        try:
+            out = []
+            for f in files:
+                name = (f.filename or "upload")[-200:]
+                data = await f.read(max_file + 1)
+                if len(data) > max_file:
+                    raise ApiError(413, "file_too_large", f"{name} is over {settings.max_upload_mb:g} MB")
+                out.append((name, data))
+            yield out
+        finally:
+            state.bytes_held -= size
 
     def run_busy(exc: RunBusy) -> ApiError:
         """Another process (a CLI enrolment, another server) is writing the run folder."""
@@ -427,7 +447,7 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
                                    swagger_css_url=f"{docs_assets}/swagger-ui.css",
                                    swagger_favicon_url=f"{docs_assets}/favicon-32x32.png")
 
-    @app.post("/v1/identify", tags=["faces"], dependencies=[Security(key_header)])
+    @app.post("/v1/identify", tags=["faces"], dependencies=read_key)
     async def identify(files: list[UploadFile] = files_param,
                        top_k: int = Query(3, ge=1, le=20, description="alternatives listed per face"),
                        threshold: float | None = Query(None, ge=0, le=10, description="distance threshold override"),
@@ -435,7 +455,10 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
                                                              description="probability threshold override")):
         """Every face in each photo, in the record of `pinsface predict --json`. A bad file gets an `error`
         in its record (the response is still 200); a photo without a face gets a `note`."""
-        uploads = await read_uploads(files)
+        async with read_uploads(files) as uploads:
+            return await identify_uploads(uploads, top_k, threshold, min_probability)
+
+    async def identify_uploads(uploads, top_k, threshold, min_probability) -> dict:
         checked = await run_in_threadpool(check, uploads)
         good = [(i, data) for i, ((_, data), c) in enumerate(zip(uploads, checked)) if not isinstance(c, BadImage)]
         results: list = [None] * len(uploads)
@@ -458,19 +481,21 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
                 state.metrics.faces.labels("named" if face.identity else "unknown").inc()
         return {"results": [r.to_dict() for r in results]}
 
-    @app.get("/v1/identities", tags=["identities"], dependencies=[Security(key_header)])
+    @app.get("/v1/identities", tags=["identities"], dependencies=read_key)
     async def identities():
         """Every identity the run knows: face count, and whether it was enrolled after training."""
         people = state.identities
         return {"count": len(people), "identities": people}
 
-    @app.post("/v1/identities/{name}/faces", tags=["identities"], dependencies=[Security(key_header)])
+    @app.post("/v1/identities/{name}/faces", tags=["identities"], dependencies=write_key)
     async def enroll(name: str = PathParam(..., description="the person's name"), files: list[UploadFile] = files_param):
         """Enrol a person from photos (the largest face of each), or add photos to one already known.
         Saved in the run folder before the response is sent."""
         name = clean_name(name)
-        uploads = await read_uploads(files)
+        async with read_uploads(files) as uploads:
+            return await enroll_uploads(name, uploads)
 
+    async def enroll_uploads(name: str, uploads) -> dict:
         def decode():
             arrays = []
             for file_name, data in uploads:
@@ -500,7 +525,7 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
         except QueueFull as exc:
             raise busy(exc) from exc
 
-    @app.delete("/v1/identities/{name}", tags=["identities"], dependencies=[Security(key_header)])
+    @app.delete("/v1/identities/{name}", tags=["identities"], dependencies=write_key)
     async def forget(name: str = PathParam(..., description="the person's name")):
         """Forget a person: their faces leave the gallery and the head is refitted. Saved before the response."""
         name = clean_name(name)
@@ -522,7 +547,7 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
         except QueueFull as exc:
             raise busy(exc) from exc
 
-    @app.get("/v1/health", tags=["service"], dependencies=[Security(key_header)])
+    @app.get("/v1/health", tags=["service"], dependencies=read_key)
     async def health():
         """Answered on the event loop from figures the worker keeps current: never waits for inference."""
         s = recognizer.settings
@@ -534,7 +559,7 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
                            "max_files": settings.max_files, "max_pending": settings.max_pending},
                 "auth": settings.auth}
 
-    @app.get("/metrics", tags=["service"], dependencies=[Security(key_header)])
+    @app.get("/metrics", tags=["service"], dependencies=read_key)
     async def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -551,7 +576,9 @@ def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
 
     app = create_app(run_dir, settings)
     # One process: the recogniser's enrolled state lives in it (more processes would each hold their own).
-    uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1, timeout_graceful_shutdown=10)
+    # Keep-alive a little longer than uvicorn's 5 s, so busy clients rarely reuse a connection as it closes.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1, timeout_graceful_shutdown=10,
+                timeout_keep_alive=30)
 
 
 __all__ = ["ServeSettings", "create_app", "serve", "load_or_create_key", "sniff"]

@@ -124,9 +124,11 @@ class InferenceWorker:
                 return
             try:
                 if batch[0].call is not None:
-                    results = [batch[0].call(self.recognizer)]
-                    if self.on_change is not None:
-                        self.on_change(self.recognizer)
+                    try:
+                        results = [batch[0].call(self.recognizer)]
+                    finally:  # even a failed call may have changed the recognizer
+                        if self.on_change is not None:
+                            self.on_change(self.recognizer)
                 else:
                     results = self._identify(batch)
                 for job, result in zip(batch, results):

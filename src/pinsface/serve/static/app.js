@@ -147,23 +147,38 @@ function showResult(file, url, result, target) {
   if (img.complete && img.naturalWidth) draw(); else img.addEventListener("load", draw, { once: true });
 }
 
-async function identify(files) {
+// The photos on show, named again after someone is enrolled or forgotten so that no stale name stays up.
+const shown = { files: [], urls: [], seq: 0 };
+
+async function identify(files, why = "") {
   files = [...files];
   if (!files.length) return;
-  const target = $("identify-results");
-  target.replaceChildren();
+  const seq = ++shown.seq;
+  if (files !== shown.files) {
+    shown.urls.forEach((u) => URL.revokeObjectURL(u));
+    shown.files = files;
+    shown.urls = files.map((f) => URL.createObjectURL(f));
+  }
+  const urls = shown.urls;
   say(`Naming the faces in ${files.length} photo(s)…`);
   const form = new FormData();
   for (const f of files) form.append("files", f, f.name);
   try {
     const data = await api("POST", "/v1/identify", form);
-    data.results.forEach((result, i) => showResult(files[i], URL.createObjectURL(files[i]), result, target));
+    if (seq !== shown.seq) return;  // a newer request owns the results area
+    const target = $("identify-results");
+    target.replaceChildren();
+    data.results.forEach((result, i) => showResult(files[i], urls[i], result, target));
     const faces = data.results.reduce((n, r) => n + r.faces.length, 0);
     const named = data.results.reduce((n, r) => n + r.faces.filter((f) => f.identity !== null).length, 0);
-    say(`${files.length} photo(s): ${faces} face(s) found, ${named} named, ${faces - named} unknown.`);
+    say(`${why}${files.length} photo(s): ${faces} face(s) found, ${named} named, ${faces - named} unknown.`);
   } catch (e) {
-    say(`Could not name the faces: ${e.message}`, true);
+    if (seq === shown.seq) say(`Could not name the faces: ${e.message}`, true);
   }
+}
+
+function renameShown(why) {
+  if (shown.files.length) identify(shown.files, why);
 }
 
 // --- Enrolment
@@ -185,9 +200,10 @@ function clusterPlot(cluster, name) {
     dot.append(svg("title", {}, `${f.new ? "new" : "earlier"} face, distance to ${name}'s mean ${fmt(f.distance_to_mean)}`));
     plot.append(dot);
   }
-  const mx = cluster.faces.reduce((a, f) => a + f.x, 0) / cluster.faces.length;
-  const my = cluster.faces.reduce((a, f) => a + f.y, 0) / cluster.faces.length;
-  plot.append(svg("text", { class: "own", x: Math.min(Math.max(sx(mx) - 30, 4), W - 110), y: Math.max(sy(my) - 34, 14) },
+  // The person's name above their faces, clear of the dots.
+  const left = Math.min(...cluster.faces.map((f) => sx(f.x)));
+  const top = Math.min(...cluster.faces.map((f) => sy(f.y)));
+  plot.append(svg("text", { class: "own", x: Math.min(Math.max(left - 6, 4), W - 120), y: Math.max(top - 12, 12) },
     name));
   for (const n of cluster.neighbours) {
     plot.append(svg("rect", { x: sx(n.x) - 5, y: sy(n.y) - 5, width: 10, height: 10, class: "neighbour" }));
@@ -210,6 +226,7 @@ async function enrol(event) {
   try {
     const s = await api("POST", `/v1/identities/${encodeURIComponent(name)}/faces`, form);
     const out = $("enrol-result");
+    out.dataset.identity = s.identity;
     const newFaces = s.cluster.faces.filter((f) => f.new);
     const dists = newFaces.map((f) => f.distance_to_mean);
     out.replaceChildren(
@@ -226,6 +243,7 @@ async function enrol(event) {
     say(`Enrolled ${s.identity}.`);
     $("enrol-form").reset();
     await Promise.all([refreshPeople(), refreshHealth()]);
+    renameShown(`Enrolled ${s.identity}; named the photos again. `);
   } catch (e) {
     say(`Could not enrol ${name}: ${e.message}`, true);
   } finally {
@@ -278,8 +296,11 @@ async function forget(p) {
   try {
     const s = await api("DELETE", `/v1/identities/${encodeURIComponent(p.name)}`);
     say(`Forgot ${s.identity}; ${s.identities} people known.`);
+    const enrolled = $("enrol-result").dataset.identity;
+    if (enrolled && enrolled.toLowerCase() === s.identity.toLowerCase()) $("enrol-result").replaceChildren();
     await Promise.all([refreshPeople(), refreshHealth()]);
     $("people-search").focus();
+    renameShown(`Forgot ${s.identity}; named the photos again. `);
   } catch (e) {
     say(`Could not forget ${p.name}: ${e.message}`, true);
   }
