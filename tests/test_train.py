@@ -159,3 +159,20 @@ def test_fine_tuning_changes_the_top_blocks_and_re_embeds_the_gallery(tmp_path, 
     found = [np.abs(gallery.val_embeddings - v).max(1).min() for v in fresh]
     assert max(found) < 1e-5
     assert np.abs(run_embedder(saved, pretrained)(crops) - fresh).max() > 1e-4
+
+
+def test_final_refit_replays_the_chosen_epochs_on_training_and_validation_faces(small_run):
+    from pinsface.run import Run
+
+    run = Run(small_run[0])
+    stages = {s["stage"]: s for s in run.history()["stages"]}
+    head, final = stages["head"], stages["final"]
+    assert run.settings().final_fit == "train+val"
+    assert final["epochs_run"] == head["best_epoch"]
+    np.testing.assert_allclose(final["learning_rate"], head["learning_rate"][:head["best_epoch"]], rtol=1e-6)
+    # The saved head is the refitted one: it differs from the best-epoch checkpoint of the split's head.
+    saved = run.load_state().model.get_layer("head")
+    split = build_head(6, run.settings())
+    split.load_weights(small_run[0] / "checkpoints" / "head.weights.h5")
+    assert not np.allclose(saved.get_layer("cosine_logits").get_weights()[0],
+                           split.get_layer("cosine_logits").get_weights()[0])

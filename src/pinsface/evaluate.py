@@ -122,6 +122,11 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, out: str | Pat
     metrics["unknown_identities"] = unknown_folders
     metrics["data"] = str(prepared.dataset.root) if data is not None else "the run's test split"
     metrics["model"] = settings.model
+    if settings.model == "embedding":
+        metrics["saved_model"] = ("the saved head, refitted on the training and validation faces after early stopping "
+                                  "chose its epochs; the test images were held out of both"
+                                  if settings.final_fit == "train+val" else
+                                  "the saved head, trained on the training faces; the test images were held out")
     metrics["mode"] = mode
     metrics["seconds"] = {"prepare": round(t1 - t0, 2), "score": round(t2 - t1, 2)}
     write_reports(out, metrics, labels)

@@ -130,6 +130,21 @@ def _train(run: Run, data_dir, cache_dir, settings: Settings, progress: bool, pr
         histories.append(fitting.fit(head, x_train, y_train, emb["val"][0], y["val"], settings, *logs, "head",
                                      settings.epochs, settings.learning_rate, cw, progress, mixup=settings.mixup))
         timings["train_head"] = time.perf_counter() - t4
+        split_head = head
+        if settings.final_fit == "train+val":
+            t7 = time.perf_counter()
+            head = build_head(n_classes, settings, backbone.output_shape[-1])
+            chosen = histories[-1]
+            x_all = np.concatenate([x_train, emb["val"][0], emb["val"][1]])
+            y_all = np.concatenate([y_train, y["val"], y["val"]])
+            histories.append(fitting.fit(head, x_all, y_all, emb["val"][0], y["val"], settings, *logs, "final",
+                                         chosen["best_epoch"], settings.learning_rate, None, progress,
+                                         mixup=settings.mixup,
+                                         lr_trajectory=chosen["learning_rate"][:chosen["best_epoch"]]))
+            histories[-1]["note"] = "trained on the training and validation faces: its validation figures are not held out"
+            timings["final_fit"] = time.perf_counter() - t7
+        elif settings.final_fit != "none":
+            raise ValueError(f"final_fit must be 'train+val' or 'none', not {settings.final_fit!r}")
         backbone.trainable = False
         settings.embedding_key = settings.backbone
         if settings.fine_tune:
@@ -137,6 +152,7 @@ def _train(run: Run, data_dir, cache_dir, settings: Settings, progress: bool, pr
             crops = {k: faces.columns["aligned"][faces.rows(hashes[k])] for k in ("train", "val")}
             histories.append(fitting.fine_tune(backbone, head, crops, y, settings, *logs, progress))
             settings.embedding_key = f"{settings.backbone}-ft-{fitting.weights_fingerprint(backbone)}"
+            split_head = head  # tuned with the backbone: the head the tuned embeddings belong to
             timings["fine_tune"] = time.perf_counter() - t5
         model = build_embedding_model(backbone, head, settings)
 
@@ -146,8 +162,10 @@ def _train(run: Run, data_dir, cache_dir, settings: Settings, progress: bool, pr
             embedder = run_embedder(settings, backbone)
             emb = {k: ensure_embeddings(hashes[k], prepared.cache, tuned_cache, embedder, progress=progress)
                    for k in ("train", "val")}
+        # The probability threshold is set on validation faces, so by the head that did not train on them; the
+        # final head's probabilities for a face it did not train on look the same.
         gallery = build_gallery(labels, emb["train"][0], emb["train"][1], y["train"], emb["val"][0], emb["val"][1],
-                                y["val"], head, settings.target_far)
+                                y["val"], split_head, settings.target_far)
         timings["calibrate"] = time.perf_counter() - t6
     elif settings.model == "pixels-mlp":
         from pinsface.models import build_pixels_mlp
@@ -169,8 +187,14 @@ def _train(run: Run, data_dir, cache_dir, settings: Settings, progress: bool, pr
     history = {"stages": histories, "timings_seconds": {k: round(v, 2) for k, v in timings.items()}}
     run.save_history(history)
 
-    val_probs, val_usable = score_images(model, settings, prepared, data.items["val"])
-    val_top1 = float(np.mean(topk_correct(val_probs, val_usable, data.labels["val"], 1))) if len(val_probs) else 0.0
+    if settings.model == "embedding":  # judged by the head that did not train on the validation faces
+        from pinsface.scoring import head_probabilities
+
+        correct = np.argmax(head_probabilities(split_head, *emb["val"]), 1) == y["val"]
+        val_top1 = float(correct.sum() / max(len(data.items["val"]), 1))
+    else:
+        val_probs, val_usable = score_images(model, settings, prepared, data.items["val"])
+        val_top1 = float(np.mean(topk_correct(val_probs, val_usable, data.labels["val"], 1))) if len(val_probs) else 0.0
     run.log(f"model {settings.model}: {len(prepared.dataset.items)} images, {n_classes} identities, "
             f"validation top-1 {val_top1:.4f}, timings {history['timings_seconds']}")
     return {"run_dir": str(run.path), "val_top1": val_top1, "timings": history["timings_seconds"],

@@ -31,6 +31,8 @@ def insights(metrics: dict, confusions: list[tuple[str, str, int]], train_counts
              compare: dict | None) -> list[str]:
     """Plain-language findings computed from the numbers (HTML fragments)."""
     out = []
+    if metrics.get("saved_model"):
+        out.append(f"These figures describe {html.escape(metrics['saved_model'])}.")
     per = metrics["per_identity"]
     scored = [(name, v) for name, v in per.items() if v["support"] > 0]
     hardest = sorted(scored, key=lambda kv: (kv[1]["f1"], kv[0]))[:5]

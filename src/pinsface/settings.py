@@ -117,6 +117,11 @@ class Settings:
     # else float32. The saved model itself stays float32.
     embed_precision: str = "auto"
     detect_batch_size: int = 64
+    # Once early stopping on the validation split has chosen the epoch count, the saved head is trained again on
+    # the training and validation faces together ("train+val"), for that many epochs at the same learning rates;
+    # "none" keeps the head trained on the training faces alone. The test split is never trained on, so the
+    # report's test figures describe the saved model either way (see the README for what the refit gains).
+    final_fit: str = "train+val"
     # How faces are named: "head" (the head, checked by the gallery's distance), "gallery" (the gallery's
     # nearest identities alone, no head), or "auto" (gallery above pinsface.scoring.GALLERY_MODE_ABOVE identities).
     mode: str = "auto"
