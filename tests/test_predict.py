@@ -166,3 +166,31 @@ def test_a_gallery_from_before_nearest_face_distances_is_recalibrated_on_load(sm
     recognizer = Recognizer.load(run_dir)
     assert not recognizer.gallery.stale and recognizer.gallery.threshold_distance < 1.0
     assert recognizer.gallery.calibration["target_far"] == recognizer.settings.target_far
+
+
+def test_the_blend_of_head_and_nearest_faces_is_chosen_on_validation():
+    from pinsface.scoring import choose_blend, identity_scores
+
+    rng = np.random.default_rng(3)
+    n, k = 300, 6
+    y = rng.integers(0, k, n)
+    probs = rng.dirichlet(np.ones(k), n)
+    probs[np.arange(n), y] += np.where(rng.random(n) < 0.8, 1.0, 0.0)  # the head is right on 80%
+    probs /= probs.sum(1, keepdims=True)
+    dists = rng.uniform(0.5, 0.8, (n, k))
+    dists[np.arange(n), y] = np.where(rng.random(n) < 0.8, 0.3, 0.7)  # the faces, on another 80%
+    assert np.array_equal(identity_scores(probs, dists, 0.0, 0.04), probs)
+    blended = identity_scores(probs, dists, 0.5, 0.04)
+    np.testing.assert_allclose(blended.sum(1), 1, atol=1e-5)
+    weight, tau, accuracy = choose_blend(probs, dists, y)
+    head_alone = np.mean(np.argmax(probs, 1) == y)
+    assert weight > 0 and accuracy > head_alone + 0.05
+    # Where the distances say nothing, the head alone wins.
+    assert choose_blend(probs, np.full((n, k), 0.6), y)[0] == 0.0
+
+
+def test_a_trained_run_stores_its_blend_and_names_with_it(small_run):
+    from pinsface.run import Run
+
+    gallery = Run(small_run[0]).load_state().gallery
+    assert gallery.knn_weight in (0.0, 0.25, 0.5, 0.75) and gallery.knn_tau > 0

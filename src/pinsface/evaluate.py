@@ -114,8 +114,7 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, out: str | Pat
     y = np.array([label_of[identity_key(prepared.dataset.items[i].identity)] for i in items], dtype=np.int64)
     t1 = time.perf_counter()
     mode = resolve_mode(mode or settings.mode, len(labels)) if settings.model == "embedding" else "head"
-    probs, usable = score_images(model, settings, prepared, items, progress,
-                                 gallery=state.gallery if mode == "gallery" else None)
+    probs, usable = score_images(model, settings, prepared, items, progress, gallery=state.gallery, mode=mode)
     t2 = time.perf_counter()
     status = [prepared.status[i] for i in items]
     metrics = compute_metrics(probs, usable, y, labels, status)
@@ -344,7 +343,7 @@ def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path 
     """Known test faces vs faces of people the run never saw: how many strangers are rejected, how many known
     faces are still accepted and named correctly, and the trade-off curve between the two."""
     from pinsface import plots
-    from pinsface.scoring import accepted, head_probabilities
+    from pinsface.scoring import accepted, head_probabilities, identity_scores
 
     run = Run(run_dir)
     settings = run.settings()
@@ -385,7 +384,7 @@ def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path 
             return usable, ids[:, 0], np.ones(len(ids), np.float32), near[:, 0]
         probs = head_probabilities(model.get_layer("head"), emb, flip)
         dists = gallery.distances(emb, flip)
-        pred = np.argmax(probs, 1)
+        pred = np.argmax(identity_scores(probs, dists, gallery.knn_weight, gallery.knn_tau), 1)
         rows = np.arange(len(pred))
         return usable, pred, probs[rows, pred], dists[rows, pred]
 

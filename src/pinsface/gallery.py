@@ -86,6 +86,9 @@ class Gallery:
     target_far: float = 0.07
     calibration: dict = field(default_factory=dict)
     knn: int = KNN
+    # Naming blends the head with the nearest faces (pinsface.scoring.identity_scores); chosen on validation.
+    knn_weight: float = 0.0
+    knn_tau: float = 0.04
     trained_labels: list[str] | None = None  # the identities the run was trained on; the rest were enrolled
 
     def __post_init__(self):
@@ -246,7 +249,8 @@ class Gallery:
     def save(self, path: Path) -> None:
         meta = {"labels": self.labels, "threshold_probability": self.threshold_probability,
                 "threshold_distance": self.threshold_distance, "target_far": self.target_far,
-                "calibration": self.calibration, "knn": self.knn, "trained_labels": self.trained_labels}
+                "calibration": self.calibration, "knn": self.knn, "trained_labels": self.trained_labels,
+                "knn_weight": self.knn_weight, "knn_tau": self.knn_tau}
         # Uncompressed: compression took 2 s of every save (enrolment included) for a file half the size.
         np.savez(path, meta=np.array(json.dumps(meta, ensure_ascii=False)),
                  embeddings=self.embeddings, flips=self.flips, owner=self.owner,
@@ -260,7 +264,8 @@ class Gallery:
         gallery = cls(meta["labels"], **arrays, threshold_probability=meta["threshold_probability"],
                       threshold_distance=meta["threshold_distance"], target_far=meta["target_far"],
                       calibration=meta["calibration"], knn=meta.get("knn", KNN),
-                      trained_labels=meta.get("trained_labels"))
+                      trained_labels=meta.get("trained_labels"), knn_weight=float(meta.get("knn_weight", 0.0)),
+                      knn_tau=float(meta.get("knn_tau", 0.04)))
         gallery.validate()
         # Galleries saved before nearest-face distances hold thresholds for centroid distances.
         gallery.stale = "knn" not in meta

@@ -43,6 +43,18 @@ def split_arrays(prepared: Prepared, split: Split, labels: list[str], settings: 
     return SplitData(items, y, usable)
 
 
+def choose_blend_on_validation(head, emb: dict, y: dict, n_classes: int, knn: int) -> tuple[float, float]:
+    """The head/nearest-faces blend (``pinsface.scoring.identity_scores``) that names the most validation faces,
+    with the validation faces scored by the head that did not train on them against the training faces alone."""
+    from pinsface.gallery import face_vectors, knn_distances, pairwise_distances
+    from pinsface.scoring import choose_blend, head_probabilities
+
+    d = pairwise_distances(face_vectors(*emb["val"]).astype(np.float32), face_vectors(*emb["train"]).astype(np.float32))
+    dists = knn_distances(d, y["train"], n_classes, knn)
+    weight, tau, _ = choose_blend(head_probabilities(head, *emb["val"]), dists, y["val"])
+    return weight, tau
+
+
 def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None, cache_dir=None,
           progress: bool = True, prepared: Prepared | None = None, engine: str = "local",
           address: str | None = None) -> dict:
@@ -166,6 +178,8 @@ def _train(run: Run, data_dir, cache_dir, settings: Settings, progress: bool, pr
         # final head's probabilities for a face it did not train on look the same.
         gallery = build_gallery(labels, emb["train"][0], emb["train"][1], y["train"], emb["val"][0], emb["val"][1],
                                 y["val"], split_head, settings.target_far)
+        if settings.knn_blend:
+            gallery.knn_weight, gallery.knn_tau = choose_blend_on_validation(split_head, emb, y, n_classes, gallery.knn)
         timings["calibrate"] = time.perf_counter() - t6
     elif settings.model == "pixels-mlp":
         from pinsface.models import build_pixels_mlp

@@ -206,7 +206,8 @@ class Recognizer:
 
     def _name(self, images: list[np.ndarray], detections, top_k: int, threshold: float | None,
               min_probability: float | None) -> list[list[Face]]:
-        from pinsface.scoring import head_probabilities, match_faces, match_nearest, nearest_identities
+        from pinsface.scoring import (head_probabilities, identity_scores, match_faces, match_nearest,
+                                      nearest_identities)
 
         crops, owners = [], []
         for i, (image, faces) in enumerate(zip(images, detections)):
@@ -226,8 +227,10 @@ class Recognizer:
         if self.mode == "gallery":
             matches = match_nearest(*nearest_identities(state.gallery, emb, emb_flip, max(top_k, 1)), d_max, top_k)
         else:
-            probs = head_probabilities(state.model.get_layer("head"), emb, emb_flip)
-            matches = match_faces(probs, state.gallery.distances(emb, emb_flip), p_min, d_max, top_k)
+            g = state.gallery
+            probs, dists = head_probabilities(state.model.get_layer("head"), emb, emb_flip), g.distances(emb, emb_flip)
+            matches = match_faces(probs, dists, p_min, d_max, top_k,
+                                  scores=identity_scores(probs, dists, g.knn_weight, g.knn_tau))
         labels = state.labels
 
         def rounded(value: float | None) -> float | None:

@@ -83,6 +83,34 @@ def head_probabilities(head, emb: np.ndarray, emb_flip: np.ndarray | None = None
     return probs if emb_flip is None else (probs + run_head(head, emb_flip)) / 2
 
 
+def identity_scores(probs: np.ndarray, dists: np.ndarray, knn_weight: float, knn_tau: float) -> np.ndarray:
+    """The head's probabilities blended with the nearest faces' evidence, (faces, identities), rows summing to 1:
+    a softmax of ``(1 - w) log p - w d / tau``, where ``d`` is the k-nearest-faces distance. The head and the
+    distances err on different faces, so the blend names more faces than either (weights chosen on validation
+    at training time, see ``choose_blend``). With ``knn_weight`` 0 it is the head alone."""
+    if not knn_weight:
+        return probs
+    z = (1 - knn_weight) * np.log(np.maximum(probs, 1e-9)) - knn_weight * np.where(np.isfinite(dists), dists, 1e3) / knn_tau
+    z = np.exp(z - z.max(1, keepdims=True))
+    return (z / z.sum(1, keepdims=True)).astype(np.float32)
+
+
+BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
+BLEND_TAUS = (0.02, 0.04, 0.08)
+
+
+def choose_blend(probs: np.ndarray, dists: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(weight, tau, validation top-1) of the blend that names the most validation faces; the head alone wins
+    ties. ``dists`` must come from a gallery without the validation faces themselves."""
+    best = (-1.0, 0.0, BLEND_TAUS[0])
+    for w in BLEND_WEIGHTS:
+        for tau in BLEND_TAUS[:1] if w == 0 else BLEND_TAUS:
+            accuracy = float(np.mean(np.argmax(identity_scores(probs, dists, w, tau), 1) == y)) if len(y) else 0.0
+            if accuracy > best[0] + 1e-9:
+                best = (accuracy, w, tau)
+    return best[1], best[2], best[0]
+
+
 def topk_correct(probs: np.ndarray, usable: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
     top = np.argsort(-probs, axis=1)[:, :k]
     return usable & (top == y[:, None]).any(axis=1)
@@ -106,11 +134,13 @@ class Match:
 
 
 def match_faces(probs: np.ndarray, dists: np.ndarray, min_probability: float, max_distance: float,
-                top_k: int = 3) -> list[Match]:
-    """Per face (rows of ``probs`` and ``dists``, faces x identities): its best identity and whether it is named."""
+                top_k: int = 3, scores: np.ndarray | None = None) -> list[Match]:
+    """Per face (rows of ``probs`` and ``dists``, faces x identities): its best identity and whether it is named.
+    Identities are ranked by ``scores`` (``identity_scores``; default the head's probabilities); the thresholds
+    apply to the head's probability and the distance of the identity ranked first."""
     out = []
-    for p, d in zip(probs, dists):
-        order = np.argsort(-p)[:max(top_k, 1)]
+    for p, d, q in zip(probs, dists, probs if scores is None else scores):
+        order = np.argsort(-q)[:max(top_k, 1)]
         best = int(order[0])
         out.append(Match(best, float(p[best]), float(d[best]),
                          bool(accepted(p[best], d[best], min_probability, max_distance)),
@@ -130,16 +160,17 @@ def match_nearest(ids: np.ndarray, dists: np.ndarray, max_distance: float, top_k
 
 
 def score_images(model, settings: Settings, prepared: Prepared, items: np.ndarray,
-                 progress: bool = False, gallery=None) -> tuple[np.ndarray, np.ndarray]:
+                 progress: bool = False, gallery=None, mode: str = "head") -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities for dataset positions ``items`` and a mask of those that had a face to score.
 
     For the embedding model this runs the saved head on cached backbone embeddings (computing any that are
     missing), which is what the whole saved network computes from the aligned crop, at a fraction of the cost.
-    With a ``gallery``, gallery mode's scores instead (``gallery_scores``).
+    With a ``gallery``, the head's probabilities are blended with its nearest faces as the gallery says
+    (``identity_scores``), or in gallery ``mode`` replaced by gallery mode's scores (``gallery_scores``).
     """
     ok = usable_status(settings)
     usable = np.array([prepared.status[i] in ok for i in items], dtype=bool)
-    n_classes = len(gallery.labels) if gallery is not None else model.output_shape[-1]
+    n_classes = len(gallery.labels) if gallery is not None and mode == "gallery" else model.output_shape[-1]
     probs = np.zeros((len(items), n_classes), dtype=np.float32)
     hashes = [prepared.hashes[i] for i in items[usable]]
     if not hashes:
@@ -148,11 +179,13 @@ def score_images(model, settings: Settings, prepared: Prepared, items: np.ndarra
         emb, emb_flip = ensure_embeddings(hashes, prepared.cache, run_embedding_cache(settings, prepared.cache.root),
                                           run_embedder(settings, model.get_layer(settings.backbone)),
                                           progress=progress)
-        if gallery is not None:
+        if mode == "gallery":
             probs[usable] = gallery_scores(gallery, emb, emb_flip)
         else:
-            probs[usable] = head_probabilities(model.get_layer("head"), emb,
-                                               emb_flip if settings.test_time_flip else None)
+            p = head_probabilities(model.get_layer("head"), emb, emb_flip if settings.test_time_flip else None)
+            if gallery is not None and gallery.knn_weight:
+                p = identity_scores(p, gallery.distances(emb, emb_flip), gallery.knn_weight, gallery.knn_tau)
+            probs[usable] = p
     else:
         faces = prepared.cache.load(hashes, crops=("box",))
         probs[usable] = model.predict(faces.columns["box"][faces.rows(hashes)][..., None], batch_size=512,

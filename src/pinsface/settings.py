@@ -122,6 +122,9 @@ class Settings:
     # "none" keeps the head trained on the training faces alone. The test split is never trained on, so the
     # report's test figures describe the saved model either way (see the README for what the refit gains).
     final_fit: str = "train+val"
+    # Rank identities by the head's probabilities blended with the gallery's nearest-faces distances, with the
+    # blend's weight chosen on validation (pinsface.scoring.identity_scores); off: the head alone.
+    knn_blend: bool = True
     # How faces are named: "head" (the head, checked by the gallery's distance), "gallery" (the gallery's
     # nearest identities alone, no head), or "auto" (gallery above pinsface.scoring.GALLERY_MODE_ABOVE identities).
     mode: str = "auto"
