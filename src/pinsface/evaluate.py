@@ -240,13 +240,20 @@ def sample_faces(settings: Settings, labels, prepared: Prepared, items, y, probs
     # Confident misses first (the instructive ones), and a few without a face, so both kinds show.
     no_face = [k for k in miss if not usable[k]][: n_incorrect // 3]
     miss = sorted([k for k in miss if usable[k]], key=lambda k: -conf[k])[: n_incorrect - len(no_face)] + no_face
-    wanted = [prepared.hashes[items[k]] for k in [*hit, *miss] if usable[k]]
+    nearest = _nearest_training_faces(settings, labels, prepared, items, miss, pred, usable, split, training)
+    # One pass over the cache for every crop shown (the two datasets share one cache, or a hash is simply absent).
+    wanted = [prepared.hashes[items[k]] for k in [*hit, *miss] if usable[k]] + list(nearest.values())
     faces = prepared.cache.load(wanted, crops=("aligned",)) if wanted else None
+    if training is not None and training.cache.root != prepared.cache.root and nearest:
+        neighbour_faces = training.cache.load(list(nearest.values()), crops=("aligned",))
+    else:
+        neighbour_faces = faces
 
     def crop(k):
         return faces.columns["aligned"][faces.index[prepared.hashes[items[k]]]]
 
-    neighbours = _nearest_training_faces(settings, labels, prepared, items, miss, pred, usable, split, training)
+    neighbours = {k: neighbour_faces.columns["aligned"][neighbour_faces.index[h]] for k, h in nearest.items()
+                  if h in neighbour_faces.index}
     correct = [{"image": crop(k), "true": labels[y[k]], "pred": labels[pred[k]], "confidence": float(conf[k])}
                for k in hit]
     incorrect = []
@@ -270,8 +277,9 @@ def sample_faces(settings: Settings, labels, prepared: Prepared, items, y, probs
 
 
 def _nearest_training_faces(settings, labels, prepared, items, miss, pred, usable, split, training) -> dict:
-    """For each miss with a face: the training face of the predicted identity that is nearest, in embedding
-    space where the embeddings are cached (embedding runs), else in the pixels of the grayscale box crop."""
+    """For each miss with a face: the hash of the training face of the predicted identity that is nearest, in
+    embedding space where the embeddings are cached (embedding runs), else in the pixels of the grayscale box
+    crop."""
     queries = [k for k in miss if usable[k]]
     if training is None or not queries:
         return {}
@@ -297,14 +305,13 @@ def _nearest_training_faces(settings, labels, prepared, items, miss, pred, usabl
     else:
         def vector(h):
             return emb[index[h]]
-    crops = training.cache.load(candidates, crops=("aligned",)) if candidates else None
     result = {}
     for k, qh, pool in zip(queries, query_hashes, pools):
         pool = [h for h in pool if h in index]
         if not pool or qh not in index:
             continue
         d = np.linalg.norm(np.stack([vector(h) for h in pool]) - vector(qh), axis=1)
-        result[k] = crops.columns["aligned"][crops.index[pool[int(np.argmin(d))]]]
+        result[k] = pool[int(np.argmin(d))]
     return result
 
 
