@@ -60,9 +60,10 @@ print(json.dumps({"seconds": time.perf_counter() - t, "test_top1": report.get("t
 PREDICT = r"""
 import json, resource, sys, time
 from pinsface.predict import Recognizer, expand_inputs
-run_dir, data = sys.argv[1], sys.argv[2]
+run_dir, data, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
 recognizer = Recognizer.load(run_dir)
 files = expand_inputs([data])
+files = files[::max(1, len(files) // limit)][:limit] if limit else files
 t = time.perf_counter()
 results = recognizer.identify_many(files)
 seconds = time.perf_counter() - t
@@ -120,12 +121,13 @@ def bench_photos(args) -> None:
     data = str(root / "data")
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     work = root / "work"  # caches and the trained run, kept for a look afterwards; cleared on each start
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     if True:
         tmp = str(work)
         results = {}
-        for r in range(args.repeats):
+        for r in range(args.repeats if "prepare" in args.phases else 0):
             cache = Path(tmp) / f"cache{r}"
             p = child(PREPARE, data, str(cache), str(args.chunk))
             found = sum(1 for rel, rect in truth.items() if rel in p["chosen"] and on_pasted(p["chosen"][rel], rect))
@@ -139,7 +141,7 @@ def bench_photos(args) -> None:
                   f"test top-1 {run['test_top1']}")
         if "predict" in args.phases:
             for r in range(args.repeats):
-                pr = child(PREDICT, str(Path(tmp) / "run"), data)
+                pr = child(PREDICT, str(Path(tmp) / "run"), data, str(args.predict_photos))
                 print(f"predict: {pr['images'] / pr['seconds']:.1f} photos/s, peak RSS {pr['peak_rss_mb']:.0f} MB; "
                       f"{pr['with_face']}/{pr['images']} with a face, {pr['named_correctly']} named correctly")
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
@@ -193,6 +195,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=512, help="prepare's CHUNK_IMAGES")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--phases", default="prepare,run,predict")
+    parser.add_argument("--predict-photos", type=int, default=0, help="predict on this many photos (0: all)")
+    parser.add_argument("--keep", action="store_true", help="reuse the cache and run of the last bench")
     parser.add_argument("--groups", action="store_true", help="the group-photo composites instead")
     parser.add_argument("--subjects", type=int, default=8)
     parser.add_argument("--references", type=int, default=12)
