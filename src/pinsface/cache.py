@@ -123,6 +123,8 @@ class ChunkStore:
                     continue
                 if c not in out:
                     out[c] = np.empty((capacity, *value.shape[1:]), dtype=value.dtype)
+                elif value.dtype.kind == "U" and value.dtype.itemsize > out[c].dtype.itemsize:
+                    out[c] = out[c].astype(value.dtype)  # a longer string (a status) than the first chunk's
                 out[c][lo:lo + len(value)] = value
         for c in columns:
             if c in out:
