@@ -6,7 +6,9 @@ in group photos with and without the second pass.
 
 The photo folder (4000x3000 JPEGs, one Pins face each, about a tenth of the shorter side, on a textured
 background) is built under --root on first use and kept there; it is never committed. Each phase runs in its
-own process and reports that process's own peak RSS. Run it at `nice -n 10` on a shared machine.
+own process and reports that process's own peak RSS, its photos/s (wall clock) and its photos per 2 CPU-seconds
+(what 2 otherwise idle cores could do at best: the wall-clock figure depends on the machine's load). Run it at
+`nice -n 10` on a shared machine and note the load averages it prints.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import pinsface.prepare as prep
 from pinsface.prepare import prepare
 data, cache, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3])
 prep.CHUNK_IMAGES = chunk
+cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+cpu0 = cpu()
 t = time.perf_counter()
 result = prepare(data, cache, progress=False)
 seconds = time.perf_counter() - t
@@ -43,6 +47,7 @@ for item, h in zip(result.dataset.items, result.hashes):
         chosen[item.rel] = table.detections(row)["boxes"][table.columns["chosen"][row]].tolist()
 print(json.dumps({"images": len(result.dataset.items), "seconds": seconds, "outcomes": result.summary["outcomes"],
                   "faces_found": result.summary["faces_found"], "chosen": chosen,
+                  "cpu_seconds": cpu() - cpu0,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -60,17 +65,21 @@ print(json.dumps({"seconds": time.perf_counter() - t, "test_top1": report.get("t
 PREDICT = r"""
 import json, resource, sys, time
 from pinsface.predict import Recognizer, expand_inputs
-run_dir, data = sys.argv[1], sys.argv[2]
+run_dir, data, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
 recognizer = Recognizer.load(run_dir)
 files = expand_inputs([data])
+files = files[::max(1, len(files) // limit)][:limit] if limit else files
+cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+cpu0 = cpu()
 t = time.perf_counter()
 results = recognizer.identify_many(files)
 seconds = time.perf_counter() - t
+cpu_seconds = cpu() - cpu0
 from pinsface.dataset import identity_from_folder
 named = sum(1 for r, f in zip(results, files)
             if r.faces and r.faces[0].identity == identity_from_folder(f.split("/")[-2]))
 print(json.dumps({"images": len(files), "seconds": seconds, "with_face": sum(1 for r in results if r.faces),
-                  "named_correctly": named,
+                  "named_correctly": named, "cpu_seconds": cpu_seconds,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -120,16 +129,18 @@ def bench_photos(args) -> None:
     data = str(root / "data")
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     work = root / "work"  # caches and the trained run, kept for a look afterwards; cleared on each start
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     if True:
         tmp = str(work)
         results = {}
-        for r in range(args.repeats):
+        for r in range(args.repeats if "prepare" in args.phases else 0):
             cache = Path(tmp) / f"cache{r}"
             p = child(PREPARE, data, str(cache), str(args.chunk))
             found = sum(1 for rel, rect in truth.items() if rel in p["chosen"] and on_pasted(p["chosen"][rel], rect))
-            print(f"prepare (cold, chunk {args.chunk}): {p['images'] / p['seconds']:.1f} photos/s, "
+            print(f"prepare (cold, chunk {args.chunk}): {p['images'] / p['seconds']:.1f} photos/s "
+                  f"({2 * p['images'] / p['cpu_seconds']:.1f} per 2 CPU-seconds), "
                   f"peak RSS {p['peak_rss_mb']:.0f} MB; subject's face found in {found}/{p['images']}; "
                   f"outcomes {p['outcomes']}")
             results.setdefault("prepare", []).append(p)
@@ -139,8 +150,10 @@ def bench_photos(args) -> None:
                   f"test top-1 {run['test_top1']}")
         if "predict" in args.phases:
             for r in range(args.repeats):
-                pr = child(PREDICT, str(Path(tmp) / "run"), data)
-                print(f"predict: {pr['images'] / pr['seconds']:.1f} photos/s, peak RSS {pr['peak_rss_mb']:.0f} MB; "
+                pr = child(PREDICT, str(Path(tmp) / "run"), data, str(args.predict_photos))
+                print(f"predict: {pr['images'] / pr['seconds']:.1f} photos/s "
+                      f"({2 * pr['images'] / pr['cpu_seconds']:.1f} per 2 CPU-seconds), "
+                      f"peak RSS {pr['peak_rss_mb']:.0f} MB; "
                       f"{pr['with_face']}/{pr['images']} with a face, {pr['named_correctly']} named correctly")
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
 
@@ -193,6 +206,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=512, help="prepare's CHUNK_IMAGES")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--phases", default="prepare,run,predict")
+    parser.add_argument("--predict-photos", type=int, default=0, help="predict on this many photos (0: all)")
+    parser.add_argument("--keep", action="store_true", help="reuse the cache and run of the last bench")
     parser.add_argument("--groups", action="store_true", help="the group-photo composites instead")
     parser.add_argument("--subjects", type=int, default=8)
     parser.add_argument("--references", type=int, default=12)

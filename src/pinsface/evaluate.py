@@ -265,7 +265,8 @@ def sample_faces(settings: Settings, labels, prepared: Prepared, items, y, probs
             except BadImage:
                 image = None
             status = prepared.status[items[k]]
-            note = "no face found" if status == "no_face" else f"unreadable: {status}"
+            note = {"no_face": "no face found", "no_face_photo": "no face found",
+                    "ambiguous": "several faces, none clearly the subject"}.get(status, f"unreadable: {status}")
             incorrect.append({"image": image, "true": true, "pred": None, "confidence": 0.0, "note": note,
                               "neighbour": None})
         else:

@@ -30,15 +30,30 @@ def _fixed_scale_pyramid(width, height, min_face_size, scale_factor, min_size=12
     return m * scale_factor ** np.arange(max(levels, 1))
 
 
+def _standardize_batch_float32(images_raw, normalize=True, justification="center"):
+    # mtcnn 1.0.0 normalises the padded batch in float64 numpy, which TensorFlow then converts (a copy and a
+    # cast) at every pyramid level and stage. Normalising once into a float32 tensor gives the same values:
+    # (x - 127.5) / 128 is exact in float32 for 8-bit x.
+    import tensorflow as tf
+    from mtcnn.utils.images import pad_stack_np
+
+    images, shapes, pad = pad_stack_np(images_raw, justification=justification)
+    if normalize:
+        images = tf.convert_to_tensor((images.astype(np.float32) - 127.5) / 128.0)
+    return images, shapes, pad
+
+
 class FaceDetector:
     """Batched MTCNN. ``detect`` takes RGB uint8 images and returns every face in each."""
 
     def __init__(self, settings: FaceSettings | None = None):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import mtcnn.mtcnn as mtcnn_module
         import mtcnn.stages.stage_pnet as stage_pnet
         from mtcnn import MTCNN
 
         stage_pnet.build_scale_pyramid = _fixed_scale_pyramid
+        mtcnn_module.standarize_batch = _standardize_batch_float32
         self.settings = settings or FaceSettings()
         self._mtcnn = MTCNN(device="CPU:0")
 

@@ -164,18 +164,17 @@ class Recognizer:
         bar = tqdm(total=len(sources), desc="photos", unit="photo", disable=not progress, leave=False)
         for lo in range(0, len(sources), batch_size):
             batch = sources[lo:lo + batch_size]
-            arrays, names, entries, readable = [], [], [], []
+            arrays, names, entries, decoded_sources = [], [], [], []
             for source in batch:
                 name = source if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
-                # A name that is not UTF-8 is shown escaped: printing it must not stop the run.
-                name = os.fsencode(name).decode("utf-8", "backslashreplace") if isinstance(name, (str, os.PathLike)) \
-                    else name
+                if isinstance(name, (str, os.PathLike)):  # a name that is not UTF-8 is shown escaped
+                    name = os.fsencode(name).decode("utf-8", "backslashreplace")
                 try:
                     # Large photos are decoded at reduced scale (see faces.refine_view): memory stays bounded.
                     arrays.append(load_scaled(source, self.face_settings.max_pixels, PHOTO_DECODE_MIN_SIDE))
                     names.append(str(name))
                     entries.append(None)
-                    readable.append(source)
+                    decoded_sources.append(source)
                 except BadImage as exc:
                     entries.append(ImageResult(str(name), [], error=exc.reason))
             found = detect_each(self.detector, [view.pixels for view in arrays]) if arrays else []
@@ -185,12 +184,13 @@ class Recognizer:
                     entries[pending[k]] = ImageResult(
                         names[k], [], error="detector_error", note=f"{type(faces).__name__}: {faces}")
             keep = [k for k, faces in enumerate(found) if not isinstance(faces, Exception)]
-            arrays, names, readable = [arrays[k] for k in keep], [names[k] for k in keep], [readable[k] for k in keep]
+            arrays, names = [arrays[k] for k in keep], [names[k] for k in keep]
+            decoded_sources = [decoded_sources[k] for k in keep]
             found = [[to_full_face(f, view) for f in found[k]] for k, view in zip(keep, arrays)]
             try:
                 arrays = [view if crop_scale_ok(view, [f.size for f in faces]) else
                           refine_view(source, view, [f.size for f in faces], self.face_settings.max_pixels)
-                          for source, view, faces in zip(readable, arrays, found)]
+                          for source, view, faces in zip(decoded_sources, arrays, found)]
             except BadImage:  # the file changed under us: use what was decoded
                 pass
             faces = self._name(arrays, found, top_k, threshold, min_probability) if arrays else []
