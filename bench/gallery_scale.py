@@ -133,8 +133,6 @@ def percentiles_ms(times) -> str:
 
 
 def run_size(n_faces: int, mean, s_b, s_w, rng, args) -> None:
-    import faiss
-
     from pinsface import face_index as fi
     from pinsface.gallery import Gallery, enroll
     from pinsface.scoring import calibrate_distance

@@ -70,8 +70,13 @@ class FaceWorker:
         """Each row is one chunk of the local engine's (``pinsface.prepare.CHUNK_IMAGES`` files): MTCNN's boxes
         shift by a few pixels with what else is in its batch, so the chunk is decoded and detected in the
         local engine's batches, which gives the local engine's faces. Returns one row per image."""
-        parts = [self._chunk([str(p) for p in paths], [str(h) for h in hashes], np.asarray(index, np.int64))
-                 for paths, hashes, index in zip(batch["paths"], batch["hashes"], batch["index"])]
+        parts = []
+        for paths, hashes, index in zip(batch["paths"], batch["hashes"], batch["index"]):
+            start = time.process_time()
+            part = self._chunk([str(p) for p in paths], [str(h) for h in hashes], np.asarray(index, np.int64))
+            # The worker's CPU seconds per image: what a dedicated core would take, however busy the machine.
+            part["cpu_seconds"] = np.full(len(paths), (time.process_time() - start) / max(len(paths), 1))
+            parts.append(part)
         return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
     def _chunk(self, paths: list[str], hashes: list[str], index: np.ndarray) -> dict[str, np.ndarray]:
@@ -192,13 +197,15 @@ def process(chunks: list[list[int]], paths: list[str], hashes: list[str], settin
                 "embed_batch_size": embed.embed_batch_size if embed is not None else 64,
                 "detect_batch_size": detect_batch_size,
             })
-        driver = 0.0
+        driver, driver_cpu = 0.0, 0.0
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             if on_batch is not None:
                 on_batch(batch)
             driver += time.perf_counter() - t
-        return {"workers": n_workers, "seconds": time.perf_counter() - start, "driver_write_seconds": driver}
+            driver_cpu += time.thread_time() - c
+        return {"workers": n_workers, "seconds": time.perf_counter() - start, "driver_write_seconds": driver,
+                "driver_write_cpu_seconds": driver_cpu}
     finally:
         cluster.close()
 
@@ -229,8 +236,10 @@ def prepare_on_ray(paths: list[str], hashes: list[str], cache, settings: FaceSet
     emb_cache = run_embedding_cache(embed, cache.root) if embed is not None else None
     errors: dict[str, tuple[str, str]] = {}
     seen: set[int] = set()
+    worker_cpu = []
 
     def write(batch):
+        worker_cpu.append(float(batch["cpu_seconds"].sum()))
         for k, j in enumerate(batch["index"]):
             seen.add(int(j))
             if batch["error"][k]:
@@ -248,4 +257,5 @@ def prepare_on_ray(paths: list[str], hashes: list[str], cache, settings: FaceSet
         raise RuntimeError(f"the ray engine returned {len(seen)} of {expected} images")
     report["errors"] = {j: errors[h] for j, h in enumerate(hashes) if h in errors}
     report["images"] = expected
+    report["worker_cpu_seconds"] = sum(worker_cpu)
     return report
