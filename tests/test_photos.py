@@ -164,16 +164,17 @@ def test_crops_from_reduced_decoding_match_full_size_decoding(originals_dir, det
 def test_decoding_holds_a_bounded_batch(tmp_path, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
-    import pinsface.prepare as prep
+    import pinsface.face_records as records
+    from pinsface.face_records import decoded_batches
 
     paths = []
     for k in range(12):
         path = tmp_path / f"{k}.jpg"
         Image.new("RGB", (2400, 2000), (k * 10, 50, 50)).save(path)
         paths.append((k, path))
-    monkeypatch.setattr(prep, "BATCH_BYTES", 3 * 1200 * 1000 * 3)
+    monkeypatch.setattr(records, "BATCH_BYTES", 3 * 1200 * 1000 * 3)
     with ThreadPoolExecutor(2) as pool:
-        batches = list(prep._decoded_batches(pool, paths, 64, FaceSettings()))
+        batches = list(decoded_batches(pool, paths, 64, FaceSettings()))
     assert [i for batch in batches for i, _ in batch] == list(range(12))
     for batch in batches:
         # Decoded at half scale (1200x1000): at most 3 of them, the last one crossing the line.

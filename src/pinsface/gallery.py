@@ -29,47 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-KNN = 5
+from pinsface.face_index import KNN, face_vectors, knn_distances, pairwise_distances, unit  # noqa: F401
+
 PROBABILITY_KEEP = 0.995
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def face_vectors(emb: np.ndarray, emb_flip: np.ndarray) -> np.ndarray:
-    """One descriptor per face: its embedding averaged with its mirror image's."""
-    return (emb + emb_flip) / 2
-
-
-def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
-    return np.sqrt(np.maximum(sq, 0))
-
-
-def knn_distances(d: np.ndarray, owner: np.ndarray, n_identities: int, k: int = KNN) -> np.ndarray:
-    """(queries, identities): the mean of each identity's smallest entries in the rows of ``d`` (query x gallery
-    face): its ``k`` nearest faces, or one per 10 faces for an identity with fewer than 10k, at least one.
-    Infinite entries (excluded faces) are skipped.
-
-    The fewer faces an identity has, the farther its k-th nearest lies. For someone enrolled from 10 photos,
-    the nearest face named 95% of their other photos at the calibrated distance (bench/openset.py), and the
-    mean of the 5 nearest only 89%."""
-    out = np.full((d.shape[0], n_identities), np.inf, dtype=np.float32)
-    order = np.argsort(owner, kind="stable")
-    bounds = np.searchsorted(owner[order], np.arange(n_identities + 1))
-    d = d[:, order]  # each identity's faces side by side: one copy, then slices
-    for c in range(n_identities):
-        lo, hi = bounds[c], bounds[c + 1]
-        if hi == lo:
-            continue
-        kk = min(k, max(1, (hi - lo) // 10))
-        nearest = np.partition(d[:, lo:hi], kk - 1, axis=1)[:, :kk]
-        finite = np.isfinite(nearest)
-        count = finite.sum(1)
-        total = np.where(finite, nearest, 0).sum(1)
-        out[:, c] = np.where(count > 0, total / np.maximum(count, 1), np.inf)
-    return out
 
 
 @dataclass

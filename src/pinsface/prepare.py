@@ -14,14 +14,14 @@ import numpy as np
 
 from pinsface.cache import FaceCache, content_hash
 from pinsface.dataset import Dataset, scan_dataset
-from pinsface.faces import (FACE_STATUSES, STATUSES, FaceDetector, choose_subject, crop_scale_ok,
-                            detect_each, face_crops, fallback_landmarks, is_crop_like, landmarks_box,
-                            min_subject_size, refine_view, subject_scores, to_full_face)
-from pinsface.images import BadImage, decode_scaled, read_bytes
+from pinsface.face_records import decoded_batches, face_record, image_records
+from pinsface.faces import FACE_STATUSES, STATUSES, FaceDetector
+from pinsface.images import BadImage, read_bytes
 from pinsface.settings import FaceSettings
 
 log = logging.getLogger(__name__)
 
+# Images per cache chunk: written together, and detected in batches within it.
 CHUNK_IMAGES = 512
 
 
@@ -49,134 +49,12 @@ def usable_status(settings) -> set[str]:
     return {*FACE_STATUSES, "no_face"} if settings.no_face_fallback else set(FACE_STATUSES)
 
 
-def face_record(image: np.ndarray, faces, settings: FaceSettings, digest: str, view=None, chosen: int | None = None,
-                status: str | None = None) -> dict:
-    """What the cache keeps for one image: every detection, the chosen face and its two crops.
-
-    ``faces`` are in full-resolution coordinates; the crops are cut from ``view`` (an ``images.Decoded``, which
-    must be fine enough for the chosen face) or, without one, from ``image``."""
-    from pinsface.images import Decoded
-
-    view = view if view is not None else Decoded(image, image.shape[:2])
-    shape = tuple(view.full_size)
-    if chosen is None:
-        chosen, status = choose_subject(faces, shape, settings)
-    if chosen >= 0:
-        landmarks, box, fallback = faces[chosen].landmarks, faces[chosen].box, False
-    else:
-        landmarks = fallback_landmarks(shape, settings)
-        box, fallback = landmarks_box(landmarks), True
-    aligned, crop = face_crops(view, landmarks, box, settings)
-    return {
-        "hash": digest,
-        "status": status,
-        "n_faces": len(faces),
-        "chosen": chosen,
-        "boxes": np.array([f.box for f in faces], dtype=np.float32).reshape(-1, 4),
-        "scores": np.array([f.confidence for f in faces], dtype=np.float32),
-        "landmarks": np.array([f.landmarks for f in faces], dtype=np.float32).reshape(-1, 5, 2),
-        "image_shape": np.array(shape, dtype=np.int32),
-        "fallback": fallback,
-        "aligned": aligned,
-        "box": crop,
-    }
-
-
 def _hash_file(path: Path) -> tuple[str | None, str | None]:
     """(content hash, None) or (None, skip reason) for one file; never raises."""
     try:
         return content_hash(read_bytes(path)), None
     except BadImage as exc:
         return None, exc.reason
-
-
-# Decoded pixels held at once for one detector batch (bytes of RGB): a batch of large photos is split to fit.
-BATCH_BYTES = 200_000_000
-# Each image is decoded at a scale whose shorter side is at least this (or in full): enough for detection and,
-# in 12-megapixel photos, for chips of faces down to a few percent of the frame without a second decode.
-DECODE_MIN_SIDE = 1000
-# First, coarse scan of photos (see _image_records): faces from this fraction of the shorter side; its result
-# stands when its largest face is COARSE_ACCEPT times that size or more.
-COARSE_FACE_FRACTION = 0.05
-COARSE_ACCEPT = 1.5
-# Candidate faces per multi-face photo kept for the second pass.
-MAX_CANDIDATES = 4
-
-
-def _decode(path: Path, settings: FaceSettings):
-    """(Decoded, file bytes) or a BadImage, for one file; never raises otherwise."""
-    try:
-        data = read_bytes(path)
-        return decode_scaled(data, settings.max_pixels, DECODE_MIN_SIDE), data
-    except BadImage as exc:
-        return exc
-    except Exception as exc:  # noqa: BLE001  (a decoder bug on one file must not stop the run)
-        return BadImage("unreadable", f"{type(exc).__name__}: {exc}")
-
-
-def _decoded_batches(pool, paths: list[tuple[int, Path]], batch_size: int, settings: FaceSettings):
-    """Decode files a few at a time, yielding batches of at most ``batch_size`` images and ``BATCH_BYTES``."""
-    batch, held = [], 0
-    window = 8
-    for lo in range(0, len(paths), window):
-        part = paths[lo:lo + window]
-        for (i, _), result in zip(part, pool.map(lambda p: _decode(p[1], settings), part)):
-            batch.append((i, result))
-            if not isinstance(result, BadImage):
-                held += result[0].pixels.nbytes + len(result[1])
-            if len(batch) >= batch_size or held >= BATCH_BYTES:
-                yield batch
-                batch, held = [], 0
-    if batch:
-        yield batch
-
-
-def _image_records(detector, batch, hashes, settings: FaceSettings, held: dict) -> tuple[list[dict], list]:
-    """Detect faces in one decoded batch and make each image's record. Returns (records, [(i, BadImage)]).
-
-    Photos with several faces whose subject a second pass may settle are put in ``held`` (hash -> record
-    with each candidate's crops) instead of being returned."""
-    good = [(i, view, data) for i, (view, data) in ((i, r) for i, r in batch if not isinstance(r, BadImage))]
-    errors = [(i, r) for i, r in batch if isinstance(r, BadImage)]
-    images = [view.pixels for _, view, _ in good]
-    min_sizes = [min_subject_size(view.full_size, settings) * min(view.scale) for _, view, _ in good]
-    # Coarse to fine: a photo is first scanned for faces of COARSE_FACE_FRACTION of its shorter side and up
-    # (a fraction of MTCNN's time), and scanned down to the smallest size only when that found no face large
-    # enough that any face it could miss is too small to be the subject.
-    coarse = [max(m, COARSE_FACE_FRACTION * min(image.shape[:2])) for m, image in zip(min_sizes, images)]
-    found = detect_each(detector, images, coarse)
-    finer = [k for k, faces in enumerate(found) if coarse[k] > min_sizes[k] and not isinstance(faces, Exception)
-             and (not faces or max(f.size for f in faces) < COARSE_ACCEPT * coarse[k])]
-    if finer:
-        for k, faces in zip(finer, detect_each(detector, [images[k] for k in finer], [min_sizes[k] for k in finer])):
-            found[k] = faces
-    records = []
-    for (i, view, data), found in zip(good, found):
-        if isinstance(found, Exception):
-            errors.append((i, BadImage("detector_error", f"{type(found).__name__}: {found}")))
-            continue
-        try:
-            faces = [to_full_face(face, view) for face in found]
-            chosen, status = choose_subject(faces, view.full_size, settings)
-            wanted = [faces[chosen].size] if chosen >= 0 else []
-            multi = status in ("subject", "ambiguous") and not is_crop_like(faces, view.full_size, settings)
-            order = list(np.argsort(-subject_scores(faces, view.full_size))[:MAX_CANDIDATES]) if multi else []
-            if multi:
-                wanted = [faces[k].size for k in order]
-            if wanted and not crop_scale_ok(view, wanted):
-                view = refine_view(data, view, wanted, settings.max_pixels)
-            record = face_record(view.pixels, faces, settings, hashes[i], view, chosen, status)
-            if multi and settings.subject_pass_min_photos > 0:
-                record["candidates"] = {int(k): face_crops(view, faces[k].landmarks, faces[k].box, settings)
-                                        for k in order}
-                held[hashes[i]] = (i, record)
-            else:
-                records.append(record)
-        except BadImage as exc:
-            errors.append((i, exc))
-        except Exception as exc:  # noqa: BLE001  (an OpenCV error on one image must not stop the run)
-            errors.append((i, BadImage("detector_error", f"{type(exc).__name__}: {exc}")))
-    return records, errors
 
 
 # Descriptor distance (dlib's scale: under 0.6 is the same person) within which a candidate face counts as the
@@ -278,7 +156,8 @@ def prepare(data_dir=None, cache_dir=None, settings: FaceSettings | None = None,
 
         ray_report = prepare_on_ray([os.path.abspath(dataset.path(dataset.items[i])) for i in todo],
                                     [hashes[i] for i in todo],
-                                    cache, settings, embed, address, workers, detect_batch_size=batch_size)
+                                    cache, settings, embed, address, workers, chunk_images=CHUNK_IMAGES,
+                                    detect_batch_size=batch_size)
         for j, (reason, detail) in ray_report.pop("errors").items():
             i = todo[j]
             status[i], hashes[i] = reason, None
@@ -304,9 +183,9 @@ def prepare(data_dir=None, cache_dir=None, settings: FaceSettings | None = None,
                 scheduled.add(hashes[i])
                 chunk.append(i)
         records = []
-        for batch in _decoded_batches(pool, [(i, dataset.path(dataset.items[i])) for i in chunk], batch_size,
+        for batch in decoded_batches(pool, [(i, dataset.path(dataset.items[i])) for i in chunk], batch_size,
                                       settings):
-            made, errors = _image_records(detector, batch, hashes, settings, held)
+            made, errors = image_records(detector, batch, hashes, settings, held)
             records.extend(made)
             for i, error in errors:
                 skip(i, error)

@@ -23,6 +23,9 @@ import numpy as np
 
 from pinsface.settings import FaceSettings
 
+# The local engine's chunk size, for callers that do not pass prepare's own (its chunks set MTCNN's batches).
+CHUNK_IMAGES = 512
+
 log = logging.getLogger(__name__)
 
 # Per-face columns travel as float32 bytes (a face count varies per image), read back with np.frombuffer.
@@ -85,7 +88,7 @@ class FaceWorker:
         the person's folder, needs the whole folder and is the local engine's alone."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from pinsface.prepare import _decoded_batches, _image_records, face_record
+        from pinsface.face_records import decoded_batches, face_record, image_records
 
         s = self.settings
         records: dict[int, dict] = {}
@@ -93,8 +96,8 @@ class FaceWorker:
         held: dict[str, tuple[int, dict]] = {}
         by_hash = {h: i for i, h in enumerate(hashes)}
         with ThreadPoolExecutor(1) as pool:
-            for batch in _decoded_batches(pool, list(enumerate(paths)), self.detect_batch_size, s):
-                made, failed = _image_records(self.detector, batch, hashes, s, held)
+            for batch in decoded_batches(pool, list(enumerate(paths)), self.detect_batch_size, s):
+                made, failed = image_records(self.detector, batch, hashes, s, held)
                 for record in made:
                     records[by_hash[record["hash"]]] = record
                 for i, error in failed:
@@ -219,7 +222,6 @@ def prepare_on_ray(paths: list[str], hashes: list[str], cache, settings: FaceSet
     from dataclasses import replace
 
     from pinsface.embeddings import run_embedding_cache
-    from pinsface.prepare import CHUNK_IMAGES
 
     chunk_images = chunk_images or CHUNK_IMAGES
     # The local engine's chunks, each without the files identical to one met before (processed once).

@@ -37,7 +37,7 @@ def resolve_mode(mode: str, n_identities: int) -> str:
 
 def nearest_identities(gallery, emb: np.ndarray, emb_flip: np.ndarray, top: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Gallery mode: (identities, distances), each (faces, top), by k-nearest-faces distance, nearest first."""
-    from pinsface.gallery import face_vectors
+    from pinsface.face_index import face_vectors
 
     if len(emb) == 0:
         return np.zeros((0, top), np.int64), np.zeros((0, top), np.float32)
