@@ -25,20 +25,21 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["embedding", "pixels-mlp"])
     args = parser.parse_args()
 
-    from pinsface.settings import Settings
     from pinsface.pipeline import run
+    from pinsface.settings import Settings
 
     rows = []
     for model in args.models:
         start = time.perf_counter()
-        metrics = run(args.data, Path(args.out) / model, Settings(model=model), cache_dir=args.cache,
-                      progress=False)
+        metrics = run(args.data, Path(args.out) / model, Settings(model=model), cache_dir=args.cache, progress=False)
         total = time.perf_counter() - start
         history = json.loads((Path(args.out) / model / "history.json").read_text())
         rows.append((model, metrics, history["timings_seconds"], total))
     for model, m, timings, total in rows:
-        print(f"{model:12s} top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
-              f"({m['n_images']} test images, {m['n_no_face']} no face)  run {total:.0f} s")
+        print(
+            f"{model:12s} top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
+            f"({m['n_images']} test images, {m['n_no_face']} no face)  run {total:.0f} s"
+        )
         print(f"{'':12s} train stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
         print(f"{'':12s} evaluate: " + ", ".join(f"{k} {v:.1f} s" for k, v in m["seconds"].items()))
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")

@@ -41,10 +41,13 @@ def main() -> None:
             start = time.perf_counter()
             embedder(faces)
             rates.append(len(faces) / (time.perf_counter() - start))
-        print(f"{precision}, batch {args.batch_size}: median {statistics.median(rates):.0f} faces/s "
-              f"(min {min(rates):.0f}, max {max(rates):.0f}, {args.repeats} repeats of {len(faces)} faces)")
+        print(
+            f"{precision}, batch {args.batch_size}: median {statistics.median(rates):.0f} faces/s "
+            f"(min {min(rates):.0f}, max {max(rates):.0f}, {args.repeats} repeats of {len(faces)} faces)"
+        )
     if len(precisions) == 1:
         print("bfloat16: not measured, this CPU has no native bf16 (pinsface embeds in float32 here)")
+
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,8 @@
 First measures the real gallery's descriptors (unit-normalised): the distance between two faces of one identity,
 between identity centroids, and from a face to its own centroid. Then builds synthetic identities of 10 faces each
 (unit vectors: centroid = unit(mean + s_b * noise_b), face = unit(centroid + s_w * noise_w), the noises with the
-real descriptors' between- and within-identity covariance, s_b and s_w fitted to the real distances) and reports per size: build time, memory, query latency
+real descriptors' between- and within-identity covariance, s_b and s_w fitted to the real distances) and reports
+per size: build time, memory, query latency
 p50/p95 for single faces and batches of 1,000, recall@1 / @5 of the index against exact search, agreement of the
 gallery-mode identity with exact search, leave-one-out calibration time, and the time to enrol one person.
 """
@@ -30,12 +31,12 @@ def rss_gb() -> float:
     with open("/proc/self/status", encoding="utf-8") as fh:
         for line in fh:
             if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 2 ** 20
+                return int(line.split()[1]) / 2**20
     return float("nan")
 
 
 def peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def unit(x):
@@ -62,8 +63,11 @@ def stats(vectors: np.ndarray, owner: np.ndarray, rng, pairs: int = 20000) -> di
     between = np.linalg.norm(centroids[ca[ca != cb]] - centroids[cb[ca != cb]], axis=1)
     own = np.linalg.norm(vectors - centroids[np.searchsorted(ids, owner)], axis=1)
     q = lambda x: [round(float(v), 3) for v in np.quantile(x, [0.05, 0.5, 0.95])]  # noqa: E731
-    return {"within_p5_p50_p95": q(within), "between_centroids_p5_p50_p95": q(between),
-            "face_to_centroid_p5_p50_p95": q(own)}
+    return {
+        "within_p5_p50_p95": q(within),
+        "between_centroids_p5_p50_p95": q(between),
+        "face_to_centroid_p5_p50_p95": q(own),
+    }
 
 
 def shape_of(vectors: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,13 +103,14 @@ def synthesise(n_identities: int, mean: np.ndarray, s_b: float, s_w: float, rng,
     vectors = np.empty((len(owner), DIM), np.float32)
     step = 100_000
     for lo in range(0, len(owner), step):
-        o = owner[lo:lo + step]
-        vectors[lo:lo + step] = unit(centroids[o] + s_w * spread(rng, len(o)) * noise(rng, len(o), SHAPE[1]))
+        o = owner[lo : lo + step]
+        vectors[lo : lo + step] = unit(centroids[o] + s_w * spread(rng, len(o)) * noise(rng, len(o), SHAPE[1]))
     return centroids, vectors, owner
 
 
 def fit_spread(mean: np.ndarray, target: dict, rng) -> tuple[float, float]:
     """s_b and s_w (bisection) whose synthetic medians match the real between-centroid and within distances."""
+
     def median_between(s_b):
         c = unit(mean + s_b * spread(rng, 2000) * noise(rng, 2000, SHAPE[0]))
         return float(np.median(np.linalg.norm(c[:1000] - c[1000:], axis=1)))
@@ -141,15 +146,24 @@ def run_size(n_faces: int, mean, s_b, s_w, rng, args) -> None:
     base_rss = rss_gb()
     centroids, vectors, owner = synthesise(n_ids, mean, s_b, s_w, rng)
     # A gallery whose face descriptors are these vectors: embedding and mirror image alike.
-    gallery = Gallery([f"id{i}" for i in range(n_ids)], vectors, vectors, owner.astype(np.int32),
-                      np.zeros((0, DIM), np.float32), np.zeros((0, DIM), np.float32), np.zeros(0, np.int32))
+    gallery = Gallery(
+        [f"id{i}" for i in range(n_ids)],
+        vectors,
+        vectors,
+        owner.astype(np.int32),
+        np.zeros((0, DIM), np.float32),
+        np.zeros((0, DIM), np.float32),
+        np.zeros(0, np.int32),
+    )
     t, c = time.perf_counter(), time.process_time()
     index = gallery.face_index
     build = time.perf_counter() - t
     build_cpu = time.process_time() - c
-    print(f"\n== {n_faces:,} faces, {n_ids:,} identities: {index.kind} index built in {build:.1f} s "
-          f"({build_cpu:.1f} CPU s, load average {os.getloadavg()[0]:.1f}); "
-          f"RSS {rss_gb():.2f} GB (+{rss_gb() - base_rss:.2f} GB for gallery arrays + index)")
+    print(
+        f"\n== {n_faces:,} faces, {n_ids:,} identities: {index.kind} index built in {build:.1f} s "
+        f"({build_cpu:.1f} CPU s, load average {os.getloadavg()[0]:.1f}); "
+        f"RSS {rss_gb():.2f} GB (+{rss_gb() - base_rss:.2f} GB for gallery arrays + index)"
+    )
 
     # Queries: new faces of gallery identities (as a camera would bring), drawn like the gallery's.
     q_owner = rng.integers(0, n_ids, args.queries)
@@ -159,7 +173,7 @@ def run_size(n_faces: int, mean, s_b, s_w, rng, args) -> None:
     single = []
     for i in range(args.singles):
         t = time.perf_counter()
-        index.nearest_identities(queries[i:i + 1], 1)
+        index.nearest_identities(queries[i : i + 1], 1)
         single.append(time.perf_counter() - t)
     batched, cpu = [], []
     for _ in range(args.repeats):
@@ -169,9 +183,11 @@ def run_size(n_faces: int, mean, s_b, s_w, rng, args) -> None:
         cpu.append(time.process_time() - c)
     print(f"query 1 face (gallery-mode identity): {percentiles_ms(single)}")
     # The machine is shared: CPU seconds say what the threads had, wall seconds what a caller waited.
-    print(f"query a batch of {args.queries:,} faces: {percentiles_ms(batched)} per batch = "
-          f"{args.queries / np.median(batched):,.0f} faces/s; {np.median(cpu):.2f} CPU s per batch = "
-          f"{args.threads * args.queries / np.median(cpu):,.0f} faces/s on {args.threads} dedicated cores")
+    print(
+        f"query a batch of {args.queries:,} faces: {percentiles_ms(batched)} per batch = "
+        f"{args.queries / np.median(batched):,.0f} faces/s; {np.median(cpu):.2f} CPU s per batch = "
+        f"{args.threads * args.queries / np.median(cpu):,.0f} faces/s on {args.threads} dedicated cores"
+    )
     raw = []
     for _ in range(args.repeats):
         t = time.perf_counter()
@@ -184,7 +200,7 @@ def run_size(n_faces: int, mean, s_b, s_w, rng, args) -> None:
     if index.kind == "flat":
         exact_index = index
     else:
-        exact_index = fi.FaceIndex(vectors, owner, n_ids, gallery.knn, flat_limit=10 ** 12)
+        exact_index = fi.FaceIndex(vectors, owner, n_ids, gallery.knn, flat_limit=10**12)
     exact_build = time.perf_counter() - t
     t = time.perf_counter()
     _, exact_faces = exact_index.search(queries, 5)
@@ -194,11 +210,15 @@ def run_size(n_faces: int, mean, s_b, s_w, rng, args) -> None:
     exact_ids, exact_d = exact_index.nearest_identities(queries, 5)
     agree = float(np.mean(ids[:, 0] == exact_ids[:, 0]))
     right = float(np.mean(exact_ids[:, 0] == q_owner))
-    print(f"recall@1 {recall1:.4f}, recall@5 {recall5:.4f} against exact search "
-          f"(exact flat search of the batch: {exact_search:.2f} s = {args.queries / exact_search:,.0f} faces/s, "
-          f"built in {exact_build:.1f} s)")
-    print(f"gallery-mode identity agrees with exact search for {100 * agree:.2f}% of queries; "
-          f"the exact identity is the query's own for {100 * right:.2f}%")
+    print(
+        f"recall@1 {recall1:.4f}, recall@5 {recall5:.4f} against exact search "
+        f"(exact flat search of the batch: {exact_search:.2f} s = {args.queries / exact_search:,.0f} faces/s, "
+        f"built in {exact_build:.1f} s)"
+    )
+    print(
+        f"gallery-mode identity agrees with exact search for {100 * agree:.2f}% of queries; "
+        f"the exact identity is the query's own for {100 * right:.2f}%"
+    )
     if exact_index is not index:
         del exact_index
 
@@ -206,14 +226,16 @@ def run_size(n_faces: int, mean, s_b, s_w, rng, args) -> None:
     t, c = time.perf_counter(), time.process_time()
     threshold = calibrate_distance(gallery, 0.07)
     calibration = time.perf_counter() - t
-    print(f"leave-one-out calibration over {n_faces:,} faces: {calibration:.1f} s, "
-          f"{time.process_time() - c:.1f} CPU s (distance threshold "
-          f"{threshold:.3f} at 7% simulated false accepts)")
+    print(
+        f"leave-one-out calibration over {n_faces:,} faces: {calibration:.1f} s, "
+        f"{time.process_time() - c:.1f} CPU s (distance threshold "
+        f"{threshold:.3f} at 7% simulated false accepts)"
+    )
     if n_faces <= args.all_pairs_up_to:
         t = time.perf_counter()
         ref = Gallery.leave_one_out(gallery) if n_faces <= fi.ALL_PAIRS_LIMIT else None
         if ref is None:
-            saved, fi.ALL_PAIRS_LIMIT = fi.ALL_PAIRS_LIMIT, 10 ** 12
+            saved, fi.ALL_PAIRS_LIMIT = fi.ALL_PAIRS_LIMIT, 10**12
             try:
                 ref = gallery.leave_one_out()
             finally:
@@ -230,9 +252,11 @@ def run_size(n_faces: int, mean, s_b, s_w, rng, args) -> None:
     enrol_cpu = time.process_time() - c
     probe = unit(person.mean(0) + s_w * rng.standard_normal(DIM)).astype(np.float32)[None]
     who, dist = index.nearest_identities(probe, 1)
-    print(f"enrol one person from 10 faces: {1000 * enrol:.0f} ms, {1000 * enrol_cpu:.0f} CPU ms (index grew in place: "
-          f"{gallery.face_index is index}); a new photo of them is named "
-          f"{gallery.labels[who[0, 0]]!r} at distance {dist[0, 0]:.3f}")
+    print(
+        f"enrol one person from 10 faces: {1000 * enrol:.0f} ms, {1000 * enrol_cpu:.0f} CPU ms (index grew in place: "
+        f"{gallery.face_index is index}); a new photo of them is named "
+        f"{gallery.labels[who[0, 0]]!r} at distance {dist[0, 0]:.3f}"
+    )
     print(f"peak RSS so far {peak_gb():.2f} GB")
     assert summary["identities"] == n_ids + 1
     del gallery, index, vectors
@@ -254,8 +278,10 @@ def main() -> None:
     from pinsface.gallery import Gallery
 
     faiss.omp_set_num_threads(args.threads)
-    print(f"FAISS {faiss.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f} (other processes share these CPUs)")
+    print(
+        f"FAISS {faiss.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f} (other processes share these CPUs)"
+    )
     rng = np.random.default_rng(0)
     real = Gallery.load(args.gallery)
     vectors, owner = real.index
@@ -266,8 +292,10 @@ def main() -> None:
     SHAPE[:] = shape_of(vectors, owner)
     s_b, s_w = fit_spread(mean, real_stats, rng)
     centroids, synth, synth_owner = synthesise(1000, mean, s_b, s_w, rng)
-    print(f"synthetic (s_b {s_b:.4f}, s_w {s_w:.4f}), 1,000 identities x {FACES_PER_IDENTITY}: "
-          f"{stats(synth, synth_owner, rng)}")
+    print(
+        f"synthetic (s_b {s_b:.4f}, s_w {s_w:.4f}), 1,000 identities x {FACES_PER_IDENTITY}: "
+        f"{stats(synth, synth_owner, rng)}"
+    )
     for n in args.sizes:
         run_size(n, mean.astype(np.float32), s_b, s_w, rng, args)
 

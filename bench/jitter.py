@@ -51,9 +51,9 @@ def view_embeddings(crops: np.ndarray, embedder, n_views: int, seed: int, args) 
         start = time.perf_counter()
         total = np.zeros((len(crops), 128), np.float32)
         for lo in range(0, len(crops), CHUNK):
-            warped = jitter(crops[lo:lo + CHUNK], rng, args.shift, args.scale, args.rotation)
+            warped = jitter(crops[lo : lo + CHUNK], rng, args.shift, args.scale, args.rotation)
             face, mirror = embedder.both_views(warped)
-            total[lo:lo + CHUNK] = face + mirror
+            total[lo : lo + CHUNK] = face + mirror
         seconds.append(time.perf_counter() - start)
         sums.append(total)
     return sums, seconds
@@ -97,23 +97,33 @@ def main() -> None:
                 kept.append(item)
         dataset.items = kept
     t0 = time.perf_counter()
-    prepared = prepare(args.data, args.cache, settings.faces, batch_size=settings.detect_batch_size,
-                       progress=False, dataset=dataset)
+    prepared = prepare(
+        args.data, args.cache, settings.faces, batch_size=settings.detect_batch_size, progress=False, dataset=dataset
+    )
     dataset = prepared.dataset
-    print(f"prepare: {time.perf_counter() - t0:.0f} s ({prepared.summary['from_cache']} of "
-          f"{len(dataset.items)} images from the cache)", flush=True)
+    print(
+        f"prepare: {time.perf_counter() - t0:.0f} s ({prepared.summary['from_cache']} of "
+        f"{len(dataset.items)} images from the cache)",
+        flush=True,
+    )
     split = split_dataset(dataset, settings.seed, settings.test_fraction, settings.val_fraction)
     label_of = {name: i for i, name in enumerate(dataset.identities)}
     parts = {}
     for name in ("train", "val", "test"):
         idx = [i for i, it in enumerate(dataset.items) if split.assignment[it.rel] == name]
         usable = [i for i in idx if prepared.hashes[i] is not None]
-        parts[name] = {"n": len(idx), "hashes": [prepared.hashes[i] for i in usable],
-                       "y": np.array([label_of[dataset.items[i].identity] for i in usable])}
+        parts[name] = {
+            "n": len(idx),
+            "hashes": [prepared.hashes[i] for i in usable],
+            "y": np.array([label_of[dataset.items[i].identity] for i in usable]),
+        }
     n_test = parts["test"]["n"]
-    print(f"{len(dataset.items)} images; train {len(parts['train']['hashes'])}, validation "
-          f"{len(parts['val']['hashes'])}, test {n_test} ({n_test - len(parts['test']['hashes'])} unreadable, "
-          "counted wrong)", flush=True)
+    print(
+        f"{len(dataset.items)} images; train {len(parts['train']['hashes'])}, validation "
+        f"{len(parts['val']['hashes'])}, test {n_test} ({n_test - len(parts['test']['hashes'])} unreadable, "
+        "counted wrong)",
+        flush=True,
+    )
 
     backbone = get_backbone(settings.backbone)
     embedder = run_embedder(settings, backbone)
@@ -122,33 +132,39 @@ def main() -> None:
     for name, part in parts.items():
         face, mirror = ensure_embeddings(part["hashes"], prepared.cache, store, embedder, progress=False)
         base[name] = face + mirror
-    print(f"embeddings ({embedder.precision}) of the chip and its mirror: from the run's cache or computed",
-          flush=True)
+    print(f"embeddings ({embedder.precision}) of the chip and its mirror: from the run's cache or computed", flush=True)
 
     def fit(x_train, c):
         return LogisticRegression(C=c, max_iter=3000).fit(unit(x_train), parts["train"]["y"])
 
-    val_scores = {c: float(np.mean(fit(base["train"], c).predict(unit(base["val"])) == parts["val"]["y"]))
-                  for c in (1, 3, 10, 30, 100)}
+    val_scores = {
+        c: float(np.mean(fit(base["train"], c).predict(unit(base["val"])) == parts["val"]["y"]))
+        for c in (1, 3, 10, 30, 100)
+    }
     c_best = max(val_scores, key=val_scores.get)
-    print("logistic regression, validation top-1 by C: "
-          + ", ".join(f"{c}: {v:.4f}" for c, v in val_scores.items()) + f" -> C={c_best}", flush=True)
+    print(
+        "logistic regression, validation top-1 by C: "
+        + ", ".join(f"{c}: {v:.4f}" for c, v in val_scores.items())
+        + f" -> C={c_best}",
+        flush=True,
+    )
 
     def test_top1(model, x_test):
         return float(np.sum(model.predict(unit(x_test)) == parts["test"]["y"])) / n_test
 
-    crops = prepared.cache.load(list(dict.fromkeys(parts["test"]["hashes"] + parts["train"]["hashes"])),
-                                crops=("aligned",))
+    crops = prepared.cache.load(
+        list(dict.fromkeys(parts["test"]["hashes"] + parts["train"]["hashes"])), crops=("aligned",)
+    )
     test_crops = crops.columns["aligned"][crops.rows(parts["test"]["hashes"])]
     train_crops = crops.columns["aligned"][crops.rows(parts["train"]["hashes"])]
-    embedder.both_views(test_crops[:embedder.batch_size])  # trace before timing
+    embedder.both_views(test_crops[: embedder.batch_size])  # trace before timing
 
     # Cost of V = 1, measured like the jittered views (no warp).
     rates_one = []
     for _ in range(3):
         start = time.perf_counter()
         for lo in range(0, len(test_crops), CHUNK):
-            embedder.both_views(test_crops[lo:lo + CHUNK])
+            embedder.both_views(test_crops[lo : lo + CHUNK])
         rates_one.append(len(test_crops) / (time.perf_counter() - start))
     seconds_one = len(test_crops) / statistics.median(rates_one)
 
@@ -161,30 +177,43 @@ def main() -> None:
         if not args.test_only:
             train_sums, _ = view_embeddings(train_crops, embedder, max_views, seed, args)
         for v in sorted(args.views):
-            x_test = base["test"] + sum(test_sums[:v - 1], np.zeros_like(base["test"]))
-            seconds = seconds_one + sum(test_seconds[:v - 1])
-            row = {"seed": seed, "views": v, "test_side": test_top1(base_model, x_test),
-                   "faces_per_s": len(test_crops) / seconds}
+            x_test = base["test"] + sum(test_sums[: v - 1], np.zeros_like(base["test"]))
+            seconds = seconds_one + sum(test_seconds[: v - 1])
+            row = {
+                "seed": seed,
+                "views": v,
+                "test_side": test_top1(base_model, x_test),
+                "faces_per_s": len(test_crops) / seconds,
+            }
             if train_sums is not None:
-                x_train = base["train"] + sum(train_sums[:v - 1], np.zeros_like(base["train"]))
+                x_train = base["train"] + sum(train_sums[: v - 1], np.zeros_like(base["train"]))
                 row["both_sides"] = test_top1(fit(x_train, c_best), x_test)
             rows.append(row)
             both = f"{row['both_sides']:.4f}" if "both_sides" in row else "-"
-            print(f"seed {seed}  views {v}  test top-1: test side {row['test_side']:.4f}, both sides {both}; "
-                  f"{row['faces_per_s']:.0f} faces/s", flush=True)
+            print(
+                f"seed {seed}  views {v}  test top-1: test side {row['test_side']:.4f}, both sides {both}; "
+                f"{row['faces_per_s']:.0f} faces/s",
+                flush=True,
+            )
 
     print()
-    print(f"test top-1 over {n_test} test images (LR C={c_best} on {len(parts['train']['hashes'])} train faces; "
-          f"jitter shift {args.shift} px, scale +-{args.scale}, rotation +-{args.rotation} deg; "
-          f"seeds {' '.join(map(str, args.seeds))}):")
-    print(f"{'views':>5s} {'passes/face':>11s} {'test side (mean)':>17s} {'both sides (mean)':>18s} "
-          f"{'faces/s (median)':>17s}")
+    print(
+        f"test top-1 over {n_test} test images (LR C={c_best} on {len(parts['train']['hashes'])} train faces; "
+        f"jitter shift {args.shift} px, scale +-{args.scale}, rotation +-{args.rotation} deg; "
+        f"seeds {' '.join(map(str, args.seeds))}):"
+    )
+    print(
+        f"{'views':>5s} {'passes/face':>11s} {'test side (mean)':>17s} {'both sides (mean)':>18s} "
+        f"{'faces/s (median)':>17s}"
+    )
     for v in sorted(args.views):
         mine = [r for r in rows if r["views"] == v]
         both = [r["both_sides"] for r in mine if "both_sides" in r]
-        print(f"{v:5d} {2 * v:11d} {np.mean([r['test_side'] for r in mine]):17.4f} "
-              f"{(f'{np.mean(both):.4f}' if both else '-'):>18s} "
-              f"{statistics.median(r['faces_per_s'] for r in mine):17.0f}")
+        print(
+            f"{v:5d} {2 * v:11d} {np.mean([r['test_side'] for r in mine]):17.4f} "
+            f"{(f'{np.mean(both):.4f}' if both else '-'):>18s} "
+            f"{statistics.median(r['faces_per_s'] for r in mine):17.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -51,11 +51,15 @@ def main() -> None:
     result = train(tmp / "known", args.out, Settings(), cache_dir=args.cache, progress=False)
     print(f"trained on {len(folders) - len(strangers)} identities in {time.perf_counter() - t:.0f} s")
     o = evaluate_open_set(args.out, tmp / "strangers", prepared=result["prepared"], progress=False)
-    print(f"calibrated thresholds: probability >= {o['threshold_probability']:.3f}, "
-          f"distance <= {o['threshold_distance']:.3f} (validation: {o['calibration']})")
+    print(
+        f"calibrated thresholds: probability >= {o['threshold_probability']:.3f}, "
+        f"distance <= {o['threshold_distance']:.3f} (validation: {o['calibration']})"
+    )
     print(f"strangers rejected: {100 * o['strangers_rejected']:.2f}% of {o['n_strangers']} images")
-    print(f"known test images accepted and named correctly: {100 * o['known_accepted_and_correct']:.2f}% "
-          f"of {o['n_known_test_images']}")
+    print(
+        f"known test images accepted and named correctly: {100 * o['known_accepted_and_correct']:.2f}% "
+        f"of {o['n_known_test_images']}"
+    )
 
     # Enrol one stranger from 10 photos; name their other photos; check the known identities' top-1.
     recognizer = Recognizer.load(args.out)
@@ -84,28 +88,43 @@ def main() -> None:
     results = recognizer.identify_many([str(p) for p in photos[10:]])
     named = np.mean([bool(r.faces) and r.faces[0].identity == person.name[5:] for r in results])
     after = known_top1()
-    print(f"enrolled {person.name[5:]} from 10 photos in {enroll_seconds:.1f} s ({summary['faces_used']} faces): "
-          f"{100 * named:.1f}% of their other {len(results)} photos named correctly")
-    print(f"known identities' test top-1: {100 * before:.2f}% before, {100 * after:.2f}% after "
-          f"({100 * (after - before):+.2f} points)")
+    print(
+        f"enrolled {person.name[5:]} from 10 photos in {enroll_seconds:.1f} s ({summary['faces_used']} faces): "
+        f"{100 * named:.1f}% of their other {len(results)} photos named correctly"
+    )
+    print(
+        f"known identities' test top-1: {100 * before:.2f}% before, {100 * after:.2f}% after "
+        f"({100 * (after - before):+.2f} points)"
+    )
 
     # Gallery mode beside head mode, on the same run.
     for mode in ("head", "gallery"):
-        m = evaluate(args.out, out=Path(args.out) / f"report-{mode}", prepared=prepared, progress=False,
-                     figures=False, mode=mode)
-        o = evaluate_open_set(args.out, tmp / "strangers", out=Path(args.out) / f"report-{mode}", prepared=prepared,
-                              progress=False, mode=mode)
-        print(f"{mode} mode: test top-1 {100 * m['top1']:.2f}%, top-5 {100 * m['top5']:.2f}%; strangers rejected "
-              f"{100 * o['strangers_rejected']:.2f}%, known test images accepted and named correctly "
-              f"{100 * o['known_accepted_and_correct']:.2f}%")
+        m = evaluate(
+            args.out, out=Path(args.out) / f"report-{mode}", prepared=prepared, progress=False, figures=False, mode=mode
+        )
+        o = evaluate_open_set(
+            args.out,
+            tmp / "strangers",
+            out=Path(args.out) / f"report-{mode}",
+            prepared=prepared,
+            progress=False,
+            mode=mode,
+        )
+        print(
+            f"{mode} mode: test top-1 {100 * m['top1']:.2f}%, top-5 {100 * m['top5']:.2f}%; strangers rejected "
+            f"{100 * o['strangers_rejected']:.2f}%, known test images accepted and named correctly "
+            f"{100 * o['known_accepted_and_correct']:.2f}%"
+        )
     gallery_mode = Recognizer.load(args.out, mode="gallery")
     t = time.perf_counter()
     summary = gallery_mode.enroll(person.name[5:], [str(p) for p in photos[:10]])
     enroll_seconds = time.perf_counter() - t
     results = gallery_mode.identify_many([str(p) for p in photos[10:]])
     named = np.mean([bool(r.faces) and r.faces[0].identity == person.name[5:] for r in results])
-    print(f"gallery mode: enrolled {person.name[5:]} from 10 photos in {enroll_seconds:.2f} s (detection and "
-          f"embedding included, no head refit): {100 * named:.1f}% of their other {len(results)} photos named")
+    print(
+        f"gallery mode: enrolled {person.name[5:]} from 10 photos in {enroll_seconds:.2f} s (detection and "
+        f"embedding included, no head refit): {100 * named:.1f}% of their other {len(results)} photos named"
+    )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-INSTALL_HINT = ("bench/peers.py needs the optional 'peers' extra (dlib-bin and face-recognition-models, "
-                "prebuilt wheels):\n    .venv/bin/pip install -e '.[peers]'")
+INSTALL_HINT = (
+    "bench/peers.py needs the optional 'peers' extra (dlib-bin and face-recognition-models, "
+    "prebuilt wheels):\n    .venv/bin/pip install -e '.[peers]'"
+)
 
 
 def load_peer_models():
@@ -41,9 +43,11 @@ def load_peer_models():
         import face_recognition_models
     except ImportError as exc:
         sys.exit(f"{INSTALL_HINT}\n({exc})")
-    return (dlib.get_frontal_face_detector(),
-            dlib.shape_predictor(face_recognition_models.pose_predictor_five_point_model_location()),
-            dlib.face_recognition_model_v1(face_recognition_models.face_recognition_model_location()))
+    return (
+        dlib.get_frontal_face_detector(),
+        dlib.shape_predictor(face_recognition_models.pose_predictor_five_point_model_location()),
+        dlib.face_recognition_model_v1(face_recognition_models.face_recognition_model_location()),
+    )
 
 
 def limited_copy(dataset, per_identity: int, dest: Path) -> Path:
@@ -71,14 +75,23 @@ def run_pinsface(data: Path, out: Path, cache: Path) -> dict:
     env = dict(os.environ, PINSFACE_CACHE=str(cache))
     cpu0 = cpu_seconds(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.run([str(exe), "run", str(data), "--out", str(out), "--cache", str(cache), "--no-progress"],
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(exe), "run", str(data), "--out", str(out), "--cache", str(cache), "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"pinsface run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}")
     metrics = json.loads((out / "report" / "metrics.json").read_text(encoding="utf-8"))
-    return {"wall": wall, "cpu": cpu_seconds(resource.RUSAGE_CHILDREN) - cpu0, "metrics": metrics,
-            "stdout": proc.stdout.strip(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    return {
+        "wall": wall,
+        "cpu": cpu_seconds(resource.RUSAGE_CHILDREN) - cpu0,
+        "metrics": metrics,
+        "stdout": proc.stdout.strip(),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
 
 
 def peer_descriptors(dataset, models, log_every: int = 1000) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -109,8 +122,11 @@ def peer_descriptors(dataset, models, log_every: int = 1000) -> tuple[np.ndarray
             seconds["describe"] += time.perf_counter() - t2
         if log_every and (i + 1) % log_every == 0:
             elapsed = time.perf_counter() - start
-            print(f"  peer: {i + 1}/{len(dataset.items)} images, {(i + 1) / elapsed:.1f} img/s", file=sys.stderr,
-                  flush=True)
+            print(
+                f"  peer: {i + 1}/{len(dataset.items)} images, {(i + 1) / elapsed:.1f} img/s",
+                file=sys.stderr,
+                flush=True,
+            )
     return out, found, seconds
 
 
@@ -125,8 +141,9 @@ def fit_and_score(x: np.ndarray, found: np.ndarray, y: np.ndarray, split: np.nda
 
     candidates = {
         "logistic regression": [("C", c, lambda c=c: LogisticRegression(C=c, max_iter=3000)) for c in (1, 10, 100)],
-        "k-NN (distance-weighted)": [("k", k, lambda k=k: KNeighborsClassifier(k, weights="distance"))
-                                     for k in (1, 5, 10, 20)],
+        "k-NN (distance-weighted)": [
+            ("k", k, lambda k=k: KNeighborsClassifier(k, weights="distance")) for k in (1, 5, 10, 20)
+        ],
     }
     test = split == "test"
     results = {}
@@ -135,15 +152,17 @@ def fit_and_score(x: np.ndarray, found: np.ndarray, y: np.ndarray, split: np.nda
         t0 = time.perf_counter()
         for param, value, make in options:
             model = make().fit(x[subset("train")], y[subset("train")])
-            val_top1 = float(np.mean(model.predict(x[subset("val")]) == y[subset("val")])) if subset("val").any() \
-                else 0.0
+            val_top1 = (
+                float(np.mean(model.predict(x[subset("val")]) == y[subset("val")])) if subset("val").any() else 0.0
+            )
             if best is None or val_top1 > best[0]:
                 best = (val_top1, param, value, make, model)
         val_top1, param, value, make, model = best
         row = {"param": f"{param}={value}", "val_top1": val_top1}
-        for label, fitted in (("train", model),
-                              ("train+val", make().fit(x[subset("train") | subset("val")],
-                                                       y[subset("train") | subset("val")]))):
+        for label, fitted in (
+            ("train", model),
+            ("train+val", make().fit(x[subset("train") | subset("val")], y[subset("train") | subset("val")])),
+        ):
             pred = np.full(len(y), -1)
             pred[test & found] = fitted.predict(x[test & found])
             row[f"test_top1_{label}"] = float(np.mean(pred[test] == y[test]))
@@ -157,8 +176,10 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="dataset folder (default: as pinsface run)")
     parser.add_argument("--limit-per-identity", type=int, metavar="N", help="first N images of each identity")
     parser.add_argument("--out", default="runs/peers", help="pinsface run folder to write")
-    parser.add_argument("--cache", help="pinsface cache for this run: must be empty or missing (default: a "
-                                        "temporary folder, removed afterwards)")
+    parser.add_argument(
+        "--cache",
+        help="pinsface cache for this run: must be empty or missing (default: a temporary folder, removed afterwards)",
+    )
     args = parser.parse_args()
 
     load_start = os.getloadavg()
@@ -181,8 +202,11 @@ def main() -> None:
             shutil.rmtree(out)
         defaults = Settings()
         split = split_dataset(dataset, defaults.seed, defaults.test_fraction, defaults.val_fraction)
-        print(f"{len(dataset.items)} images, {len(dataset.identities)} identities, "
-              f"{len(split.files('test'))} test images (seed {defaults.seed})", flush=True)
+        print(
+            f"{len(dataset.items)} images, {len(dataset.identities)} identities, "
+            f"{len(split.files('test'))} test images (seed {defaults.seed})",
+            flush=True,
+        )
 
         print("pinsface run ...", flush=True)
         ours = run_pinsface(dataset.root, out, cache)
@@ -206,22 +230,32 @@ def main() -> None:
     m = ours["metrics"]
     test = which == "test"
     print()
-    print(f"data: {dataset.root}  ({len(dataset.items)} images, {len(dataset.identities)} identities, "
-          f"{int(test.sum())} test images)")
-    print(f"pinsface run : test top-1 {m['top1']:.4f} ({m['n_images']} images, {m['n_no_face']} without an MTCNN "
-          f"face, {m['n_no_face_scored_by_fallback']} scored from the fallback crop); "
-          f"wall {ours['wall']:.0f} s, CPU {ours['cpu']:.0f} s ({100 * ours['cpu'] / ours['wall']:.0f}% of one "
-          f"core), peak RSS {ours['peak_rss_mb']:.0f} MB")
+    print(
+        f"data: {dataset.root}  ({len(dataset.items)} images, {len(dataset.identities)} identities, "
+        f"{int(test.sum())} test images)"
+    )
+    print(
+        f"pinsface run : test top-1 {m['top1']:.4f} ({m['n_images']} images, {m['n_no_face']} without an MTCNN "
+        f"face, {m['n_no_face_scored_by_fallback']} scored from the fallback crop); "
+        f"wall {ours['wall']:.0f} s, CPU {ours['cpu']:.0f} s ({100 * ours['cpu'] / ours['wall']:.0f}% of one "
+        f"core), peak RSS {ours['peak_rss_mb']:.0f} MB"
+    )
     print(f"               {ours['stdout'].splitlines()[0] if ours['stdout'] else ''}")
-    print(f"peer         : HOG found a face in {int(found.sum())}/{len(found)} images "
-          f"({int((test & ~found).sum())} of the test images have none: counted wrong); "
-          f"descriptors {describe_wall:.0f} s ({len(found) / describe_wall:.1f} img/s: "
-          + ", ".join(f"{k} {v:.0f} s" for k, v in stage_seconds.items()) + ")")
+    print(
+        f"peer         : HOG found a face in {int(found.sum())}/{len(found)} images "
+        f"({int((test & ~found).sum())} of the test images have none: counted wrong); "
+        f"descriptors {describe_wall:.0f} s ({len(found) / describe_wall:.1f} img/s: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in stage_seconds.items())
+        + ")"
+    )
     for name, r in results.items():
-        print(f"  {name:26s} {r['param']:6s} val {r['val_top1']:.4f}  test top-1: fit on train "
-              f"{r['test_top1_train']:.4f}, on train+val {r['test_top1_train+val']:.4f}  ({r['seconds']:.0f} s)")
-    print(f"peer total   : wall {peer_wall:.0f} s, CPU {peer_cpu:.0f} s "
-          f"({100 * peer_cpu / peer_wall:.0f}% of one core)")
+        print(
+            f"  {name:26s} {r['param']:6s} val {r['val_top1']:.4f}  test top-1: fit on train "
+            f"{r['test_top1_train']:.4f}, on train+val {r['test_top1_train+val']:.4f}  ({r['seconds']:.0f} s)"
+        )
+    print(
+        f"peer total   : wall {peer_wall:.0f} s, CPU {peer_cpu:.0f} s ({100 * peer_cpu / peer_wall:.0f}% of one core)"
+    )
     headline = results["logistic regression"]
     print()
     print(f"{'':28s}{'test top-1':>12s}{'wall s':>9s}")
@@ -229,8 +263,10 @@ def main() -> None:
     print(f"{'peer, LR fit on train':28s}{headline['test_top1_train']:12.4f}{peer_wall:9.0f}")
     print(f"{'peer, LR fit on train+val':28s}{headline['test_top1_train+val']:12.4f}{peer_wall:9.0f}")
     print(f"peer / pinsface wall time: {peer_wall / ours['wall']:.2f}x")
-    print(f"load average at the start {load_start[0]:.1f}, at the end {os.getloadavg()[0]:.1f} "
-          f"({os.cpu_count()} cores; other work on the machine slows both sides)")
+    print(
+        f"load average at the start {load_start[0]:.1f}, at the end {os.getloadavg()[0]:.1f} "
+        f"({os.cpu_count()} cores; other work on the machine slows both sides)"
+    )
 
 
 if __name__ == "__main__":

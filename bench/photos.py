@@ -139,22 +139,28 @@ def bench_photos(args) -> None:
             cache = Path(tmp) / f"cache{r}"
             p = child(PREPARE, data, str(cache), str(args.chunk))
             found = sum(1 for rel, rect in truth.items() if rel in p["chosen"] and on_pasted(p["chosen"][rel], rect))
-            print(f"prepare (cold, chunk {args.chunk}): {p['images'] / p['seconds']:.1f} photos/s "
-                  f"({2 * p['images'] / p['cpu_seconds']:.1f} per 2 CPU-seconds), "
-                  f"peak RSS {p['peak_rss_mb']:.0f} MB; subject's face found in {found}/{p['images']}; "
-                  f"outcomes {p['outcomes']}")
+            print(
+                f"prepare (cold, chunk {args.chunk}): {p['images'] / p['seconds']:.1f} photos/s "
+                f"({2 * p['images'] / p['cpu_seconds']:.1f} per 2 CPU-seconds), "
+                f"peak RSS {p['peak_rss_mb']:.0f} MB; subject's face found in {found}/{p['images']}; "
+                f"outcomes {p['outcomes']}"
+            )
             results.setdefault("prepare", []).append(p)
         if "run" in args.phases:
             run = child(RUN, data, str(Path(tmp) / "cache0"), str(Path(tmp) / "run"))
-            print(f"run (train + evaluate, warm cache): {run['seconds']:.0f} s, peak RSS {run['peak_rss_mb']:.0f} MB, "
-                  f"test top-1 {run['test_top1']}")
+            print(
+                f"run (train + evaluate, warm cache): {run['seconds']:.0f} s, peak RSS {run['peak_rss_mb']:.0f} MB, "
+                f"test top-1 {run['test_top1']}"
+            )
         if "predict" in args.phases:
-            for r in range(args.repeats):
+            for _ in range(args.repeats):
                 pr = child(PREDICT, str(Path(tmp) / "run"), data, str(args.predict_photos))
-                print(f"predict: {pr['images'] / pr['seconds']:.1f} photos/s "
-                      f"({2 * pr['images'] / pr['cpu_seconds']:.1f} per 2 CPU-seconds), "
-                      f"peak RSS {pr['peak_rss_mb']:.0f} MB; "
-                      f"{pr['with_face']}/{pr['images']} with a face, {pr['named_correctly']} named correctly")
+                print(
+                    f"predict: {pr['images'] / pr['seconds']:.1f} photos/s "
+                    f"({2 * pr['images'] / pr['cpu_seconds']:.1f} per 2 CPU-seconds), "
+                    f"peak RSS {pr['peak_rss_mb']:.0f} MB; "
+                    f"{pr['with_face']}/{pr['images']} with a face, {pr['named_correctly']} named correctly"
+                )
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
 
 
@@ -166,15 +172,16 @@ def bench_groups(args) -> None:
     from tests.photos import build_groups, chosen_is
 
     people = sorted(p.name for p in PINS.iterdir() if p.is_dir())
-    subjects, others = people[:args.subjects], people[args.subjects:args.subjects + 30]
+    subjects, others = people[: args.subjects], people[args.subjects : args.subjects + 30]
     with tempfile.TemporaryDirectory(prefix="photos-groups-") as tmp:
         truth = build_groups(PINS, Path(tmp) / "data", subjects, others, args.references, args.groups_per_subject)
         detector = FaceDetector()
-        for label, settings in (("rule only", FaceSettings(subject_pass_min_photos=0)),
-                                ("with second pass", FaceSettings())):
+        for label, settings in (
+            ("rule only", FaceSettings(subject_pass_min_photos=0)),
+            ("with second pass", FaceSettings()),
+        ):
             result = prepare(Path(tmp) / "data", Path(tmp) / "cache", settings, progress=False, detector=detector)
-            table = FaceCache(Path(tmp) / "cache", settings.version()).load(
-                [h for h in result.hashes if h], crops=())
+            table = FaceCache(Path(tmp) / "cache", settings.version()).load([h for h in result.hashes if h], crops=())
             correct = wrong = ambiguous = missed = 0
             for item, h, status in zip(result.dataset.items, result.hashes, result.status):
                 if item.rel not in truth:
@@ -190,12 +197,17 @@ def bench_groups(args) -> None:
                     correct += 1
                 else:
                     wrong += 1
-            faces = sum(int(table.columns["n_faces"][table.index[h]]) for item, h in
-                        zip(result.dataset.items, result.hashes) if item.rel in truth)
+            faces = sum(
+                int(table.columns["n_faces"][table.index[h]])
+                for item, h in zip(result.dataset.items, result.hashes)
+                if item.rel in truth
+            )
             pasted = sum(len(v) for v in truth.values())
-            print(f"{label}: {len(truth)} group photos ({pasted} faces pasted, {faces} found): subject chosen "
-                  f"correctly {correct}, wrongly {wrong}, left out as ambiguous {ambiguous}, subject's face not "
-                  f"detected {missed}; second pass {result.summary['subject_pass']}")
+            print(
+                f"{label}: {len(truth)} group photos ({pasted} faces pasted, {faces} found): subject chosen "
+                f"correctly {correct}, wrongly {wrong}, left out as ambiguous {ambiguous}, subject's face not "
+                f"detected {missed}; second pass {result.summary['subject_pass']}"
+            )
 
 
 def main() -> None:

@@ -20,8 +20,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 PINS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pins" / "105_classes_pins_dataset"
-LOAD = "import sys, time; t = time.perf_counter(); from pinsface.predict import Recognizer; " \
-       "Recognizer.load(sys.argv[1]); print(time.perf_counter() - t)"
+LOAD = (
+    "import sys, time; t = time.perf_counter(); from pinsface.predict import Recognizer; "
+    "Recognizer.load(sys.argv[1]); print(time.perf_counter() - t)"
+)
 
 
 def composites(files: list[Path], folder: Path, n: int = 8, size: int = 1024) -> list[str]:
@@ -38,7 +40,7 @@ def composites(files: list[Path], folder: Path, n: int = 8, size: int = 1024) ->
         for slot in rng.choice(9, size=rng.integers(4, 7), replace=False):
             image = load_image(files[int(rng.integers(len(files)))])
             r, c = divmod(int(slot), 3)
-            canvas[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = cv2.resize(image, (cell, cell))
+            canvas[r * cell : (r + 1) * cell, c * cell : (c + 1) * cell] = cv2.resize(image, (cell, cell))
         path = folder / f"composite_{k}.jpg"
         cv2.imwrite(str(path), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
         paths.append(str(path))
@@ -65,22 +67,32 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
 
-    loads = [float(subprocess.run([sys.executable, "-c", LOAD, args.run], capture_output=True, text=True,
-                                  check=True).stdout.strip().splitlines()[-1]) for _ in range(args.repeats)]
+    loads = [
+        float(
+            subprocess.run([sys.executable, "-c", LOAD, args.run], capture_output=True, text=True, check=True)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        for _ in range(args.repeats)
+    ]
     print(f"Recognizer.load cold start (fresh process, median of {args.repeats}): {statistics.median(loads):.2f} s")
 
     from pinsface.predict import Recognizer
 
     recognizer = Recognizer.load(args.run)
-    files = sorted(PINS.rglob("*.jpg"))[:: max(1, len(list(PINS.rglob('*.jpg'))) // args.images)][: args.images]
+    files = sorted(PINS.rglob("*.jpg"))[:: max(1, len(list(PINS.rglob("*.jpg"))) // args.images)][: args.images]
     photos, faces, n_faces = measure(recognizer, [str(f) for f in files], args.repeats, args.batch_size)
-    print(f"224-px Pins photos: {photos:.1f} photos/s, {faces:.1f} faces/s ({len(files)} photos, {n_faces} faces, "
-          f"batch {args.batch_size}, median of {args.repeats})")
+    print(
+        f"224-px Pins photos: {photos:.1f} photos/s, {faces:.1f} faces/s ({len(files)} photos, {n_faces} faces, "
+        f"batch {args.batch_size}, median of {args.repeats})"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         big = composites(files, Path(tmp))
         photos, faces, n_faces = measure(recognizer, big, args.repeats, 8)
-    print(f"1024-px composites: {photos:.2f} photos/s, {faces:.1f} faces/s ({len(big)} photos, {n_faces} faces, "
-          f"median of {args.repeats})")
+    print(
+        f"1024-px composites: {photos:.2f} photos/s, {faces:.1f} faces/s ({len(big)} photos, {n_faces} faces, "
+        f"median of {args.repeats})"
+    )
 
 
 if __name__ == "__main__":

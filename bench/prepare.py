@@ -44,15 +44,18 @@ print(json.dumps(out))
 
 
 def phase(data: str, cache: str, limit: int, name: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", PHASE, data, cache, str(limit), name], capture_output=True,
-                          text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", PHASE, data, cache, str(limit), name], capture_output=True, text=True, check=True
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "pins"
-                                              / "105_classes_pins_dataset"))
+    parser.add_argument(
+        "--data",
+        default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "pins" / "105_classes_pins_dataset"),
+    )
     parser.add_argument("--limit", type=int, default=0, help="first N images only (0: all)")
     parser.add_argument("--repeats", type=int, default=3, help="warm repeats (the median is reported)")
     args = parser.parse_args()
@@ -65,13 +68,17 @@ def main() -> None:
         shutil.rmtree(cache, ignore_errors=True)
     n = cold["images"]
     print(f"images: {n} ({cold['faces_found']} faces found, {cold['no_face']} without a face)")
-    print(f"cold prepare: {cold['seconds']:.1f} s = {n / cold['seconds']:.1f} images/s, "
-          f"peak RSS {cold['peak_rss_mb']:.0f} MB")
+    print(
+        f"cold prepare: {cold['seconds']:.1f} s = {n / cold['seconds']:.1f} images/s, "
+        f"peak RSS {cold['peak_rss_mb']:.0f} MB"
+    )
     ws = statistics.median(w["seconds"] for w in warm)
     cs = statistics.median(w["crops_seconds"] for w in warm)
     print(f"warm prepare (all cached, median of {len(warm)}): {ws:.2f} s = {n / ws:.0f} images/s")
-    print(f"warm load of all cached crops (median of {len(warm)}): {cs:.2f} s = "
-          f"{warm[0]['crops_loaded'] / cs:.0f} images/s, peak RSS {max(w['peak_rss_mb'] for w in warm):.0f} MB")
+    print(
+        f"warm load of all cached crops (median of {len(warm)}): {cs:.2f} s = "
+        f"{warm[0]['crops_loaded'] / cs:.0f} images/s, peak RSS {max(w['peak_rss_mb'] for w in warm):.0f} MB"
+    )
 
 
 if __name__ == "__main__":

@@ -49,8 +49,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=384)
     parser.add_argument("--chunk", type=int, default=32, help="images per Ray row (the local engine uses 512)")
-    parser.add_argument("--fs-mb-per-s", type=float, default=500.0,
-                        help="assumed bandwidth of the shared file system holding data and cache (MB/s)")
+    parser.add_argument(
+        "--fs-mb-per-s",
+        type=float,
+        default=500.0,
+        help="assumed bandwidth of the shared file system holding data and cache (MB/s)",
+    )
     args = parser.parse_args()
 
     import ray
@@ -79,8 +83,10 @@ def main() -> None:
         list(pool.map(lambda it: content_hash(read_bytes(full.path(it))), full.items))
     hashing, hashing_cpu = time.perf_counter() - t, time.process_time() - c
     n_full = len(full.items)
-    print(f"driver: listing {n_full:,} images {listing:.2f} s ({1e6 * listing_cpu / n_full:.0f} CPU us/image), "
-          f"hashing {hashing:.2f} s ({1e6 * hashing_cpu / n_full:.0f} CPU us/image)")
+    print(
+        f"driver: listing {n_full:,} images {listing:.2f} s ({1e6 * listing_cpu / n_full:.0f} CPU us/image), "
+        f"hashing {hashing:.2f} s ({1e6 * hashing_cpu / n_full:.0f} CPU us/image)"
+    )
 
     # Local engine, for reference: faces, then embeddings.
     from pinsface.backbones import get_backbone
@@ -91,8 +97,13 @@ def main() -> None:
     faces_s = time.perf_counter() - t
     hashes = [h for h in local.hashes if h]
     t = time.perf_counter()
-    ensure_embeddings(hashes, local.cache, run_embedding_cache(settings, cache),
-                      run_embedder(settings, get_backbone(settings.backbone)), progress=False)
+    ensure_embeddings(
+        hashes,
+        local.cache,
+        run_embedding_cache(settings, cache),
+        run_embedder(settings, get_backbone(settings.backbone)),
+        progress=False,
+    )
     embed_s = time.perf_counter() - t
     local_rate = len(files) / (faces_s + embed_s)
     print(f"local engine: {faces_s:.1f} s faces + {embed_s:.1f} s embeddings = {local_rate:.2f} images/s")
@@ -103,23 +114,29 @@ def main() -> None:
     digests = [content_hash(read_bytes(p)) for p in paths]
     rates, cpu_rate = {}, {}
     for workers in (1, 2):
-        ray.init(address="local", num_cpus=workers, object_store_memory=512 * 2 ** 20, include_dashboard=False,
-                 log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=workers,
+            object_store_memory=512 * 2**20,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
         try:
             cache = tmp / f"cache-ray-{workers}"
             arrivals = []
             face_cache = FaceCache(cache, settings.faces.version())
 
             class Timed:  # records when each chunk's results reach the driver
-                def write(self, records):
+                def write(self, records, arrivals=arrivals, face_cache=face_cache):
                     arrivals.append((time.perf_counter(), len(records)))
                     face_cache.write(records)
 
                 root = face_cache.root
 
             t = time.perf_counter()
-            report = prepare_on_ray(paths, digests, Timed(), settings.faces, embed=settings, workers=workers,
-                                    chunk_images=args.chunk)
+            report = prepare_on_ray(
+                paths, digests, Timed(), settings.faces, embed=settings, workers=workers, chunk_images=args.chunk
+            )
             wall = time.perf_counter() - t
         finally:
             ray.shutdown()
@@ -129,29 +146,38 @@ def main() -> None:
         cpu_rate[workers] = len(paths) / report["worker_cpu_seconds"]
         # CPU time of the driver's thread: on this shared machine wall time mostly measures waiting for a core.
         write_us = 1e6 * report["driver_write_cpu_seconds"] / len(paths)
-        print(f"ray engine, {workers} worker(s): {wall:.1f} s wall for {len(paths)} images "
-              f"({len(paths) / wall:.2f} images/s with start-up; first chunk after {first_t - t:.1f} s), "
-              f"steady state {steady:.2f} images/s; {cpu_rate[workers]:.2f} images per worker CPU second; "
-              f"driver cache writes {write_us:.0f} CPU us/image "
-              f"({1e6 * report['driver_write_seconds'] / len(paths):.0f} us/image wall)")
+        print(
+            f"ray engine, {workers} worker(s): {wall:.1f} s wall for {len(paths)} images "
+            f"({len(paths) / wall:.2f} images/s with start-up; first chunk after {first_t - t:.1f} s), "
+            f"steady state {steady:.2f} images/s; {cpu_rate[workers]:.2f} images per worker CPU second; "
+            f"driver cache writes {write_us:.0f} CPU us/image "
+            f"({1e6 * report['driver_write_seconds'] / len(paths):.0f} us/image wall)"
+        )
     efficiency = rates[2] / (2 * rates[1])
     # Projected per core from the workers' CPU time (the machine is shared: wall rates undercount a core).
     per_core = cpu_rate[2]
     driver_us = 1e6 * (listing_cpu + hashing_cpu) / n_full + write_us
-    print(f"per worker core (CPU time): {per_core:.2f} images/s; wall: 1 worker {rates[1]:.2f}, 2 workers "
-          f"{rates[2]:.2f} images/s on this shared 2-core machine ({100 * efficiency:.0f}% of twice one)")
-    print(f"driver: {driver_us:.0f} CPU us/image in all -> at most {1e6 / driver_us:,.0f} images/s from one "
-          f"driver core")
-    print(f"bytes per image: {cache_bytes / 1024:.1f} KiB written to the caches, {mean_file / 1024:.1f} KiB read "
-          f"(twice: the driver hashes it, a worker decodes it)")
+    print(
+        f"per worker core (CPU time): {per_core:.2f} images/s; wall: 1 worker {rates[1]:.2f}, 2 workers "
+        f"{rates[2]:.2f} images/s on this shared 2-core machine ({100 * efficiency:.0f}% of twice one)"
+    )
+    print(
+        f"driver: {driver_us:.0f} CPU us/image in all -> at most {1e6 / driver_us:,.0f} images/s from one driver core"
+    )
+    print(
+        f"bytes per image: {cache_bytes / 1024:.1f} KiB written to the caches, {mean_file / 1024:.1f} KiB read "
+        f"(twice: the driver hashes it, a worker decodes it)"
+    )
 
     # Projection: workers scale with cores (one worker per core, each at its measured CPU rate: workers share
     # nothing but the driver and the file system), against the driver and the shared file system (reads twice,
     # plus cache writes).
-    fs_rate = args.fs_mb_per_s * 2 ** 20 / (2 * mean_file + cache_bytes)
+    fs_rate = args.fs_mb_per_s * 2**20 / (2 * mean_file + cache_bytes)
     driver_rate = 1e6 / driver_us
-    print(f"\nprojection for {TARGET:,} images (assumed shared file system: {args.fs_mb_per_s:.0f} MB/s -> "
-          f"{fs_rate:,.0f} images/s; driver {driver_rate:,.0f} images/s):")
+    print(
+        f"\nprojection for {TARGET:,} images (assumed shared file system: {args.fs_mb_per_s:.0f} MB/s -> "
+        f"{fs_rate:,.0f} images/s; driver {driver_rate:,.0f} images/s):"
+    )
     print(f"{'machines':>8s} {'cores':>5s} {'workers img/s':>13s} {'cluster img/s':>13s} {'hours':>7s}  bottleneck")
     for machines, cores in ((1, 2), (1, 16), (4, 16), (16, 16), (16, 64), (64, 64)):
         worker_rate = machines * cores * per_core

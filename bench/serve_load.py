@@ -99,8 +99,17 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
 
 
-async def drive(url: str, photos: list[bytes], hostile: list[tuple[str, bytes]], hostile_rate: float,
-                clients: int, seconds: float, max_requests: int, seed: int, server_pid: int) -> dict:
+async def drive(
+    url: str,
+    photos: list[bytes],
+    hostile: list[tuple[str, bytes]],
+    hostile_rate: float,
+    clients: int,
+    seconds: float,
+    max_requests: int,
+    seed: int,
+    server_pid: int,
+) -> dict:
     import httpx
 
     probe = subprocess.Popen([sys.executable, "-c", PROBE, url, str(seconds)], stdout=subprocess.PIPE, text=True)
@@ -115,6 +124,7 @@ async def drive(url: str, photos: list[bytes], hostile: list[tuple[str, bytes]],
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
 
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
         async def one_client():
             nonlocal sent
             while sent < max_requests and time.monotonic() < deadline:
@@ -140,19 +150,32 @@ async def drive(url: str, photos: list[bytes], hostile: list[tuple[str, bytes]],
         elapsed = time.perf_counter() - started
     server_cpu, client_cpu = cpu_seconds(server_pid) - server_cpu, time.process_time() - client_cpu
     health_ms = json.loads(probe.communicate(timeout=seconds + 120)[0] or "[]")
-    return {"server_cpu_s": server_cpu, "client_cpu_s": client_cpu, "ok": statuses[200], "requests": len(latencies), "seconds": elapsed, "req_per_s": len(latencies) / elapsed,
-            "p50": pct(latencies, 50), "p95": pct(latencies, 95), "p99": pct(latencies, 99),
-            "statuses": dict(statuses), "per_file_errors": dict(per_file_errors),
-            "health_p50_ms": pct(health_ms, 50), "health_max_ms": max(health_ms) if health_ms else float("nan"),
-            "health_probes": len(health_ms)}
+    return {
+        "server_cpu_s": server_cpu,
+        "client_cpu_s": client_cpu,
+        "ok": statuses[200],
+        "requests": len(latencies),
+        "seconds": elapsed,
+        "req_per_s": len(latencies) / elapsed,
+        "p50": pct(latencies, 50),
+        "p95": pct(latencies, 95),
+        "p99": pct(latencies, 99),
+        "statuses": dict(statuses),
+        "per_file_errors": dict(per_file_errors),
+        "health_p50_ms": pct(health_ms, 50),
+        "health_max_ms": max(health_ms) if health_ms else float("nan"),
+        "health_probes": len(health_ms),
+    }
 
 
 def report(title: str, r: dict) -> None:
-    print(f"{title}: {r['requests']} requests in {r['seconds']:.1f} s = {r['req_per_s']:.1f} req/s; latency p50 "
-          f"{r['p50']:.2f} s, p95 {r['p95']:.2f} s, p99 {r['p99']:.2f} s; by status {r['statuses']}; per-file "
-          f"errors {r['per_file_errors'] or 'none'}; /v1/health under load: median {r['health_p50_ms']:.0f} ms, "
-          f"max {r['health_max_ms']:.0f} ms ({r['health_probes']} probes); CPU: server {r['server_cpu_s']:.0f} s, "
-          f"load clients {r['client_cpu_s']:.0f} s")
+    print(
+        f"{title}: {r['requests']} requests in {r['seconds']:.1f} s = {r['req_per_s']:.1f} req/s; latency p50 "
+        f"{r['p50']:.2f} s, p95 {r['p95']:.2f} s, p99 {r['p99']:.2f} s; by status {r['statuses']}; per-file "
+        f"errors {r['per_file_errors'] or 'none'}; /v1/health under load: median {r['health_p50_ms']:.0f} ms, "
+        f"max {r['health_max_ms']:.0f} ms ({r['health_probes']} probes); CPU: server {r['server_cpu_s']:.0f} s, "
+        f"load clients {r['client_cpu_s']:.0f} s"
+    )
 
 
 def main() -> int:
@@ -175,17 +198,32 @@ def main() -> int:
     photos = [p.read_bytes() for p in paths]
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         tmp = Path(tmp)
+
         # In-process first, alone on the machine: batched identify_many on the same photos.
         def in_process() -> tuple[list[float], list[float]]:
-            out = subprocess.run([sys.executable, "-c", IN_PROCESS, args.run, json.dumps([str(p) for p in paths]),
-                                  "32", str(args.repeats)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    IN_PROCESS,
+                    args.run,
+                    json.dumps([str(p) for p in paths]),
+                    "32",
+                    str(args.repeats),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             result = json.loads(out.stdout.strip().splitlines()[-1])
             return result["runs"], result["cpu_runs"]
 
         rates, cpu_rates = in_process()
         inproc = {"photos_per_s": statistics.median(rates)}
-        print(f"in-process identify_many (batch 32, {len(photos)} photos, median of {args.repeats}): "
-              f"{inproc['photos_per_s']:.1f} photos/s, {statistics.median(cpu_rates):.1f} photos per CPU-second")
+        print(
+            f"in-process identify_many (batch 32, {len(photos)} photos, median of {args.repeats}): "
+            f"{inproc['photos_per_s']:.1f} photos/s, {statistics.median(cpu_rates):.1f} photos per CPU-second"
+        )
 
         import shutil
 
@@ -196,25 +234,44 @@ def main() -> int:
         log_path = Path(tempfile.gettempdir()) / "serve_load_server.log"
         print(f"server log: {log_path}")
         log = open(log_path, "wb")
-        server = subprocess.Popen([sys.executable, "-m", "pinsface.cli", "serve", str(run), "--port", str(port),
-                                   "--api-key-file", str(tmp / "key")], stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pinsface.cli",
+                "serve",
+                str(run),
+                "--port",
+                str(port),
+                "--api-key-file",
+                str(tmp / "key"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             wait_healthy(url, server, timeout=300)
             # Warm up as the in-process figure does: the first batches of each size build the graphs.
             asyncio.run(drive(url, photos, [], 0.0, 32, 60, 96, 0, server.pid))
-            clean = asyncio.run(drive(url, photos, [], 0.0, args.clients, args.seconds, args.max_requests, 1,
-                               server.pid))
+            clean = asyncio.run(
+                drive(url, photos, [], 0.0, args.clients, args.seconds, args.max_requests, 1, server.pid)
+            )
             report(f"{args.clients} clients, 224-px photos", clean)
-            print(f"  server throughput / in-process: {clean['req_per_s'] / inproc['photos_per_s']:.0%}; "
-                  f"{clean['ok'] / clean['server_cpu_s']:.1f} photos per server CPU-second")
+            print(
+                f"  server throughput / in-process: {clean['req_per_s'] / inproc['photos_per_s']:.0%}; "
+                f"{clean['ok'] / clean['server_cpu_s']:.1f} photos per server CPU-second"
+            )
             hostile = hostile_files(PINS / "pins_Bill Gates" / "Bill Gates104_500.jpg", tmp / "bad", 10.0)
-            mixed = asyncio.run(drive(url, photos, hostile, args.hostile, args.clients, args.seconds,
-                                      args.max_requests, 2, server.pid))
+            mixed = asyncio.run(
+                drive(url, photos, hostile, args.hostile, args.clients, args.seconds, args.max_requests, 2, server.pid)
+            )
             report(f"{args.clients} clients, {args.hostile:.0%} hostile uploads", mixed)
             fives = {k: v for k, v in mixed["statuses"].items() if str(k).startswith("5") or not str(k).isdigit()}
             health = httpx.get(f"{url}/v1/health", timeout=10)
-            print(f"  5xx or failed requests in the hostile run: {fives or 'none'}; health afterwards: "
-                  f"{health.status_code} {health.json().get('status')}, {health.json().get('pending_images')} pending")
+            print(
+                f"  5xx or failed requests in the hostile run: {fives or 'none'}; health afterwards: "
+                f"{health.status_code} {health.json().get('status')}, {health.json().get('pending_images')} pending"
+            )
             print(f"server peak RSS: {peak_rss_mb(server.pid):.0f} MB")
         finally:
             server.send_signal(signal.SIGTERM)
@@ -229,10 +286,14 @@ def main() -> int:
         rates += more
         cpu_rates += more_cpu
         both, both_cpu = statistics.median(rates), statistics.median(cpu_rates)
-        print(f"in-process identify_many again: median of all {len(rates)} runs {both:.1f} photos/s "
-              f"(min {min(rates):.1f}, max {max(rates):.1f}), {both_cpu:.1f} photos per CPU-second")
-        print(f"server / in-process: throughput {clean['req_per_s'] / both:.0%}, photos per CPU-second "
-              f"{clean['ok'] / clean['server_cpu_s'] / both_cpu:.0%}")
+        print(
+            f"in-process identify_many again: median of all {len(rates)} runs {both:.1f} photos/s "
+            f"(min {min(rates):.1f}, max {max(rates):.1f}), {both_cpu:.1f} photos per CPU-second"
+        )
+        print(
+            f"server / in-process: throughput {clean['req_per_s'] / both:.0%}, photos per CPU-second "
+            f"{clean['ok'] / clean['server_cpu_s'] / both_cpu:.0%}"
+        )
     return 0
 
 

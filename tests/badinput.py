@@ -33,6 +33,7 @@ ODD = {
 
 def _png_bomb(width: int = 30000, height: int = 30000) -> bytes:
     """A tiny PNG that claims a huge canvas (its pixel data is a few compressed zero rows)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -57,7 +58,7 @@ def make_bad_corpus(folder: Path, source: Path) -> Path:
     rgba.putalpha(200)
     rgba.save(folder / "rgba.png")
     good.convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
-    gray16 = (np.asarray(good.convert("L"), dtype=np.uint16) * 257)
+    gray16 = np.asarray(good.convert("L"), dtype=np.uint16) * 257
     Image.fromarray(gray16).save(folder / "sixteen_bit.png")
     good.convert("CMYK").save(folder / "cmyk.jpg", quality=95)
 

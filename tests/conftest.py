@@ -40,11 +40,12 @@ def reference_chips():
     return np.load(_require(REFERENCE))
 
 
-def copy_identities(dest: Path, identities: list[str], per_identity: int, start: int = 0,
-                    rename: dict[str, str] | None = None) -> Path:
+def copy_identities(
+    dest: Path, identities: list[str], per_identity: int, start: int = 0, rename: dict[str, str] | None = None
+) -> Path:
     """Copy ``per_identity`` images of each Pins identity into ``dest/<folder>/``."""
     for folder in identities:
-        files = sorted((_require(PINS) / folder).glob("*.jpg"))[start:start + per_identity]
+        files = sorted((_require(PINS) / folder).glob("*.jpg"))[start : start + per_identity]
         target = dest / (rename or {}).get(folder, folder)
         target.mkdir(parents=True, exist_ok=True)
         for f in files:
@@ -52,8 +53,14 @@ def copy_identities(dest: Path, identities: list[str], per_identity: int, start:
     return dest
 
 
-SMALL_IDENTITIES = ["pins_Adriana Lima", "pins_Alex Lawther", "pins_Bill Gates", "pins_Brie Larson",
-                    "pins_Chris Evans", "pins_Anne Hathaway"]
+SMALL_IDENTITIES = [
+    "pins_Adriana Lima",
+    "pins_Alex Lawther",
+    "pins_Bill Gates",
+    "pins_Brie Larson",
+    "pins_Chris Evans",
+    "pins_Anne Hathaway",
+]
 
 
 @pytest.fixture(scope="session")
@@ -80,9 +87,9 @@ def small_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_run(tmp_path_factory, small_dataset, detector):
     """A trained embedding run on the small dataset (few epochs), shared by the train/evaluate tests."""
+    from pinsface.pipeline import train
     from pinsface.prepare import prepare
     from pinsface.settings import Settings
-    from pinsface.pipeline import train
 
     base = tmp_path_factory.mktemp("run")
     settings = Settings(epochs=25, augment_views=1, test_fraction=0.25, val_fraction=0.25)

@@ -57,8 +57,9 @@ def jpeg(image: Image.Image, quality: int = 88) -> bytes:
     return buffer.getvalue()
 
 
-def phone_photo(source: Path, identity: str, seed: int, size=(4000, 3000), face_fraction: float = 0.1
-                ) -> tuple[bytes, Pasted]:
+def phone_photo(
+    source: Path, identity: str, seed: int, size=(4000, 3000), face_fraction: float = 0.1
+) -> tuple[bytes, Pasted]:
     """A phone-size JPEG with one Pins face of ``face_fraction`` of the shorter side, off centre at random."""
     rng = np.random.default_rng(seed)
     canvas = background(*size, seed)
@@ -93,8 +94,9 @@ def chosen_is(box: np.ndarray, pasted: Pasted) -> bool:
     return x1 <= cx <= x2 and y1 <= cy <= y2
 
 
-def build_groups(pins_dir: Path, root: Path, subjects: list[str], others: list[str], references: int,
-                 groups: int, seed: int = 0) -> dict[str, list[Pasted]]:
+def build_groups(
+    pins_dir: Path, root: Path, subjects: list[str], others: list[str], references: int, groups: int, seed: int = 0
+) -> dict[str, list[Pasted]]:
     """A dataset under ``root``: per subject, ``references`` plain Pins photos of them and ``groups`` composites
     with 1-3 other people. Returns file name -> what was pasted (the subject first)."""
     rng = np.random.default_rng(seed)

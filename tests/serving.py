@@ -40,7 +40,7 @@ class ThreadServer:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "ThreadServer":
+    def __enter__(self) -> ThreadServer:
         self.thread.start()
         deadline = time.monotonic() + 180
         while not self.server.started:
@@ -58,12 +58,17 @@ def start_process(run_dir: Path, port: int, *args: str, log: Path) -> subprocess
     """``pinsface serve`` in its own process (so it can be killed for real)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "pinsface.cli", "serve", str(run_dir), "--port", str(port),
-                                 *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(
+            [sys.executable, "-m", "pinsface.cli", "serve", str(run_dir), "--port", str(port), *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
 
 
-def wait_healthy(url: str, process: subprocess.Popen | None = None, headers: dict | None = None,
-                 timeout: float = 180) -> dict:
+def wait_healthy(
+    url: str, process: subprocess.Popen | None = None, headers: dict | None = None, timeout: float = 180
+) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:

@@ -52,8 +52,10 @@ def test_tensorflow_loads_without_kerass_optional_imports_which_still_work_after
     import subprocess
     import sys
 
-    code = ("import sys, pinsface, keras; assert 'sklearn' not in sys.modules and 'matplotlib.pyplot' not in "
-            "sys.modules; import sklearn.metrics, matplotlib.pyplot; print(sklearn.metrics.accuracy_score([1], [1]))")
+    code = (
+        "import sys, pinsface, keras; assert 'sklearn' not in sys.modules and 'matplotlib.pyplot' not in "
+        "sys.modules; import sklearn.metrics, matplotlib.pyplot; print(sklearn.metrics.accuracy_score([1], [1]))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "1.0"

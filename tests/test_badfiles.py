@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from pinsface.dataset import check_identity_name, check_trainable, scan_dataset, spreadsheet_safe
@@ -22,6 +23,7 @@ IDS = ["pins_Adriana Lima", "pins_Bill Gates"]
 
 def _png(width: int, height: int, rows: bytes = b"") -> bytes:
     """A PNG with the given header size; its pixel data is ``rows`` (or a few zero rows)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -36,12 +38,14 @@ def _jpeg_header(width: int, height: int) -> bytes:
     Image.new("RGB", (64, 48), (120, 90, 60)).save(buffer, "JPEG")
     data = bytearray(buffer.getvalue())
     sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
     return bytes(data)
 
 
-EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n"
-       b"/Times-Roman findfont 12 scalefont setfont 10 10 moveto (hello) show\nshowpage\n%%EOF\n")
+EPS = (
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n"
+    b"/Times-Roman findfont 12 scalefont setfont 10 10 moveto (hello) show\nshowpage\n%%EOF\n"
+)
 
 
 def test_special_files_are_never_read(tmp_path):
@@ -87,14 +91,17 @@ def test_postscript_named_jpg_never_reaches_ghostscript(tmp_path, monkeypatch):
     assert err.value.reason == "not_an_image" and not called
 
 
-@pytest.mark.parametrize("data,reason", [
-    (_png(1, 1), "too_small"),
-    (_png(10000, 3), "too_small"),
-    (_png(3, 10000), "too_small"),
-    (_png(65000, 65000), "too_large"),
-    (_jpeg_header(65000, 65000), "too_large"),
-    (_jpeg_header(1, 1), "too_small"),
-])
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (_png(1, 1), "too_small"),
+        (_png(10000, 3), "too_small"),
+        (_png(3, 10000), "too_small"),
+        (_png(65000, 65000), "too_large"),
+        (_jpeg_header(65000, 65000), "too_large"),
+        (_jpeg_header(1, 1), "too_small"),
+    ],
+)
 def test_extreme_shapes_get_a_named_reason(data, reason):
     with pytest.raises(BadImage) as err:
         decode_image(data)
@@ -190,8 +197,8 @@ def test_odd_names_and_special_files_in_a_dataset_are_listed_and_skipped(tmp_pat
 
 
 def test_train_works_beside_undecodable_names(tmp_path, detector):
-    from pinsface.settings import Settings
     from pinsface.pipeline import train
+    from pinsface.settings import Settings
 
     root = _bad_name_dataset(tmp_path)
     prepared = prepare(root, tmp_path / "cache", progress=False, detector=detector)
@@ -220,8 +227,14 @@ def test_identity_names_are_checked_and_cells_made_safe():
             check_identity_name(bad)
         assert "\x1b" not in str(err.value) and "\x00" not in str(err.value)
     assert check_identity_name("Zoë Ünïcode-Smith") == "Zoë Ünïcode-Smith"
-    assert [spreadsheet_safe(v) for v in ("=1+2", "+1", "-1", "@SUM(A1)", "Ann", "")] == \
-        ["'=1+2", "'+1", "'-1", "'@SUM(A1)", "Ann", ""]
+    assert [spreadsheet_safe(v) for v in ("=1+2", "+1", "-1", "@SUM(A1)", "Ann", "")] == [
+        "'=1+2",
+        "'+1",
+        "'-1",
+        "'@SUM(A1)",
+        "Ann",
+        "",
+    ]
 
 
 def test_enroll_refuses_bad_names_before_any_work():
@@ -238,12 +251,15 @@ def test_csv_reports_escape_formula_names(tmp_path):
 
     from pinsface.evaluate import write_reports, write_top_confusions
 
-    labels = ["=HYPERLINK(\"http://x\")", "+cmd", "Ann"]
+    labels = ['=HYPERLINK("http://x")', "+cmd", "Ann"]
     y = np.array([0, 0, 1, 2, 2])
     pred = np.array([1, 0, 0, 2, 1])
     write_top_confusions(tmp_path / "top.csv", y, pred, labels)
-    metrics = {"top1": 0.4, "n_images": 5, "per_identity": {
-        name: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2} for name in labels}}
+    metrics = {
+        "top1": 0.4,
+        "n_images": 5,
+        "per_identity": {name: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2} for name in labels},
+    }
     write_reports(tmp_path, metrics, labels)
     for name in ("top.csv", "classification_report.csv"):
         cells = [c for row in csv.reader(open(tmp_path / name, encoding="utf-8")) for c in row]
@@ -261,8 +277,7 @@ def test_dollar_names_show_as_text_in_figures(tmp_path):
     confusion = np.array([[3, 1, 0], [0, 4, 0], [1, 0, 2]])
     path, _ = plot_confusion(confusion, labels, np.arange(3), tmp_path / "cm.png", zoom=2)
     assert path.stat().st_size > 0  # mathtext would have raised on the first name
-    samples = [{"image": np.zeros((150, 150, 3), np.uint8), "true": labels[0], "pred": labels[1],
-                "confidence": 0.5}]
+    samples = [{"image": np.zeros((150, 150, 3), np.uint8), "true": labels[0], "pred": labels[1], "confidence": 0.5}]
     assert plot_samples(samples, tmp_path / "s.png", "t").stat().st_size > 0
 
 

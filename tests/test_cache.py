@@ -35,7 +35,7 @@ def test_statuses_survive_when_the_first_chunk_has_no_no_face_image(tmp_path, de
     blank = cold.hashes[-1]
     for path in cache.store.chunk_paths():
         first = "z" if blank in cache.store.hashes(path) else "0"
-        path.rename(path.with_name("chunk-" + first + path.name[len("chunk-") + 1:]))
+        path.rename(path.with_name("chunk-" + first + path.name[len("chunk-") + 1 :]))
     warm = prepare(data, tmp_path / "cache", batch_size=3, progress=False, detector=detector)
     assert warm.summary["processed"] == 0
     assert warm.status == cold.status
@@ -92,7 +92,9 @@ def test_chunks_hold_plain_arrays_and_reject_damage(tmp_path):
     from pinsface.cache import ChunkError, ChunkStore, decode_chunk, encode_chunk
 
     store = ChunkStore(tmp_path / "store")
-    path = store.write({"hash": np.array(["a" * 32, "b" * 32], "S32"), "x": np.arange(6, dtype=np.float32).reshape(2, 3)})
+    path = store.write(
+        {"hash": np.array(["a" * 32, "b" * 32], "S32"), "x": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    )
     chunk = store.read(path)
     assert chunk["x"].tolist() == [[0, 1, 2], [3, 4, 5]] and store.hashes(path) == ["a" * 32, "b" * 32]
     # The same rows again (another process got there first): nothing new is written.
@@ -100,7 +102,12 @@ def test_chunks_hold_plain_arrays_and_reject_damage(tmp_path):
     with pytest.raises(ChunkError):
         encode_chunk({"hash": np.array(["a" * 32], "S32"), "obj": np.array([object()], dtype=object)})
     raw = path.read_bytes()
-    for damaged in (raw[:len(raw) // 2], raw[:40] + bytes([raw[40] ^ 0xFF]) + raw[41:], b"\x04\x22\x4d\x18" + b"\xff" * 40, b""):
+    for damaged in (
+        raw[: len(raw) // 2],
+        raw[:40] + bytes([raw[40] ^ 0xFF]) + raw[41:],
+        b"\x04\x22\x4d\x18" + b"\xff" * 40,
+        b"",
+    ):
         with pytest.raises(ChunkError):
             decode_chunk(damaged)
 
@@ -109,10 +116,18 @@ def test_two_preparers_on_one_cache_both_finish_and_keep_each_image_once(tmp_pat
     data = copy_identities(tmp_path / "data", ["pins_Bill Gates", "pins_Chris Evans", "pins_Adriana Lima"], 8)
     cache = tmp_path / "cache"
     env = {**os.environ, "PINSFACE_CACHE": str(cache)}
-    cmd = [str(Path(sys.executable).parent / "pinsface"), "prepare", str(data), "--no-progress", "--json",
-           "--batch-size", "4"]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    cmd = [
+        str(Path(sys.executable).parent / "pinsface"),
+        "prepare",
+        str(data),
+        "--no-progress",
+        "--json",
+        "--batch-size",
+        "4",
+    ]
+    procs = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     store = FaceCache(cache, FaceSettings().version()).store

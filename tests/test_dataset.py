@@ -2,8 +2,15 @@ from collections import Counter
 
 import pytest
 
-from pinsface.dataset import (DataNotFoundError, Split, default_data_dir, identity_from_folder, identity_key,
-                              scan_dataset, split_dataset)
+from pinsface.dataset import (
+    DataNotFoundError,
+    Split,
+    default_data_dir,
+    identity_from_folder,
+    identity_key,
+    scan_dataset,
+    split_dataset,
+)
 from tests.conftest import copy_identities
 
 

@@ -1,8 +1,15 @@
 import numpy as np
 import pytest
 
-from pinsface.faces import (Face, align_face, box_crop, choose_face, face_template, fallback_landmarks,
-                            similarity_transform)
+from pinsface.faces import (
+    Face,
+    align_face,
+    box_crop,
+    choose_face,
+    face_template,
+    fallback_landmarks,
+    similarity_transform,
+)
 from pinsface.images import load_image
 from pinsface.settings import FaceSettings
 
@@ -19,7 +26,7 @@ def test_faces_found_in_originals_of_every_size(detector, originals):
     faces = detector.detect(images)
     found = sum(1 for f in faces if f)
     assert found >= 47, f"only {found} of {len(images)} originals had a face"
-    for image, fs in zip(images, faces):
+    for fs in faces:
         for face in fs:
             assert 0.0 <= face.confidence <= 1.0
             assert face.landmarks.shape == (5, 2)

@@ -28,7 +28,7 @@ def queries(gallery):
 
 
 def unseen(pins_dir, folder, n, start=60):
-    return sorted((pins_dir / folder).glob("*.jpg"))[start:start + n]
+    return sorted((pins_dir / folder).glob("*.jpg"))[start : start + n]
 
 
 def test_flat_index_gives_the_numpy_distances_on_a_real_gallery(gallery, queries):
@@ -64,8 +64,16 @@ def test_hnsw_index_agrees_with_exact_search(gallery, queries):
 
 
 def test_enrolment_grows_the_index_in_place(gallery, queries):
-    copy = Gallery(list(gallery.labels), gallery.embeddings.copy(), gallery.flips.copy(), gallery.owner.copy(),
-                   gallery.val_embeddings, gallery.val_flips, gallery.val_owner, knn=gallery.knn)
+    copy = Gallery(
+        list(gallery.labels),
+        gallery.embeddings.copy(),
+        gallery.flips.copy(),
+        gallery.owner.copy(),
+        gallery.val_embeddings,
+        gallery.val_flips,
+        gallery.val_owner,
+        knn=gallery.knn,
+    )
     index = copy.face_index
     before = index.index.ntotal
     new = gallery.val_embeddings[gallery.val_owner == 0][:8] + 0.0
@@ -74,8 +82,16 @@ def test_enrolment_grows_the_index_in_place(gallery, queries):
     ids, d = nearest_identities(copy, new, new, 1)
     assert (ids[:, 0] == len(copy.labels) - 1).all() and np.allclose(d, 0, atol=1e-3)
     # Leave-one-out still returns the gallery's order (training faces, then validation) with the index appended to.
-    fresh = Gallery(list(copy.labels), copy.embeddings, copy.flips, copy.owner, copy.val_embeddings,
-                    copy.val_flips, copy.val_owner, knn=copy.knn)
+    fresh = Gallery(
+        list(copy.labels),
+        copy.embeddings,
+        copy.flips,
+        copy.owner,
+        copy.val_embeddings,
+        copy.val_flips,
+        copy.val_owner,
+        knn=copy.knn,
+    )
     for a, b in zip(copy.leave_one_out_indexed(), fresh.leave_one_out()):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
@@ -83,7 +99,7 @@ def test_enrolment_grows_the_index_in_place(gallery, queries):
 def test_auto_mode_picks_the_gallery_for_large_galleries():
     assert resolve_mode("auto", GALLERY_MODE_ABOVE) == "head"
     assert resolve_mode("auto", GALLERY_MODE_ABOVE + 1) == "gallery"
-    assert resolve_mode("head", 10 ** 6) == "head" and resolve_mode("gallery", 3) == "gallery"
+    assert resolve_mode("head", 10**6) == "head" and resolve_mode("gallery", 3) == "gallery"
     with pytest.raises(ValueError, match="mode must be"):
         resolve_mode("softmax", 3)
 
@@ -130,8 +146,20 @@ def test_gallery_mode_enrols_without_refitting_the_head(gallery_recognizer, pins
     rec.save()
     with pytest.raises(ValueError, match="enrolled in gallery mode"):
         Recognizer.load(rec.run_dir, mode="head")
-    assert main(["predict", str(rec.run_dir), str(photos[0].parent / photos[0].name), "--json", "--no-progress",
-                 "--mode", "gallery"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(rec.run_dir),
+                str(photos[0].parent / photos[0].name),
+                "--json",
+                "--no-progress",
+                "--mode",
+                "gallery",
+            ]
+        )
+        == 0
+    )
     record = json.loads(capsys.readouterr().out.splitlines()[0])
     assert record["faces"][0]["identity"] == "Ben Affleck" and record["faces"][0]["probability"] is None
     rec.forget("Ben Affleck")  # someone the head never knew
@@ -140,6 +168,7 @@ def test_gallery_mode_enrols_without_refitting_the_head(gallery_recognizer, pins
 
 def test_evaluate_in_gallery_mode(small_run, tmp_path):
     run_dir, result = small_run
-    metrics = evaluate(run_dir, out=tmp_path / "report", prepared=result["prepared"], progress=False,
-                       figures=False, mode="gallery")
+    metrics = evaluate(
+        run_dir, out=tmp_path / "report", prepared=result["prepared"], progress=False, figures=False, mode="gallery"
+    )
     assert metrics["mode"] == "gallery" and metrics["top1"] >= 0.85 and metrics["top5"] >= metrics["top1"]

@@ -29,7 +29,7 @@ def test_no_module_imports_one_that_imports_it_back():
     def visit(node, stack):
         for nxt in sorted(graph[node]):
             if nxt in stack:
-                cycles.append(stack[stack.index(nxt):] + [nxt])
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
             elif len(stack) < 12:
                 visit(nxt, stack + [nxt])
 
@@ -39,10 +39,27 @@ def test_no_module_imports_one_that_imports_it_back():
 
 
 def test_lower_stages_never_import_higher_ones():
-    order = ["pinsface.settings", "pinsface.dataset", "pinsface.images", "pinsface.faces", "pinsface.face_records",
-             "pinsface.cache", "pinsface.embeddings", "pinsface.ray_engine", "pinsface.prepare", "pinsface.face_index", "pinsface.models", "pinsface.scoring", "pinsface.train",
-             "pinsface.gallery", "pinsface.run", "pinsface.evaluate", "pinsface.pipeline", "pinsface.predict",
-             "pinsface.cli"]
+    order = [
+        "pinsface.settings",
+        "pinsface.dataset",
+        "pinsface.images",
+        "pinsface.faces",
+        "pinsface.face_records",
+        "pinsface.cache",
+        "pinsface.embeddings",
+        "pinsface.ray_engine",
+        "pinsface.prepare",
+        "pinsface.face_index",
+        "pinsface.models",
+        "pinsface.scoring",
+        "pinsface.train",
+        "pinsface.gallery",
+        "pinsface.run",
+        "pinsface.evaluate",
+        "pinsface.pipeline",
+        "pinsface.predict",
+        "pinsface.cli",
+    ]
     graph = imports()
     rank = {name: i for i, name in enumerate(order)}
     upward = [(a, b) for a in order for b in graph.get(a, ()) if b in rank and rank[b] > rank[a]]

@@ -7,11 +7,10 @@ import pytest
 from PIL import Image
 
 from pinsface.cache import FaceCache
-from pinsface.faces import Face, STATUSES, choose_subject, min_subject_size
+from pinsface.faces import STATUSES, Face, choose_subject, min_subject_size
 from pinsface.images import decode_scaled, load_image
-from pinsface.prepare import prepare
+from pinsface.prepare import prepare, usable_status
 from pinsface.settings import FaceSettings, Settings
-from pinsface.prepare import usable_status
 from tests.photos import build_groups, chosen_is, phone_photo, pins_faces
 
 PEOPLE = ["pins_Adriana Lima", "pins_Bill Gates", "pins_Chris Evans"]
@@ -60,15 +59,23 @@ def test_phone_size_photos_train_on_the_subjects_face(tmp_path, pins_dir, detect
 
 
 def test_group_photos_second_pass_picks_the_person_of_the_folder(tmp_path, pins_dir, detector):
-    truth = build_groups(pins_dir, tmp_path / "data", PEOPLE[:2], [p for p in sorted(
-        d.name for d in pins_dir.iterdir())[10:30]], references=8, groups=4, seed=3)
+    truth = build_groups(
+        pins_dir,
+        tmp_path / "data",
+        PEOPLE[:2],
+        [p for p in sorted(d.name for d in pins_dir.iterdir())[10:30]],
+        references=8,
+        groups=4,
+        seed=3,
+    )
     scores = {}
     for label, settings in (("rule", FaceSettings(subject_pass_min_photos=0)), ("pass", FaceSettings())):
         result = prepare(tmp_path / "data", tmp_path / "cache", settings, progress=False, detector=detector)
         chosen = _chosen_boxes(result, settings)
         status = dict(zip((it.rel for it in result.dataset.items), result.status))
-        correct = sum(1 for rel, pasted in truth.items()
-                      if status[rel] == "subject" and chosen_is(chosen[rel], pasted[0]))
+        correct = sum(
+            1 for rel, pasted in truth.items() if status[rel] == "subject" and chosen_is(chosen[rel], pasted[0])
+        )
         scores[label] = (correct, sum(1 for rel in truth if status[rel] == "ambiguous"), result.summary)
     rule, passed = scores["rule"], scores["pass"]
     assert rule[2]["ambiguous"] == rule[1] and rule[2]["outcomes"]["ambiguous"] == rule[1]
@@ -147,8 +154,11 @@ def test_crops_from_reduced_decoding_match_full_size_decoding(originals_dir, det
         face, ref = to_full_face(found[0], view), reference[0]
         if not crop_scale_ok(view, [face.size]):
             view = refine_view(data, view, [face.size], settings.max_pixels)
-        chips = [face_crops(view, face.landmarks, face.box, settings)[0],
-                 face_crops(view, ref.landmarks, ref.box, settings)[0], align_face(full, ref.landmarks, settings)]
+        chips = [
+            face_crops(view, face.landmarks, face.box, settings)[0],
+            face_crops(view, ref.landmarks, ref.box, settings)[0],
+            align_face(full, ref.landmarks, settings),
+        ]
         e = embed(np.stack(chips))
         end_to_end.append((enlarge, float(np.linalg.norm(e[0] - e[2]))))
         same_landmarks.append(float(np.linalg.norm(e[1] - e[2])))

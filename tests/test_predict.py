@@ -23,7 +23,7 @@ def recognizer(small_run, tmp_path_factory):
 
 
 def unseen(pins_dir, folder, n, start=60):
-    return sorted((pins_dir / folder).glob("*.jpg"))[start:start + n]
+    return sorted((pins_dir / folder).glob("*.jpg"))[start : start + n]
 
 
 def test_known_people_are_named_and_strangers_are_not(recognizer, pins_dir):
@@ -71,8 +71,11 @@ def test_enroll_a_new_person_then_forget(recognizer, pins_dir):
     assert summary["new_identity"] and summary["identities"] == 7 and summary["faces_used"] >= 9
     after = [r.faces[0].identity for r in recognizer.identify_many([str(p) for p in others]) if r.faces]
     assert np.mean([who == "Ben Affleck" for who in after]) >= 0.8
-    known = [r.faces[0].identity for r in recognizer.identify_many(
-        [str(p) for p in unseen(pins_dir, "pins_Bill Gates", 6)]) if r.faces]
+    known = [
+        r.faces[0].identity
+        for r in recognizer.identify_many([str(p) for p in unseen(pins_dir, "pins_Bill Gates", 6)])
+        if r.faces
+    ]
     assert np.mean([who == "Bill Gates" for who in known]) >= 0.8
     recognizer.save()
     reloaded = Recognizer.load(recognizer.run_dir)
@@ -125,7 +128,7 @@ def test_leave_one_out_scores_each_face_without_itself(small_run):
 
     def nearest(c):
         among = d[owner == c]
-        return np.sort(among)[:min(gallery.knn, max(1, len(among) // 10))].mean()
+        return np.sort(among)[: min(gallery.knn, max(1, len(among) // 10))].mean()
 
     mine = nearest(owner[i])
     others = min(nearest(c) for c in set(owner.tolist()) - {owner[i]})
@@ -141,8 +144,20 @@ def test_cli_predict_json_and_annotate(recognizer, pins_dir, tmp_path, capsys):
         shutil.copy(p, folder / p.name)
     (folder / "notes.txt").write_text("not a photo")
     assert len(expand_inputs([str(tmp_path / "photos")])) == 2
-    code = main(["predict", str(recognizer.run_dir), str(tmp_path / "photos"), str(tmp_path / "photos/**/*.jpg"),
-                 "--json", "--annotate", str(tmp_path / "ann"), "--no-progress", "--top-k", "2"])
+    code = main(
+        [
+            "predict",
+            str(recognizer.run_dir),
+            str(tmp_path / "photos"),
+            str(tmp_path / "photos/**/*.jpg"),
+            "--json",
+            "--annotate",
+            str(tmp_path / "ann"),
+            "--no-progress",
+            "--top-k",
+            "2",
+        ]
+    )
     assert code == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(lines) == 4 and all(len(r["faces"][0]["alternatives"]) == 2 for r in lines)

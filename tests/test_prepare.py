@@ -10,7 +10,7 @@ from pinsface.cache import FaceCache
 from pinsface.cli import main
 from pinsface.prepare import prepare
 from pinsface.settings import FaceSettings
-from tests.badinput import BAD, SOURCE, ODD, make_bad_corpus
+from tests.badinput import BAD, ODD, SOURCE, make_bad_corpus
 from tests.conftest import copy_identities
 
 IDS = ["pins_Adriana Lima", "pins_Bill Gates", "pins_Chris Evans"]
@@ -74,8 +74,13 @@ def test_killed_run_resumes_without_redoing_finished_chunks(data, tmp_path, dete
 
     monkeypatch.setattr(prep, "CHUNK_IMAGES", 8)
     with pytest.raises(KeyboardInterrupt):
-        prepare(data, tmp_path / "cache", batch_size=4, progress=False,
-                detector=CountingDetector(detector, die_after_batches=5))
+        prepare(
+            data,
+            tmp_path / "cache",
+            batch_size=4,
+            progress=False,
+            detector=CountingDetector(detector, die_after_batches=5),
+        )
     # Batches 1-4 filled two chunks of 8; the fifth chunk was being written when the run died.
     cache = FaceCache(tmp_path / "cache", FaceSettings().version())
     assert len(cache.known()) == 16
@@ -145,8 +150,18 @@ def test_cli_prepare_json_summary(data, tmp_path, capsys):
     code = main(["prepare", str(data), "--cache", str(tmp_path / "cache"), "--json", "--no-progress"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
-    for key in ("identities", "images", "faces_found", "no_face", "skipped", "skipped_files", "multi_face",
-                "seconds", "images_per_second", "from_cache"):
+    for key in (
+        "identities",
+        "images",
+        "faces_found",
+        "no_face",
+        "skipped",
+        "skipped_files",
+        "multi_face",
+        "seconds",
+        "images_per_second",
+        "from_cache",
+    ):
         assert key in summary
     assert summary["images"] == 36 and summary["identities"] == 3
 
@@ -158,7 +173,9 @@ def test_cli_reports_missing_data_clearly(tmp_path, capsys):
 
 
 def test_paths_with_spaces_and_non_ascii(tmp_path, detector):
-    data = copy_identities(tmp_path / "dätä sét", ["pins_Bill Gates"], 3, rename={"pins_Bill Gates": "pins_Zoë Ünïcode"})
+    data = copy_identities(
+        tmp_path / "dätä sét", ["pins_Bill Gates"], 3, rename={"pins_Bill Gates": "pins_Zoë Ünïcode"}
+    )
     shutil.copy(next((data / "pins_Zoë Ünïcode").iterdir()), data / "pins_Zoë Ünïcode" / "fïlé wïth spaces.jpg")
     result = prepare(data, tmp_path / "cache", progress=False, detector=detector)
     assert result.dataset.identities == ["Zoë Ünïcode"]

@@ -20,8 +20,7 @@ ray = pytest.importorskip("ray", reason="the ray extra is part of make install: 
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray instance with 2 CPUs for the module (the engine reuses it and leaves it running)."""
-    ray.init(address="local", num_cpus=2, object_store_memory=256 * 2 ** 20, include_dashboard=False,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=2, object_store_memory=256 * 2**20, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -32,7 +31,8 @@ def sample(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray") / "dataset"
     copy_identities(root, ["pins_Adriana Lima", "pins_Bill Gates", "pins_Chris Evans"], 5)
     Image.fromarray(np.tile(np.linspace(0, 255, 224, dtype=np.uint8), (224, 1))).convert("RGB").save(
-        root / "pins_Bill Gates" / "blank.jpg")
+        root / "pins_Bill Gates" / "blank.jpg"
+    )
     (root / "pins_Bill Gates" / "broken.jpg").write_bytes(b"not a jpeg at all")
     first = sorted((root / "pins_Chris Evans").glob("*.jpg"))[0]
     (root / "pins_Chris Evans" / "copy.jpg").write_bytes(first.read_bytes())
@@ -42,8 +42,9 @@ def sample(tmp_path_factory):
 def test_ray_engine_gives_the_local_engines_faces_and_embeddings(local_ray, sample, tmp_path, detector, backbone):
     settings = Settings()
     local = prepare(sample, tmp_path / "local", settings.faces, progress=False, detector=detector)
-    distributed = prepare(sample, tmp_path / "ray", settings.faces, progress=False, engine="ray", embed=settings,
-                          workers=2)
+    distributed = prepare(
+        sample, tmp_path / "ray", settings.faces, progress=False, engine="ray", embed=settings, workers=2
+    )
     assert distributed.summary["engine"] == "ray" and distributed.summary["ray"]["workers"] == 2
     assert distributed.status == local.status
     assert {"ok", "no_face", "not_an_image"} <= set(local.status)
@@ -61,8 +62,13 @@ def test_ray_engine_gives_the_local_engines_faces_and_embeddings(local_ray, samp
     np.testing.assert_array_equal(a.columns["aligned"][ra], b.columns["aligned"][rb])
     # The workers' embeddings went into the cache the run reads: ensure_embeddings finds them all there.
     embedder = Embedder(backbone, settings.embed_batch_size, settings.embed_precision)
-    local_emb, local_flip = ensure_embeddings(hashes, local.cache, EmbeddingCache(
-        tmp_path / "local", settings.faces.version(), embedding_key(settings)), embedder, progress=False)
+    local_emb, local_flip = ensure_embeddings(
+        hashes,
+        local.cache,
+        EmbeddingCache(tmp_path / "local", settings.faces.version(), embedding_key(settings)),
+        embedder,
+        progress=False,
+    )
     ray_cache = EmbeddingCache(tmp_path / "ray", settings.faces.version(), embedding_key(settings))
     index, _, _ = ray_cache.load(hashes)
     assert set(hashes) <= set(index)
@@ -77,8 +83,11 @@ def test_a_killed_worker_is_replaced_and_no_image_is_lost(local_ray, tmp_path):
     from pinsface.ray_engine import process
     from tests.conftest import PINS
 
-    files = [p for folder in ("pins_Anne Hathaway", "pins_Brie Larson", "pins_Alex Lawther")
-             for p in sorted((PINS / folder).glob("*.jpg"))[:12]]
+    files = [
+        p
+        for folder in ("pins_Anne Hathaway", "pins_Brie Larson", "pins_Alex Lawther")
+        for p in sorted((PINS / folder).glob("*.jpg"))[:12]
+    ]
     hashes = [content_hash(p.read_bytes()) for p in files]
     seen, pids, killed = [], set(), []
 
@@ -91,8 +100,9 @@ def test_a_killed_worker_is_replaced_and_no_image_is_lost(local_ray, tmp_path):
             killed.append(victim)
 
     chunks = [list(range(lo, min(lo + 2, len(files)))) for lo in range(0, len(files), 2)]
-    report = process(chunks, [str(p) for p in files], hashes, Settings().faces, embed=None, workers=2,
-                     on_batch=on_batch)
+    report = process(
+        chunks, [str(p) for p in files], hashes, Settings().faces, embed=None, workers=2, on_batch=on_batch
+    )
     assert report["workers"] == 2 and killed
     status = f"/proc/{killed[0]}/status"
     assert not os.path.exists(status) or "\tZ" in open(status).read()  # gone, or a zombie awaiting its parent
@@ -110,7 +120,8 @@ def test_cli_prepare_with_the_ray_engine(local_ray, sample, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["engine"] == "ray" and summary["ray"]["workers"] == 2
     assert summary["faces_found"] + summary["no_face"] == summary["images"] - 1 and summary["skipped"] == {
-        "not_an_image": 1}
+        "not_an_image": 1
+    }
     settings = Settings()
     index, _, _ = EmbeddingCache(tmp_path, settings.faces.version(), embedding_key(settings)).load()
     assert len(index) == summary["images"] - 2  # every distinct readable image (one file is a duplicate)

@@ -27,7 +27,7 @@ def run_copy(small_run, tmp_path) -> Path:
 
 
 def photos(pins_dir, name, n=6, start=0) -> list[str]:
-    return [str(p) for p in sorted((pins_dir / NEWCOMERS[name]).glob("*.jpg"))[start:start + n]]
+    return [str(p) for p in sorted((pins_dir / NEWCOMERS[name]).glob("*.jpg"))[start : start + n]]
 
 
 def assert_consistent(run_dir: Path, before: list[str]) -> list[str]:
@@ -74,10 +74,24 @@ def test_a_save_killed_at_any_point_leaves_the_old_state_or_the_new_one(run_copy
     for point in points:
         folders[point] = tmp_path / point
         shutil.copytree(run_copy, folders[point])
-    procs = {point: subprocess.Popen([sys.executable, "-c", KILLER, point, str(folders[point]), "--name",
-                                      "Ben Affleck", *photos(pins_dir, "Ben Affleck")],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for point in points}
+    procs = {
+        point: subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                KILLER,
+                point,
+                str(folders[point]),
+                "--name",
+                "Ben Affleck",
+                *photos(pins_dir, "Ben Affleck"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for point in points
+    }
     for point, proc in procs.items():
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == -9, f"{point}: exit {proc.returncode}: {err[-2000:]}"
@@ -93,9 +107,15 @@ def test_a_save_killed_at_any_point_leaves_the_old_state_or_the_new_one(run_copy
 
 def test_two_enrolments_at_once_keep_both_people(run_copy, pins_dir):
     before = Recognizer.load(run_copy).labels
-    procs = {name: subprocess.Popen([PINSFACE, "enroll", str(run_copy), "--name", name, *photos(pins_dir, name)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name in NEWCOMERS}
+    procs = {
+        name: subprocess.Popen(
+            [PINSFACE, "enroll", str(run_copy), "--name", name, *photos(pins_dir, name)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in NEWCOMERS
+    }
     outcome = {name: (proc.wait(timeout=600), proc.stderr.read()) for name, proc in procs.items()}
     refused = [name for name, (code, err) in outcome.items() if code != 0]
     for name in refused:
@@ -112,15 +132,28 @@ def test_two_enrolments_at_once_keep_both_people(run_copy, pins_dir):
 
 
 def test_a_second_writer_waits_then_says_the_folder_is_busy(run_copy, pins_dir):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pinsface.run import Run\n"
-                               "with Run(sys.argv[1]).lock():\n    print('locked', flush=True); time.sleep(60)",
-                               str(run_copy)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pinsface.run import Run\n"
+            "with Run(sys.argv[1]).lock():\n    print('locked', flush=True); time.sleep(60)",
+            str(run_copy),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         env = {**os.environ, "PINSFACE_LOCK_TIMEOUT": "2"}
         t = time.monotonic()
-        done = subprocess.run([PINSFACE, "forget", str(run_copy), "--name", "Bill Gates"], env=env,
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [PINSFACE, "forget", str(run_copy), "--name", "Bill Gates"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 2 and f"run folder is busy (pid {holder.pid})" in done.stderr
         assert time.monotonic() - t < 120
     finally:
@@ -152,7 +185,7 @@ def test_hand_edited_or_damaged_folders_give_one_clear_error(run_copy, capsys):
     expect(rf"manifest.json says {len(labels) + 1} names but labels.json has {len(labels)}")
 
     data = original["model.keras"]
-    (run_copy / "model.keras").write_bytes(data[:len(data) // 2])
+    (run_copy / "model.keras").write_bytes(data[: len(data) // 2])
     expect(r"model.keras is damaged")
 
     (run_copy / "labels.json").unlink()

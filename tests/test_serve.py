@@ -24,7 +24,7 @@ LIMITS = dict(max_upload_mb=1.0, max_request_mb=3.0, max_files=4, max_pending=6)
 
 
 def photos(pins_dir, folder: str, n: int, start: int = 60) -> list:
-    return sorted((pins_dir / folder).glob("*.jpg"))[start:start + n]
+    return sorted((pins_dir / folder).glob("*.jpg"))[start : start + n]
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,13 @@ def test_health_page_docs_and_openapi(server):
     assert docs.status_code == 200 and "/docs/assets/swagger-ui-bundle.js" in docs.text and "cdn" not in docs.text
     assert httpx.get(f"{server.url}/docs/assets/swagger-ui-bundle.js").status_code == 200
     paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
-    assert {"/v1/identify", "/v1/identities", "/v1/identities/{name}/faces", "/v1/identities/{name}",
-            "/v1/health"} <= set(paths)
+    assert {
+        "/v1/identify",
+        "/v1/identities",
+        "/v1/identities/{name}/faces",
+        "/v1/identities/{name}",
+        "/v1/health",
+    } <= set(paths)
 
 
 def test_identify_names_faces_in_the_predict_json_record(server, pins_dir):
@@ -78,15 +83,19 @@ def test_identify_names_faces_in_the_predict_json_record(server, pins_dir):
     assert set(record) == {f.name for f in fields(ImageResult)} and set(face) == {f.name for f in fields(Face)}
     assert len(face["box"]) == 4 and len(face["landmarks"]) == 5 and len(face["alternatives"]) == 3
     # Overrides: fewer alternatives; a distance threshold nobody meets makes every face unknown.
-    r = httpx.post(f"{server.url}/v1/identify", params={"top_k": 1, "threshold": 0.0},
-                   files=uploads(files[2:3]), timeout=120).json()["results"][0]
+    r = httpx.post(
+        f"{server.url}/v1/identify", params={"top_k": 1, "threshold": 0.0}, files=uploads(files[2:3]), timeout=120
+    ).json()["results"][0]
     assert r["faces"][0]["identity"] is None and r["faces"][0]["best_match"] == "Bill Gates"
     assert len(r["faces"][0]["alternatives"]) == 1
 
 
 def metric(text: str, name: str) -> float:
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
-               or line.startswith(name + "{"))
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    )
 
 
 def test_concurrent_requests_share_batches(server, pins_dir):
@@ -108,8 +117,12 @@ def test_concurrent_requests_share_batches(server, pins_dir):
 
 def test_bad_files_get_a_per_file_error_in_a_200(server, pins_dir, bad_files):
     blank = png(np.tile(np.linspace(0, 255, 300, dtype=np.uint8), (200, 1)))
-    sent = [("blank.png", blank), ("not_an_image.jpg", (bad_files / "not_an_image.jpg").read_bytes()),
-            ("bomb.png", (bad_files / "bomb.png").read_bytes()), ("empty.jpg", b"")]
+    sent = [
+        ("blank.png", blank),
+        ("not_an_image.jpg", (bad_files / "not_an_image.jpg").read_bytes()),
+        ("bomb.png", (bad_files / "bomb.png").read_bytes()),
+        ("empty.jpg", b""),
+    ]
     # The declared type says JPEG for every file: the server goes by the content.
     files = [("files", (name, data, "image/jpeg")) for name, data in sent]
     r = httpx.post(f"{server.url}/v1/identify", files=files, timeout=120)
@@ -137,16 +150,19 @@ def test_upload_caps_and_json_errors(server, pins_dir):
     five = photos(pins_dir, "pins_Bill Gates", 5)
     error(httpx.post(f"{server.url}/v1/identify", files=uploads(five)), 413, "too_many_files")
     error(httpx.post(f"{server.url}/v1/identify"), 422, "validation_error")
-    error(httpx.post(f"{server.url}/v1/identify", params={"top_k": 0}, files=uploads(five[:1])), 422,
-          "validation_error")
+    error(
+        httpx.post(f"{server.url}/v1/identify", params={"top_k": 0}, files=uploads(five[:1])), 422, "validation_error"
+    )
     error(httpx.get(f"{server.url}/v1/nothing-here"), 404, "not_found")
     error(httpx.put(f"{server.url}/v1/identify", files=uploads(five[:1])), 405, "method_not_allowed")
 
 
 def test_state_changes_need_the_key(server, pins_dir):
     one = uploads(photos(pins_dir, "pins_Ben Affleck", 1))
-    for headers, status, code in (({}, 401, "missing_api_key"), ({"X-API-Key": "wrong-key-wrong-key"}, 403,
-                                                                  "invalid_api_key")):
+    for headers, status, code in (
+        ({}, 401, "missing_api_key"),
+        ({"X-API-Key": "wrong-key-wrong-key"}, 403, "invalid_api_key"),
+    ):
         r = httpx.post(f"{server.url}/v1/identities/Ben Affleck/faces", files=one, headers=headers)
         assert (r.status_code, r.json()["code"]) == (status, code)
         r = httpx.delete(f"{server.url}/v1/identities/Bill Gates", headers=headers)
@@ -181,9 +197,14 @@ def test_two_concurrent_enrolments_both_known_and_a_full_queue_answers_503(serve
 
     async def scenario():
         async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
-            enrolments = [asyncio.create_task(client.post(f"/v1/identities/{name}/faces", headers=KEY,
-                                                          files=uploads(photos(pins_dir, folder, 4, start=0))))
-                          for name, folder in people.items()]
+            enrolments = [
+                asyncio.create_task(
+                    client.post(
+                        f"/v1/identities/{name}/faces", headers=KEY, files=uploads(photos(pins_dir, folder, 4, start=0))
+                    )
+                )
+                for name, folder in people.items()
+            ]
             for _ in range(3000):
                 if (await client.get("/v1/health")).json()["pending_images"] >= 2:
                     break
@@ -238,18 +259,25 @@ def test_a_killed_server_keeps_an_acknowledged_enrolment(small_run, pins_dir, tm
         wait_healthy(url, process, headers=key)
         r = httpx.get(f"{url}/v1/identities")  # --auth all: reads need the key too
         assert (r.status_code, r.json()["code"]) == (401, "missing_api_key")
-        r = httpx.post(f"{url}/v1/identities/Ben Affleck/faces", headers=key, timeout=300,
-                       files=uploads(photos(pins_dir, "pins_Ben Affleck", 5, start=0)))
+        r = httpx.post(
+            f"{url}/v1/identities/Ben Affleck/faces",
+            headers=key,
+            timeout=300,
+            files=uploads(photos(pins_dir, "pins_Ben Affleck", 5, start=0)),
+        )
         assert r.status_code == 200, r.text
         process.send_signal(signal.SIGKILL)
         process.wait(30)
-        process = start_process(run, port, "--auth", "all", "--api-key-file", str(key_file),
-                                log=tmp_path / "serve.log")
+        process = start_process(run, port, "--auth", "all", "--api-key-file", str(key_file), log=tmp_path / "serve.log")
         wait_healthy(url, process, headers=key)
         people = {p["name"]: p for p in httpx.get(f"{url}/v1/identities", headers=key).json()["identities"]}
         assert people["Ben Affleck"]["enrolled"] and people["Ben Affleck"]["faces"] >= 4
-        results = httpx.post(f"{url}/v1/identify", headers=key, timeout=120,
-                             files=uploads(photos(pins_dir, "pins_Ben Affleck", 3, start=40))).json()["results"]
+        results = httpx.post(
+            f"{url}/v1/identify",
+            headers=key,
+            timeout=120,
+            files=uploads(photos(pins_dir, "pins_Ben Affleck", 3, start=40)),
+        ).json()["results"]
         assert sum(r["faces"][0]["identity"] == "Ben Affleck" for r in results if r["faces"]) >= 2
     finally:
         process.kill()

@@ -12,12 +12,18 @@ import pytest
 from tests.serving import API_KEY, ThreadServer, copy_run
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def photos(pins_dir, folder: str, n: int, start: int = 60) -> list[str]:
-    return [str(p) for p in sorted((pins_dir / folder).glob("*.jpg"))[start:start + n]]
+    return [str(p) for p in sorted((pins_dir / folder).glob("*.jpg"))[start : start + n]]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +60,8 @@ def test_name_enrol_name_forget_in_the_browser(small_run, pins_dir, browser, tmp
 
         # 2. A shared Pins photo of a known person: the right name is drawn over the face.
         page.get_by_label("Choose one or more photos, or drop them here").set_input_files(
-            photos(pins_dir, "pins_Bill Gates", 1, start=70) + photos(pins_dir, "pins_Ben Affleck", 1, start=70))
+            photos(pins_dir, "pins_Bill Gates", 1, start=70) + photos(pins_dir, "pins_Ben Affleck", 1, start=70)
+        )
         bill = page.locator('.face.known[data-identity="Bill Gates"]')
         expect(bill).to_have_count(1, timeout=120_000)
         expect(page.locator(".face.unknown")).to_have_count(1)  # Ben Affleck is not known yet
@@ -79,7 +86,8 @@ def test_name_enrol_name_forget_in_the_browser(small_run, pins_dir, browser, tmp
 
         # 4. The new person is named in a new photo.
         page.get_by_label("Choose one or more photos, or drop them here").set_input_files(
-            photos(pins_dir, "pins_Ben Affleck", 1, start=70))
+            photos(pins_dir, "pins_Ben Affleck", 1, start=70)
+        )
         ben = page.locator('.face.known[data-identity="Ben Affleck"]')
         expect(ben).to_have_count(1, timeout=120_000)
         ben.hover()
@@ -108,7 +116,8 @@ def test_name_enrol_name_forget_in_the_browser(small_run, pins_dir, browser, tmp
         phone.goto(server.url)
         expect(phone.locator("#people-count")).to_have_text("6 of 6 people")
         phone.get_by_label("Choose one or more photos, or drop them here").set_input_files(
-            photos(pins_dir, "pins_Bill Gates", 1, start=71))
+            photos(pins_dir, "pins_Bill Gates", 1, start=71)
+        )
         expect(phone.locator(".face")).to_have_count(1, timeout=120_000)
         assert phone.evaluate("document.documentElement.scrollWidth") <= 390
         phone.screenshot(path=shots / "7-phone.png", full_page=True)

@@ -14,8 +14,15 @@ from pinsface.train import mix_batch
 
 def test_run_folder_has_every_artifact(small_run):
     run_dir, result = small_run
-    for name in ("model.keras", "labels.json", "config.json", "split.json", "history.json", "train.log",
-                 "prepare_summary.json"):
+    for name in (
+        "model.keras",
+        "labels.json",
+        "config.json",
+        "split.json",
+        "history.json",
+        "train.log",
+        "prepare_summary.json",
+    ):
         assert (run_dir / name).is_file(), name
     labels = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
     assert len(labels) == 6 and "Brïe Lårson é" in labels
@@ -74,8 +81,8 @@ def test_embedding_head_has_the_briefs_dense_stack():
 
 
 def test_pixels_mlp_trains_and_saves(tmp_path, small_dataset, detector):
-    from pinsface.prepare import prepare
     from pinsface.pipeline import train
+    from pinsface.prepare import prepare
 
     settings = Settings(model="pixels-mlp", epochs=3, test_fraction=0.25, val_fraction=0.25)
     prepared = prepare(small_dataset, tmp_path / "cache", settings.faces, progress=False, detector=detector)
@@ -86,8 +93,8 @@ def test_pixels_mlp_trains_and_saves(tmp_path, small_dataset, detector):
 
 
 def test_unknown_model_name_is_refused(tmp_path, small_dataset, detector):
-    from pinsface.prepare import prepare
     from pinsface.pipeline import train
+    from pinsface.prepare import prepare
 
     prepared = prepare(small_dataset, tmp_path / "cache", progress=False, detector=detector)
     with pytest.raises(ValueError, match="unknown model"):
@@ -97,7 +104,7 @@ def test_unknown_model_name_is_refused(tmp_path, small_dataset, detector):
 def test_mixup_blends_inputs_and_labels_alike_and_is_repeatable():
     n = 64
     x = np.eye(n, dtype=np.float32)  # input == label, so any blend must keep them equal
-    batches = [mix_batch(x[lo:lo + 16], x[lo:lo + 16], 0.4, seed=3, step=lo // 16) for lo in range(0, n, 16)]
+    batches = [mix_batch(x[lo : lo + 16], x[lo : lo + 16], 0.4, seed=3, step=lo // 16) for lo in range(0, n, 16)]
     xb = np.concatenate([b[0].numpy() for b in batches])
     yb = np.concatenate([b[1].numpy() for b in batches])
     np.testing.assert_allclose(xb, yb, atol=1e-6)
@@ -113,8 +120,9 @@ def test_mixup_and_class_weights_do_not_combine(tmp_path, small_dataset):
     from pinsface.pipeline import train
 
     with pytest.raises(ValueError, match="mixup and class weights"):
-        train(small_dataset, tmp_path / "run", Settings(class_weights=True), cache_dir=tmp_path / "cache",
-              progress=False)
+        train(
+            small_dataset, tmp_path / "run", Settings(class_weights=True), cache_dir=tmp_path / "cache", progress=False
+        )
     assert not (tmp_path / "cache").exists()  # refused before any work
 
 
@@ -134,16 +142,17 @@ def test_fine_tuning_changes_the_top_blocks_and_re_embeds_the_gallery(tmp_path, 
     from pinsface.backbones import get_backbone
     from pinsface.embeddings import run_embedder
     from pinsface.gallery import Gallery
-    from pinsface.prepare import prepare
     from pinsface.pipeline import train
+    from pinsface.prepare import prepare
 
     settings = Settings(epochs=3, fine_tune=True, fine_tune_epochs=1, test_fraction=0.25, val_fraction=0.25)
     prepared = prepare(small_dataset, tmp_path / "cache", settings.faces, progress=False, detector=detector)
     train(out_dir=tmp_path / "run", settings=settings, progress=False, prepared=prepared)
     saved = Settings.load(tmp_path / "run" / "config.json")
     assert saved.embedding_key.startswith(f"{saved.backbone}-ft-")
-    tuned = keras.saving.load_model(tmp_path / "run" / "model.keras", safe_mode=True,
-                                    compile=False).get_layer(saved.backbone)
+    tuned = keras.saving.load_model(tmp_path / "run" / "model.keras", safe_mode=True, compile=False).get_layer(
+        saved.backbone
+    )
     pretrained = get_backbone(saved.backbone)
     first, top = "conv32_1_conv1", f"{saved.fine_tune_from}_conv1"
     assert np.array_equal(tuned.get_layer(first).get_weights()[0], pretrained.get_layer(first).get_weights()[0])
@@ -151,8 +160,11 @@ def test_fine_tuning_changes_the_top_blocks_and_re_embeds_the_gallery(tmp_path, 
     # The gallery holds what the tuned backbone computes, not the pretrained one's cached embeddings.
     gallery = Gallery.load(tmp_path / "run" / "gallery.npz")
     val = Split.load(tmp_path / "run" / "split.json").files("val")
-    hashes = [prepared.hashes[i] for i, it in enumerate(prepared.dataset.items)
-              if it.rel in set(val) and prepared.status[i] == "ok"][:4]
+    hashes = [
+        prepared.hashes[i]
+        for i, it in enumerate(prepared.dataset.items)
+        if it.rel in set(val) and prepared.status[i] == "ok"
+    ][:4]
     crops = prepared.cache.load(hashes, crops=("aligned",))
     crops = crops.columns["aligned"][crops.rows(hashes)]
     fresh = run_embedder(saved, tuned)(crops)
@@ -169,10 +181,11 @@ def test_final_refit_replays_the_chosen_epochs_on_training_and_validation_faces(
     head, final = stages["head"], stages["final"]
     assert run.settings().final_fit == "train+val"
     assert final["epochs_run"] == head["best_epoch"]
-    np.testing.assert_allclose(final["learning_rate"], head["learning_rate"][:head["best_epoch"]], rtol=1e-6)
+    np.testing.assert_allclose(final["learning_rate"], head["learning_rate"][: head["best_epoch"]], rtol=1e-6)
     # The saved head is the refitted one: it differs from the best-epoch checkpoint of the split's head.
     saved = run.load_state().model.get_layer("head")
     split = build_head(6, run.settings())
     split.load_weights(small_run[0] / "checkpoints" / "head.weights.h5")
-    assert not np.allclose(saved.get_layer("cosine_logits").get_weights()[0],
-                           split.get_layer("cosine_logits").get_weights()[0])
+    assert not np.allclose(
+        saved.get_layer("cosine_logits").get_weights()[0], split.get_layer("cosine_logits").get_weights()[0]
+    )

@@ -69,11 +69,15 @@ def encode_chunk(columns: dict[str, np.ndarray]) -> bytes:
     """Columns (``hash`` first) -> one lz4-compressed chunk."""
     names = ["hash", *(k for k in columns if k != "hash")]
     arrays = [np.ascontiguousarray(columns[k]) for k in names]
-    for name, a in zip(names, arrays):
+    for a in arrays:
         _checked_dtype(a.dtype.str)
-    header = json.dumps({"format": FORMAT, "n": len(arrays[0]),
-                         "columns": [{"name": k, "dtype": a.dtype.str, "shape": list(a.shape)}
-                                     for k, a in zip(names, arrays)]}).encode()
+    header = json.dumps(
+        {
+            "format": FORMAT,
+            "n": len(arrays[0]),
+            "columns": [{"name": k, "dtype": a.dtype.str, "shape": list(a.shape)} for k, a in zip(names, arrays)],
+        }
+    ).encode()
     payload = b"".join([MAGIC, struct.pack("<I", len(header)), header, *(a.tobytes() for a in arrays)])
     return lz4.frame.compress(payload, store_size=True, content_checksum=True, block_checksum=True)
 
@@ -88,7 +92,7 @@ def _parse_header(data: bytes) -> tuple[dict, int]:
     start = len(MAGIC) + 4
     if len(data) < start + size:
         raise ChunkError("header cut short")
-    header = json.loads(data[start:start + size])
+    header = json.loads(data[start : start + size])
     if not isinstance(header, dict) or header.get("format") != FORMAT or not isinstance(header.get("n"), int):
         raise ChunkError("unexpected header")
     return header, start + size
@@ -186,8 +190,12 @@ class ChunkStore:
             return []
         old = sorted(self.folder.glob(f"chunk-*{OLD_SUFFIX}"))
         if old:
-            log.warning("cache %s: %d chunk(s) of an older pinsface are stored with pickle, which can run code "
-                        "when read; they are not loaded, and their images will be recomputed", self.folder, len(old))
+            log.warning(
+                "cache %s: %d chunk(s) of an older pinsface are stored with pickle, which can run code "
+                "when read; they are not loaded, and their images will be recomputed",
+                self.folder,
+                len(old),
+            )
             for path in old:
                 self.outdated.append(path.name)
                 path.unlink(missing_ok=True)
@@ -269,8 +277,9 @@ class ChunkStore:
         paths = self.chunk_paths()
         return paths if wanted is None else [p for p in paths if not wanted.isdisjoint(self.hashes(p))]
 
-    def chunks(self, keep: set[str] | None = None, wanted: set[str] | None = None,
-               paths: list[Path] | None = None) -> Iterator[dict]:
+    def chunks(
+        self, keep: set[str] | None = None, wanted: set[str] | None = None, paths: list[Path] | None = None
+    ) -> Iterator[dict]:
         """Every readable chunk, in order (optionally only the rows whose hash is in ``wanted``)."""
         paths = self.paths_holding(wanted) if paths is None else paths
         with ThreadPoolExecutor(2) as pool:  # lz4 releases the GIL: two loads overlap
@@ -300,8 +309,9 @@ class ChunkStore:
                 return -1
         return total
 
-    def table(self, columns: list[str], keep: set[str] | None = None,
-              wanted: set[str] | None = None) -> tuple[list[str], dict[str, np.ndarray]]:
+    def table(
+        self, columns: list[str], keep: set[str] | None = None, wanted: set[str] | None = None
+    ) -> tuple[list[str], dict[str, np.ndarray]]:
         """The chunks joined into one table, each hash once. Per-image columns are filled into arrays sized up
         front, so peak memory is the result plus a chunk or two rather than twice the result."""
         paths = self.paths_holding(wanted)
@@ -330,10 +340,10 @@ class ChunkStore:
                     out[c] = np.empty((capacity, *value.shape[1:]), dtype=value.dtype)
                 elif value.dtype != out[c].dtype:  # never cut a value to the first chunk's type
                     out[c] = out[c].astype(np.result_type(out[c], value))
-                out[c][lo:lo + len(value)] = value
+                out[c][lo : lo + len(value)] = value
         for c in columns:
             if c in out:
-                out[c] = out[c][:len(hashes)]
+                out[c] = out[c][: len(hashes)]
             elif pieces[c]:
                 out[c] = np.concatenate(pieces[c])
             else:
@@ -381,7 +391,7 @@ class FaceCache:
     def known(self) -> set[str]:
         return self.store.known()
 
-    def load(self, hashes: list[str] | None = None, crops: tuple[str, ...] = CROPS) -> "FaceTable":
+    def load(self, hashes: list[str] | None = None, crops: tuple[str, ...] = CROPS) -> FaceTable:
         columns = [*self.META, *crops]
         order, table = self.store.table(columns, set(columns), set(hashes) if hashes is not None else None)
         counts = np.asarray(table["n_faces"], dtype=np.int64) if order else np.zeros(0, np.int64)
@@ -393,9 +403,10 @@ class FaceCache:
     def write(self, records: list[dict]) -> None:
         if not records:
             return
-        columns: dict[str, np.ndarray] = {"hash": np.array([r["hash"] for r in records], dtype=HASH_DTYPE),
-                                          "status": np.array([STATUSES.index(r["status"]) for r in records],
-                                                             dtype=np.uint8)}
+        columns: dict[str, np.ndarray] = {
+            "hash": np.array([r["hash"] for r in records], dtype=HASH_DTYPE),
+            "status": np.array([STATUSES.index(r["status"]) for r in records], dtype=np.uint8),
+        }
         for key in self.META:
             if key == "status":
                 continue
@@ -430,12 +441,18 @@ class EmbeddingCache:
         self.store = ChunkStore(Path(cache_dir) / f"embeddings-{backbone}-{face_version}")
 
     def load(self, hashes: list[str] | None = None) -> tuple[dict[str, int], np.ndarray, np.ndarray]:
-        order, table = self.store.table(["embedding", "embedding_flip"],
-                                        wanted=set(hashes) if hashes is not None else None)
+        order, table = self.store.table(
+            ["embedding", "embedding_flip"], wanted=set(hashes) if hashes is not None else None
+        )
         if not order:
             return {}, np.zeros((0, 128), np.float32), np.zeros((0, 128), np.float32)
         return {h: i for i, h in enumerate(order)}, table["embedding"], table["embedding_flip"]
 
     def write(self, hashes: list[str], embeddings: np.ndarray, flipped: np.ndarray) -> None:
-        self.store.write({"hash": np.array(hashes, dtype=HASH_DTYPE), "embedding": embeddings.astype(np.float32),
-                          "embedding_flip": flipped.astype(np.float32)})
+        self.store.write(
+            {
+                "hash": np.array(hashes, dtype=HASH_DTYPE),
+                "embedding": embeddings.astype(np.float32),
+                "embedding_flip": flipped.astype(np.float32),
+            }
+        )

@@ -116,7 +116,7 @@ def spreadsheet_safe(text: str) -> str:
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
-def check_trainable(dataset: "Dataset") -> "Dataset":
+def check_trainable(dataset: Dataset) -> Dataset:
     """Refuse, before any work, a dataset that cannot train an identifier: it needs two people or more."""
     if len(dataset.identities) < 2:
         found = ", ".join(printable(name) for name in dataset.identities) or "none"
@@ -233,13 +233,12 @@ class Split:
         Path(path).write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
     @classmethod
-    def load(cls, path: Path) -> "Split":
+    def load(cls, path: Path) -> Split:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         assignment = {rel: name for name in SPLITS for rel in data[name]}
         return cls(data["seed"], data["test_fraction"], data["val_fraction"], assignment)
 
 
-def split_dataset(dataset: Dataset, seed: int = 1337, test_fraction: float = 0.15,
-                  val_fraction: float = 0.20) -> Split:
+def split_dataset(dataset: Dataset, seed: int = 1337, test_fraction: float = 0.15, val_fraction: float = 0.20) -> Split:
     assignment = {item.rel: assign_split(item.rel, seed, test_fraction, val_fraction) for item in dataset.items}
     return Split(seed, test_fraction, val_fraction, assignment)

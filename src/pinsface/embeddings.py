@@ -69,7 +69,7 @@ class Embedder:
     def __call__(self, crops: np.ndarray, flip: bool = False) -> np.ndarray:
         out = np.zeros((len(crops), *self.backbone.output_shape[1:]), dtype=np.float32)
         for lo in range(0, len(crops), self.batch_size):
-            batch = crops[lo:lo + self.batch_size].astype(np.float32)
+            batch = crops[lo : lo + self.batch_size].astype(np.float32)
             if flip:
                 batch = batch[:, :, ::-1]
             n = len(batch)
@@ -78,13 +78,13 @@ class Embedder:
             size = min(self.batch_size, max(8, 1 << (n - 1).bit_length()))
             if n < size:
                 batch = np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), np.float32)])
-            out[lo:lo + n] = self._compiled()(batch).numpy()[:n]
+            out[lo : lo + n] = self._compiled()(batch).numpy()[:n]
         return out
 
     def both_views(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings of the crops and of their mirror images, computed in shared batches."""
         out = self(np.concatenate([crops, crops[:, :, ::-1]]))
-        return out[:len(crops)], out[len(crops):]
+        return out[: len(crops)], out[len(crops) :]
 
 
 def embedding_key(settings) -> str:
@@ -98,12 +98,13 @@ def run_embedding_cache(settings, cache_root) -> EmbeddingCache:
     return EmbeddingCache(cache_root, settings.faces.version(), embedding_key(settings))
 
 
-def run_embedder(settings, backbone) -> "Embedder":
+def run_embedder(settings, backbone) -> Embedder:
     return Embedder(backbone, settings.embed_batch_size, settings.embed_precision)
 
 
-def ensure_embeddings(hashes: list[str], faces: FaceCache, cache: EmbeddingCache, embedder: Embedder,
-                      progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def ensure_embeddings(
+    hashes: list[str], faces: FaceCache, cache: EmbeddingCache, embedder: Embedder, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings of each hash's aligned crop and of its mirror image. Only the missing ones are computed:
     their crops are read from ``faces`` and run through ``embedder``."""
     from tqdm import tqdm
@@ -115,7 +116,7 @@ def ensure_embeddings(hashes: list[str], faces: FaceCache, cache: EmbeddingCache
         table = faces.load(missing, crops=("aligned",))
         bar = tqdm(total=len(missing), desc="embeddings", unit="face", disable=not progress, leave=False)
         for lo in range(0, len(missing), CHUNK):
-            part = missing[lo:lo + CHUNK]
+            part = missing[lo : lo + CHUNK]
             crops = table.columns["aligned"][table.rows(part)]
             cache.write(part, *embedder.both_views(crops))
             bar.update(len(part))

@@ -19,18 +19,18 @@ from pinsface.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def compute_metrics(probs: np.ndarray, usable: np.ndarray, y: np.ndarray, labels: list[str],
-                    status: list[str]) -> dict:
+def compute_metrics(probs: np.ndarray, usable: np.ndarray, y: np.ndarray, labels: list[str], status: list[str]) -> dict:
     """Accuracy over all images (no face / unreadable count as errors) plus per-identity figures."""
     from sklearn.metrics import precision_recall_fscore_support
 
     pred = np.where(usable, np.argmax(probs, axis=1), -1)
     known = y >= 0
     n_classes = len(labels)
-    p, r, f, s = precision_recall_fscore_support(y[known], pred[known], labels=list(range(n_classes)),
-                                                 zero_division=0)
-    per_identity = {labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
-                                "support": int(s[i])} for i in range(n_classes)}
+    p, r, f, s = precision_recall_fscore_support(y[known], pred[known], labels=list(range(n_classes)), zero_division=0)
+    per_identity = {
+        labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+        for i in range(n_classes)
+    }
     present = s > 0
     from pinsface.images import REASONS
 
@@ -38,16 +38,16 @@ def compute_metrics(probs: np.ndarray, usable: np.ndarray, y: np.ndarray, labels
     return {
         "top1": float(np.mean(pred[known] == y[known])) if known.any() else 0.0,
         "top5": float(np.mean(topk_correct(probs, usable, y, 5)[known])) if known.any() else 0.0,
-        "top1_over_faces": float(np.mean(pred[known & usable] == y[known & usable])) if (known & usable).any()
-        else 0.0,
+        "top1_over_faces": float(np.mean(pred[known & usable] == y[known & usable])) if (known & usable).any() else 0.0,
         "macro_precision": float(p[present].mean()) if present.any() else 0.0,
         "macro_recall": float(r[present].mean()) if present.any() else 0.0,
         "macro_f1": float(f[present].mean()) if present.any() else 0.0,
         "n_images": int(known.sum()),
         "n_scored": int((known & usable).sum()),
         "n_no_face": sum(1 for st, k in zip(status, known) if k and st == "no_face"),
-        "n_no_face_scored_by_fallback": int(sum(1 for st, k, u in zip(status, known, usable)
-                                                if k and u and st == "no_face")),
+        "n_no_face_scored_by_fallback": int(
+            sum(1 for st, k, u in zip(status, known, usable) if k and u and st == "no_face")
+        ),
         "n_unreadable": n_unreadable,
         "per_identity": per_identity,
     }
@@ -72,10 +72,19 @@ def class_similarity(model, settings: Settings, gallery=None) -> np.ndarray:
     return w.T @ w
 
 
-def evaluate(run_dir: str | Path, data: str | Path | None = None, out: str | Path | None = None,
-             prepared: Prepared | None = None, progress: bool = True, model=None,
-             compare: str | Path | None = None, figures: bool = True, mode: str | None = None,
-             engine: str = "local", address: str | None = None) -> dict:
+def evaluate(
+    run_dir: str | Path,
+    data: str | Path | None = None,
+    out: str | Path | None = None,
+    prepared: Prepared | None = None,
+    progress: bool = True,
+    model=None,
+    compare: str | Path | None = None,
+    figures: bool = True,
+    mode: str | None = None,
+    engine: str = "local",
+    address: str | None = None,
+) -> dict:
     """Score a run on its own test split (default) or on every image of a labelled folder ``data``,
     and write metrics, reports, figures and ``report.html`` into ``out`` (default ``RUN_DIR/report``).
     ``mode`` (head, gallery, auto) overrides the run's ``Settings.mode``."""
@@ -94,23 +103,40 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, out: str | Pat
     training = None
     if data is None:
         if prepared is None:
-            prepared = prepare(settings.data_dir, settings.cache_dir, settings.faces,
-                               batch_size=settings.detect_batch_size, progress=progress, engine=engine,
-                               address=address, embed=settings)
+            prepared = prepare(
+                settings.data_dir,
+                settings.cache_dir,
+                settings.faces,
+                batch_size=settings.detect_batch_size,
+                progress=progress,
+                engine=engine,
+                address=address,
+                embed=settings,
+            )
         training = prepared
         test = set(split.files("test"))
         items = np.array([i for i, it in enumerate(prepared.dataset.items) if it.rel in test], dtype=np.int64)
         unknown_folders: dict[str, int] = {}
     else:
         dataset = scan_dataset(data)
-        prepared = prepare(dataset.root, settings.cache_dir, settings.faces, batch_size=settings.detect_batch_size,
-                           progress=progress, dataset=dataset, engine=engine, address=address, embed=settings)
+        prepared = prepare(
+            dataset.root,
+            settings.cache_dir,
+            settings.faces,
+            batch_size=settings.detect_batch_size,
+            progress=progress,
+            dataset=dataset,
+            engine=engine,
+            address=address,
+            embed=settings,
+        )
         counts = dataset.counts()
         unknown_folders = {name: counts[name] for name in dataset.identities if identity_key(name) not in label_of}
         for name, count in unknown_folders.items():
             log.warning("identity %r (%d images) is not known to this run: reported, not scored", name, count)
-        items = np.array([i for i, it in enumerate(prepared.dataset.items)
-                          if identity_key(it.identity) in label_of], dtype=np.int64)
+        items = np.array(
+            [i for i, it in enumerate(prepared.dataset.items) if identity_key(it.identity) in label_of], dtype=np.int64
+        )
     y = np.array([label_of[identity_key(prepared.dataset.items[i].identity)] for i in items], dtype=np.int64)
     t1 = time.perf_counter()
     mode = resolve_mode(mode or settings.mode, len(labels)) if settings.model == "embedding" else "head"
@@ -122,10 +148,12 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, out: str | Pat
     metrics["data"] = str(prepared.dataset.root) if data is not None else "the run's test split"
     metrics["model"] = settings.model
     if settings.model == "embedding":
-        metrics["saved_model"] = ("the saved head, refitted on the training and validation faces after early stopping "
-                                  "chose its epochs; the test images were held out of both"
-                                  if settings.final_fit == "train+val" else
-                                  "the saved head, trained on the training faces; the test images were held out")
+        metrics["saved_model"] = (
+            "the saved head, refitted on the training and validation faces after early stopping "
+            "chose its epochs; the test images were held out of both"
+            if settings.final_fit == "train+val"
+            else "the saved head, trained on the training faces; the test images were held out"
+        )
     metrics["mode"] = mode
     metrics["seconds"] = {"prepare": round(t1 - t0, 2), "score": round(t2 - t1, 2)}
     write_reports(out, metrics, labels)
@@ -134,18 +162,40 @@ def evaluate(run_dir: str | Path, data: str | Path | None = None, out: str | Pat
     if figures:
         t3 = time.perf_counter()
         if training is None and settings.data_dir and Path(settings.data_dir).is_dir():
-            training = prepare(settings.data_dir, settings.cache_dir, settings.faces,
-                               batch_size=settings.detect_batch_size, progress=progress)
-        write_figures(out, run, settings, model, state.gallery, labels, prepared, items, y, probs, usable, split,
-                      training, confusions, metrics, compare)
+            training = prepare(
+                settings.data_dir,
+                settings.cache_dir,
+                settings.faces,
+                batch_size=settings.detect_batch_size,
+                progress=progress,
+            )
+        write_figures(
+            out,
+            run,
+            settings,
+            model,
+            state.gallery,
+            labels,
+            prepared,
+            items,
+            y,
+            probs,
+            usable,
+            split,
+            training,
+            confusions,
+            metrics,
+            compare,
+        )
         metrics["seconds"]["figures"] = round(time.perf_counter() - t3, 2)
     metrics["seconds"]["total"] = round(time.perf_counter() - t0, 2)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return metrics
 
 
-def write_top_confusions(path: Path, y: np.ndarray, pred: np.ndarray, labels: list[str],
-                         limit: int = 50) -> list[tuple[str, str, int]]:
+def write_top_confusions(
+    path: Path, y: np.ndarray, pred: np.ndarray, labels: list[str], limit: int = 50
+) -> list[tuple[str, str, int]]:
     """The most frequent (true, predicted) mistakes; an image with no face to score is '(no face)'."""
     import csv
     from collections import Counter
@@ -164,9 +214,24 @@ def write_top_confusions(path: Path, y: np.ndarray, pred: np.ndarray, labels: li
     return [(t, p, c) for t, p, c, _ in rows if p != "(no face)"]
 
 
-def write_figures(out: Path, run: Run, settings: Settings, model, gallery, labels: list[str], prepared: Prepared,
-                  items: np.ndarray, y: np.ndarray, probs: np.ndarray, usable: np.ndarray, split: Split,
-                  training: Prepared | None, confusions, metrics: dict, compare) -> None:
+def write_figures(
+    out: Path,
+    run: Run,
+    settings: Settings,
+    model,
+    gallery,
+    labels: list[str],
+    prepared: Prepared,
+    items: np.ndarray,
+    y: np.ndarray,
+    probs: np.ndarray,
+    usable: np.ndarray,
+    split: Split,
+    training: Prepared | None,
+    confusions,
+    metrics: dict,
+    compare,
+) -> None:
     from sklearn.metrics import confusion_matrix
 
     from pinsface import plots, report
@@ -182,14 +247,29 @@ def write_figures(out: Path, run: Run, settings: Settings, model, gallery, label
     similarity = np.clip(class_similarity(model, settings, gallery) + 0.8 * confused, -1, 1)
     order = plots.cluster_order(similarity)
     _, block = plots.plot_confusion(cm, labels, order, out / "confusion_matrix.png")
-    figures.append((out / "confusion_matrix.png", "Confusion matrix (row-normalised, clustered), with the "
-                    "most-confused block enlarged"))
+    figures.append(
+        (
+            out / "confusion_matrix.png",
+            "Confusion matrix (row-normalised, clustered), with the most-confused block enlarged",
+        )
+    )
     correct, incorrect = sample_faces(settings, labels, prepared, items, y, probs, usable, split, training)
-    figures.append((plots.plot_samples(correct, out / "samples_correct.png", "Correctly named faces"),
-                    "Sample hits: aligned face crops with true and predicted identity"))
-    figures.append((plots.plot_samples(incorrect, out / "samples_incorrect.png",
-                                       "Misses, each beside the nearest training face of the identity predicted"),
-                    "Sample misses and, beside each, the training face that fooled the model"))
+    figures.append(
+        (
+            plots.plot_samples(correct, out / "samples_correct.png", "Correctly named faces"),
+            "Sample hits: aligned face crops with true and predicted identity",
+        )
+    )
+    figures.append(
+        (
+            plots.plot_samples(
+                incorrect,
+                out / "samples_incorrect.png",
+                "Misses, each beside the nearest training face of the identity predicted",
+            ),
+            "Sample misses and, beside each, the training face that fooled the model",
+        )
+    )
     train_counts = {}
     if training is not None:
         from collections import Counter
@@ -219,15 +299,28 @@ def _dataset_stats(run: Run, training: Prepared | None) -> dict:
     summary = run.prepare_summary() or (training.summary if training else {})
     if training is not None:
         counts = np.array(sorted(training.dataset.counts().values()))
-        stats["images per identity (min / median / max)"] = f"{counts.min()} / {int(np.median(counts))} / {counts.max()}"
+        stats["images per identity (min / median / max)"] = (
+            f"{counts.min()} / {int(np.median(counts))} / {counts.max()}"
+        )
     for key in ("identities", "images", "faces_found", "no_face", "multi_face", "skipped"):
         if key in summary:
             stats[key.replace("_", " ")] = summary[key]
     return stats
 
 
-def sample_faces(settings: Settings, labels, prepared: Prepared, items, y, probs, usable, split: Split,
-                 training: Prepared | None, n_correct: int = 18, n_incorrect: int = 18):
+def sample_faces(
+    settings: Settings,
+    labels,
+    prepared: Prepared,
+    items,
+    y,
+    probs,
+    usable,
+    split: Split,
+    training: Prepared | None,
+    n_correct: int = 18,
+    n_incorrect: int = 18,
+):
     """Picked hits and misses with their crops; misses get the nearest training face of the predicted identity."""
     from pinsface.images import BadImage, load_image
 
@@ -252,10 +345,14 @@ def sample_faces(settings: Settings, labels, prepared: Prepared, items, y, probs
     def crop(k):
         return faces.columns["aligned"][faces.index[prepared.hashes[items[k]]]]
 
-    neighbours = {k: neighbour_faces.columns["aligned"][neighbour_faces.index[h]] for k, h in nearest.items()
-                  if h in neighbour_faces.index}
-    correct = [{"image": crop(k), "true": labels[y[k]], "pred": labels[pred[k]], "confidence": float(conf[k])}
-               for k in hit]
+    neighbours = {
+        k: neighbour_faces.columns["aligned"][neighbour_faces.index[h]]
+        for k, h in nearest.items()
+        if h in neighbour_faces.index
+    }
+    correct = [
+        {"image": crop(k), "true": labels[y[k]], "pred": labels[pred[k]], "confidence": float(conf[k])} for k in hit
+    ]
     incorrect = []
     for k in miss:
         true = labels[y[k]]
@@ -265,15 +362,26 @@ def sample_faces(settings: Settings, labels, prepared: Prepared, items, y, probs
             except BadImage:
                 image = None
             status = prepared.status[items[k]]
-            note = {"no_face": "no face found", "no_face_photo": "no face found",
-                    "ambiguous": "several faces, none clearly the subject"}.get(status, f"unreadable: {status}")
-            incorrect.append({"image": image, "true": true, "pred": None, "confidence": 0.0, "note": note,
-                              "neighbour": None})
+            note = {
+                "no_face": "no face found",
+                "no_face_photo": "no face found",
+                "ambiguous": "several faces, none clearly the subject",
+            }.get(status, f"unreadable: {status}")
+            incorrect.append(
+                {"image": image, "true": true, "pred": None, "confidence": 0.0, "note": note, "neighbour": None}
+            )
         else:
             fallback = prepared.status[items[k]] == "no_face"
-            incorrect.append({"image": crop(k), "true": true, "pred": labels[pred[k]],
-                              "confidence": float(conf[k]), "neighbour": neighbours.get(k),
-                              "note": "no face found:\nmean-landmark crop" if fallback else None})
+            incorrect.append(
+                {
+                    "image": crop(k),
+                    "true": true,
+                    "pred": labels[pred[k]],
+                    "confidence": float(conf[k]),
+                    "neighbour": neighbours.get(k),
+                    "note": "no face found:\nmean-landmark crop" if fallback else None,
+                }
+            )
     return correct, incorrect
 
 
@@ -297,15 +405,20 @@ def _nearest_training_faces(settings, labels, prepared, items, miss, pred, usabl
     if any(h not in index for h in query_hashes + candidates):
         table = training.cache.load(candidates, crops=("box",))
         queries_table = prepared.cache.load(query_hashes, crops=("box",))
-        index = {**{h: ("c", i) for h, i in table.index.items()}, **{h: ("q", i) for h, i in queries_table.index.items()}}
+        index = {
+            **{h: ("c", i) for h, i in table.index.items()},
+            **{h: ("q", i) for h, i in queries_table.index.items()},
+        }
 
         def vector(h):
             where, i = index[h]
             source = table if where == "c" else queries_table
             return source.columns["box"][i].astype(np.float32).ravel()
     else:
+
         def vector(h):
             return emb[index[h]]
+
     result = {}
     for k, qh, pool in zip(queries, query_hashes, pools):
         pool = [h for h in pool if h in index]
@@ -334,8 +447,10 @@ def write_reports(out: Path, metrics: dict, labels: list[str]) -> None:
     lines.append("")
     lines.append(f"{'accuracy':<{width}}{'':>10}{'':>10}{metrics['top1']:>10.4f}{metrics['n_images']:>10d}")
     lines.append(f"{'macro avg':<{width}}{macro[0]:>10.4f}{macro[1]:>10.4f}{macro[2]:>10.4f}{int(support.sum()):>10d}")
-    lines.append(f"{'weighted avg':<{width}}{weighted[0]:>10.4f}{weighted[1]:>10.4f}{weighted[2]:>10.4f}"
-                 f"{int(support.sum()):>10d}")
+    lines.append(
+        f"{'weighted avg':<{width}}{weighted[0]:>10.4f}{weighted[1]:>10.4f}{weighted[2]:>10.4f}"
+        f"{int(support.sum()):>10d}"
+    )
     (out / "classification_report.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     with open(out / "classification_report.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
@@ -346,8 +461,14 @@ def write_reports(out: Path, metrics: dict, labels: list[str]) -> None:
         writer.writerow(["weighted avg", *(f"{v:.6f}" for v in weighted), int(support.sum())])
 
 
-def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path | None = None,
-                      prepared: Prepared | None = None, progress: bool = True, mode: str | None = None) -> dict:
+def evaluate_open_set(
+    run_dir: str | Path,
+    unknown: str | Path,
+    out: str | Path | None = None,
+    prepared: Prepared | None = None,
+    progress: bool = True,
+    mode: str | None = None,
+) -> dict:
     """Known test faces vs faces of people the run never saw: how many strangers are rejected, how many known
     faces are still accepted and named correctly, and the trade-off curve between the two."""
     from pinsface import plots
@@ -365,8 +486,13 @@ def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path 
     out = Path(out) if out else run.report_dir
     out.mkdir(parents=True, exist_ok=True)
     if prepared is None:
-        prepared = prepare(settings.data_dir, settings.cache_dir, settings.faces,
-                           batch_size=settings.detect_batch_size, progress=progress)
+        prepared = prepare(
+            settings.data_dir,
+            settings.cache_dir,
+            settings.faces,
+            batch_size=settings.detect_batch_size,
+            progress=progress,
+        )
     test = set(run.split().files("test"))
     label_of = {identity_key(name): i for i, name in enumerate(gallery.labels)}
     known_items = np.array([i for i, it in enumerate(prepared.dataset.items) if it.rel in test], dtype=np.int64)
@@ -374,8 +500,14 @@ def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path 
     clash = [name for name in strangers_ds.identities if identity_key(name) in label_of]
     if clash:
         raise ValueError(f"--unknown must hold people the run does not know; it knows: {', '.join(clash)}")
-    strangers = prepare(strangers_ds.root, settings.cache_dir, settings.faces, batch_size=settings.detect_batch_size,
-                        progress=progress, dataset=strangers_ds)
+    strangers = prepare(
+        strangers_ds.root,
+        settings.cache_dir,
+        settings.faces,
+        batch_size=settings.detect_batch_size,
+        progress=progress,
+        dataset=strangers_ds,
+    )
 
     from pinsface.embeddings import ensure_embeddings
 
@@ -397,8 +529,9 @@ def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path 
         return usable, pred, probs[rows, pred], dists[rows, pred]
 
     k_usable, k_pred, k_p, k_d = scores(prepared, known_items)
-    k_true = np.array([label_of.get(identity_key(prepared.dataset.items[i].identity), -1)
-                       for i in known_items[k_usable]])
+    k_true = np.array(
+        [label_of.get(identity_key(prepared.dataset.items[i].identity), -1) for i in known_items[k_usable]]
+    )
     s_items = np.arange(len(strangers.dataset.items))
     s_usable, _, s_p, s_d = scores(strangers, s_items)
     n_known, n_strangers = len(known_items), len(s_items)
@@ -414,11 +547,17 @@ def evaluate_open_set(run_dir: str | Path, unknown: str | Path, out: str | Path 
     curve = [rates(t_p, d) for d in np.linspace(0.0, 1.0, 1001)]
     curve_p = [rates(p, t_d) for p in np.linspace(0.0, 1.0, 101)]
     result = {
-        "unknown_dir": str(strangers_ds.root), "n_strangers": n_strangers,
-        "n_strangers_with_face": int(s_usable.sum()), "n_known_test_images": n_known,
-        "strangers_rejected": rejected, "known_accepted_and_correct": known_ok,
-        "threshold_probability": t_p, "threshold_distance": t_d, "target_far": gallery.target_far,
-        "calibration": gallery.calibration, "mode": mode,
+        "unknown_dir": str(strangers_ds.root),
+        "n_strangers": n_strangers,
+        "n_strangers_with_face": int(s_usable.sum()),
+        "n_known_test_images": n_known,
+        "strangers_rejected": rejected,
+        "known_accepted_and_correct": known_ok,
+        "threshold_probability": t_p,
+        "threshold_distance": t_d,
+        "target_far": gallery.target_far,
+        "calibration": gallery.calibration,
+        "mode": mode,
     }
     plots.plot_open_set(curve, curve_p, (rejected, known_ok), out / "open_set.png")
     (out / "open_set.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -90,8 +90,15 @@ def _sq_to_distance(d: np.ndarray) -> np.ndarray:
 class FaceIndex:
     """The gallery's face descriptors (float32, one row per face) with their owners, searchable by FAISS."""
 
-    def __init__(self, vectors: np.ndarray, owner: np.ndarray, n_identities: int, knn: int,
-                 flat_limit: int = FLAT_LIMIT, threads: int | None = None):
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        owner: np.ndarray,
+        n_identities: int,
+        knn: int,
+        flat_limit: int = FLAT_LIMIT,
+        threads: int | None = None,
+    ):
         import faiss
 
         if threads is not None:
@@ -122,11 +129,11 @@ class FaceIndex:
 
     @property
     def vectors(self) -> np.ndarray:
-        return self._vectors[:self.n]
+        return self._vectors[: self.n]
 
     @property
     def owner(self) -> np.ndarray:
-        return self._owner[:self.n]
+        return self._owner[: self.n]
 
     def add(self, vectors: np.ndarray, owner: np.ndarray, n_identities: int) -> None:
         """Append faces (new rows get the next ids) in place: FAISS adds them to the index as it stands."""
@@ -136,12 +143,12 @@ class FaceIndex:
         if self.n + m > len(self._vectors):  # grow by doubling: enrolment does not copy the whole gallery
             capacity = max(self.n + m, 2 * len(self._vectors))
             grown = np.zeros((capacity, self.dim), np.float32)
-            grown[:self.n] = self.vectors
+            grown[: self.n] = self.vectors
             owners = np.zeros(capacity, np.int64)
-            owners[:self.n] = self.owner
+            owners[: self.n] = self.owner
             self._vectors, self._owner = grown, owners
-        self._vectors[self.n:self.n + m] = vectors
-        self._owner[self.n:self.n + m] = owner
+        self._vectors[self.n : self.n + m] = vectors
+        self._owner[self.n : self.n + m] = owner
         self.n += m
         if m:
             self.index.add(vectors)
@@ -231,9 +238,14 @@ class FaceIndex:
             out[np.arange(len(out)), exclude_owner] = np.inf
         return out
 
-    def nearest_identities(self, queries: np.ndarray, top: int = 1, exclude_owner: np.ndarray | None = None,
-                           exclude_id: np.ndarray | None = None, neighbours: int = NEIGHBOURS
-                           ) -> tuple[np.ndarray, np.ndarray]:
+    def nearest_identities(
+        self,
+        queries: np.ndarray,
+        top: int = 1,
+        exclude_owner: np.ndarray | None = None,
+        exclude_id: np.ndarray | None = None,
+        neighbours: int = NEIGHBOURS,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(identities, distances), each (queries, top): the identities with the smallest k-nearest-faces
         distance, nearest first (-1 and inf where there are fewer). ``exclude_id`` leaves out one face per
         query (itself), ``exclude_owner`` one identity per query."""
@@ -250,8 +262,8 @@ class FaceIndex:
             if k > MAX_NEIGHBOURS:
                 full = self._exhaustive(q, ex_o, ex_i)
                 best = np.argsort(full, axis=1, kind="stable")[:, :top]
-                out_ids[todo, :best.shape[1]] = best
-                out_d[todo, :best.shape[1]] = np.take_along_axis(full, best, 1)
+                out_ids[todo, : best.shape[1]] = best
+                out_d[todo, : best.shape[1]] = np.take_along_axis(full, best, 1)
                 out_ids[todo] = np.where(np.isfinite(out_d[todo]), out_ids[todo], -1)
                 break
             dist, ids = self.search(q, k + (1 if exclude_id is not None else 0))
@@ -290,8 +302,9 @@ class FaceIndex:
             kk = int(kk_of[c])
             nearest = np.partition(d, kk - 1, axis=1)[:, :kk]
             finite = np.isfinite(nearest)
-            genuine[faces] = np.where(finite.any(1), np.where(finite, nearest, 0).sum(1) / np.maximum(
-                finite.sum(1), 1), np.inf)
+            genuine[faces] = np.where(
+                finite.any(1), np.where(finite, nearest, 0).sum(1) / np.maximum(finite.sum(1), 1), np.inf
+            )
         impostor = np.full(self.n, np.nan, np.float32)
         counts = np.diff(bounds)
         chunk = 8192
@@ -301,10 +314,9 @@ class FaceIndex:
             chosen[np.random.default_rng(0).choice(self.n, trials, replace=False)] = True
             faces = order[chosen[order]]
         for lo in range(0, len(faces), chunk):
-            rows = faces[lo:lo + chunk]  # identity by identity: the own faces to skip are alike in number
+            rows = faces[lo : lo + chunk]  # identity by identity: the own faces to skip are alike in number
             # Past its own identity's faces, a face's neighbours are the other identities.
             k = min(MAX_NEIGHBOURS, NEIGHBOURS + int(counts[owner[rows]].max()))
-            _, d = self.nearest_identities(vectors[rows], 1, exclude_owner=owner[rows], exclude_id=rows,
-                                           neighbours=k)
+            _, d = self.nearest_identities(vectors[rows], 1, exclude_owner=owner[rows], exclude_id=rows, neighbours=k)
             impostor[rows] = d[:, 0]
         return genuine, impostor

@@ -8,14 +8,32 @@ from pathlib import Path
 
 import numpy as np
 
-from pinsface.faces import (choose_subject, crop_scale_ok, detect_each, face_crops, fallback_landmarks, is_crop_like,
-                            landmarks_box, min_subject_size, refine_view, subject_scores, to_full_face)
+from pinsface.faces import (
+    choose_subject,
+    crop_scale_ok,
+    detect_each,
+    face_crops,
+    fallback_landmarks,
+    is_crop_like,
+    landmarks_box,
+    min_subject_size,
+    refine_view,
+    subject_scores,
+    to_full_face,
+)
 from pinsface.images import BadImage, decode_scaled, read_bytes
 from pinsface.settings import FaceSettings
 
 
-def face_record(image: np.ndarray, faces, settings: FaceSettings, digest: str, view=None, chosen: int | None = None,
-                status: str | None = None) -> dict:
+def face_record(
+    image: np.ndarray,
+    faces,
+    settings: FaceSettings,
+    digest: str,
+    view=None,
+    chosen: int | None = None,
+    status: str | None = None,
+) -> dict:
     """What the cache keeps for one image: every detection, the chosen face and its two crops.
 
     ``faces`` are in full-resolution coordinates; the crops are cut from ``view`` (an ``images.Decoded``, which
@@ -76,7 +94,7 @@ def decoded_batches(pool, paths: list[tuple[int, Path]], batch_size: int, settin
     batch, held = [], 0
     window = 8
     for lo in range(0, len(paths), window):
-        part = paths[lo:lo + window]
+        part = paths[lo : lo + window]
         for (i, _), result in zip(part, pool.map(lambda p: decode_file(p[1], settings), part)):
             batch.append((i, result))
             if not isinstance(result, BadImage):
@@ -102,18 +120,23 @@ def image_records(detector, batch, hashes, settings: FaceSettings, held: dict) -
     # enough that any face it could miss is too small to be the subject.
     coarse = [max(m, COARSE_FACE_FRACTION * min(image.shape[:2])) for m, image in zip(min_sizes, images)]
     found = detect_each(detector, images, coarse)
-    finer = [k for k, faces in enumerate(found) if coarse[k] > min_sizes[k] and not isinstance(faces, Exception)
-             and (not faces or max(f.size for f in faces) < COARSE_ACCEPT * coarse[k])]
+    finer = [
+        k
+        for k, faces in enumerate(found)
+        if coarse[k] > min_sizes[k]
+        and not isinstance(faces, Exception)
+        and (not faces or max(f.size for f in faces) < COARSE_ACCEPT * coarse[k])
+    ]
     if finer:
         for k, faces in zip(finer, detect_each(detector, [images[k] for k in finer], [min_sizes[k] for k in finer])):
             found[k] = faces
     records = []
-    for (i, view, data), found in zip(good, found):
-        if isinstance(found, Exception):
-            errors.append((i, BadImage("detector_error", f"{type(found).__name__}: {found}")))
+    for (i, view, data), detected in zip(good, found):
+        if isinstance(detected, Exception):
+            errors.append((i, BadImage("detector_error", f"{type(detected).__name__}: {detected}")))
             continue
         try:
-            faces = [to_full_face(face, view) for face in found]
+            faces = [to_full_face(face, view) for face in detected]
             chosen, status = choose_subject(faces, view.full_size, settings)
             wanted = [faces[chosen].size] if chosen >= 0 else []
             multi = status in ("subject", "ambiguous") and not is_crop_like(faces, view.full_size, settings)
@@ -124,8 +147,9 @@ def image_records(detector, batch, hashes, settings: FaceSettings, held: dict) -
                 view = refine_view(data, view, wanted, settings.max_pixels)
             record = face_record(view.pixels, faces, settings, hashes[i], view, chosen, status)
             if multi and settings.subject_pass_min_photos > 0:
-                record["candidates"] = {int(k): face_crops(view, faces[k].landmarks, faces[k].box, settings)
-                                        for k in order}
+                record["candidates"] = {
+                    int(k): face_crops(view, faces[k].landmarks, faces[k].box, settings) for k in order
+                }
                 held[hashes[i]] = (i, record)
             else:
                 records.append(record)

@@ -77,18 +77,21 @@ class FaceDetector:
                 groups.setdefault(small.shape, []).append(i)
         batches = []
         for indices in groups.values():
-            wanted = [
-                max(s.min_face_size, (min_face_sizes[i] if min_face_sizes else 0)) * factors[i] for i in indices
-            ]
+            wanted = [max(s.min_face_size, (min_face_sizes[i] if min_face_sizes else 0)) * factors[i] for i in indices]
             min_face = max(12.0, min(wanted))
             h, w = scaled[indices[0]].shape[:2]
             # MTCNN's memory grows with the batch times the pixels PNet scans: bound it for any photo size.
             per_batch = max(1, int(DETECT_BATCH_PIXELS / (h * w * (12.0 / min_face) ** 2)))
-            batches += [(indices[k:k + per_batch], min_face) for k in range(0, len(indices), per_batch)]
+            batches += [(indices[k : k + per_batch], min_face) for k in range(0, len(indices), per_batch)]
         for indices, min_face in batches:
             rows = self._mtcnn.detect_faces(
-                [scaled[i] for i in indices], output_type="numpy", box_format="xyxy", min_face_size=min_face,
-                threshold_pnet=s.thresholds[0], threshold_rnet=s.thresholds[1], threshold_onet=s.thresholds[2],
+                [scaled[i] for i in indices],
+                output_type="numpy",
+                box_format="xyxy",
+                min_face_size=min_face,
+                threshold_pnet=s.thresholds[0],
+                threshold_rnet=s.thresholds[1],
+                threshold_onet=s.thresholds[2],
             )
             for row in np.asarray(rows).reshape(-1, 16):
                 i = indices[int(row[0])]
@@ -118,8 +121,9 @@ def detection_factor(height: int, width: int, min_face: float, settings: FaceSet
     return min(factor, max(DETECT_FACE_PX / max(min_face, 1.0), DETECT_KEEP_SIDE / long_side))
 
 
-def detect_each(detector, images: list[np.ndarray], min_face_sizes: list[float] | None = None
-                ) -> list[list[Face] | Exception]:
+def detect_each(
+    detector, images: list[np.ndarray], min_face_sizes: list[float] | None = None
+) -> list[list[Face] | Exception]:
     """``detector.detect`` that survives a failing image: if the batch raises, each image is retried alone and
     the one that fails gets its exception in place of its faces."""
     try:
@@ -148,8 +152,7 @@ def choose_face(faces: list[Face], image_shape: tuple[int, ...]) -> int:
     largest = max(face.size for face in faces)
     best_conf = max(face.confidence for face in faces)
     candidates = [
-        i for i, face in enumerate(faces)
-        if face.size >= 0.5 * largest and face.confidence >= min(0.9, best_conf)
+        i for i, face in enumerate(faces) if face.size >= 0.5 * largest and face.confidence >= min(0.9, best_conf)
     ]
 
     def off_centre(i: int) -> float:
@@ -180,7 +183,7 @@ def subject_scores(faces: list[Face], image_shape: tuple[int, ...]) -> np.ndarra
     for face in faces:
         cx, cy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
         off = ((cx - w / 2) / w) ** 2 + ((cy - h / 2) / h) ** 2
-        scores.append(face.size * face.confidence ** 2 * np.exp(-off / (2 * 0.35 ** 2)))
+        scores.append(face.size * face.confidence**2 * np.exp(-off / (2 * 0.35**2)))
     return np.asarray(scores, dtype=np.float64)
 
 
@@ -197,8 +200,9 @@ def is_crop_like(faces: list[Face], image_shape: tuple[int, ...], settings: Face
     return bool(faces) and max(face.size for face in faces) >= CROP_FACE_FRACTION * min(image_shape[:2])
 
 
-def choose_subject(faces: list[Face], image_shape: tuple[int, ...], settings: FaceSettings | None = None
-                   ) -> tuple[int, str]:
+def choose_subject(
+    faces: list[Face], image_shape: tuple[int, ...], settings: FaceSettings | None = None
+) -> tuple[int, str]:
     """(index of the subject's face or -1, one of ``STATUSES``) for an image in a person's folder.
 
     One face: "ok", or "small_face" under ``SMALL_FACE_FRACTION`` of the shorter side. Several: in a crop-like
@@ -269,7 +273,7 @@ def box_crop(image: np.ndarray, box: np.ndarray, size: int = 100) -> np.ndarray:
     crop = np.zeros((y2 - y1, x2 - x1, 3), dtype=np.uint8)
     sx1, sy1, sx2, sy2 = max(x1, 0), max(y1, 0), min(x2, w), min(y2, h)
     if sx2 > sx1 and sy2 > sy1:
-        crop[sy1 - y1:sy2 - y1, sx1 - x1:sx2 - x1] = image[sy1:sy2, sx1:sx2]
+        crop[sy1 - y1 : sy2 - y1, sx1 - x1 : sx2 - x1] = image[sy1:sy2, sx1:sx2]
     gray = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
     return cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA)
 
@@ -286,8 +290,9 @@ def landmarks_box(landmarks: np.ndarray) -> np.ndarray:
     centre = landmarks.mean(0)
     eye_mouth = np.linalg.norm((landmarks[3] + landmarks[4]) / 2 - (landmarks[0] + landmarks[1]) / 2)
     half = 1.1 * eye_mouth
-    return np.array([centre[0] - half, centre[1] - 1.2 * half, centre[0] + half, centre[1] + 0.9 * half],
-                    dtype=np.float32)
+    return np.array(
+        [centre[0] - half, centre[1] - 1.2 * half, centre[0] + half, centre[1] + 0.9 * half], dtype=np.float32
+    )
 
 
 # A chip is cut from an image in which the face is at least this many pixels wide (about its size in the chip):

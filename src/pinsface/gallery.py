@@ -67,7 +67,7 @@ class Gallery:
         self._index = None
         self._face_index = None
 
-    def copy(self) -> "Gallery":
+    def copy(self) -> Gallery:
         """A gallery to change while this one stays as it is. The face arrays are shared, since every change
         makes new ones; so is the FAISS index, which enrolment grows in place: call ``changed`` on this gallery
         if the copy's change is abandoned."""
@@ -151,8 +151,9 @@ class Gallery:
     def index(self) -> tuple[np.ndarray, np.ndarray]:
         """(descriptors, owners) of every gallery face, training and validation."""
         if self._index is None:
-            vectors = np.concatenate([face_vectors(self.embeddings, self.flips),
-                                      face_vectors(self.val_embeddings, self.val_flips)]).astype(np.float32)
+            vectors = np.concatenate(
+                [face_vectors(self.embeddings, self.flips), face_vectors(self.val_embeddings, self.val_flips)]
+            ).astype(np.float32)
             self._index = vectors, np.concatenate([self.owner, self.val_owner]).astype(np.int64)
         return self._index
 
@@ -175,7 +176,7 @@ class Gallery:
         genuine = np.empty(len(vectors), np.float32)
         impostor = np.empty(len(vectors), np.float32)
         for lo in range(0, len(vectors), chunk):
-            r = rows[lo:lo + chunk]
+            r = rows[lo : lo + chunk]
             d = pairwise_distances(vectors[r], vectors)
             d[np.arange(len(r)), r] = np.inf
             k = knn_distances(d, owner, len(self.labels), self.knn)
@@ -204,30 +205,52 @@ class Gallery:
         probs = head_probabilities(head, self.val_embeddings, self.val_flips)
         n_train = len(self.embeddings)
         self.threshold_probability, self.threshold_distance, self.calibration = calibrate_thresholds(
-            probs, self.val_owner, genuine[n_train:], impostor, self.target_far)
+            probs, self.val_owner, genuine[n_train:], impostor, self.target_far
+        )
         self.stale = False
         return self.calibration
 
     def save(self, path: Path) -> None:
-        meta = {"labels": self.labels, "threshold_probability": self.threshold_probability,
-                "threshold_distance": self.threshold_distance, "target_far": self.target_far,
-                "calibration": self.calibration, "knn": self.knn, "trained_labels": self.trained_labels,
-                "knn_weight": self.knn_weight, "knn_tau": self.knn_tau}
+        meta = {
+            "labels": self.labels,
+            "threshold_probability": self.threshold_probability,
+            "threshold_distance": self.threshold_distance,
+            "target_far": self.target_far,
+            "calibration": self.calibration,
+            "knn": self.knn,
+            "trained_labels": self.trained_labels,
+            "knn_weight": self.knn_weight,
+            "knn_tau": self.knn_tau,
+        }
         # Uncompressed: compression took 2 s of every save (enrolment included) for a file half the size.
-        np.savez(path, meta=np.array(json.dumps(meta, ensure_ascii=False)),
-                 embeddings=self.embeddings, flips=self.flips, owner=self.owner,
-                 val_embeddings=self.val_embeddings, val_flips=self.val_flips, val_owner=self.val_owner)
+        np.savez(
+            path,
+            meta=np.array(json.dumps(meta, ensure_ascii=False)),
+            embeddings=self.embeddings,
+            flips=self.flips,
+            owner=self.owner,
+            val_embeddings=self.val_embeddings,
+            val_flips=self.val_flips,
+            val_owner=self.val_owner,
+        )
 
     @classmethod
-    def load(cls, path: Path) -> "Gallery":
+    def load(cls, path: Path) -> Gallery:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
             arrays = {k: data[k] for k in ("embeddings", "flips", "owner", "val_embeddings", "val_flips", "val_owner")}
-        gallery = cls(meta["labels"], **arrays, threshold_probability=meta["threshold_probability"],
-                      threshold_distance=meta["threshold_distance"], target_far=meta["target_far"],
-                      calibration=meta["calibration"], knn=meta.get("knn", KNN),
-                      trained_labels=meta.get("trained_labels"), knn_weight=float(meta.get("knn_weight", 0.0)),
-                      knn_tau=float(meta.get("knn_tau", 0.04)))
+        gallery = cls(
+            meta["labels"],
+            **arrays,
+            threshold_probability=meta["threshold_probability"],
+            threshold_distance=meta["threshold_distance"],
+            target_far=meta["target_far"],
+            calibration=meta["calibration"],
+            knn=meta.get("knn", KNN),
+            trained_labels=meta.get("trained_labels"),
+            knn_weight=float(meta.get("knn_weight", 0.0)),
+            knn_tau=float(meta.get("knn_tau", 0.04)),
+        )
         gallery.validate()
         # Galleries saved before nearest-face distances hold thresholds for centroid distances.
         gallery.stale = "knn" not in meta
@@ -236,18 +259,27 @@ class Gallery:
     def validate(self) -> None:
         """Shapes and owners that agree, so a damaged or edited file fails here rather than naming wrongly."""
         n = len(self.labels)
-        for emb, flip, owner, what in ((self.embeddings, self.flips, self.owner, "enrolled"),
-                                       (self.val_embeddings, self.val_flips, self.val_owner, "validation")):
+        for emb, flip, owner, what in (
+            (self.embeddings, self.flips, self.owner, "enrolled"),
+            (self.val_embeddings, self.val_flips, self.val_owner, "validation"),
+        ):
             if emb.ndim != 2 or emb.shape != flip.shape or owner.shape != (len(emb),):
-                raise ValueError(f"{what} faces: embeddings {emb.shape}, mirror images {flip.shape} and owners "
-                                 f"{owner.shape} do not agree")
+                raise ValueError(
+                    f"{what} faces: embeddings {emb.shape}, mirror images {flip.shape} and owners "
+                    f"{owner.shape} do not agree"
+                )
             if len(owner) and (owner.min() < 0 or owner.max() >= n):
                 raise ValueError(f"{what} faces belong to identity {int(owner.max())}, but only {n} are named")
 
 
-def calibrate_thresholds(val_probs: np.ndarray, val_owner: np.ndarray, val_genuine: np.ndarray,
-                         impostor: np.ndarray, target_far: float = 0.07,
-                         keep: float = PROBABILITY_KEEP) -> tuple[float, float, dict]:
+def calibrate_thresholds(
+    val_probs: np.ndarray,
+    val_owner: np.ndarray,
+    val_genuine: np.ndarray,
+    impostor: np.ndarray,
+    target_far: float = 0.07,
+    keep: float = PROBABILITY_KEEP,
+) -> tuple[float, float, dict]:
     """(probability threshold, distance threshold, report).
 
     ``impostor``: each gallery face's distance to the nearest identity other than its own; the distance
@@ -260,17 +292,31 @@ def calibrate_thresholds(val_probs: np.ndarray, val_owner: np.ndarray, val_genui
     t_d = float(np.quantile(impostor, target_far, method="lower")) if len(impostor) else 10.0
     t_p = float(np.quantile(p[correct], 1 - keep, method="lower")) if correct.any() else 0.0
     named = correct & (p >= t_p) & (val_genuine <= t_d)
-    report = {"target_far": target_far, "impostor_accept_rate": float(np.mean(impostor <= t_d)),
-              "n_impostor_trials": int(len(impostor)), "genuine_named_rate": float(np.mean(named)),
-              "head_top1": float(np.mean(correct)), "n_validation_faces": int(len(pred)),
-              "threshold_probability": t_p, "threshold_distance": t_d}
+    report = {
+        "target_far": target_far,
+        "impostor_accept_rate": float(np.mean(impostor <= t_d)),
+        "n_impostor_trials": int(len(impostor)),
+        "genuine_named_rate": float(np.mean(named)),
+        "head_top1": float(np.mean(correct)),
+        "n_validation_faces": int(len(pred)),
+        "threshold_probability": t_p,
+        "threshold_distance": t_d,
+    }
     return t_p, t_d, report
 
 
-def build_gallery(labels, train_emb, train_flip, train_y, val_emb, val_flip, val_y, head,
-                  target_far: float = 0.07) -> Gallery:
-    gallery = Gallery(list(labels), train_emb.astype(np.float32), train_flip.astype(np.float32),
-                      train_y.astype(np.int32), val_emb.astype(np.float32), val_flip.astype(np.float32),
-                      val_y.astype(np.int32), trained_labels=list(labels))
+def build_gallery(
+    labels, train_emb, train_flip, train_y, val_emb, val_flip, val_y, head, target_far: float = 0.07
+) -> Gallery:
+    gallery = Gallery(
+        list(labels),
+        train_emb.astype(np.float32),
+        train_flip.astype(np.float32),
+        train_y.astype(np.int32),
+        val_emb.astype(np.float32),
+        val_flip.astype(np.float32),
+        val_y.astype(np.int32),
+        trained_labels=list(labels),
+    )
     gallery.calibrate(head, target_far)
     return gallery

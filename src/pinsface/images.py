@@ -28,8 +28,17 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF", "PPM")
 
 # The reasons a file is skipped; each one is reported by name.
-REASONS = ("unreadable", "empty_file", "not_an_image", "truncated", "too_large", "too_small", "not_a_file",
-           "bad_name", "detector_error")
+REASONS = (
+    "unreadable",
+    "empty_file",
+    "not_an_image",
+    "truncated",
+    "too_large",
+    "too_small",
+    "not_a_file",
+    "bad_name",
+    "detector_error",
+)
 
 
 class BadImage(Exception):
@@ -180,8 +189,9 @@ def load_image(source: str | os.PathLike | bytes | np.ndarray, max_pixels: int =
     return load_scaled(source, max_pixels).pixels
 
 
-def load_scaled(source: str | os.PathLike | bytes | np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS,
-                min_side: int | None = None) -> Decoded:
+def load_scaled(
+    source: str | os.PathLike | bytes | np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+) -> Decoded:
     """Like ``load_image``, possibly at a reduced scale (``decode_scaled``). Raises ``BadImage``."""
     if isinstance(source, np.ndarray):
         array = source
@@ -206,4 +216,3 @@ def reduction_for(face_size: float, target: float) -> int:
         if face_size / d >= target:
             return d
     return 1
-

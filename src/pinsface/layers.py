@@ -58,8 +58,9 @@ class CosineLogits(keras.layers.Layer):
         self.scale = float(scale)
 
     def build(self, input_shape):
-        self.kernel = self.add_weight(name="kernel", shape=(input_shape[-1], self.units),
-                                      initializer="glorot_uniform", trainable=True)
+        self.kernel = self.add_weight(
+            name="kernel", shape=(input_shape[-1], self.units), initializer="glorot_uniform", trainable=True
+        )
 
     def call(self, x):
         x = x / ops.sqrt(ops.maximum(ops.sum(ops.square(x), axis=-1, keepdims=True), 1e-12))

@@ -37,8 +37,10 @@ def split_arrays(prepared: Prepared, split: Split, labels: list[str], settings: 
         if name:
             by_split[name].append(i)
     items = {k: np.array(v, dtype=np.int64) for k, v in by_split.items()}
-    y = {k: np.array([label_of.get(prepared.dataset.items[i].identity, -1) for i in v], dtype=np.int64)
-         for k, v in items.items()}
+    y = {
+        k: np.array([label_of.get(prepared.dataset.items[i].identity, -1) for i in v], dtype=np.int64)
+        for k, v in items.items()
+    }
     usable = {k: np.array([prepared.status[i] in ok for i in v], dtype=bool) for k, v in items.items()}
     return SplitData(items, y, usable)
 
@@ -55,9 +57,16 @@ def choose_blend_on_validation(head, emb: dict, y: dict, n_classes: int, knn: in
     return weight, tau
 
 
-def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None, cache_dir=None,
-          progress: bool = True, prepared: Prepared | None = None, engine: str = "local",
-          address: str | None = None) -> dict:
+def train(
+    data_dir=None,
+    out_dir="runs/latest",
+    settings: Settings | None = None,
+    cache_dir=None,
+    progress: bool = True,
+    prepared: Prepared | None = None,
+    engine: str = "local",
+    address: str | None = None,
+) -> dict:
     """Prepare (if needed) and train ``settings.model``; write the run folder and return a summary.
     ``engine``/``address``: where prepare runs (``pinsface.prepare.prepare``)."""
     from pinsface.dataset import check_trainable, default_data_dir, scan_dataset
@@ -71,8 +80,16 @@ def train(data_dir=None, out_dir="runs/latest", settings: Settings | None = None
         return _train(run, data_dir, cache_dir, settings, progress, prepared, engine, address)
 
 
-def _train(run: Run, data_dir, cache_dir, settings: Settings, progress: bool, prepared: Prepared | None,
-           engine: str = "local", address: str | None = None) -> dict:
+def _train(
+    run: Run,
+    data_dir,
+    cache_dir,
+    settings: Settings,
+    progress: bool,
+    prepared: Prepared | None,
+    engine: str = "local",
+    address: str | None = None,
+) -> dict:
     import keras
 
     from pinsface import train as fitting
@@ -86,9 +103,16 @@ def _train(run: Run, data_dir, cache_dir, settings: Settings, progress: bool, pr
     if prepared is None:
         settings.data_dir = str(Path(data_dir if data_dir else default_data_dir()).resolve())
         settings.cache_dir = str(Path(cache_dir or default_cache_dir()).resolve())
-        prepared = prepare(settings.data_dir, settings.cache_dir, settings.faces,
-                           batch_size=settings.detect_batch_size, progress=progress, engine=engine, address=address,
-                           embed=settings if settings.model == "embedding" else None)
+        prepared = prepare(
+            settings.data_dir,
+            settings.cache_dir,
+            settings.faces,
+            batch_size=settings.detect_batch_size,
+            progress=progress,
+            engine=engine,
+            address=address,
+            embed=settings if settings.model == "embedding" else None,
+        )
     else:
         settings.data_dir = str(prepared.dataset.root)
         settings.cache_dir = str(prepared.cache.root)
@@ -119,8 +143,7 @@ def _train(run: Run, data_dir, cache_dir, settings: Settings, progress: bool, pr
         embedder = run_embedder(settings, backbone)
         settings.embedding_key = ""
         emb_cache = run_embedding_cache(settings, settings.cache_dir)
-        emb = {k: ensure_embeddings(hashes[k], prepared.cache, emb_cache, embedder, progress=progress)
-               for k in hashes}
+        emb = {k: ensure_embeddings(hashes[k], prepared.cache, emb_cache, embedder, progress=progress) for k in hashes}
         timings["embed"] = time.perf_counter() - t2
         if settings.augment_views or settings.fine_tune:
             faces = prepared.cache.load(sorted(set(hashes["train"]) | set(hashes["val"])), crops=("aligned",))
@@ -139,8 +162,23 @@ def _train(run: Run, data_dir, cache_dir, settings: Settings, progress: bool, pr
         t4 = time.perf_counter()
         head = build_head(n_classes, settings, backbone.output_shape[-1])
         cw = fitting.class_weight(y_train, n_classes) if settings.class_weights else None
-        histories.append(fitting.fit(head, x_train, y_train, emb["val"][0], y["val"], settings, *logs, "head",
-                                     settings.epochs, settings.learning_rate, cw, progress, mixup=settings.mixup))
+        histories.append(
+            fitting.fit(
+                head,
+                x_train,
+                y_train,
+                emb["val"][0],
+                y["val"],
+                settings,
+                *logs,
+                "head",
+                settings.epochs,
+                settings.learning_rate,
+                cw,
+                progress,
+                mixup=settings.mixup,
+            )
+        )
         timings["train_head"] = time.perf_counter() - t4
         split_head = head
         if settings.final_fit == "train+val":
@@ -149,11 +187,27 @@ def _train(run: Run, data_dir, cache_dir, settings: Settings, progress: bool, pr
             chosen = histories[-1]
             x_all = np.concatenate([x_train, emb["val"][0], emb["val"][1]])
             y_all = np.concatenate([y_train, y["val"], y["val"]])
-            histories.append(fitting.fit(head, x_all, y_all, emb["val"][0], y["val"], settings, *logs, "final",
-                                         chosen["best_epoch"], settings.learning_rate, None, progress,
-                                         mixup=settings.mixup,
-                                         lr_trajectory=chosen["learning_rate"][:chosen["best_epoch"]]))
-            histories[-1]["note"] = "trained on the training and validation faces: its validation figures are not held out"
+            histories.append(
+                fitting.fit(
+                    head,
+                    x_all,
+                    y_all,
+                    emb["val"][0],
+                    y["val"],
+                    settings,
+                    *logs,
+                    "final",
+                    chosen["best_epoch"],
+                    settings.learning_rate,
+                    None,
+                    progress,
+                    mixup=settings.mixup,
+                    lr_trajectory=chosen["learning_rate"][: chosen["best_epoch"]],
+                )
+            )
+            histories[-1]["note"] = (
+                "trained on the training and validation faces: its validation figures are not held out"
+            )
             timings["final_fit"] = time.perf_counter() - t7
         elif settings.final_fit != "none":
             raise ValueError(f"final_fit must be 'train+val' or 'none', not {settings.final_fit!r}")
@@ -172,12 +226,23 @@ def _train(run: Run, data_dir, cache_dir, settings: Settings, progress: bool, pr
         if settings.fine_tune:  # the tuned backbone embeds differently: embed the gallery faces again
             tuned_cache = run_embedding_cache(settings, settings.cache_dir)
             embedder = run_embedder(settings, backbone)
-            emb = {k: ensure_embeddings(hashes[k], prepared.cache, tuned_cache, embedder, progress=progress)
-                   for k in ("train", "val")}
+            emb = {
+                k: ensure_embeddings(hashes[k], prepared.cache, tuned_cache, embedder, progress=progress)
+                for k in ("train", "val")
+            }
         # The probability threshold is set on validation faces, so by the head that did not train on them; the
         # final head's probabilities for a face it did not train on look the same.
-        gallery = build_gallery(labels, emb["train"][0], emb["train"][1], y["train"], emb["val"][0], emb["val"][1],
-                                y["val"], split_head, settings.target_far)
+        gallery = build_gallery(
+            labels,
+            emb["train"][0],
+            emb["train"][1],
+            y["train"],
+            emb["val"][0],
+            emb["val"][1],
+            y["val"],
+            split_head,
+            settings.target_far,
+        )
         if settings.knn_blend:
             gallery.knn_weight, gallery.knn_tau = choose_blend_on_validation(split_head, emb, y, n_classes, gallery.knn)
         timings["calibrate"] = time.perf_counter() - t6
@@ -189,8 +254,22 @@ def _train(run: Run, data_dir, cache_dir, settings: Settings, progress: bool, pr
         box = {k: faces.columns["box"][faces.rows(hashes[k])][..., None] for k in hashes}
         model = build_pixels_mlp(n_classes, settings, settings.faces.box_size)
         cw = fitting.class_weight(y["train"], n_classes) if settings.class_weights else None
-        histories.append(fitting.fit(model, box["train"], y["train"], box["val"], y["val"], settings, *logs,
-                                     "pixels", settings.epochs, settings.learning_rate, cw, progress))
+        histories.append(
+            fitting.fit(
+                model,
+                box["train"],
+                y["train"],
+                box["val"],
+                y["val"],
+                settings,
+                *logs,
+                "pixels",
+                settings.epochs,
+                settings.learning_rate,
+                cw,
+                progress,
+            )
+        )
         timings["train"] = time.perf_counter() - t4
     else:
         raise ValueError(f"unknown model {settings.model!r}; choose one of embedding, pixels-mlp")
@@ -209,17 +288,30 @@ def _train(run: Run, data_dir, cache_dir, settings: Settings, progress: bool, pr
     else:
         val_probs, val_usable = score_images(model, settings, prepared, data.items["val"])
         val_top1 = float(np.mean(topk_correct(val_probs, val_usable, data.labels["val"], 1))) if len(val_probs) else 0.0
-    run.log(f"model {settings.model}: {len(prepared.dataset.items)} images, {n_classes} identities, "
-            f"validation top-1 {val_top1:.4f}, timings {history['timings_seconds']}")
-    return {"run_dir": str(run.path), "val_top1": val_top1, "timings": history["timings_seconds"],
-            "prepared": prepared, "settings": settings}
+    run.log(
+        f"model {settings.model}: {len(prepared.dataset.items)} images, {n_classes} identities, "
+        f"validation top-1 {val_top1:.4f}, timings {history['timings_seconds']}"
+    )
+    return {
+        "run_dir": str(run.path),
+        "val_top1": val_top1,
+        "timings": history["timings_seconds"],
+        "prepared": prepared,
+        "settings": settings,
+    }
 
 
-def run(data_dir=None, out_dir="runs/latest", settings: Settings | None = None, cache_dir=None,
-        progress: bool = True, engine: str = "local", address: str | None = None) -> dict:
+def run(
+    data_dir=None,
+    out_dir="runs/latest",
+    settings: Settings | None = None,
+    cache_dir=None,
+    progress: bool = True,
+    engine: str = "local",
+    address: str | None = None,
+) -> dict:
     """prepare -> train -> evaluate on the test split; returns the evaluation metrics."""
     from pinsface.evaluate import evaluate
 
-    result = train(data_dir, out_dir, settings, cache_dir=cache_dir, progress=progress, engine=engine,
-                   address=address)
+    result = train(data_dir, out_dir, settings, cache_dir=cache_dir, progress=progress, engine=engine, address=address)
     return evaluate(out_dir, prepared=result["prepared"], progress=progress)

@@ -34,8 +34,14 @@ def plot_curves(history: dict, path: Path) -> Path:
         best = offset + stage.get("best_epoch", len(epochs))
         for ax in axes:
             ax.axvline(best, color="crimson", lw=1, ls=":")
-        axes[1].annotate(f"kept: epoch {best}", xy=(best, axes[1].get_ylim()[0]), xytext=(4, 8),
-                         textcoords="offset points", color="crimson", fontsize=9)
+        axes[1].annotate(
+            f"kept: epoch {best}",
+            xy=(best, axes[1].get_ylim()[0]),
+            xytext=(4, 8),
+            textcoords="offset points",
+            color="crimson",
+            fontsize=9,
+        )
         offset = epochs[-1]
     axes[2].set_yscale("log")
     axes[2].set_title("learning rate")
@@ -68,7 +74,7 @@ def most_confused_block(confusion: np.ndarray, size: int) -> tuple[int, int]:
     n = len(confusion)
     size = min(size, n)
     off = confusion - np.diag(np.diag(confusion))
-    scores = [off[i:i + size, i:i + size].sum() for i in range(n - size + 1)]
+    scores = [off[i : i + size, i : i + size].sum() for i in range(n - size + 1)]
     start = int(np.argmax(scores))
     return start, start + size
 
@@ -78,8 +84,9 @@ def as_text(name: str) -> str:
     return str(name).replace("$", r"\$")
 
 
-def plot_confusion(confusion: np.ndarray, labels: list[str], order: np.ndarray, path: Path,
-                   zoom: int = 14) -> tuple[Path, tuple[int, int]]:
+def plot_confusion(
+    confusion: np.ndarray, labels: list[str], order: np.ndarray, path: Path, zoom: int = 14
+) -> tuple[Path, tuple[int, int]]:
     """Row-normalised confusion matrix in cluster order, with a zoomed, annotated most-confused block."""
     cm = confusion[np.ix_(order, order)].astype(np.float64)
     rows = cm.sum(1, keepdims=True)
@@ -97,12 +104,14 @@ def plot_confusion(confusion: np.ndarray, labels: list[str], order: np.ndarray, 
     ax.set_yticks(range(n), names, fontsize=font)
     ax.set_xlabel("predicted identity", fontsize=11)
     ax.set_ylabel("true identity", fontsize=11)
-    ax.set_title("Confusion matrix, normalised by row; similar and confused identities clustered together",
-                 fontsize=12)
+    ax.set_title("Confusion matrix, normalised by row; similar and confused identities clustered together", fontsize=12)
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01, label="share of the true identity's images")
     start, end = most_confused_block(cm, zoom)
-    ax.add_patch(matplotlib.patches.Rectangle((start - 0.5, start - 0.5), end - start, end - start, fill=False,
-                                              edgecolor="dodgerblue", lw=2))
+    ax.add_patch(
+        matplotlib.patches.Rectangle(
+            (start - 0.5, start - 0.5), end - start, end - start, fill=False, edgecolor="dodgerblue", lw=2
+        )
+    )
 
     zax = fig.add_subplot(grid[1])
     block = norm[start:end, start:end]
@@ -113,8 +122,15 @@ def plot_confusion(confusion: np.ndarray, labels: list[str], order: np.ndarray, 
         for j in range(end - start):
             count = int(cm[start + i, start + j])
             if count and i != j:
-                zax.text(j, i, str(count), ha="center", va="center", fontsize=8, color="white"
-                         if block[i, j] > 0.3 else "black")
+                zax.text(
+                    j,
+                    i,
+                    str(count),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if block[i, j] > 0.3 else "black",
+                )
     zax.set_title("Most-confused block (numbers: misclassified images)", fontsize=11)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -128,8 +144,17 @@ def _crop_panel(ax, image: np.ndarray | None, title: str, color: str, note: str 
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
     if note:
         h, w = (150, 150) if image is None else image.shape[:2]
-        ax.text(w / 2, h * 0.9, note, ha="center", va="bottom", fontsize=9, color="white", weight="bold",
-                bbox={"facecolor": "crimson", "alpha": 0.85, "pad": 2, "edgecolor": "none"})
+        ax.text(
+            w / 2,
+            h * 0.9,
+            note,
+            ha="center",
+            va="bottom",
+            fontsize=9,
+            color="white",
+            weight="bold",
+            bbox={"facecolor": "crimson", "alpha": 0.85, "pad": 2, "edgecolor": "none"},
+        )
     ax.set_title(title, fontsize=8.5, color=color, loc="left")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -152,8 +177,13 @@ def plot_samples(samples: list[dict], path: Path, title: str, columns: int = 6) 
     paired = any("neighbour" in s for s in samples)
     per_row = columns // 2 if paired else columns
     n_rows = max(1, int(np.ceil(len(samples) / per_row)))
-    fig, axes = plt.subplots(n_rows, columns, figsize=(columns * 2.6, n_rows * 3.4 + 1.0), squeeze=False,
-                             gridspec_kw={"hspace": 0.55, "wspace": 0.08})
+    fig, axes = plt.subplots(
+        n_rows,
+        columns,
+        figsize=(columns * 2.6, n_rows * 3.4 + 1.0),
+        squeeze=False,
+        gridspec_kw={"hspace": 0.55, "wspace": 0.08},
+    )
     for ax in axes.ravel():
         ax.axis("off")
     for k, sample in enumerate(samples):
@@ -187,14 +217,24 @@ def plot_open_set(curve_distance, curve_probability, point, path: Path) -> Path:
     # The close-up spans the calibrated point and the best corner, with some room around both.
     lo_x = max(0.0, min(point[0], 0.95) - 0.05)
     lo_y = max(0.0, min(point[1], 0.95) - 0.05)
-    for ax, (x0, y0), title in ((axes[0], (0.0, 0.0), "the whole trade-off"),
-                                (axes[1], (lo_x, lo_y), "close-up of the top-right corner")):
-        for curve, label in ((curve_distance, "sweeping the distance threshold"),
-                             (curve_probability, "sweeping the probability threshold")):
+    for ax, (x0, y0), title in (
+        (axes[0], (0.0, 0.0), "the whole trade-off"),
+        (axes[1], (lo_x, lo_y), "close-up of the top-right corner"),
+    ):
+        for curve, label in (
+            (curve_distance, "sweeping the distance threshold"),
+            (curve_probability, "sweeping the probability threshold"),
+        ):
             xs, ys = zip(*curve)
             ax.plot(xs, ys, lw=2, label=label, marker="." if x0 else None, ms=4)
-        ax.scatter([point[0]], [point[1]], s=90, color="crimson", zorder=5,
-                   label=f"calibrated: {100 * point[0]:.1f}% rejected, {100 * point[1]:.1f}% named")
+        ax.scatter(
+            [point[0]],
+            [point[1]],
+            s=90,
+            color="crimson",
+            zorder=5,
+            label=f"calibrated: {100 * point[0]:.1f}% rejected, {100 * point[1]:.1f}% named",
+        )
         ax.set_xlabel("strangers rejected (share)")
         ax.set_ylabel("known test faces accepted and named correctly (share)")
         ax.set_title(title)

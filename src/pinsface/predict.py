@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pinsface.faces import (FaceDetector, align_face, choose_face, crop_scale_ok, detect_each, refine_view,
-                            to_full_face)
+from pinsface.faces import FaceDetector, align_face, choose_face, crop_scale_ok, detect_each, refine_view, to_full_face
 from pinsface.images import BadImage, Decoded, load_image, load_scaled
 from pinsface.run import Run, RunState
 from pinsface.settings import Settings
@@ -47,8 +46,12 @@ class ImageResult:
     note: str | None = None  # e.g. "no face found"
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "faces": [f.to_dict() for f in self.faces], "error": self.error,
-                "note": self.note}
+        return {
+            "source": self.source,
+            "faces": [f.to_dict() for f in self.faces],
+            "error": self.error,
+            "note": self.note,
+        }
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
@@ -59,8 +62,11 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files.extend(str(p) for p in sorted(path.rglob("*"))
-                         if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+            files.extend(
+                str(p)
+                for p in sorted(path.rglob("*"))
+                if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            )
         elif any(ch in item for ch in "*?[") and not os.path.lexists(item):  # an existing file is a file
             files.extend(sorted(glob.glob(item, recursive=True)))
         else:
@@ -88,7 +94,7 @@ class Recognizer:
         self._embedder = None
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike, mode: str | None = None) -> "Recognizer":
+    def load(cls, run_dir: str | os.PathLike, mode: str | None = None) -> Recognizer:
         """Load a run folder written by ``pinsface train`` / ``run`` (must be an ``embedding`` run).
         ``mode`` (head, gallery, auto) overrides the run's ``Settings.mode``."""
         from pinsface.scoring import resolve_mode
@@ -100,8 +106,10 @@ class Recognizer:
         state = run.load_state(settings)
         mode = resolve_mode(mode or settings.mode, len(state.labels))
         if mode == "head" and state.model.output_shape[-1] != len(state.labels):
-            raise ValueError(f"{run_dir}: the head knows {state.model.output_shape[-1]} of {len(state.labels)} "
-                             "identities (people were enrolled in gallery mode): use mode 'gallery'")
+            raise ValueError(
+                f"{run_dir}: the head knows {state.model.output_shape[-1]} of {len(state.labels)} "
+                "identities (people were enrolled in gallery mode): use mode 'gallery'"
+            )
         return cls(run, settings, state, mode)
 
     @property
@@ -147,23 +155,35 @@ class Recognizer:
         """Backbone embeddings of aligned crops and of their mirror images (the head averages the two)."""
         return self.embedder.both_views(crops)
 
-    def identify(self, image: str | os.PathLike | bytes | np.ndarray, top_k: int = 3,
-                 threshold: float | None = None, min_probability: float | None = None) -> list[Face]:
+    def identify(
+        self,
+        image: str | os.PathLike | bytes | np.ndarray,
+        top_k: int = 3,
+        threshold: float | None = None,
+        min_probability: float | None = None,
+    ) -> list[Face]:
         """Every face in one image. Raises ``BadImage`` for a file that cannot be used.
 
         ``threshold`` (a distance) and ``min_probability`` override the run's calibrated thresholds."""
         array = load_image(image, self.face_settings.max_pixels)
         return self._name([array], [self.detector.detect([array])[0]], top_k, threshold, min_probability)[0]
 
-    def identify_many(self, sources: list, batch_size: int = 32, top_k: int = 3, threshold: float | None = None,
-                      min_probability: float | None = None, progress: bool = False) -> list[ImageResult]:
+    def identify_many(
+        self,
+        sources: list,
+        batch_size: int = 32,
+        top_k: int = 3,
+        threshold: float | None = None,
+        min_probability: float | None = None,
+        progress: bool = False,
+    ) -> list[ImageResult]:
         """Every face in many images, detection and embedding batched. Bad files get an error entry."""
         from tqdm import tqdm
 
         results: list[ImageResult] = []
         bar = tqdm(total=len(sources), desc="photos", unit="photo", disable=not progress, leave=False)
         for lo in range(0, len(sources), batch_size):
-            batch = sources[lo:lo + batch_size]
+            batch = sources[lo : lo + batch_size]
             arrays, names, entries, decoded_sources = [], [], [], []
             for source in batch:
                 name = source if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
@@ -182,15 +202,19 @@ class Recognizer:
             for k, faces in enumerate(found):
                 if isinstance(faces, Exception):  # this image alone failed in the detector: report it, go on
                     entries[pending[k]] = ImageResult(
-                        names[k], [], error="detector_error", note=f"{type(faces).__name__}: {faces}")
+                        names[k], [], error="detector_error", note=f"{type(faces).__name__}: {faces}"
+                    )
             keep = [k for k, faces in enumerate(found) if not isinstance(faces, Exception)]
             arrays, names = [arrays[k] for k in keep], [names[k] for k in keep]
             decoded_sources = [decoded_sources[k] for k in keep]
             found = [[to_full_face(f, view) for f in found[k]] for k, view in zip(keep, arrays)]
             try:
-                arrays = [view if crop_scale_ok(view, [f.size for f in faces]) else
-                          refine_view(source, view, [f.size for f in faces], self.face_settings.max_pixels)
-                          for source, view, faces in zip(decoded_sources, arrays, found)]
+                arrays = [
+                    view
+                    if crop_scale_ok(view, [f.size for f in faces])
+                    else refine_view(source, view, [f.size for f in faces], self.face_settings.max_pixels)
+                    for source, view, faces in zip(decoded_sources, arrays, found)
+                ]
             except BadImage:  # the file changed under us: use what was decoded
                 pass
             faces = self._name(arrays, found, top_k, threshold, min_probability) if arrays else []
@@ -204,10 +228,10 @@ class Recognizer:
         bar.close()
         return results
 
-    def _name(self, images: list[np.ndarray], detections, top_k: int, threshold: float | None,
-              min_probability: float | None) -> list[list[Face]]:
-        from pinsface.scoring import (head_probabilities, identity_scores, match_faces, match_nearest,
-                                      nearest_identities)
+    def _name(
+        self, images: list[np.ndarray], detections, top_k: int, threshold: float | None, min_probability: float | None
+    ) -> list[list[Face]]:
+        from pinsface.scoring import head_probabilities, identity_scores, match_faces, match_nearest, nearest_identities
 
         crops, owners = [], []
         for i, (image, faces) in enumerate(zip(images, detections)):
@@ -229,22 +253,30 @@ class Recognizer:
         else:
             g = state.gallery
             probs, dists = head_probabilities(state.model.get_layer("head"), emb, emb_flip), g.distances(emb, emb_flip)
-            matches = match_faces(probs, dists, p_min, d_max, top_k,
-                                  scores=identity_scores(probs, dists, g.knn_weight, g.knn_tau))
+            matches = match_faces(
+                probs, dists, p_min, d_max, top_k, scores=identity_scores(probs, dists, g.knn_weight, g.knn_tau)
+            )
         labels = state.labels
 
         def rounded(value: float | None) -> float | None:
             return None if value is None else round(value, 4)
 
         for (i, face), m in zip(owners, matches):
-            out[i].append(Face(
-                box=[round(float(v), 2) for v in face.box], detector_confidence=round(face.confidence, 4),
-                landmarks=[[round(float(a), 2), round(float(b), 2)] for a, b in face.landmarks],
-                identity=labels[m.best] if m.accepted else None,
-                probability=rounded(m.probability), distance=round(m.distance, 4), best_match=labels[m.best],
-                alternatives=[{"identity": labels[k], "probability": rounded(p), "distance": round(d, 4)}
-                              for k, p, d in m.alternatives],
-            ))
+            out[i].append(
+                Face(
+                    box=[round(float(v), 2) for v in face.box],
+                    detector_confidence=round(face.confidence, 4),
+                    landmarks=[[round(float(a), 2), round(float(b), 2)] for a, b in face.landmarks],
+                    identity=labels[m.best] if m.accepted else None,
+                    probability=rounded(m.probability),
+                    distance=round(m.distance, 4),
+                    best_match=labels[m.best],
+                    alternatives=[
+                        {"identity": labels[k], "probability": rounded(p), "distance": round(d, 4)}
+                        for k, p, d in m.alternatives
+                    ],
+                )
+            )
         return out
 
     def faces_for_enrolment(self, images: list) -> tuple[np.ndarray, np.ndarray, int, list[dict]]:
@@ -325,8 +357,9 @@ class Recognizer:
             if save:
                 state.generation = self.run.save_state(state.labels, model, gallery, model_changed=head is not None)
             self._state = state
-        summary.update({"identities": len(state.labels), "calibration": gallery.calibration,
-                        "generation": state.generation})
+        summary.update(
+            {"identities": len(state.labels), "calibration": gallery.calibration, "generation": state.generation}
+        )
         return summary
 
     def identities(self) -> list[dict]:
@@ -334,8 +367,9 @@ class Recognizer:
         g = self.gallery
         counts = np.bincount(np.concatenate([g.owner, g.val_owner]).astype(np.int64), minlength=len(g.labels))
         trained = set(g.trained_labels)
-        return [{"name": name, "faces": int(counts[i]), "enrolled": name not in trained}
-                for i, name in enumerate(g.labels)]
+        return [
+            {"name": name, "faces": int(counts[i]), "enrolled": name not in trained} for i, name in enumerate(g.labels)
+        ]
 
     def save(self) -> None:
         """Save the current labels, model and gallery as the run folder's newest state."""
@@ -367,8 +401,9 @@ def annotate(image: np.ndarray, faces: list[Face], path: Path) -> Path:
         ty = y1 - 6 if y1 - th - base - 8 > 0 else max(y1, 0) + th + base + 4  # no room above: inside the top
         tx = min(max(0, x1), max(0, w - tw - 4))
         cv2.rectangle(canvas, (tx, ty - th - base - 2), (tx + tw + 4, ty + base), color, -1)
-        cv2.putText(canvas, text, (tx + 2, ty - 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), weight,
-                    cv2.LINE_AA)
+        cv2.putText(
+            canvas, text, (tx + 2, ty - 2), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), weight, cv2.LINE_AA
+        )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), canvas)
     return Path(path)
@@ -387,6 +422,5 @@ def format_table(results: list[ImageResult]) -> str:
             who = f.identity if f.identity else f"unknown (nearest: {f.best_match})"
             box = ",".join(str(int(v)) for v in f.box)
             prob = f"{f.probability:5.2f}" if f.probability is not None else f"{'-':>5s}"
-            lines.append(f"{name if i == 0 else '':40s} {i + 1:>4d}  {who[:28]:28s} {prob} "
-                         f"{f.distance:5.2f}  {box}")
+            lines.append(f"{name if i == 0 else '':40s} {i + 1:>4d}  {who[:28]:28s} {prob} {f.distance:5.2f}  {box}")
     return "\n".join(lines)

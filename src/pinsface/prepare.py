@@ -14,7 +14,7 @@ import numpy as np
 
 from pinsface.cache import FaceCache, content_hash
 from pinsface.dataset import Dataset, scan_dataset
-from pinsface.face_records import decoded_batches, face_record, image_records
+from pinsface.face_records import decoded_batches, image_records
 from pinsface.faces import FACE_STATUSES, STATUSES, FaceDetector
 from pinsface.images import BadImage, read_bytes
 from pinsface.settings import FaceSettings
@@ -64,8 +64,9 @@ SUBJECT_DISTANCE_MARGIN = 0.08
 SUBJECT_REFERENCES = 32
 
 
-def second_pass(held: dict, dataset: Dataset, hashes: list, status: list, cache: FaceCache,
-                settings: FaceSettings, embedder=None) -> dict:
+def second_pass(
+    held: dict, dataset: Dataset, hashes: list, status: list, cache: FaceCache, settings: FaceSettings, embedder=None
+) -> dict:
     """Choose the subject of held multi-face photos by their faces' distance to the person's single-face photos.
 
     Done per identity with at least ``subject_pass_min_photos`` held photos and 3 single-face references; other
@@ -78,8 +79,11 @@ def second_pass(held: dict, dataset: Dataset, hashes: list, status: list, cache:
     for identity, digests in by_identity.items():
         if len(digests) < settings.subject_pass_min_photos:
             continue
-        refs = [hashes[i] for i, it in enumerate(dataset.items)
-                if it.identity == identity and status[i] in ("ok", "small_face") and hashes[i]]
+        refs = [
+            hashes[i]
+            for i, it in enumerate(dataset.items)
+            if it.identity == identity and status[i] in ("ok", "small_face") and hashes[i]
+        ]
         if len(refs) >= 3:
             todo[identity] = (digests, refs[:SUBJECT_REFERENCES])
     if not todo:
@@ -90,7 +94,7 @@ def second_pass(held: dict, dataset: Dataset, hashes: list, status: list, cache:
 
         embedder = Embedder(get_backbone())
     table = cache.load(sorted({h for _, refs in todo.values() for h in refs}), crops=("aligned",))
-    for identity, (digests, refs) in todo.items():
+    for digests, refs in todo.values():
         refs = [h for h in refs if h in table]
         if len(refs) < 3:
             continue
@@ -100,7 +104,7 @@ def second_pass(held: dict, dataset: Dataset, hashes: list, status: list, cache:
             keys = list(record["candidates"])
             emb = embedder(np.stack([record["candidates"][k][0] for k in keys]))
             dist = np.linalg.norm(emb[:, None, :] - ref_emb[None, :, :], axis=2)
-            near = np.sort(dist, axis=1)[:, :min(5, len(refs))].mean(axis=1)
+            near = np.sort(dist, axis=1)[:, : min(5, len(refs))].mean(axis=1)
             order = np.argsort(near)
             best = int(order[0])
             lead = near[order[1]] - near[best] if len(order) > 1 else np.inf
@@ -116,9 +120,19 @@ def second_pass(held: dict, dataset: Dataset, hashes: list, status: list, cache:
     return dict(counts)
 
 
-def prepare(data_dir=None, cache_dir=None, settings: FaceSettings | None = None, batch_size: int = 64,
-            progress: bool = True, detector: FaceDetector | None = None, dataset: Dataset | None = None,
-            engine: str = "local", address: str | None = None, embed=None, workers: int | None = None) -> Prepared:
+def prepare(
+    data_dir=None,
+    cache_dir=None,
+    settings: FaceSettings | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    detector: FaceDetector | None = None,
+    dataset: Dataset | None = None,
+    engine: str = "local",
+    address: str | None = None,
+    embed=None,
+    workers: int | None = None,
+) -> Prepared:
     """Detect and crop every image of ``data_dir`` that the cache does not have yet.
 
     ``engine="ray"`` does that work on a Ray cluster (``address``, else a local instance with ``workers`` CPUs),
@@ -154,10 +168,17 @@ def prepare(data_dir=None, cache_dir=None, settings: FaceSettings | None = None,
     if engine == "ray" and todo:
         from pinsface.ray_engine import prepare_on_ray
 
-        ray_report = prepare_on_ray([os.path.abspath(dataset.path(dataset.items[i])) for i in todo],
-                                    [hashes[i] for i in todo],
-                                    cache, settings, embed, address, workers, chunk_images=CHUNK_IMAGES,
-                                    detect_batch_size=batch_size)
+        ray_report = prepare_on_ray(
+            [os.path.abspath(dataset.path(dataset.items[i])) for i in todo],
+            [hashes[i] for i in todo],
+            cache,
+            settings,
+            embed,
+            address,
+            workers,
+            chunk_images=CHUNK_IMAGES,
+            detect_batch_size=batch_size,
+        )
         for j, (reason, detail) in ray_report.pop("errors").items():
             i = todo[j]
             status[i], hashes[i] = reason, None
@@ -176,15 +197,14 @@ def prepare(data_dir=None, cache_dir=None, settings: FaceSettings | None = None,
 
     for lo in range(0, len(local), CHUNK_IMAGES):
         chunk = []
-        for i in local[lo:lo + CHUNK_IMAGES]:
+        for i in local[lo : lo + CHUNK_IMAGES]:
             if hashes[i] in scheduled:
                 bar.update(1)
             else:
                 scheduled.add(hashes[i])
                 chunk.append(i)
         records = []
-        for batch in decoded_batches(pool, [(i, dataset.path(dataset.items[i])) for i in chunk], batch_size,
-                                      settings):
+        for batch in decoded_batches(pool, [(i, dataset.path(dataset.items[i])) for i in chunk], batch_size, settings):
             made, errors = image_records(detector, batch, hashes, settings, held)
             records.extend(made)
             for i, error in errors:
@@ -197,7 +217,7 @@ def prepare(data_dir=None, cache_dir=None, settings: FaceSettings | None = None,
     table = cache.load([h for h in hashes if h], crops=())
     subject_pass = {}
     if held:
-        for digest, (i, record) in held.items():
+        for i, record in held.values():
             status[i] = record["status"]
         for i, digest in enumerate(hashes):
             row = table.index.get(digest) if digest else None
@@ -252,15 +272,21 @@ def format_summary(summary: dict) -> str:
         f"images          {summary['images']}",
         f"faces found     {summary['faces_found']}",
         f"no face         {summary['no_face']}"
-        + (f" ({summary['outcomes']['no_face_photo']} photos, not crop-like: left out)"
-           if summary["outcomes"]["no_face_photo"] else ""),
+        + (
+            f" ({summary['outcomes']['no_face_photo']} photos, not crop-like: left out)"
+            if summary["outcomes"]["no_face_photo"]
+            else ""
+        ),
         f"multi-face      {summary['multi_face']}",
         f"small face      {summary['outcomes']['small_face']}  (one face, under a fifth of the short side)",
         f"subject chosen  {summary['outcomes']['subject']}  (several faces, one clearly the subject)",
         f"ambiguous       {summary['ambiguous']}  (several faces, none clearly the subject: left out)",
         f"skipped         {sum(summary['skipped'].values())}"
-        + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(summary['skipped'].items())) + ")"
-           if summary["skipped"] else ""),
+        + (
+            " (" + ", ".join(f"{k}: {v}" for k, v in sorted(summary["skipped"].items())) + ")"
+            if summary["skipped"]
+            else ""
+        ),
         f"from cache      {summary['from_cache']}",
         f"time            {summary['seconds']:.1f} s ({summary['images_per_second']} images/s)",
     ]
@@ -271,8 +297,9 @@ def format_summary(summary: dict) -> str:
     if summary["empty_folders"]:
         lines.append("empty folders   " + ", ".join(summary["empty_folders"]))
     if summary.get("cache_outdated_chunks"):
-        lines.append(f"outdated cache  {len(summary['cache_outdated_chunks'])} chunk(s) in the old pickle format "
-                     "recomputed")
+        lines.append(
+            f"outdated cache  {len(summary['cache_outdated_chunks'])} chunk(s) in the old pickle format recomputed"
+        )
     if summary["cache_corrupt_chunks"]:
         lines.append(f"corrupt cache   {len(summary['cache_corrupt_chunks'])} chunk(s) dropped and recomputed")
     for f in summary["skipped_files"][:20]:

@@ -34,8 +34,13 @@ RAGGED = {"boxes": (4,), "scores": (), "landmarks": (5, 2)}
 
 def _one_thread() -> None:
     """One TensorFlow (and BLAS) thread per worker: Ray gives each worker one CPU."""
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
-                 "TF_NUM_INTEROP_THREADS"):
+    for name in (
+        "OMP_NUM_THREADS",
+        "OPENBLAS_NUM_THREADS",
+        "MKL_NUM_THREADS",
+        "TF_NUM_INTRAOP_THREADS",
+        "TF_NUM_INTEROP_THREADS",
+    ):
         os.environ[name] = "1"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from pinsface._tf import import_tensorflow_quietly
@@ -53,8 +58,9 @@ def _one_thread() -> None:
 class FaceWorker:
     """A Ray Data callable class: a batch of {"path", "hash"} rows -> face records and embeddings."""
 
-    def __init__(self, face_settings: dict, backbone: str | None, precision: str, embed_batch_size: int,
-                 detect_batch_size: int):
+    def __init__(
+        self, face_settings: dict, backbone: str | None, precision: str, embed_batch_size: int, detect_batch_size: int
+    ):
         _one_thread()
         from pinsface.faces import FaceDetector
 
@@ -112,9 +118,15 @@ class FaceWorker:
             rows = sorted(records)
             emb[rows], emb_flip[rows] = self.embedder.both_views(np.stack([records[i]["aligned"] for i in rows]))
         blank = face_record(np.zeros((s.aligned_size, s.aligned_size, 3), np.uint8), [], s, "")
-        out = {"index": index, "hash": np.array(hashes),
-               "error": np.array([e[0] for e in errors]), "detail": np.array([e[1] for e in errors]),
-               "pid": np.full(n, self.pid, np.int64), "embedding": emb, "embedding_flip": emb_flip}
+        out = {
+            "index": index,
+            "hash": np.array(hashes),
+            "error": np.array([e[0] for e in errors]),
+            "detail": np.array([e[1] for e in errors]),
+            "pid": np.full(n, self.pid, np.int64),
+            "embedding": emb,
+            "embedding_flip": emb_flip,
+        }
         full = [records.get(i, blank) for i in range(n)]
         for key in ("status", "n_faces", "chosen", "image_shape", "fallback", "aligned", "box"):
             out[key] = np.stack([np.asarray(r[key]) for r in full])
@@ -145,8 +157,7 @@ class RayCluster:
     """Connects to ``address`` (``ray start --head`` elsewhere, ``ray://...``), or starts a local instance with
     ``num_cpus`` CPUs (default: all of this machine's). Shuts down only what it started."""
 
-    def __init__(self, address: str | None = None, num_cpus: int | None = None,
-                 object_store_bytes: int = 512 * 2 ** 20):
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, object_store_bytes: int = 512 * 2**20):
         try:
             import ray
         except ImportError as exc:
@@ -159,8 +170,14 @@ class RayCluster:
                 ray.init(address=address, runtime_env=env, log_to_driver=False)
             else:
                 # "local": a fresh instance of our own, never another process's cluster on this machine.
-                ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_bytes,
-                         include_dashboard=False, runtime_env=env, log_to_driver=False)
+                ray.init(
+                    address="local",
+                    num_cpus=num_cpus,
+                    object_store_memory=object_store_bytes,
+                    include_dashboard=False,
+                    runtime_env=env,
+                    log_to_driver=False,
+                )
 
     def workers(self) -> int:
         return max(1, int(self.ray.cluster_resources().get("CPU", 1)))
@@ -170,8 +187,17 @@ class RayCluster:
             self.ray.shutdown()
 
 
-def process(chunks: list[list[int]], paths: list[str], hashes: list[str], settings: FaceSettings, embed=None,
-            address: str | None = None, workers: int | None = None, on_batch=None, detect_batch_size: int = 64) -> dict:
+def process(
+    chunks: list[list[int]],
+    paths: list[str],
+    hashes: list[str],
+    settings: FaceSettings,
+    embed=None,
+    address: str | None = None,
+    workers: int | None = None,
+    on_batch=None,
+    detect_batch_size: int = 64,
+) -> dict:
     """Run ``FaceWorker`` over ``paths`` on Ray, one row per chunk (``chunks``: lists of positions in ``paths``),
     and hand each finished batch (numpy columns, one row per image; ``index``: the position) to ``on_batch``.
 
@@ -187,11 +213,17 @@ def process(chunks: list[list[int]], paths: list[str], hashes: list[str], settin
         n_workers = workers or cluster.workers()
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
-        rows = [{"index": list(chunk), "paths": [paths[j] for j in chunk], "hashes": [hashes[j] for j in chunk]}
-                for chunk in chunks if chunk]
+        rows = [
+            {"index": list(chunk), "paths": [paths[j] for j in chunk], "hashes": [hashes[j] for j in chunk]}
+            for chunk in chunks
+            if chunk
+        ]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
         ds = ds.map_batches(
-            FaceWorker, batch_size=1, batch_format="numpy", num_cpus=1,
+            FaceWorker,
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=1,
             compute=ray.data.ActorPoolStrategy(size=n_workers),
             fn_constructor_kwargs={
                 "face_settings": asdict(settings),
@@ -199,7 +231,8 @@ def process(chunks: list[list[int]], paths: list[str], hashes: list[str], settin
                 "precision": resolve_precision(embed.embed_precision) if embed is not None else "float32",
                 "embed_batch_size": embed.embed_batch_size if embed is not None else 64,
                 "detect_batch_size": detect_batch_size,
-            })
+            },
+        )
         driver, driver_cpu = 0.0, 0.0
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
             t, c = time.perf_counter(), time.thread_time()
@@ -207,15 +240,27 @@ def process(chunks: list[list[int]], paths: list[str], hashes: list[str], settin
                 on_batch(batch)
             driver += time.perf_counter() - t
             driver_cpu += time.thread_time() - c
-        return {"workers": n_workers, "seconds": time.perf_counter() - start, "driver_write_seconds": driver,
-                "driver_write_cpu_seconds": driver_cpu}
+        return {
+            "workers": n_workers,
+            "seconds": time.perf_counter() - start,
+            "driver_write_seconds": driver,
+            "driver_write_cpu_seconds": driver_cpu,
+        }
     finally:
         cluster.close()
 
 
-def prepare_on_ray(paths: list[str], hashes: list[str], cache, settings: FaceSettings, embed=None,
-                   address: str | None = None, workers: int | None = None, chunk_images: int | None = None,
-                   detect_batch_size: int = 64) -> dict:
+def prepare_on_ray(
+    paths: list[str],
+    hashes: list[str],
+    cache,
+    settings: FaceSettings,
+    embed=None,
+    address: str | None = None,
+    workers: int | None = None,
+    chunk_images: int | None = None,
+    detect_batch_size: int = 64,
+) -> dict:
     """``prepare``'s per-image work for ``paths`` (with their content hashes, in the local engine's order) on Ray,
     written into ``cache`` (and the embedding cache matching ``embed``).
     Returns {"errors": {position: (reason, detail)}, "seconds", ...}."""
@@ -252,8 +297,9 @@ def prepare_on_ray(paths: list[str], hashes: list[str], cache, settings: FaceSet
             ok = np.flatnonzero(batch["error"] == "")
             emb_cache.write([str(h) for h in batch["hash"][ok]], batch["embedding"][ok], batch["embedding_flip"][ok])
 
-    report = process(chunks, paths, hashes, settings, embed, address, workers, on_batch=write,
-                     detect_batch_size=detect_batch_size)
+    report = process(
+        chunks, paths, hashes, settings, embed, address, workers, on_batch=write, detect_batch_size=detect_batch_size
+    )
     expected = sum(len(c) for c in chunks)
     if len(seen) != expected:  # Ray gave up on some rows: say so instead of leaving them out silently
         raise RuntimeError(f"the ray engine returned {len(seen)} of {expected} images")

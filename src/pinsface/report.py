@@ -12,8 +12,10 @@ import numpy as np
 
 def _img(path: Path, alt: str) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>' \
-           f'{html.escape(alt)}</figcaption></figure>'
+    return (
+        f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>'
+        f"{html.escape(alt)}</figcaption></figure>"
+    )
 
 
 def _stat(value) -> str:
@@ -27,8 +29,9 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def insights(metrics: dict, confusions: list[tuple[str, str, int]], train_counts: dict[str, int],
-             compare: dict | None) -> list[str]:
+def insights(
+    metrics: dict, confusions: list[tuple[str, str, int]], train_counts: dict[str, int], compare: dict | None
+) -> list[str]:
     """Plain-language findings computed from the numbers (HTML fragments)."""
     out = []
     if metrics.get("saved_model"):
@@ -73,9 +76,14 @@ def insights(metrics: dict, confusions: list[tuple[str, str, int]], train_counts
             out.append(
                 f"Class size: identities with at most {q1:.0f} training images have mean recall {_pct(small)}, "
                 f"those with at least {q3:.0f} have {_pct(large)} (correlation of training-set size with recall: "
-                f"{corr:+.2f}). " + ("Larger classes do somewhat better." if corr > 0.2 else
-                                     "Class size has little effect on recall." if abs(corr) <= 0.2 else
-                                     "Smaller classes do better here.")
+                f"{corr:+.2f}). "
+                + (
+                    "Larger classes do somewhat better."
+                    if corr > 0.2
+                    else "Class size has little effect on recall."
+                    if abs(corr) <= 0.2
+                    else "Smaller classes do better here."
+                )
             )
     if compare:
         diff = metrics["top1"] - compare["top1"]
@@ -127,8 +135,15 @@ li { margin: .35rem 0; }
 """
 
 
-def write_html(path: Path, metrics: dict, settings: dict, dataset_stats: dict, timings: dict,
-               figures: list[tuple[Path, str]], insight_lines: list[str]) -> Path:
+def write_html(
+    path: Path,
+    metrics: dict,
+    settings: dict,
+    dataset_stats: dict,
+    timings: dict,
+    figures: list[tuple[Path, str]],
+    insight_lines: list[str],
+) -> Path:
     per = metrics["per_identity"]
     rows = []
     for name, v in sorted(per.items()):
@@ -138,47 +153,55 @@ def write_html(path: Path, metrics: dict, settings: dict, dataset_stats: dict, t
             + f'<td class="n" data-v="{v["support"]}">{v["support"]}</td></tr>'
         )
     cards = [
-        ("top-1", _pct(metrics["top1"])), ("top-5", _pct(metrics["top5"])),
-        ("macro-F1", f"{metrics['macro_f1']:.4f}"), ("images", str(metrics["n_images"])),
-        ("no face found", str(metrics["n_no_face"])), ("unreadable", str(metrics["n_unreadable"])),
+        ("top-1", _pct(metrics["top1"])),
+        ("top-5", _pct(metrics["top5"])),
+        ("macro-F1", f"{metrics['macro_f1']:.4f}"),
+        ("images", str(metrics["n_images"])),
+        ("no face found", str(metrics["n_no_face"])),
+        ("unreadable", str(metrics["n_unreadable"])),
         ("top-1 over scored faces", _pct(metrics["top1_over_faces"])),
     ]
-    stats_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(_stat(v))}</td></tr>"
-                         for k, v in dataset_stats.items())
+    stats_rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(_stat(v))}</td></tr>" for k, v in dataset_stats.items()
+    )
     timing_rows = "".join(f"<tr><td>{html.escape(k)}</td><td class='n'>{v:.1f} s</td></tr>" for k, v in timings.items())
     unknown = metrics.get("unknown_identities") or {}
     unknown_html = ""
     if unknown:
-        unknown_html = "<p><b>Identities this run does not know</b> (reported, not scored): " + ", ".join(
-            f"{html.escape(k)} ({v} images)" for k, v in unknown.items()) + "</p>"
+        unknown_html = (
+            "<p><b>Identities this run does not know</b> (reported, not scored): "
+            + ", ".join(f"{html.escape(k)} ({v} images)" for k, v in unknown.items())
+            + "</p>"
+        )
+    config_text = html.escape(json.dumps(settings, indent=1, ensure_ascii=False))
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>pinsface evaluation</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{STYLE}</style></head>
 <body>
 <h1>pinsface evaluation</h1>
-<div class="headline">Top-1 accuracy <b>{_pct(metrics['top1'])}</b> on {metrics['n_images']} images of
-{html.escape(str(metrics.get('data', 'the test split')))} &mdash; model <b>{html.escape(settings.get('model', '?'))}</b>
+<div class="headline">Top-1 accuracy <b>{_pct(metrics["top1"])}</b> on {metrics["n_images"]} images of
+{html.escape(str(metrics.get("data", "the test split")))} &mdash; model <b>{html.escape(settings.get("model", "?"))}</b>
 </div>
-<div class="cards">{''.join(f'<div class="card">{html.escape(k)}<b>{html.escape(v)}</b></div>' for k, v in cards)}</div>
+<div class="cards">{"".join(f'<div class="card">{html.escape(k)}<b>{html.escape(v)}</b></div>' for k, v in cards)}</div>
 <p>Accuracy counts every image: one where no face was found or that could not be read is an error.</p>
 {unknown_html}
 <h2>Insights</h2>
-<ul>{''.join(f'<li>{line}</li>' for line in insight_lines)}</ul>
+<ul>{"".join(f"<li>{line}</li>" for line in insight_lines)}</ul>
 <h2>Dataset</h2><table>{stats_rows}</table>
 <h2>Timings</h2><table>{timing_rows}</table>
 <h2>Figures</h2>
-{''.join(_img(p, alt) for p, alt in figures)}
+{"".join(_img(p, alt) for p, alt in figures)}
 <h2>Classification report</h2>
 <input id="search" placeholder="Filter identities..." oninput="filterTable()">
 <div class="tablewrap"><table id="report-table"><thead><tr>
 <th onclick="sortTable(0,false)">identity &#x2195;</th><th onclick="sortTable(1,true)">precision &#x2195;</th>
 <th onclick="sortTable(2,true)">recall &#x2195;</th><th onclick="sortTable(3,true)">F1 &#x2195;</th>
 <th onclick="sortTable(4,true)">support &#x2195;</th></tr></thead>
-<tbody>{''.join(rows)}</tbody></table></div>
-<p>Macro average: precision {metrics['macro_precision']:.4f}, recall {metrics['macro_recall']:.4f},
-F1 {metrics['macro_f1']:.4f}.</p>
+<tbody>{"".join(rows)}</tbody></table></div>
+<p>Macro average: precision {metrics["macro_precision"]:.4f}, recall {metrics["macro_recall"]:.4f},
+F1 {metrics["macro_f1"]:.4f}.</p>
 <h2>Run settings</h2>
-<details><summary>config.json</summary><pre>{html.escape(json.dumps(settings, indent=1, ensure_ascii=False))}</pre></details>
+<details><summary>config.json</summary><pre>{config_text}</pre></details>
 <script>{TABLE_SCRIPT}</script>
 </body></html>
 """

@@ -110,13 +110,13 @@ class Run:
     def exists(self) -> bool:
         return (self.path / CONFIG).is_file()
 
-    def create(self) -> "Run":
+    def create(self) -> Run:
         self.path.mkdir(parents=True, exist_ok=True)
         return self
 
     # --- locking -------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self, timeout: float | None = None) -> Iterator["Run"]:
+    def lock(self, timeout: float | None = None) -> Iterator[Run]:
         """Hold the folder's writer lock (re-entrant within this object)."""
         from filelock import FileLock, Timeout
 
@@ -131,8 +131,10 @@ class Run:
                 pid = owner.read_text(encoding="utf-8").strip() or "unknown"
             except OSError:
                 pid = "unknown"
-            raise RunBusy(f"run folder is busy (pid {pid}): {self.path} is being written by another process; "
-                          "try again when it has finished") from None
+            raise RunBusy(
+                f"run folder is busy (pid {pid}): {self.path} is being written by another process; "
+                "try again when it has finished"
+            ) from None
         try:
             if self._lock.lock_counter == 1:
                 owner.write_text(str(os.getpid()), encoding="utf-8")
@@ -152,16 +154,20 @@ class Run:
     def settings(self) -> Settings:
         path = self.path / CONFIG
         if not path.is_file():
-            raise RunError(f"{self.path} is not a pinsface run folder: {CONFIG} is missing "
-                           "(train one with: pinsface train DATA --out RUN_DIR)")
+            raise RunError(
+                f"{self.path} is not a pinsface run folder: {CONFIG} is missing "
+                "(train one with: pinsface train DATA --out RUN_DIR)"
+            )
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise RunError(f"{path} cannot be read ({exc}); train the run again") from None
         written_by = str(data.get("pinsface_version", "0.1.0"))
         if _version_tuple(written_by)[:2] > _version_tuple(__version__)[:2]:
-            raise RunError(f"{self.path} was written by pinsface {written_by}, newer than this pinsface "
-                           f"{__version__}: upgrade pinsface to use it")
+            raise RunError(
+                f"{self.path} was written by pinsface {written_by}, newer than this pinsface "
+                f"{__version__}: upgrade pinsface to use it"
+            )
         try:
             return Settings.from_dict(data)
         except (TypeError, ValueError) as exc:
@@ -223,8 +229,10 @@ class Run:
     @staticmethod
     def state_names(generation: int) -> dict[str, str]:
         """File names of one generation: the first keeps the plain names (``model.keras`` ...)."""
-        return {key: stem + (f".g{generation}" if generation > 1 else "") + suffix
-                for key, (stem, suffix) in STATE_FILES.items()}
+        return {
+            key: stem + (f".g{generation}" if generation > 1 else "") + suffix
+            for key, (stem, suffix) in STATE_FILES.items()
+        }
 
     def load_state(self, settings: Settings | None = None, model: bool = True) -> RunState:
         """The current labels, model and gallery, checked against each other and the manifest. A reader that
@@ -237,8 +245,9 @@ class Run:
             except FileNotFoundError as exc:
                 newer = self.manifest()
                 if attempt == 2 or (newer or {}).get("generation") == (manifest or {}).get("generation"):
-                    raise RunError(f"{self.path}: {Path(exc.filename).name} is missing; restore the folder or "
-                                   "train the run again") from None
+                    raise RunError(
+                        f"{self.path}: {Path(exc.filename).name} is missing; restore the folder or train the run again"
+                    ) from None
         raise AssertionError("unreachable")
 
     def _load_state(self, manifest: dict | None, files: dict, settings: Settings, load_model: bool) -> RunState:
@@ -263,8 +272,10 @@ class Run:
                 except FileNotFoundError:
                     raise
                 except Exception as exc:  # a damaged npz can fail in many ways inside numpy or zipfile
-                    raise RunError(f"{gallery_path.name} is damaged ({type(exc).__name__}: {exc}); restore the "
-                                   "folder or train the run again") from None
+                    raise RunError(
+                        f"{gallery_path.name} is damaged ({type(exc).__name__}: {exc}); restore the "
+                        "folder or train the run again"
+                    ) from None
         self._check(manifest, labels, model, gallery, files)
         if gallery is not None and gallery.stale and model is not None:
             # Galleries saved before nearest-face distances hold thresholds for centroid distances.
@@ -281,8 +292,10 @@ class Run:
         try:
             return keras.saving.load_model(path, safe_mode=True, compile=False)
         except Exception as exc:  # a truncated or edited archive fails inside zipfile, h5py or Keras
-            raise RunError(f"{path.name} is damaged and cannot be loaded ({type(exc).__name__}: {exc}); "
-                           "restore the folder or train the run again") from None
+            raise RunError(
+                f"{path.name} is damaged and cannot be loaded ({type(exc).__name__}: {exc}); "
+                "restore the folder or train the run again"
+            ) from None
 
     def _check(self, manifest: dict | None, labels: list[str], model, gallery, files: dict) -> None:
         """One clear error naming what disagrees, rather than an IndexError or a wrong name later."""
@@ -294,23 +307,33 @@ class Run:
         if outputs is not None and (outputs > len(labels) or (head_covers_all and outputs != len(labels))):
             problems.append(f"model has {outputs} outputs but {files['labels']} has {len(labels)} names")
         if gallery is not None and list(gallery.labels) != list(labels):
-            problems.append(f"the gallery knows {len(gallery.labels)} identities but {files['labels']} has "
-                            f"{len(labels)} names" if len(gallery.labels) != len(labels)
-                            else f"the gallery's names differ from {files['labels']}")
+            problems.append(
+                f"the gallery knows {len(gallery.labels)} identities but {files['labels']} has {len(labels)} names"
+                if len(gallery.labels) != len(labels)
+                else f"the gallery's names differ from {files['labels']}"
+            )
         if manifest:
             if manifest.get("labels") != len(labels):
-                problems.append(f"manifest.json says {manifest.get('labels')} names but {files['labels']} has "
-                                f"{len(labels)}")
+                problems.append(
+                    f"manifest.json says {manifest.get('labels')} names but {files['labels']} has {len(labels)}"
+                )
             if outputs is not None and manifest.get("model_outputs") != outputs:
-                problems.append(f"manifest.json says the model has {manifest.get('model_outputs')} outputs but "
-                                f"{files['model']} has {outputs}")
+                problems.append(
+                    f"manifest.json says the model has {manifest.get('model_outputs')} outputs but "
+                    f"{files['model']} has {outputs}"
+                )
             if gallery is not None and manifest.get("gallery_faces") != gallery.size:
-                problems.append(f"manifest.json says the gallery holds {manifest.get('gallery_faces')} faces but "
-                                f"{files['gallery']} holds {gallery.size}")
+                problems.append(
+                    f"manifest.json says the gallery holds {manifest.get('gallery_faces')} faces but "
+                    f"{files['gallery']} holds {gallery.size}"
+                )
         if problems:
-            raise RunError(f"{self.path} is inconsistent: " + "; ".join(problems)
-                           + ". It was edited by hand or left half-saved by an older pinsface; restore it or train "
-                             "the run again")
+            raise RunError(
+                f"{self.path} is inconsistent: "
+                + "; ".join(problems)
+                + ". It was edited by hand or left half-saved by an older pinsface; restore it or train "
+                "the run again"
+            )
 
     def save_state(self, labels: list[str], model, gallery=None, model_changed: bool = True) -> int:
         """Save a new generation of the state and return its number. Holds the lock while it writes.
@@ -328,11 +351,16 @@ class Run:
                 atomic_write(self.path / names["gallery"], gallery.save)
             else:
                 names["gallery"] = None
-            manifest = {"pinsface_version": __version__, "generation": generation, "files": names,
-                        "labels": len(labels), "model_outputs": int(model.output_shape[-1]),
-                        "gallery_identities": len(gallery.labels) if gallery is not None else None,
-                        "gallery_faces": gallery.size if gallery is not None else None,
-                        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            manifest = {
+                "pinsface_version": __version__,
+                "generation": generation,
+                "files": names,
+                "labels": len(labels),
+                "model_outputs": int(model.output_shape[-1]),
+                "gallery_identities": len(gallery.labels) if gallery is not None else None,
+                "gallery_faces": gallery.size if gallery is not None else None,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
             atomic_write_text(self.path / MANIFEST, _json_text(manifest))
             self._fsync_folder()
             in_use = {*names.values(), *((previous or {}).get("files") or {}).values()}

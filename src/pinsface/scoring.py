@@ -18,7 +18,6 @@ from pinsface.embeddings import ensure_embeddings, run_embedder, run_embedding_c
 from pinsface.prepare import Prepared, usable_status
 from pinsface.settings import Settings
 
-
 MODES = ("auto", "head", "gallery")
 # Identities above which "auto" means gallery mode. On the shared data (105 identities) the head names more
 # test faces than the gallery (README, bench/openset.py), while refitting it on enrolment costs time in
@@ -61,8 +60,9 @@ def calibrate_distance(gallery, target_far: float | None = None) -> float:
         gallery.target_far = target_far
     _, impostor = gallery.leave_one_out()
     impostor = impostor[np.isfinite(impostor)]
-    gallery.threshold_distance = float(np.quantile(impostor, gallery.target_far, method="lower")) if len(
-        impostor) else 10.0
+    gallery.threshold_distance = (
+        float(np.quantile(impostor, gallery.target_far, method="lower")) if len(impostor) else 10.0
+    )
     return gallery.threshold_distance
 
 
@@ -73,8 +73,9 @@ def run_head(head, x: np.ndarray, chunk: int = 4096) -> np.ndarray:
 
     if len(x) == 0:
         return np.zeros((0, head.output_shape[-1]), np.float32)
-    return np.concatenate([keras.ops.convert_to_numpy(head(x[lo:lo + chunk], training=False))
-                           for lo in range(0, len(x), chunk)])
+    return np.concatenate(
+        [keras.ops.convert_to_numpy(head(x[lo : lo + chunk], training=False)) for lo in range(0, len(x), chunk)]
+    )
 
 
 def head_probabilities(head, emb: np.ndarray, emb_flip: np.ndarray | None = None) -> np.ndarray:
@@ -90,7 +91,9 @@ def identity_scores(probs: np.ndarray, dists: np.ndarray, knn_weight: float, knn
     at training time, see ``choose_blend``). With ``knn_weight`` 0 it is the head alone."""
     if not knn_weight:
         return probs
-    z = (1 - knn_weight) * np.log(np.maximum(probs, 1e-9)) - knn_weight * np.where(np.isfinite(dists), dists, 1e3) / knn_tau
+    z = (1 - knn_weight) * np.log(np.maximum(probs, 1e-9)) - knn_weight * np.where(
+        np.isfinite(dists), dists, 1e3
+    ) / knn_tau
     z = np.exp(z - z.max(1, keepdims=True))
     return (z / z.sum(1, keepdims=True)).astype(np.float32)
 
@@ -116,8 +119,7 @@ def topk_correct(probs: np.ndarray, usable: np.ndarray, y: np.ndarray, k: int) -
     return usable & (top == y[:, None]).any(axis=1)
 
 
-def accepted(probability: np.ndarray, distance: np.ndarray, min_probability: float,
-             max_distance: float) -> np.ndarray:
+def accepted(probability: np.ndarray, distance: np.ndarray, min_probability: float, max_distance: float) -> np.ndarray:
     """Whether a face is named as its best identity: probable enough and close enough to its enrolled faces."""
     return (np.asarray(probability) >= min_probability) & (np.asarray(distance) <= max_distance)
 
@@ -133,18 +135,30 @@ class Match:
     alternatives: list[tuple[int, float | None, float]]  # (identity, probability, distance)
 
 
-def match_faces(probs: np.ndarray, dists: np.ndarray, min_probability: float, max_distance: float,
-                top_k: int = 3, scores: np.ndarray | None = None) -> list[Match]:
+def match_faces(
+    probs: np.ndarray,
+    dists: np.ndarray,
+    min_probability: float,
+    max_distance: float,
+    top_k: int = 3,
+    scores: np.ndarray | None = None,
+) -> list[Match]:
     """Per face (rows of ``probs`` and ``dists``, faces x identities): its best identity and whether it is named.
     Identities are ranked by ``scores`` (``identity_scores``; default the head's probabilities); the thresholds
     apply to the head's probability and the distance of the identity ranked first."""
     out = []
     for p, d, q in zip(probs, dists, probs if scores is None else scores):
-        order = np.argsort(-q)[:max(top_k, 1)]
+        order = np.argsort(-q)[: max(top_k, 1)]
         best = int(order[0])
-        out.append(Match(best, float(p[best]), float(d[best]),
-                         bool(accepted(p[best], d[best], min_probability, max_distance)),
-                         [(int(k), float(p[k]), float(d[k])) for k in order[:top_k]]))
+        out.append(
+            Match(
+                best,
+                float(p[best]),
+                float(d[best]),
+                bool(accepted(p[best], d[best], min_probability, max_distance)),
+                [(int(k), float(p[k]), float(d[k])) for k in order[:top_k]],
+            )
+        )
     return out
 
 
@@ -154,13 +168,27 @@ def match_nearest(ids: np.ndarray, dists: np.ndarray, max_distance: float, top_k
     for order, d in zip(ids, dists):
         found = order >= 0
         order, d = order[found], d[found]
-        out.append(Match(int(order[0]), None, float(d[0]), bool(d[0] <= max_distance),
-                         [(int(k), None, float(v)) for k, v in zip(order[:top_k], d[:top_k])]))
+        out.append(
+            Match(
+                int(order[0]),
+                None,
+                float(d[0]),
+                bool(d[0] <= max_distance),
+                [(int(k), None, float(v)) for k, v in zip(order[:top_k], d[:top_k])],
+            )
+        )
     return out
 
 
-def score_images(model, settings: Settings, prepared: Prepared, items: np.ndarray,
-                 progress: bool = False, gallery=None, mode: str = "head") -> tuple[np.ndarray, np.ndarray]:
+def score_images(
+    model,
+    settings: Settings,
+    prepared: Prepared,
+    items: np.ndarray,
+    progress: bool = False,
+    gallery=None,
+    mode: str = "head",
+) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities for dataset positions ``items`` and a mask of those that had a face to score.
 
     For the embedding model this runs the saved head on cached backbone embeddings (computing any that are
@@ -176,9 +204,13 @@ def score_images(model, settings: Settings, prepared: Prepared, items: np.ndarra
     if not hashes:
         return probs, usable
     if settings.model == "embedding":
-        emb, emb_flip = ensure_embeddings(hashes, prepared.cache, run_embedding_cache(settings, prepared.cache.root),
-                                          run_embedder(settings, model.get_layer(settings.backbone)),
-                                          progress=progress)
+        emb, emb_flip = ensure_embeddings(
+            hashes,
+            prepared.cache,
+            run_embedding_cache(settings, prepared.cache.root),
+            run_embedder(settings, model.get_layer(settings.backbone)),
+            progress=progress,
+        )
         if mode == "gallery":
             probs[usable] = gallery_scores(gallery, emb, emb_flip)
         else:
@@ -188,6 +220,5 @@ def score_images(model, settings: Settings, prepared: Prepared, items: np.ndarra
             probs[usable] = p
     else:
         faces = prepared.cache.load(hashes, crops=("box",))
-        probs[usable] = model.predict(faces.columns["box"][faces.rows(hashes)][..., None], batch_size=512,
-                                      verbose=0)
+        probs[usable] = model.predict(faces.columns["box"][faces.rows(hashes)][..., None], batch_size=512, verbose=0)
     return probs, usable

@@ -42,7 +42,7 @@ class FaceSettings:
         return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
     @classmethod
-    def from_dict(cls, data: dict) -> "FaceSettings":
+    def from_dict(cls, data: dict) -> FaceSettings:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         for key in ("thresholds", "template_shift"):
@@ -136,7 +136,7 @@ class Settings:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Settings":
+    def from_dict(cls, data: dict) -> Settings:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         if "faces" in values:
@@ -146,5 +146,5 @@ class Settings:
         return cls(**values)
 
     @classmethod
-    def load(cls, path: Path) -> "Settings":
+    def load(cls, path: Path) -> Settings:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))

@@ -53,18 +53,38 @@ def lr_schedule(settings: Settings, lr: float, epochs: int):
     import keras
 
     if settings.lr_schedule == "plateau":
-        return keras.callbacks.ReduceLROnPlateau(monitor=settings.monitor, factor=0.3, patience=settings.lr_patience,
-                                                 min_delta=settings.min_delta, min_lr=lr / 1000)
+        return keras.callbacks.ReduceLROnPlateau(
+            monitor=settings.monitor,
+            factor=0.3,
+            patience=settings.lr_patience,
+            min_delta=settings.min_delta,
+            min_lr=lr / 1000,
+        )
     if settings.lr_schedule == "cosine":
         floor = lr / 1000
         return keras.callbacks.LearningRateScheduler(
-            lambda epoch: floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs - 1, 1))))
+            lambda epoch: floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * epoch / max(epochs - 1, 1)))
+        )
     raise ValueError(f"lr_schedule must be 'plateau' or 'cosine', not {settings.lr_schedule!r}")
 
 
-def fit(model, x, y, xv, yv, settings: Settings, log_path: Path, checkpoint_dir: Path, stage: str, epochs: int,
-        lr: float, class_weight=None, progress: bool = True, mixup: float = 0.0,
-        lr_trajectory: list[float] | None = None) -> dict:
+def fit(
+    model,
+    x,
+    y,
+    xv,
+    yv,
+    settings: Settings,
+    log_path: Path,
+    checkpoint_dir: Path,
+    stage: str,
+    epochs: int,
+    lr: float,
+    class_weight=None,
+    progress: bool = True,
+    mixup: float = 0.0,
+    lr_trajectory: list[float] | None = None,
+) -> dict:
     """Train ``model`` on (x, y) with early stopping and the LR schedule, validating on (xv, yv); returns the
     stage's history. The best epoch's weights are restored at the end.
 
@@ -80,27 +100,41 @@ def fit(model, x, y, xv, yv, settings: Settings, log_path: Path, checkpoint_dir:
 
     keras.utils.set_random_seed(settings.seed)
     n_classes = model.output_shape[-1]
-    model.compile(optimizer=keras.optimizers.AdamW(lr, weight_decay=settings.weight_decay),
-                  loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing))
+    model.compile(
+        optimizer=keras.optimizers.AdamW(lr, weight_decay=settings.weight_decay),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing),
+    )
     optimizer, loss_fn = model.optimizer, model.loss
     ckpt = Path(checkpoint_dir) / f"{stage}.weights.h5"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     if lr_trajectory:
         epochs = len(lr_trajectory)
-        control = [keras.callbacks.LearningRateScheduler(lambda epoch: float(lr_trajectory[epoch])),
-                   keras.callbacks.ModelCheckpoint(str(ckpt), save_weights_only=True)]
+        control = [
+            keras.callbacks.LearningRateScheduler(lambda epoch: float(lr_trajectory[epoch])),
+            keras.callbacks.ModelCheckpoint(str(ckpt), save_weights_only=True),
+        ]
     else:
-        control = [keras.callbacks.EarlyStopping(monitor=settings.monitor, patience=settings.early_stopping_patience,
-                                                 min_delta=settings.min_delta, restore_best_weights=True),
-                   lr_schedule(settings, lr, epochs),
-                   keras.callbacks.ModelCheckpoint(str(ckpt), monitor=settings.monitor, save_best_only=True,
-                                                   save_weights_only=True)]
+        control = [
+            keras.callbacks.EarlyStopping(
+                monitor=settings.monitor,
+                patience=settings.early_stopping_patience,
+                min_delta=settings.min_delta,
+                restore_best_weights=True,
+            ),
+            lr_schedule(settings, lr, epochs),
+            keras.callbacks.ModelCheckpoint(
+                str(ckpt), monitor=settings.monitor, save_best_only=True, save_weights_only=True
+            ),
+        ]
     callbacks = keras.callbacks.CallbackList([epoch_log(log_path, stage, progress), *control], model=model)
 
     x = tf.convert_to_tensor(np.asarray(x, np.float32))
     targets = tf.one_hot(tf.convert_to_tensor(y, tf.int32), n_classes)
-    weights = tf.ones([n_classes]) if class_weight is None else tf.constant(
-        [class_weight.get(k, 1.0) for k in range(n_classes)], tf.float32)
+    weights = (
+        tf.ones([n_classes])
+        if class_weight is None
+        else tf.constant([class_weight.get(k, 1.0) for k in range(n_classes)], tf.float32)
+    )
     xv = tf.convert_to_tensor(np.asarray(xv, np.float32))
     val_targets = tf.one_hot(tf.convert_to_tensor(yv, tf.int32), n_classes)
     batch, seed, n = settings.batch_size, settings.seed, len(y)
@@ -112,7 +146,7 @@ def fit(model, x, y, xv, yv, settings: Settings, log_path: Path, checkpoint_dir:
         order = tf.random.experimental.stateless_shuffle(tf.range(n), [seed, epoch])
         total_loss, total_correct = tf.constant(0.0), tf.constant(0.0)
         for step in tf.range(steps):
-            rows = order[step * batch:tf.minimum((step + 1) * batch, n)]
+            rows = order[step * batch : tf.minimum((step + 1) * batch, n)]
             xb, yb = tf.gather(x, rows), tf.gather(targets, rows)
             if mixup:
                 xb, yb = mix_batch(xb, yb, mixup, seed, epoch * steps + step)
@@ -128,8 +162,11 @@ def fit(model, x, y, xv, yv, settings: Settings, log_path: Path, checkpoint_dir:
 
     @tf.function(reduce_retracing=True)
     def validate():
-        probs = tf.concat([model(xv[lo:lo + 4096], training=False) for lo in range(0, len(yv), 4096)], 0) \
-            if len(yv) else tf.zeros([0, n_classes])
+        probs = (
+            tf.concat([model(xv[lo : lo + 4096], training=False) for lo in range(0, len(yv), 4096)], 0)
+            if len(yv)
+            else tf.zeros([0, n_classes])
+        )
         accuracy = tf.reduce_mean(tf.cast(tf.argmax(probs, 1) == tf.argmax(val_targets, 1), tf.float32))
         return loss_fn(val_targets, probs), accuracy
 
@@ -141,8 +178,13 @@ def fit(model, x, y, xv, yv, settings: Settings, log_path: Path, checkpoint_dir:
         rate = float(keras.ops.convert_to_numpy(optimizer.learning_rate))  # before the schedule changes it
         loss, accuracy = train_epoch(tf.constant(epoch))
         val_loss, val_accuracy = validate()
-        logs = {"loss": float(loss), "accuracy": float(accuracy), "val_loss": float(val_loss),
-                "val_accuracy": float(val_accuracy), "learning_rate": rate}
+        logs = {
+            "loss": float(loss),
+            "accuracy": float(accuracy),
+            "val_loss": float(val_loss),
+            "val_accuracy": float(val_accuracy),
+            "learning_rate": rate,
+        }
         callbacks.on_epoch_end(epoch, logs)
         for key, value in logs.items():
             hist.setdefault(key, []).append(float(value))
@@ -171,10 +213,10 @@ def augmented_embeddings(crops: np.ndarray, embedder, settings: Settings, views:
 
     augment = augmentation(settings, name="augment_views")
     out = []
-    for view in range(views):
+    for _ in range(views):
         batches = []
         for lo in range(0, len(crops), 512):
-            x = augment(crops[lo:lo + 512].astype(np.float32), training=True)
+            x = augment(crops[lo : lo + 512].astype(np.float32), training=True)
             batches.append(np.clip(np.asarray(x), 0, 255).astype(np.uint8))
         out.append(embedder(np.concatenate(batches)))
     return np.concatenate(out) if out else np.zeros((0, 128), np.float32)
@@ -189,8 +231,16 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def fine_tune(backbone, head, crops: dict[str, np.ndarray], y: dict[str, np.ndarray], settings: Settings,
-              log_path: Path, checkpoint_dir: Path, progress: bool) -> dict:
+def fine_tune(
+    backbone,
+    head,
+    crops: dict[str, np.ndarray],
+    y: dict[str, np.ndarray],
+    settings: Settings,
+    log_path: Path,
+    checkpoint_dir: Path,
+    progress: bool,
+) -> dict:
     """Unfreeze the backbone from block ``settings.fine_tune_from`` up and train it with the head, at a low
     learning rate. The frozen lower part runs once per crop (and mirror image); its activations are the
     training inputs, so each epoch only costs the top blocks."""
@@ -210,14 +260,28 @@ def fine_tune(backbone, head, crops: dict[str, np.ndarray], y: dict[str, np.ndar
         layer.trainable = layer in upper.layers
     inputs = keras.Input(mid.shape[1:], name="lower_activations")
     model = keras.Model(inputs, head(upper(inputs)), name="fine_tune")
-    history = fit(model, x_train, y_train, x_val, y["val"], settings, log_path, checkpoint_dir, "fine-tune",
-                  settings.fine_tune_epochs, settings.fine_tune_learning_rate, None, progress)
+    history = fit(
+        model,
+        x_train,
+        y_train,
+        x_val,
+        y["val"],
+        settings,
+        log_path,
+        checkpoint_dir,
+        "fine-tune",
+        settings.fine_tune_epochs,
+        settings.fine_tune_learning_rate,
+        None,
+        progress,
+    )
     backbone.trainable = False
     return history
 
 
-def refit_head(old_head, gallery, settings: Settings, epochs: int = 30, drop: int | None = None,
-               tune_stack_epochs: int = 3):
+def refit_head(
+    old_head, gallery, settings: Settings, epochs: int = 30, drop: int | None = None, tune_stack_epochs: int = 3
+):
     """A head for the gallery's identities after enrolling (or, with ``drop``, forgetting) someone.
 
     The dense stack is kept, known identities keep their output weights, a new identity starts from the mean of
@@ -242,7 +306,7 @@ def refit_head(old_head, gallery, settings: Settings, epochs: int = 30, drop: in
     if drop is not None and drop < old_w.shape[1]:  # an identity enrolled in gallery mode has no column
         old_w = np.delete(old_w, drop, axis=1)
     w = np.zeros((old_w.shape[0], n), np.float32)
-    w[:, :old_w.shape[1]] = old_w
+    w[:, : old_w.shape[1]] = old_w
     # ReLU features share one big common direction: imprint the new identity with its features' offset from
     # the mean of everyone's, or it would look like everybody.
     for k in range(old_w.shape[1], n):
@@ -254,18 +318,36 @@ def refit_head(old_head, gallery, settings: Settings, epochs: int = 30, drop: in
         inputs = keras.Input(h.shape[1:])
         probe = keras.Model(inputs, keras.layers.Softmax()(out_layer(inputs)))
         weights = class_weight(y, n)
-        probe.compile(optimizer=keras.optimizers.Adam(1e-3),
-                      loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing))
+        probe.compile(
+            optimizer=keras.optimizers.Adam(1e-3),
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing),
+        )
         # At least a few hundred steps, however few faces are enrolled.
         batch = 256
         epochs = max(epochs, int(np.ceil(300 / np.ceil(len(h) / batch))))
-        probe.fit(h, keras.utils.to_categorical(y, n), epochs=epochs, batch_size=batch, verbose=0,
-                  class_weight=weights, shuffle=True)
+        probe.fit(
+            h,
+            keras.utils.to_categorical(y, n),
+            epochs=epochs,
+            batch_size=batch,
+            verbose=0,
+            class_weight=weights,
+            shuffle=True,
+        )
         if tune_stack_epochs:
             for layer in head.layers:
                 layer.trainable = True
-            head.compile(optimizer=keras.optimizers.Adam(3e-4),
-                         loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing))
-            head.fit(x, keras.utils.to_categorical(y, n), epochs=tune_stack_epochs, batch_size=batch, verbose=0,
-                     class_weight=weights, shuffle=True)
+            head.compile(
+                optimizer=keras.optimizers.Adam(3e-4),
+                loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing),
+            )
+            head.fit(
+                x,
+                keras.utils.to_categorical(y, n),
+                epochs=tune_stack_epochs,
+                batch_size=batch,
+                verbose=0,
+                class_weight=weights,
+                shuffle=True,
+            )
     return head

@@ -34,10 +34,19 @@ SHA256 = {
 
 # (block name, output channels, down-sampling?) in network order.
 BLOCKS = (
-    ("conv32_1", 32, False), ("conv32_2", 32, False), ("conv32_3", 32, False),
-    ("conv64_down", 64, True), ("conv64_1", 64, False), ("conv64_2", 64, False), ("conv64_3", 64, False),
-    ("conv128_down", 128, True), ("conv128_1", 128, False), ("conv128_2", 128, False),
-    ("conv256_down", 256, True), ("conv256_1", 256, False), ("conv256_2", 256, False),
+    ("conv32_1", 32, False),
+    ("conv32_2", 32, False),
+    ("conv32_3", 32, False),
+    ("conv64_down", 64, True),
+    ("conv64_1", 64, False),
+    ("conv64_2", 64, False),
+    ("conv64_3", 64, False),
+    ("conv128_down", 128, True),
+    ("conv128_1", 128, False),
+    ("conv128_2", 128, False),
+    ("conv256_down", 256, True),
+    ("conv256_1", 256, False),
+    ("conv256_2", 256, False),
     ("conv256_down_out", 256, True),
 )
 
@@ -140,4 +149,3 @@ def load_pretrained(model: keras.Model) -> None:
         prefix = layer_name.replace("_conv1", "/conv1").replace("_conv2", "/conv2")
         model.get_layer(layer_name).set_weights(list(_folded_conv(weights, prefix)))
     model.get_layer("fc").set_weights([weights["fc"]])
-

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
 # FastAPI reads the endpoints' annotations (strings, with the __future__ import) from this module's globals.
 from fastapi import FastAPI, File, HTTPException, Query, Request, Security, UploadFile
 from fastapi import Path as PathParam
@@ -33,8 +34,10 @@ STATIC = Path(__file__).parent / "static"
 # Formats a photo may come in. Pillow can open others (EPS, for one, runs Ghostscript): those are refused.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 MAX_NAME_LENGTH = 100
-CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
-                           "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
 
 
 @dataclass
@@ -131,7 +134,7 @@ def cluster_summary(recognizer, name: str, n_new: int) -> dict:
     val = face_vectors(g.val_embeddings, g.val_flips)[g.val_owner == index]
     mine = np.concatenate([train, val]).astype(np.float64)
     new = np.zeros(len(mine), bool)
-    new[max(0, len(train) - n_new):len(train)] = True
+    new[max(0, len(train) - n_new) : len(train)] = True
     centre = mine.mean(0)
     spread = np.linalg.norm(mine - centre, axis=1)
     others = [k for k in range(len(g.labels)) if k != index]
@@ -148,10 +151,14 @@ def cluster_summary(recognizer, name: str, n_new: int) -> dict:
         xy = np.zeros((len(points), 2))
     r = lambda v: round(float(v), 4)  # noqa: E731
     return {
-        "faces": [{"x": r(x), "y": r(y), "new": bool(n), "distance_to_mean": r(d)}
-                  for (x, y), n, d in zip(xy[:len(mine)], new, spread)],
-        "neighbours": [{"name": g.labels[k], "x": r(x), "y": r(y), "distance_to_mean": r(gaps[others.index(k)])}
-                       for k, (x, y) in zip(nearest, xy[len(mine):])],
+        "faces": [
+            {"x": r(x), "y": r(y), "new": bool(n), "distance_to_mean": r(d)}
+            for (x, y), n, d in zip(xy[: len(mine)], new, spread)
+        ],
+        "neighbours": [
+            {"name": g.labels[k], "x": r(x), "y": r(y), "distance_to_mean": r(gaps[others.index(k)])}
+            for k, (x, y) in zip(nearest, xy[len(mine) :])
+        ],
         "threshold_distance": r(g.threshold_distance),
     }
 
@@ -163,17 +170,32 @@ class _Metrics:
         disable_created_metrics()  # the *_created series only add noise here
 
         self.registry = CollectorRegistry()
-        self.requests = Counter("pinsface_requests", "HTTP requests", ["method", "route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("pinsface_request_seconds", "HTTP request latency", ["route"], registry=self.registry,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.requests = Counter(
+            "pinsface_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "pinsface_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
         self.faces = Counter("pinsface_faces", "faces found, by result", ["result"], registry=self.registry)
-        self.errors = Counter("pinsface_errors", "errors, by code (per-file image errors included)", ["code"],
-                              registry=self.registry)
-        self.batch_images = Histogram("pinsface_batch_images", "images per inference batch", registry=self.registry,
-                                      buckets=(1, 2, 4, 8, 16, 24, 32, 64))
-        self.batch_seconds = Histogram("pinsface_batch_seconds", "inference time per batch", registry=self.registry,
-                                       buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16))
+        self.errors = Counter(
+            "pinsface_errors", "errors, by code (per-file image errors included)", ["code"], registry=self.registry
+        )
+        self.batch_images = Histogram(
+            "pinsface_batch_images",
+            "images per inference batch",
+            registry=self.registry,
+            buckets=(1, 2, 4, 8, 16, 24, 32, 64),
+        )
+        self.batch_seconds = Histogram(
+            "pinsface_batch_seconds",
+            "inference time per batch",
+            registry=self.registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
+        )
         self.pending = Gauge("pinsface_pending_images", "images queued or being named", registry=self.registry)
 
 
@@ -215,15 +237,21 @@ class _Guard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise ApiError(413, "request_too_large", f"the request is over {state.settings.max_request_mb:g} MB")
+                    raise ApiError(
+                        413, "request_too_large", f"the request is over {state.settings.max_request_mb:g} MB"
+                    )
             return message
 
         counted = False
         try:
             if scope["path"] != "/v1/health":  # health answers even when everything else is refused
                 if state.in_flight >= state.settings.max_requests:
-                    raise ApiError(503, "busy", "too many requests in progress; retry later",
-                                   headers={"Retry-After": str(state.settings.retry_after_s)})
+                    raise ApiError(
+                        503,
+                        "busy",
+                        "too many requests in progress; retry later",
+                        headers={"Retry-After": str(state.settings.retry_after_s)},
+                    )
                 state.in_flight += 1
                 counted = True
             headers = dict(scope["headers"])
@@ -254,23 +282,38 @@ class _Guard:
 def _json_response(exc: ApiError):
     from fastapi.responses import JSONResponse
 
-    return JSONResponse({"code": exc.code, "message": exc.message, **exc.extra}, status_code=exc.status,
-                        headers=exc.headers)
+    return JSONResponse(
+        {"code": exc.code, "message": exc.message, **exc.extra}, status_code=exc.status, headers=exc.headers
+    )
 
 
-_STATUS_CODES = {400: "bad_request", 401: "missing_api_key", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 413: "request_too_large", 415: "unsupported_media_type",
-                 422: "validation_error", 429: "too_many_requests", 500: "internal_error", 503: "busy"}
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "missing_api_key",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "busy",
+}
 
 
-def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings | None = None, recognizer=None,
-               api_key: str | None = None):
+def create_app(
+    run_dir: str | os.PathLike | None = None,
+    settings: ServeSettings | None = None,
+    recognizer=None,
+    api_key: str | None = None,
+):
     """The FastAPI app for a run folder (or an already loaded ``recognizer``). The key is read from
     ``settings.api_key_file`` (created there when missing; default RUN_DIR/api_key) unless ``api_key`` is given."""
     from contextlib import asynccontextmanager
 
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+    from fastapi.responses import FileResponse, HTMLResponse, Response
     from fastapi.security import APIKeyHeader
     from fastapi.staticfiles import StaticFiles
     from starlette.concurrency import run_in_threadpool
@@ -300,18 +343,26 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
     def snapshot(rec) -> None:
         """What /v1/health and /v1/identities read, taken on the worker thread after each change."""
         state.identities = rec.identities()
-        state.thresholds = {"probability": round(float(rec.gallery.threshold_probability), 4),
-                            "distance": round(float(rec.gallery.threshold_distance), 4),
-                            "target_far": rec.gallery.target_far}
+        state.thresholds = {
+            "probability": round(float(rec.gallery.threshold_probability), 4),
+            "distance": round(float(rec.gallery.threshold_distance), 4),
+            "target_far": rec.gallery.target_far,
+        }
 
     def on_batch(images: int, seconds: float) -> None:
         state.metrics.batch_images.observe(images)
         state.metrics.batch_seconds.observe(seconds)
 
     snapshot(recognizer)
-    worker = InferenceWorker(recognizer, max_batch=settings.max_batch, max_wait=settings.max_wait_ms / 1000,
-                             max_pending=settings.max_pending, max_batch_pixels=5 * settings.max_pixels,
-                             on_batch=on_batch, on_change=snapshot)
+    worker = InferenceWorker(
+        recognizer,
+        max_batch=settings.max_batch,
+        max_wait=settings.max_wait_ms / 1000,
+        max_pending=settings.max_pending,
+        max_batch_pixels=5 * settings.max_pixels,
+        on_batch=on_batch,
+        on_change=snapshot,
+    )
     state.metrics.pending.set_function(lambda: worker.pending)
 
     @asynccontextmanager
@@ -322,9 +373,15 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
         yield
         worker.stop()
 
-    app = FastAPI(title="pinsface", version=pinsface.__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Name the faces in photos, enrol and forget people. State-changing endpoints need "
-                              "the API key in the `X-API-Key` header.")
+    app = FastAPI(
+        title="pinsface",
+        version=pinsface.__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        description="Name the faces in photos, enrol and forget people. State-changing endpoints need "
+        "the API key in the `X-API-Key` header.",
+    )
     app.state.pinsface = state
     app.state.worker = worker
     # For the API description only (the key itself is checked by _Guard before a body is read).
@@ -352,8 +409,10 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request, exc):
-        errors = [{"where": ".".join(str(part) for part in e.get("loc", ())), "problem": str(e.get("msg", ""))}
-                  for e in exc.errors()]
+        errors = [
+            {"where": ".".join(str(part) for part in e.get("loc", ())), "problem": str(e.get("msg", ""))}
+            for e in exc.errors()
+        ]
         message = "; ".join(f"{e['where']}: {e['problem']}" for e in errors) or "invalid request"
         return api_error(ApiError(422, "validation_error", message, errors=errors))
 
@@ -388,8 +447,12 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
         if size > max_held:
             raise ApiError(413, "request_too_large", f"the uploads are over {settings.max_pending_mb:g} MB")
         if state.bytes_held + size > max_held:
-            raise ApiError(503, "busy", "too many uploads are held in memory; retry later",
-                           headers={"Retry-After": str(settings.retry_after_s)})
+            raise ApiError(
+                503,
+                "busy",
+                "too many uploads are held in memory; retry later",
+                headers={"Retry-After": str(settings.retry_after_s)},
+            )
         state.bytes_held += size
         try:
             out = []
@@ -408,8 +471,9 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
         return ApiError(503, "run_busy", str(exc), headers={"Retry-After": str(settings.retry_after_s)})
 
     def busy(exc: QueueFull) -> ApiError:
-        return ApiError(503, "busy", f"the server is busy: {exc}; retry later",
-                        headers={"Retry-After": str(settings.retry_after_s)})
+        return ApiError(
+            503, "busy", f"the server is busy: {exc}; retry later", headers={"Retry-After": str(settings.retry_after_s)}
+        )
 
     def check(uploads: list[tuple[str, bytes]]) -> list[int | BadImage]:
         out = []
@@ -440,19 +504,25 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
         from fastapi.openapi.docs import get_swagger_ui_html
 
         if docs_assets is None:
-            return HTMLResponse('<p>Install swagger-ui-py for this page; the API description is '
-                                '<a href="/openapi.json">/openapi.json</a>.</p>')
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="pinsface API",
-                                   swagger_js_url=f"{docs_assets}/swagger-ui-bundle.js",
-                                   swagger_css_url=f"{docs_assets}/swagger-ui.css",
-                                   swagger_favicon_url=f"{docs_assets}/favicon-32x32.png")
+            return HTMLResponse(
+                "<p>Install swagger-ui-py for this page; the API description is "
+                '<a href="/openapi.json">/openapi.json</a>.</p>'
+            )
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="pinsface API",
+            swagger_js_url=f"{docs_assets}/swagger-ui-bundle.js",
+            swagger_css_url=f"{docs_assets}/swagger-ui.css",
+            swagger_favicon_url=f"{docs_assets}/favicon-32x32.png",
+        )
 
     @app.post("/v1/identify", tags=["faces"], dependencies=read_key)
-    async def identify(files: list[UploadFile] = files_param,
-                       top_k: int = Query(3, ge=1, le=20, description="alternatives listed per face"),
-                       threshold: float | None = Query(None, ge=0, le=10, description="distance threshold override"),
-                       min_probability: float | None = Query(None, ge=0, le=1,
-                                                             description="probability threshold override")):
+    async def identify(
+        files: list[UploadFile] = files_param,
+        top_k: int = Query(3, ge=1, le=20, description="alternatives listed per face"),
+        threshold: float | None = Query(None, ge=0, le=10, description="distance threshold override"),
+        min_probability: float | None = Query(None, ge=0, le=1, description="probability threshold override"),
+    ):
         """Every face in each photo, in the record of `pinsface predict --json`. A bad file gets an `error`
         in its record (the response is still 200); a photo without a face gets a `note`."""
         async with read_uploads(files) as uploads:
@@ -467,8 +537,9 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
                 results[i] = ImageResult(uploads[i][0], [], error=c.reason)
         if good:
             try:
-                named = await worker.identify([data for _, data in good], sum(checked[i] for i, _ in good),
-                                              top_k, threshold, min_probability)
+                named = await worker.identify(
+                    [data for _, data in good], sum(checked[i] for i, _ in good), top_k, threshold, min_probability
+                )
             except QueueFull as exc:
                 raise busy(exc) from exc
             for (i, _), result in zip(good, named):
@@ -488,7 +559,9 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
         return {"count": len(people), "identities": people}
 
     @app.post("/v1/identities/{name}/faces", tags=["identities"], dependencies=write_key)
-    async def enroll(name: str = PathParam(..., description="the person's name"), files: list[UploadFile] = files_param):
+    async def enroll(
+        name: str = PathParam(..., description="the person's name"), files: list[UploadFile] = files_param
+    ):
         """Enrol a person from photos (the largest face of each), or add photos to one already known.
         Saved in the run folder before the response is sent."""
         name = clean_name(name)
@@ -551,13 +624,22 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
     async def health():
         """Answered on the event loop from figures the worker keeps current: never waits for inference."""
         s = recognizer.settings
-        return {"status": "ok", "version": pinsface.__version__,
-                "model": {"kind": s.model, "backbone": s.backbone, "run": run_dir.name},
-                "identities": len(state.identities), "thresholds": state.thresholds,
-                "uptime_s": round(time.time() - state.started, 1), "pending_images": worker.pending,
-                "limits": {"max_upload_mb": settings.max_upload_mb, "max_request_mb": settings.max_request_mb,
-                           "max_files": settings.max_files, "max_pending": settings.max_pending},
-                "auth": settings.auth}
+        return {
+            "status": "ok",
+            "version": pinsface.__version__,
+            "model": {"kind": s.model, "backbone": s.backbone, "run": run_dir.name},
+            "identities": len(state.identities),
+            "thresholds": state.thresholds,
+            "uptime_s": round(time.time() - state.started, 1),
+            "pending_images": worker.pending,
+            "limits": {
+                "max_upload_mb": settings.max_upload_mb,
+                "max_request_mb": settings.max_request_mb,
+                "max_files": settings.max_files,
+                "max_pending": settings.max_pending,
+            },
+            "auth": settings.auth,
+        }
 
     @app.get("/metrics", tags=["service"], dependencies=read_key)
     async def metrics():
@@ -569,16 +651,22 @@ def create_app(run_dir: str | os.PathLike | None = None, settings: ServeSettings
     return app
 
 
-def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000,
-          settings: ServeSettings | None = None, log_level: str = "info") -> None:
+def serve(
+    run_dir: str | os.PathLike,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    settings: ServeSettings | None = None,
+    log_level: str = "info",
+) -> None:
     """Load the run once and serve it with uvicorn until interrupted."""
     import uvicorn
 
     app = create_app(run_dir, settings)
     # One process: the recogniser's enrolled state lives in it (more processes would each hold their own).
     # Keep-alive a little longer than uvicorn's 5 s, so busy clients rarely reuse a connection as it closes.
-    uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1, timeout_graceful_shutdown=10,
-                timeout_keep_alive=30)
+    uvicorn.run(
+        app, host=host, port=port, log_level=log_level, workers=1, timeout_graceful_shutdown=10, timeout_keep_alive=30
+    )
 
 
 __all__ = ["ServeSettings", "create_app", "serve", "load_or_create_key", "sniff"]

@@ -11,8 +11,9 @@ import asyncio
 import collections
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 class QueueFull(Exception):
@@ -35,9 +36,16 @@ class InferenceWorker:
     """Runs ``recognizer.identify_many`` on batches of up to ``max_batch`` images gathered for up to
     ``max_wait`` seconds from concurrent requests, and exclusive calls (``run``) one at a time, on one thread."""
 
-    def __init__(self, recognizer, max_batch: int = 32, max_wait: float = 0.01, max_pending: int = 256,
-                 max_batch_pixels: int = 200_000_000, on_batch: Callable[[int, float], None] | None = None,
-                 on_change: Callable[[Any], None] | None = None):
+    def __init__(
+        self,
+        recognizer,
+        max_batch: int = 32,
+        max_wait: float = 0.01,
+        max_pending: int = 256,
+        max_batch_pixels: int = 200_000_000,
+        on_batch: Callable[[int, float], None] | None = None,
+        on_change: Callable[[Any], None] | None = None,
+    ):
         self.recognizer = recognizer
         self.max_batch = max_batch
         self.max_wait = max_wait
@@ -55,7 +63,7 @@ class InferenceWorker:
     def pending(self) -> int:
         return self._pending
 
-    def start(self) -> "InferenceWorker":
+    def start(self) -> InferenceWorker:
         self._thread.start()
         return self
 
@@ -65,11 +73,13 @@ class InferenceWorker:
             self._cond.notify_all()
         self._thread.join(timeout)
 
-    async def identify(self, images: list[bytes], pixels: int, top_k: int, threshold: float | None,
-                       min_probability: float | None) -> list:
+    async def identify(
+        self, images: list[bytes], pixels: int, top_k: int, threshold: float | None, min_probability: float | None
+    ) -> list:
         """``ImageResult``s for ``images`` (encoded bytes), computed in a batch shared with other requests."""
-        return await self._submit(_Job(None, None, len(images), images=images, pixels=pixels,
-                                       options=(top_k, threshold, min_probability)))
+        return await self._submit(
+            _Job(None, None, len(images), images=images, pixels=pixels, options=(top_k, threshold, min_probability))
+        )
 
     async def run(self, call: Callable[[Any], Any]) -> Any:
         """``call(recognizer)`` alone on the worker thread (enrol, forget, save, reading the gallery)."""
@@ -103,8 +113,14 @@ class InferenceWorker:
             batch, images, pixels = [first], first.weight, first.pixels
             deadline = time.perf_counter() + self.max_wait
             while images < self.max_batch and pixels < self.max_batch_pixels:
-                fits = next((j for j in self._jobs if j.call is None and j.options == first.options
-                             and images + j.weight <= self.max_batch), None)
+                fits = next(
+                    (
+                        j
+                        for j in self._jobs
+                        if j.call is None and j.options == first.options and images + j.weight <= self.max_batch
+                    ),
+                    None,
+                )
                 if fits is not None:
                     self._jobs.remove(fits)
                     batch.append(fits)
@@ -144,13 +160,18 @@ class InferenceWorker:
         top_k, threshold, min_probability = batch[0].options
         sources = [image for job in batch for image in job.images]
         started = time.perf_counter()
-        results = self.recognizer.identify_many(sources, batch_size=max(self.max_batch, len(sources)), top_k=top_k,
-                                                threshold=threshold, min_probability=min_probability)
+        results = self.recognizer.identify_many(
+            sources,
+            batch_size=max(self.max_batch, len(sources)),
+            top_k=top_k,
+            threshold=threshold,
+            min_probability=min_probability,
+        )
         if self.on_batch is not None:
             self.on_batch(len(sources), time.perf_counter() - started)
         out, lo = [], 0
         for job in batch:
-            out.append(results[lo:lo + job.weight])
+            out.append(results[lo : lo + job.weight])
             lo += job.weight
         return out
 
