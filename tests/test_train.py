@@ -173,10 +173,13 @@ def test_fine_tuning_changes_the_top_blocks_and_re_embeds_the_gallery(tmp_path, 
     assert np.abs(run_embedder(saved, pretrained)(crops) - fresh).max() > 1e-4
 
 
-def test_final_refit_replays_the_chosen_epochs_on_training_and_validation_faces(small_run):
+def test_final_refit_replays_the_chosen_epochs_on_training_and_validation_faces(tmp_path, small_run):
+    from pinsface.pipeline import train
     from pinsface.run import Run
 
-    run = Run(small_run[0])
+    settings = Settings(epochs=12, test_fraction=0.25, val_fraction=0.25, final_fit="train+val")
+    train(out_dir=tmp_path / "run", settings=settings, progress=False, prepared=small_run[1]["prepared"])
+    run = Run(tmp_path / "run")
     stages = {s["stage"]: s for s in run.history()["stages"]}
     head, final = stages["head"], stages["final"]
     assert run.settings().final_fit == "train+val"
@@ -185,7 +188,7 @@ def test_final_refit_replays_the_chosen_epochs_on_training_and_validation_faces(
     # The saved head is the refitted one: it differs from the best-epoch checkpoint of the split's head.
     saved = run.load_state().model.get_layer("head")
     split = build_head(6, run.settings())
-    split.load_weights(small_run[0] / "checkpoints" / "head.weights.h5")
+    split.load_weights(tmp_path / "run" / "checkpoints" / "head.weights.h5")
     assert not np.allclose(
         saved.get_layer("cosine_logits").get_weights()[0], split.get_layer("cosine_logits").get_weights()[0]
     )
