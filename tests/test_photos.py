@@ -128,7 +128,7 @@ def test_crops_from_reduced_decoding_match_full_size_decoding(originals_dir, det
 
     from pinsface.embeddings import Embedder
     from pinsface.faces import align_face, crop_scale_ok, face_crops, refine_view, to_full_face
-    from pinsface.prepare import DECODE_MIN_SIDE
+    from pinsface.face_records import DECODE_MIN_SIDE
 
     settings = FaceSettings()
     embed = Embedder(backbone)
