@@ -127,8 +127,8 @@ def test_crops_from_reduced_decoding_match_full_size_decoding(originals_dir, det
     import cv2
 
     from pinsface.embeddings import Embedder
-    from pinsface.faces import align_face, crop_scale_ok, face_crops, refine_view, to_full_face
     from pinsface.face_records import DECODE_MIN_SIDE
+    from pinsface.faces import align_face, crop_scale_ok, face_crops, refine_view, to_full_face
 
     settings = FaceSettings()
     embed = Embedder(backbone)

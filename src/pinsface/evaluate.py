@@ -11,7 +11,7 @@ import numpy as np
 
 from pinsface.dataset import Split, identity_key, scan_dataset
 from pinsface.embeddings import run_embedder, run_embedding_cache
-from pinsface.prepare import Prepared, prepare, usable_status
+from pinsface.prepare import Prepared, prepare_for_run, usable_status
 from pinsface.run import Run
 from pinsface.scoring import score_images, topk_correct
 from pinsface.settings import Settings
@@ -103,32 +103,15 @@ def evaluate(
     training = None
     if data is None:
         if prepared is None:
-            prepared = prepare(
-                settings.data_dir,
-                settings.cache_dir,
-                settings.faces,
-                batch_size=settings.detect_batch_size,
-                progress=progress,
-                engine=engine,
-                address=address,
-                embed=settings,
-            )
+            prepared = prepare_for_run(settings, progress=progress, engine=engine, address=address)
         training = prepared
         test = set(split.files("test"))
         items = np.array([i for i, it in enumerate(prepared.dataset.items) if it.rel in test], dtype=np.int64)
         unknown_folders: dict[str, int] = {}
     else:
         dataset = scan_dataset(data)
-        prepared = prepare(
-            dataset.root,
-            settings.cache_dir,
-            settings.faces,
-            batch_size=settings.detect_batch_size,
-            progress=progress,
-            dataset=dataset,
-            engine=engine,
-            address=address,
-            embed=settings,
+        prepared = prepare_for_run(
+            settings, dataset.root, dataset=dataset, progress=progress, engine=engine, address=address
         )
         counts = dataset.counts()
         unknown_folders = {name: counts[name] for name in dataset.identities if identity_key(name) not in label_of}
@@ -162,13 +145,7 @@ def evaluate(
     if figures:
         t3 = time.perf_counter()
         if training is None and settings.data_dir and Path(settings.data_dir).is_dir():
-            training = prepare(
-                settings.data_dir,
-                settings.cache_dir,
-                settings.faces,
-                batch_size=settings.detect_batch_size,
-                progress=progress,
-            )
+            training = prepare_for_run(settings, progress=progress)
         write_figures(
             out,
             run,
@@ -486,13 +463,7 @@ def evaluate_open_set(
     out = Path(out) if out else run.report_dir
     out.mkdir(parents=True, exist_ok=True)
     if prepared is None:
-        prepared = prepare(
-            settings.data_dir,
-            settings.cache_dir,
-            settings.faces,
-            batch_size=settings.detect_batch_size,
-            progress=progress,
-        )
+        prepared = prepare_for_run(settings, progress=progress)
     test = set(run.split().files("test"))
     label_of = {identity_key(name): i for i, name in enumerate(gallery.labels)}
     known_items = np.array([i for i, it in enumerate(prepared.dataset.items) if it.rel in test], dtype=np.int64)
@@ -500,14 +471,7 @@ def evaluate_open_set(
     clash = [name for name in strangers_ds.identities if identity_key(name) in label_of]
     if clash:
         raise ValueError(f"--unknown must hold people the run does not know; it knows: {', '.join(clash)}")
-    strangers = prepare(
-        strangers_ds.root,
-        settings.cache_dir,
-        settings.faces,
-        batch_size=settings.detect_batch_size,
-        progress=progress,
-        dataset=strangers_ds,
-    )
+    strangers = prepare_for_run(settings, strangers_ds.root, dataset=strangers_ds, progress=progress)
 
     from pinsface.embeddings import ensure_embeddings
 

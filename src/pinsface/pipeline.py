@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from pinsface.dataset import Split, split_dataset
-from pinsface.prepare import Prepared, prepare, usable_status
+from pinsface.prepare import Prepared, prepare_for_run, usable_status
 from pinsface.run import Run
 from pinsface.settings import Settings
 
@@ -103,16 +103,7 @@ def _train(
     if prepared is None:
         settings.data_dir = str(Path(data_dir if data_dir else default_data_dir()).resolve())
         settings.cache_dir = str(Path(cache_dir or default_cache_dir()).resolve())
-        prepared = prepare(
-            settings.data_dir,
-            settings.cache_dir,
-            settings.faces,
-            batch_size=settings.detect_batch_size,
-            progress=progress,
-            engine=engine,
-            address=address,
-            embed=settings if settings.model == "embedding" else None,
-        )
+        prepared = prepare_for_run(settings, progress=progress, engine=engine, address=address)
     else:
         settings.data_dir = str(prepared.dataset.root)
         settings.cache_dir = str(prepared.cache.root)

@@ -266,6 +266,29 @@ def prepare(
     return Prepared(dataset, hashes, status, cache, summary)
 
 
+def prepare_for_run(
+    settings,
+    data_dir=None,
+    dataset: Dataset | None = None,
+    progress: bool = True,
+    engine: str = "local",
+    address: str | None = None,
+) -> Prepared:
+    """``prepare`` as a run's ``Settings`` say: its data folder (unless given), cache, face settings, detector
+    batch size and, for the Ray engine, the backbone that embeds the faces."""
+    return prepare(
+        data_dir if data_dir is not None else settings.data_dir,
+        settings.cache_dir,
+        settings.faces,
+        batch_size=settings.detect_batch_size,
+        progress=progress,
+        dataset=dataset,
+        engine=engine,
+        address=address,
+        embed=settings if settings.model == "embedding" else None,
+    )
+
+
 def format_summary(summary: dict) -> str:
     lines = [
         f"identities      {summary['identities']}",
