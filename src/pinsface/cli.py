@@ -51,18 +51,14 @@ def _settings_from(args):
     return Settings(**{key: getattr(args, key) for key in keys if getattr(args, key, None) is not None})
 
 
+def _pipeline_options(args) -> dict:
+    return {"cache_dir": args.cache, "progress": not args.no_progress, "engine": args.engine, "address": args.address}
+
+
 def _train(args) -> int:
     from pinsface.pipeline import train
 
-    result = train(
-        args.data_dir,
-        args.out,
-        _settings_from(args),
-        cache_dir=args.cache,
-        progress=not args.no_progress,
-        engine=args.engine,
-        address=args.address,
-    )
+    result = train(args.data_dir, args.out, _settings_from(args), **_pipeline_options(args))
     print(f"saved {args.out}: validation top-1 {result['val_top1']:.4f}")
     return 0
 
@@ -70,15 +66,7 @@ def _train(args) -> int:
 def _run(args) -> int:
     from pinsface.pipeline import run
 
-    report = run(
-        args.data_dir,
-        args.out,
-        _settings_from(args),
-        cache_dir=args.cache,
-        progress=not args.no_progress,
-        engine=args.engine,
-        address=args.address,
-    )
+    report = run(args.data_dir, args.out, _settings_from(args), **_pipeline_options(args))
     print(f"test split: {_headline(report)}")
     print(f"report: {os.path.join(args.out, 'report', 'report.html')}")
     return 0
