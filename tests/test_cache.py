@@ -101,6 +101,29 @@ def test_chunks_hold_plain_arrays_and_reject_damage(tmp_path):
     assert store.write({"hash": np.array(["a" * 32], "S32"), "x": np.zeros((1, 3), np.float32)}) is None
     with pytest.raises(ChunkError):
         encode_chunk({"hash": np.array(["a" * 32], "S32"), "obj": np.array([object()], dtype=object)})
+    # A header that declares more than a chunk may hold is refused before anything that size is read.
+    import json as json_module
+    import struct
+
+    import lz4.frame
+
+    from pinsface.cache import MAGIC
+
+    header = json_module.dumps(
+        {
+            "format": 3,
+            "n": 1,
+            "columns": [
+                {"name": "hash", "dtype": "|S32", "shape": [1]},
+                {"name": "x", "dtype": "<f8", "shape": [1, 10**12]},
+            ],
+        }
+    )
+    huge = tmp_path / "store" / f"chunk-{'1' * 32}-n1.arrays.lz4"
+    huge.write_bytes(
+        lz4.frame.compress(MAGIC + struct.pack("<I", len(header)) + header.encode() + b"a" * 32 + b"\0" * 64)
+    )
+    assert store.read(huge, {"hash", "x"}) is None and not huge.exists()
     raw = path.read_bytes()
     for damaged in (
         raw[: len(raw) // 2],

@@ -151,12 +151,14 @@ def read_chunk_columns(path: Path, names: set[str]) -> dict[str, np.ndarray]:
             end += nbytes
             if names <= layout.keys():
                 break
+        if end > MAX_CHUNK_BYTES:
+            raise ChunkError("columns larger than a chunk may be")
         pieces, size = [head], len(head)
         while size < end and not decompressor.eof:
             block = fh.read(1 << 20)
             if not block and decompressor.needs_input:
                 break
-            piece = decompressor.decompress(block)
+            piece = decompressor.decompress(block, max_length=end - size)
             pieces.append(piece)
             size += len(piece)
     if size < end:
