@@ -23,9 +23,6 @@ import numpy as np
 
 from pinsface.settings import FaceSettings
 
-# The local engine's chunk size, for callers that do not pass prepare's own (its chunks set MTCNN's batches).
-CHUNK_IMAGES = 512
-
 log = logging.getLogger(__name__)
 
 # Per-face columns travel as float32 bytes (a face count varies per image), read back with np.frombuffer.
@@ -258,17 +255,18 @@ def prepare_on_ray(
     embed=None,
     address: str | None = None,
     workers: int | None = None,
-    chunk_images: int | None = None,
+    *,
+    chunk_images: int,
     detect_batch_size: int = 64,
 ) -> dict:
     """``prepare``'s per-image work for ``paths`` (with their content hashes, in the local engine's order) on Ray,
-    written into ``cache`` (and the embedding cache matching ``embed``).
+    written into ``cache`` (and the embedding cache matching ``embed``). ``chunk_images``: the local engine's
+    chunk size (``pinsface.prepare.CHUNK_IMAGES``), whose chunks set MTCNN's batches and so its exact boxes.
     Returns {"errors": {position: (reason, detail)}, "seconds", ...}."""
     from dataclasses import replace
 
     from pinsface.embeddings import run_embedding_cache
 
-    chunk_images = chunk_images or CHUNK_IMAGES
     # The local engine's chunks, each without the files identical to one met before (processed once).
     first: set[str] = set()
     chunks = []
