@@ -36,6 +36,8 @@ STATE_FILES = {"model": ("model", ".keras"), "labels": ("labels", ".json"), "gal
 # How long a writer waits for another to finish; PINSFACE_LOCK_TIMEOUT overrides it.
 LOCK_TIMEOUT_SECONDS = 120.0
 STALE_TEMP_SECONDS = 3600.0
+# Runs saved before config.json recorded the version.
+UNVERSIONED = "0.1.0"
 
 
 class RunError(ValueError):
@@ -162,7 +164,7 @@ class Run:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise RunError(f"{path} cannot be read ({exc}); train the run again") from None
-        written_by = str(data.get("pinsface_version", "0.1.0"))
+        written_by = str(data.get("pinsface_version", UNVERSIONED))
         if _version_tuple(written_by)[:2] > _version_tuple(__version__)[:2]:
             raise RunError(
                 f"{self.path} was written by pinsface {written_by}, newer than this pinsface "
@@ -174,9 +176,9 @@ class Run:
             raise RunError(f"{path} holds settings this pinsface cannot use ({exc}); train the run again") from None
 
     def written_by(self) -> str:
-        """The pinsface version that trained the run (runs from before versions were recorded: 0.1.0)."""
+        """The pinsface version that trained the run (``UNVERSIONED`` for runs from before versions were recorded)."""
         data = json.loads((self.path / CONFIG).read_text(encoding="utf-8"))
-        return str(data.get("pinsface_version", "0.1.0"))
+        return str(data.get("pinsface_version", UNVERSIONED))
 
     def save_settings(self, settings: Settings) -> None:
         atomic_write_text(self.path / CONFIG, _json_text({"pinsface_version": __version__, **settings.to_dict()}))
