@@ -3,6 +3,7 @@ in group photos with and without the second pass.
 
     python bench/photos.py [--photos 1000] [--identities 10] [--root /tmp/photos-bench] [--chunk 512]
     python bench/photos.py --groups [--subjects 8 --groups-per-subject 6]
+    python bench/photos.py --crops
 
 The photo folder (4000x3000 JPEGs, one Pins face each, about a tenth of the shorter side, on a textured
 background) is built under --root on first use and kept there; it is never committed. Each phase runs in its
@@ -210,6 +211,74 @@ def bench_groups(args) -> None:
             )
 
 
+def bench_crops(args) -> None:
+    """Descriptor distance between chips cut as prepare cuts them (reduced-scale decoding) and chips from
+    full-size decoding, on the shared originals; every fourth also enlarged 4x onto a 4000x3000 canvas."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pinsface.backbones import get_backbone
+    from pinsface.embeddings import Embedder
+    from pinsface.face_records import DECODE_MIN_SIDE
+    from pinsface.faces import (
+        FaceDetector,
+        align_face,
+        crop_scale_ok,
+        face_crops,
+        min_subject_size,
+        refine_view,
+        to_full_face,
+    )
+    from pinsface.images import decode_scaled, load_image
+    from pinsface.settings import FaceSettings
+
+    settings = FaceSettings()
+    detector, embed = FaceDetector(settings), Embedder(get_backbone())
+    originals = PINS.parents[1] / "pins-originals"
+    small, large, same = [], [], []
+    for n, path in enumerate(sorted(originals.rglob("*.jpg"))):
+        source = Image.open(path).convert("RGB")
+        enlarge = n % 4 == 0
+        if enlarge:
+            big = source.resize((source.width * 4, source.height * 4), Image.BICUBIC)
+            canvas = Image.new("RGB", (max(4000, big.width + 100), max(3000, big.height + 100)), (90, 100, 110))
+            canvas.paste(big, (50, 50))
+            source = canvas
+        buffer = io.BytesIO()
+        source.save(buffer, "JPEG", quality=92)
+        data = buffer.getvalue()
+        view = decode_scaled(data, settings.max_pixels, DECODE_MIN_SIDE)
+        full = load_image(data)
+        found = detector.detect([view.pixels], [min_subject_size(view.full_size, settings) * min(view.scale)])[0]
+        reference = detector.detect([full], [min_subject_size(full.shape, settings)])[0]
+        if not found or not reference:
+            continue
+        face, ref = to_full_face(found[0], view), reference[0]
+        if not crop_scale_ok(view, [face.size]):
+            view = refine_view(data, view, [face.size], settings.max_pixels)
+        e = embed(
+            np.stack(
+                [
+                    face_crops(view, face.landmarks, face.box, settings)[0],
+                    face_crops(view, ref.landmarks, ref.box, settings)[0],
+                    align_face(full, ref.landmarks, settings),
+                ]
+            )
+        )
+        (large if enlarge else small).append(float(np.linalg.norm(e[0] - e[2])))
+        if enlarge:
+            same.append(float(np.linalg.norm(e[1] - e[2])))
+
+    def stats(d):
+        return f"median {np.median(d):.3f}, p90 {np.quantile(d, 0.9):.3f}, max {max(d):.3f} ({len(d)} faces)"
+
+    print(f"end to end, 12-megapixel canvases: {stats(large)}")
+    print(f"the crop alone (same landmarks), 12-megapixel canvases: {stats(same)}")
+    print(f"end to end, the originals as they are: {stats(small)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", type=int, default=1000)
@@ -221,11 +290,17 @@ def main() -> None:
     parser.add_argument("--predict-photos", type=int, default=0, help="predict on this many photos (0: all)")
     parser.add_argument("--keep", action="store_true", help="reuse the cache and run of the last bench")
     parser.add_argument("--groups", action="store_true", help="the group-photo composites instead")
+    parser.add_argument("--crops", action="store_true", help="chips from reduced vs full-size decoding instead")
     parser.add_argument("--subjects", type=int, default=8)
     parser.add_argument("--references", type=int, default=12)
     parser.add_argument("--groups-per-subject", type=int, default=6)
     args = parser.parse_args()
-    bench_groups(args) if args.groups else bench_photos(args)
+    if args.crops:
+        bench_crops(args)
+    elif args.groups:
+        bench_groups(args)
+    else:
+        bench_photos(args)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ so both engines give the same faces."""
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +76,8 @@ DECODE_MIN_SIDE = 1000
 # stands when its largest face is COARSE_ACCEPT times that size or more.
 COARSE_FACE_FRACTION = 0.05
 COARSE_ACCEPT = 1.5
+# Files decoded ahead of the detector (each at most a few tens of MB once decoded at reduced scale).
+DECODE_AHEAD = 16
 # Candidate faces per multi-face photo kept for the second pass.
 MAX_CANDIDATES = 4
 
@@ -90,18 +94,29 @@ def decode_file(path: Path, settings: FaceSettings):
 
 
 def decoded_batches(pool, paths: list[tuple[int, Path]], batch_size: int, settings: FaceSettings):
-    """Decode files a few at a time, yielding batches of at most ``batch_size`` images and ``BATCH_BYTES``."""
+    """Decode files on ``pool``, yielding batches of at most ``batch_size`` images and ``BATCH_BYTES``.
+
+    Up to ``DECODE_AHEAD`` files are decoded ahead of the caller, so the next batch is being decoded (the
+    decoders release the GIL) while the detector works on this one: the two cores both work."""
+    pending: deque = deque()
+    todo = iter(paths)
+
+    def refill() -> None:
+        for i, path in itertools.islice(todo, DECODE_AHEAD - len(pending)):
+            pending.append((i, pool.submit(decode_file, path, settings)))
+
     batch, held = [], 0
-    window = 8
-    for lo in range(0, len(paths), window):
-        part = paths[lo : lo + window]
-        for (i, _), result in zip(part, pool.map(lambda p: decode_file(p[1], settings), part)):
-            batch.append((i, result))
-            if not isinstance(result, BadImage):
-                held += result[0].pixels.nbytes + len(result[1])
-            if len(batch) >= batch_size or held >= BATCH_BYTES:
-                yield batch
-                batch, held = [], 0
+    refill()
+    while pending:
+        i, future = pending.popleft()
+        result = future.result()
+        refill()
+        batch.append((i, result))
+        if not isinstance(result, BadImage):
+            held += result[0].pixels.nbytes + len(result[1])
+        if len(batch) >= batch_size or held >= BATCH_BYTES:
+            yield batch
+            batch, held = [], 0
     if batch:
         yield batch
 

@@ -56,6 +56,7 @@ class FaceDetector:
         mtcnn_module.standarize_batch = _standardize_batch_float32
         self.settings = settings or FaceSettings()
         self._mtcnn = MTCNN(device="CPU:0")
+        self._nets = None
 
     def detect(self, images: list[np.ndarray], min_face_sizes: list[float] | None = None) -> list[list[Face]]:
         """Faces per image. Same-shape images go through MTCNN together; big ones are scanned downscaled, no finer
@@ -65,16 +66,26 @@ class FaceDetector:
         groups: dict[tuple, list[int]] = {}
         scaled: list[np.ndarray] = []
         factors: list[float] = []
+        large: dict[tuple, list[int]] = {}
         for i, image in enumerate(images):
             h, w = image.shape[:2]
             wanted = max(s.min_face_size, min_face_sizes[i] if min_face_sizes else 0)
             factor = detection_factor(h, w, wanted, s)
-            size = (max(1, round(w * factor)), max(1, round(h * factor)))
-            small = image if factor == 1.0 else cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-            scaled.append(small)
-            factors.append(factor)
-            if min(small.shape[:2]) >= 12:  # PNet's window: nothing smaller can hold a face
-                groups.setdefault(small.shape, []).append(i)
+            scaled.append(image)
+            factors.append(1.0)
+            if factor < 1.0:
+                # The smallest face the old path could see in a shrunk copy: at least 12 px there.
+                min_face = max(wanted, 12.0 * max(h, w) / s.detect_max_side)
+                large.setdefault((image.shape, round(min_face, 3)), []).append(i)
+            elif min(h, w) >= 12:  # PNet's window: nothing smaller can hold a face
+                groups.setdefault(image.shape, []).append(i)
+        for (shape, min_face), indices in large.items():
+            # MTCNN's memory grows with the batch times the pixels PNet scans: bound it for any photo size.
+            per_batch = max(1, int(DETECT_BATCH_PIXELS / (shape[0] * shape[1] * (12.0 / min_face) ** 2)))
+            for k in range(0, len(indices), per_batch):
+                part = indices[k : k + per_batch]
+                rows = self._detect_large([images[i] for i in part], min_face)
+                self._collect(rows, part, factors, min_face_sizes, results)
         batches = []
         for indices in groups.values():
             wanted = [max(s.min_face_size, (min_face_sizes[i] if min_face_sizes else 0)) * factors[i] for i in indices]
@@ -93,16 +104,196 @@ class FaceDetector:
                 threshold_rnet=s.thresholds[1],
                 threshold_onet=s.thresholds[2],
             )
-            for row in np.asarray(rows).reshape(-1, 16):
-                i = indices[int(row[0])]
-                f = factors[i]
-                landmarks = np.stack([row[6:11], row[11:16]], axis=1) / f
-                face = Face(row[1:5].astype(np.float32) / f, float(row[5]), landmarks.astype(np.float32))
-                if min_face_sizes is None or face.size >= min_face_sizes[i]:
-                    results[i].append(face)
+            self._collect(rows, indices, factors, min_face_sizes, results)
         for faces in results:
             faces.sort(key=lambda face: -face.confidence)
         return results
+
+    def _refine_landmarks(self, halvings: list[_Halvings], boxes: np.ndarray) -> np.ndarray:
+        """Final MTCNN rows with their box and landmarks re-estimated: O-net run again on the face's own square
+        and on slightly shifted and scaled copies of it, the results averaged, twice over. O-net's landmarks move
+        with the exact patch it is given (by 1-2% of the face between two decodings of one photo, enough to move
+        a descriptor by 0.1); the average is steadier, so chips match across decoding scales."""
+        from mtcnn.utils.bboxes import adjust_bboxes, resize_to_square
+
+        onet = self._graphs()[2]
+        boxes = boxes.copy()
+        for _ in range(REFINE_STEPS):
+            square = resize_to_square(boxes[:, :6])
+            side = square[:, 3] - square[:, 1]
+            variants = []
+            for dx, dy, scale in _jitters(REFINE_JITTER):
+                v = square.copy()
+                cx, cy = (v[:, 1] + v[:, 3]) / 2 + dx * side, (v[:, 2] + v[:, 4]) / 2 + dy * side
+                half = side * scale / 2
+                v[:, 1], v[:, 3], v[:, 2], v[:, 4] = cx - half, cx + half, cy - half, cy + half
+                variants.append(v)
+            allv = np.concatenate(variants)
+            patches, cut = _patches(halvings, allv, 48)
+            offsets, points, _ = (np.asarray(t) for t in onet(_normalise(patches)))
+            width, height = cut[:, 2:3] - cut[:, 0:1], cut[:, 3:4] - cut[:, 1:2]
+            pts = np.concatenate([cut[:, 0:1] + width * points[:, :5], cut[:, 1:2] + height * points[:, 5:]], axis=1)
+            k = len(variants)
+            boxes[:, 6:16] = pts.reshape(k, len(boxes), 10).mean(0) - 0.5
+            boxes[:, 1:5] = adjust_bboxes(allv, offsets)[:, 1:5].reshape(k, len(boxes), 4).mean(0)
+        return boxes
+
+    @staticmethod
+    def _collect(rows, indices, factors, min_face_sizes, results) -> None:
+        for row in np.asarray(rows).reshape(-1, 16):
+            i = indices[int(row[0])]
+            f = factors[i]
+            landmarks = np.stack([row[6:11], row[11:16]], axis=1) / f
+            face = Face(row[1:5].astype(np.float32) / f, float(row[5]), landmarks.astype(np.float32))
+            if min_face_sizes is None or face.size >= min_face_sizes[i]:
+                results[i].append(face)
+
+    def _graphs(self):
+        # The three networks as TensorFlow graphs: the same layers and weights, a fraction of eager mode's
+        # per-call overhead, which dominates on small inputs.
+        if self._nets is None:
+            import tensorflow as tf
+
+            self._nets = tuple(tf.function(stage._model, reduce_retracing=True) for stage in self._mtcnn.stages)
+        return self._nets
+
+    def _detect_large(self, batch: list[np.ndarray], min_face: float) -> np.ndarray:
+        """MTCNN on same-shape large images, for faces of ``min_face`` pixels and up: rows as
+        ``MTCNN.detect_faces`` gives them (image index, box, confidence, 5 landmark x, 5 landmark y).
+
+        Every network input is cut from the image at its own resolution and area-resampled (as the original
+        MTCNN does), rather than sampled bilinearly from one shrunken copy: the pyramid comes from exact halvings
+        of the image, each R-net and O-net patch from the halving nearest its size. The landmarks then hardly
+        depend on the scale a photo was decoded at, and no step touches every pixel of a 12-megapixel image."""
+        from mtcnn.utils.bboxes import (
+            adjust_bboxes,
+            generate_bounding_box,
+            pick_matches,
+            resize_to_square,
+            smart_nms_from_bboxes,
+            upscale_bboxes,
+        )
+
+        s = self.settings
+        pnet, rnet, onet = self._graphs()
+        halvings = [_Halvings(image) for image in batch]
+        h, w = batch[0].shape[:2]
+        n = len(batch)
+        found = []
+        for scale in _fixed_scale_pyramid(w, h, min_face, 0.709):
+            size = (int(w * scale), int(h * scale))
+            if min(size) < 12:
+                break
+            level = np.stack([hv.resized(size) for hv in halvings])
+            reg, prob = pnet(_normalise(level))
+            boxes = generate_bounding_box(reg, prob, s.thresholds[0])
+            if len(boxes):
+                boxes = upscale_bboxes(boxes, np.full(n, scale))
+                found.append(smart_nms_from_bboxes(boxes, threshold=0.5, method="union", initial_sort=False))
+        if not found or not sum(len(b) for b in found):
+            return np.empty((0, 16))
+        boxes = smart_nms_from_bboxes(np.concatenate(found), threshold=0.7, method="union", initial_sort=True)
+        boxes = resize_to_square(boxes)
+
+        offsets, scores = rnet(_normalise(_patches(halvings, boxes, 24)[0]))
+        boxes[:, -1] = np.asarray(scores)[:, -1]
+        boxes = pick_matches(adjust_bboxes(boxes, np.asarray(offsets)), score_threshold=s.thresholds[1])
+        if not len(boxes):
+            return np.empty((0, 16))
+        boxes = resize_to_square(smart_nms_from_bboxes(boxes, threshold=0.7, method="union", initial_sort=True))
+
+        patches, cut = _patches(halvings, boxes, 48)
+        offsets, points, scores = (np.asarray(t) for t in onet(_normalise(patches)))
+        # Landmarks relative to the patch actually cut (``cut``: its edges in image pixels).
+        width, height = cut[:, 2:3] - cut[:, 0:1], cut[:, 3:4] - cut[:, 1:2]
+        points = np.concatenate([cut[:, 0:1] + width * points[:, :5], cut[:, 1:2] + height * points[:, 5:]], axis=1)
+        boxes[:, -1] = scores[:, -1]
+        boxes = adjust_bboxes(boxes, offsets)
+        boxes = np.concatenate([boxes, points - 0.5], axis=1)
+        boxes = pick_matches(boxes, scores_column=5, score_threshold=s.thresholds[2])
+        if not len(boxes):
+            return np.empty((0, 16))
+        boxes = smart_nms_from_bboxes(boxes, threshold=0.7, method="min", initial_sort=True)
+        boxes = self._refine_landmarks(halvings, boxes)
+        boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, w - 1)  # as MTCNN's fit_to_image
+        boxes[:, [2, 4]] = np.clip(boxes[:, [2, 4]], 0, h - 1)
+        return boxes
+
+
+# Landmark refinement on large images (FaceDetector._refine_landmarks): rounds, and the shifts and scalings of
+# the face's square (fractions of its side) whose O-net landmarks are averaged. Chosen on bench/photos.py --crops.
+REFINE_STEPS = 2
+REFINE_JITTER = 0.06
+
+
+def _jitters(d: float) -> list[tuple[float, float, float]]:
+    """(dx, dy, scale) of each variant of a face's square: itself, shifted by ``d`` of its side in 8 directions,
+    and scaled by 1 +- d and 1 +- 2d."""
+    shifts = [(dx * d, dy * d, 1.0) for dx in (-1, 0, 1) for dy in (-1, 0, 1)]
+    return shifts + [(0.0, 0.0, 1 + d), (0.0, 0.0, 1 - d), (0.0, 0.0, 1 + 2 * d), (0.0, 0.0, 1 - 2 * d)]
+
+
+def _normalise(images: np.ndarray):
+    import tensorflow as tf
+
+    return tf.convert_to_tensor((images.astype(np.float32) - 127.5) / 128.0)
+
+
+class _Halvings:
+    """An image and its successive exact 2x area reductions (cheap), made as needed: the source of any smaller
+    copy, which is then one area resize from the nearest halving at least as large."""
+
+    def __init__(self, image: np.ndarray):
+        self.levels = [image]
+
+    def level_for(self, factor: float) -> int:
+        """The smallest halving at least ``factor`` times the image's size."""
+        k = 0
+        while 0.5 ** (k + 1) >= factor and min(self.levels[k].shape[:2]) >= 24:
+            if k + 1 == len(self.levels):
+                last = self.levels[k]
+                self.levels.append(
+                    cv2.resize(last, (last.shape[1] // 2, last.shape[0] // 2), interpolation=cv2.INTER_AREA)
+                )
+            k += 1
+        return k
+
+    def resized(self, size: tuple[int, int]) -> np.ndarray:
+        source = self.levels[self.level_for(size[0] / self.levels[0].shape[1])]
+        if (source.shape[1], source.shape[0]) == size:
+            return source
+        return cv2.resize(source, size, interpolation=cv2.INTER_AREA)
+
+
+def _patches(halvings: list[_Halvings], boxes: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, size, size, 3) patches of ``boxes`` (MTCNN rows: image index, x1, y1, x2, y2, inclusive pixels), each
+    cut from the halving nearest its size and area-resampled; and the edges (x1, y1, x2, y2) in image pixels of
+    what each patch holds. Past the image's edges is mid-grey (0 once normalised), as MTCNN pads."""
+    out = np.empty((len(boxes), size, size, 3), np.uint8)
+    cut = np.empty((len(boxes), 4), np.float64)
+    for j, row in enumerate(boxes):
+        hv = halvings[int(row[0])]
+        side = max(row[3] - row[1] + 1, row[4] - row[2] + 1)
+        k = hv.level_for(size / max(side, 1.0))
+        source = hv.levels[k]
+        fx = fy = 0.5**k  # exact: halving pixel i covers pixels 2i and 2i + 1
+        x1, y1 = int(np.floor(row[1] * fx + 0.5)), int(np.floor(row[2] * fy + 0.5))
+        x2, y2 = (
+            max(x1 + 1, int(np.floor((row[3] + 1) * fx + 0.5))),
+            max(y1 + 1, int(np.floor((row[4] + 1) * fy + 0.5))),
+        )
+        sh, sw = source.shape[:2]
+        if x1 >= 0 and y1 >= 0 and x2 <= sw and y2 <= sh:
+            crop = source[y1:y2, x1:x2]
+        else:
+            crop = np.full((y2 - y1, x2 - x1, 3), 128, np.uint8)
+            sx1, sy1, sx2, sy2 = max(x1, 0), max(y1, 0), min(x2, sw), min(y2, sh)
+            if sx2 > sx1 and sy2 > sy1:
+                crop[sy1 - y1 : sy2 - y1, sx1 - x1 : sx2 - x1] = source[sy1:sy2, sx1:sx2]
+        shrink = crop.shape[0] >= size and crop.shape[1] >= size
+        out[j] = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        cut[j] = (x1 / fx, y1 / fy, x2 / fx, y2 / fy)
+    return out, cut
 
 
 # A face of the smallest wanted size reaches MTCNN at least this many pixels wide (its window is 12), and an
