@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pinsface.faces import FaceDetector, align_face, choose_face, crop_scale_ok, detect_each, refine_view, to_full_face
-from pinsface.images import BadImage, Decoded, load_image, load_scaled
+from pinsface.images import BadImage, Decoded, load_scaled
 from pinsface.run import Run, RunState
 from pinsface.settings import Settings
 
@@ -76,6 +77,14 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 # Photos are decoded for naming at a scale whose shorter side is at least this (JPEG DCT scaling).
 PHOTO_DECODE_MIN_SIDE = 1000
+# Faces are named down to this fraction of a photo's shorter side (and FaceSettings.min_face_size pixels): 75 px
+# in a 12-megapixel photo. MTCNN's time grows with the square of the smallest face's share of the photo (README).
+PHOTO_MIN_FACE_FRACTION = 0.025
+
+
+def min_face_px(view: Decoded, settings) -> float:
+    """The smallest face looked for in ``view``, in its own pixels."""
+    return max(settings.min_face_size, PHOTO_MIN_FACE_FRACTION * min(view.full_size)) * min(view.scale)
 
 
 class Recognizer:
@@ -165,8 +174,31 @@ class Recognizer:
         """Every face in one image. Raises ``BadImage`` for a file that cannot be used.
 
         ``threshold`` (a distance) and ``min_probability`` override the run's calibrated thresholds."""
-        array = load_image(image, self.face_settings.max_pixels)
-        return self._name([array], [self.detector.detect([array])[0]], top_k, threshold, min_probability)[0]
+        view = self._load(image)
+        found = self.detector.detect([view.pixels], [min_face_px(view, self.face_settings)])[0]
+        faces = [to_full_face(f, view) for f in found]
+        view = self._fine_enough(image, view, faces)
+        return self._name([view], [faces], top_k, threshold, min_probability)[0]
+
+    def _load(self, source) -> Decoded:
+        """A photo decoded at bounded scale (``PHOTO_DECODE_MIN_SIDE``). Raises ``BadImage``."""
+        return load_scaled(source, self.face_settings.max_pixels, PHOTO_DECODE_MIN_SIDE)
+
+    def _try_load(self, source) -> Decoded | BadImage:
+        try:
+            return self._load(source)
+        except BadImage as exc:
+            return exc
+
+    def _fine_enough(self, source, view: Decoded, faces) -> Decoded:
+        """``view``, or ``source`` decoded again finer where a face is too small in it for a good chip."""
+        sizes = [f.size for f in faces]
+        if crop_scale_ok(view, sizes):
+            return view
+        try:
+            return refine_view(source, view, sizes, self.face_settings.max_pixels)
+        except BadImage:  # the file changed under us: use what was decoded
+            return view
 
     def identify_many(
         self,
@@ -182,49 +214,56 @@ class Recognizer:
 
         results: list[ImageResult] = []
         bar = tqdm(total=len(sources), desc="photos", unit="photo", disable=not progress, leave=False)
-        for lo in range(0, len(sources), batch_size):
-            batch = sources[lo : lo + batch_size]
-            arrays, names, entries, decoded_sources = [], [], [], []
-            for source in batch:
-                name = source if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
-                if isinstance(name, (str, os.PathLike)):  # a name that is not UTF-8 is shown escaped
-                    name = os.fsencode(name).decode("utf-8", "backslashreplace")
-                try:
-                    # Large photos are decoded at reduced scale (see faces.refine_view): memory stays bounded.
-                    arrays.append(load_scaled(source, self.face_settings.max_pixels, PHOTO_DECODE_MIN_SIDE))
+        # The next batch is decoded on two threads while this one is detected and embedded (decoding releases
+        # the GIL), so both cores work; at most two batches of decoded photos are held.
+        pool = ThreadPoolExecutor(2)
+
+        def start(lo: int) -> list:
+            return [pool.submit(self._try_load, source) for source in sources[lo : lo + batch_size]]
+
+        try:
+            ahead = start(0)
+            for lo in range(0, len(sources), batch_size):
+                batch = sources[lo : lo + batch_size]
+                current, ahead = ahead, start(lo + batch_size)
+                arrays, names, entries, decoded_sources = [], [], [], []
+                for source, future in zip(batch, current):
+                    name = source if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
+                    if isinstance(name, (str, os.PathLike)):  # a name that is not UTF-8 is shown escaped
+                        name = os.fsencode(name).decode("utf-8", "backslashreplace")
+                    view = future.result()
+                    if isinstance(view, BadImage):
+                        entries.append(ImageResult(str(name), [], error=view.reason))
+                        continue
+                    arrays.append(view)
                     names.append(str(name))
                     entries.append(None)
                     decoded_sources.append(source)
-                except BadImage as exc:
-                    entries.append(ImageResult(str(name), [], error=exc.reason))
-            found = detect_each(self.detector, [view.pixels for view in arrays]) if arrays else []
-            pending = [j for j, e in enumerate(entries) if e is None]
-            for k, faces in enumerate(found):
-                if isinstance(faces, Exception):  # this image alone failed in the detector: report it, go on
-                    entries[pending[k]] = ImageResult(
-                        names[k], [], error="detector_error", note=f"{type(faces).__name__}: {faces}"
-                    )
-            keep = [k for k, faces in enumerate(found) if not isinstance(faces, Exception)]
-            arrays, names = [arrays[k] for k in keep], [names[k] for k in keep]
-            decoded_sources = [decoded_sources[k] for k in keep]
-            found = [[to_full_face(f, view) for f in found[k]] for k, view in zip(keep, arrays)]
-            try:
+                wanted = [min_face_px(view, self.face_settings) for view in arrays]
+                found = detect_each(self.detector, [view.pixels for view in arrays], wanted) if arrays else []
+                pending = [j for j, e in enumerate(entries) if e is None]
+                for k, faces in enumerate(found):
+                    if isinstance(faces, Exception):  # this image alone failed in the detector: report it, go on
+                        entries[pending[k]] = ImageResult(
+                            names[k], [], error="detector_error", note=f"{type(faces).__name__}: {faces}"
+                        )
+                keep = [k for k, faces in enumerate(found) if not isinstance(faces, Exception)]
+                arrays, names = [arrays[k] for k in keep], [names[k] for k in keep]
+                decoded_sources = [decoded_sources[k] for k in keep]
+                found = [[to_full_face(f, view) for f in found[k]] for k, view in zip(keep, arrays)]
                 arrays = [
-                    view
-                    if crop_scale_ok(view, [f.size for f in faces])
-                    else refine_view(source, view, [f.size for f in faces], self.face_settings.max_pixels)
-                    for source, view, faces in zip(decoded_sources, arrays, found)
+                    self._fine_enough(src, view, faces) for src, view, faces in zip(decoded_sources, arrays, found)
                 ]
-            except BadImage:  # the file changed under us: use what was decoded
-                pass
-            faces = self._name(arrays, found, top_k, threshold, min_probability) if arrays else []
-            it = iter(zip(names, faces))
-            for entry in entries:
-                if entry is None:
-                    name, found = next(it)
-                    entry = ImageResult(name, found, note=None if found else "no face found")
-                results.append(entry)
-            bar.update(len(batch))
+                faces = self._name(arrays, found, top_k, threshold, min_probability) if arrays else []
+                it = iter(zip(names, faces))
+                for entry in entries:
+                    if entry is None:
+                        name, found = next(it)
+                        entry = ImageResult(name, found, note=None if found else "no face found")
+                    results.append(entry)
+                bar.update(len(batch))
+        finally:
+            pool.shutdown(cancel_futures=True)
         bar.close()
         return results
 
@@ -281,16 +320,21 @@ class Recognizer:
 
     def faces_for_enrolment(self, images: list) -> tuple[np.ndarray, np.ndarray, int, list[dict]]:
         """(embeddings, mirror embeddings, faces used, skipped files) of the subject's face in each photo."""
-        arrays, skipped = [], []
+        views, sources, skipped = [], [], []
         for source in images:
             try:
-                arrays.append(load_image(source, self.face_settings.max_pixels))
+                views.append(self._load(source))
+                sources.append(source)
             except BadImage as exc:
                 skipped.append({"source": str(source), "reason": exc.reason})
         crops = []
-        for array, faces in zip(arrays, self.detector.detect(arrays)):
-            if faces:
-                crops.append(align_face(array, faces[choose_face(faces, array.shape)].landmarks, self.face_settings))
+        wanted = [min_face_px(view, self.face_settings) for view in views]
+        for source, view, found in zip(sources, views, self.detector.detect([v.pixels for v in views], wanted)):
+            if found:
+                faces = [to_full_face(f, view) for f in found]
+                face = faces[choose_face(faces, view.full_size)]
+                view = self._fine_enough(source, view, [face])
+                crops.append(align_face(view.pixels, view.from_full(face.landmarks), self.face_settings))
         if not crops:
             return np.zeros((0, 128), np.float32), np.zeros((0, 128), np.float32), 0, skipped
         emb, emb_flip = self.embed(np.stack(crops))
