@@ -147,6 +147,9 @@ def decode_scaled(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: i
             if min_side and image.format in ("JPEG", "MPO") and min(width, height) >= 2 * min_side:
                 f = min_side / min(width, height)
                 image.draft(None, (max(1, int(width * f)), max(1, int(height * f))))
+                pixels = _decode_reduced(data, image, width)
+                if pixels is not None:
+                    return _oriented(pixels, _orientation(image), (height, width))
             image.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise BadImage("too_large", str(exc)) from exc
@@ -155,12 +158,14 @@ def decode_scaled(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: i
             reason = "truncated" if "truncat" in text or "broken data" in text else "unreadable"
             raise BadImage(reason, str(exc)) from exc
     full = (height, width)
-    if _orientation(image) in (5, 6, 7, 8):
+    orientation = _orientation(image)
+    if orientation in (5, 6, 7, 8):
         full = (width, height)
-    try:
-        image = ImageOps.exif_transpose(image)
-    except Exception:  # a malformed EXIF block must not cost the image
-        pass
+    if orientation != 1:  # exif_transpose returns a copy even when there is nothing to turn
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception:  # a malformed EXIF block must not cost the image
+            pass
     try:
         pixels = to_rgb(image)
     except (OSError, ValueError, TypeError) as exc:
@@ -168,6 +173,54 @@ def decode_scaled(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: i
     if pixels.shape[:2] != full and pixels.shape[:2] == full[::-1]:  # orientation tag ignored after all
         full = full[::-1]
     return Decoded(pixels, full)
+
+
+# OpenCV's flags for libjpeg's 1/2, 1/4 and 1/8 scale decoding, straight to RGB, orientation left to us.
+_CV2_REDUCED = {2: "IMREAD_REDUCED_GRAYSCALE_2", 4: "IMREAD_REDUCED_GRAYSCALE_4", 8: "IMREAD_REDUCED_GRAYSCALE_8"}
+
+
+def _decode_reduced(data: bytes, image: Image.Image, width: int) -> np.ndarray | None:
+    """A JPEG at the reduced scale ``image.draft`` chose, decoded by OpenCV's libjpeg into an array at once
+    (Pillow's array conversion copies a photo's pixels twice more, costing as much as the decoding); the same
+    pixels. None where Pillow decodes it instead: a full-scale decode, CMYK, or a stream without its end marker
+    (OpenCV fills a truncated JPEG with grey where Pillow reports it)."""
+    import cv2
+
+    reduction = round(width / image.size[0])
+    if reduction not in _CV2_REDUCED or image.mode not in ("RGB", "L") or not data.endswith(b"\xff\xd9"):
+        return None
+    flags = getattr(cv2, _CV2_REDUCED[reduction]) | cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+    try:
+        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error:
+        return None
+    if pixels is None or pixels.shape != (image.size[1], image.size[0], 3):
+        return None
+    return pixels
+
+
+# Pillow's exif_transpose, on an array: orientation tag -> (transpose, flip rows, flip columns).
+_ORIENT = {
+    2: (False, False, True),
+    3: (False, True, True),
+    4: (False, True, False),
+    5: (True, False, False),
+    6: (True, False, True),
+    7: (True, True, True),
+    8: (True, True, False),
+}
+
+
+def _oriented(pixels: np.ndarray, orientation: int, stored: tuple[int, int]) -> Decoded:
+    transpose, flip_rows, flip_cols = _ORIENT.get(orientation, (False, False, False))
+    if transpose:
+        pixels = pixels.transpose(1, 0, 2)
+    if flip_rows:
+        pixels = pixels[::-1]
+    if flip_cols:
+        pixels = pixels[:, ::-1]
+    full = stored[::-1] if transpose else stored
+    return Decoded(np.ascontiguousarray(pixels), full)
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
