@@ -122,6 +122,29 @@ def test_reduced_decoding_follows_exif_orientation():
     assert np.allclose(centre, [xs.mean(), ys.mean()], atol=3)
 
 
+def test_reduced_decoding_gives_pillows_pixels_and_reports_truncation(monkeypatch):
+    import pinsface.images as images
+    from pinsface.images import BadImage
+
+    rng = np.random.default_rng(1)
+    canvas = np.kron((rng.random((12, 16, 3)) * 255).astype(np.uint8), np.ones((100, 100, 1), np.uint8))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buffer = io.BytesIO()
+        Image.fromarray(canvas).save(buffer, "JPEG", quality=90, exif=exif.tobytes())
+        data = buffer.getvalue()
+        fast = decode_scaled(data, min_side=300)
+        with monkeypatch.context() as m:
+            m.setattr(images, "_decode_reduced", lambda *args: None)  # Pillow alone
+            slow = decode_scaled(data, min_side=300)
+        assert fast.pixels.shape == slow.pixels.shape and fast.full_size == slow.full_size
+        assert np.array_equal(fast.pixels, slow.pixels), orientation
+    with pytest.raises(BadImage) as caught:
+        decode_scaled(data[: len(data) * 2 // 3], min_side=300)
+    assert caught.value.reason == "truncated"
+
+
 def test_crops_from_reduced_decoding_match_full_size_decoding(originals_dir, detector, backbone):
     """Descriptor distance between chips cut by prepare (reduced-scale decoding) and from full-size decoding."""
     import cv2
