@@ -3,7 +3,7 @@ in group photos with and without the second pass.
 
     python bench/photos.py [--photos 1000] [--identities 10] [--root /tmp/photos-bench] [--chunk 512]
     python bench/photos.py --groups [--subjects 8 --groups-per-subject 6]
-    python bench/photos.py --crops
+    python bench/photos.py --crops [--enlarge-every 4]
 
 The photo folder (4000x3000 JPEGs, one Pins face each, about a tenth of the shorter side, on a textured
 background) is built under --root on first use and kept there; it is never committed. Each phase runs in its
@@ -213,7 +213,8 @@ def bench_groups(args) -> None:
 
 def bench_crops(args) -> None:
     """Descriptor distance between chips cut as prepare cuts them (reduced-scale decoding) and chips from
-    full-size decoding, on the shared originals; every fourth also enlarged 4x onto a 4000x3000 canvas."""
+    full-size decoding, on the shared originals; every ``--enlarge-every``-th also enlarged 4x onto a 4000x3000
+    canvas (every fourth, as in tests/test_photos.py; 1 for all of them)."""
     import io
 
     import numpy as np
@@ -240,7 +241,7 @@ def bench_crops(args) -> None:
     small, large, same = [], [], []
     for n, path in enumerate(sorted(originals.rglob("*.jpg"))):
         source = Image.open(path).convert("RGB")
-        enlarge = n % 4 == 0
+        enlarge = n % args.enlarge_every == 0
         if enlarge:
             big = source.resize((source.width * 4, source.height * 4), Image.BICUBIC)
             canvas = Image.new("RGB", (max(4000, big.width + 100), max(3000, big.height + 100)), (90, 100, 110))
@@ -291,6 +292,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="reuse the cache and run of the last bench")
     parser.add_argument("--groups", action="store_true", help="the group-photo composites instead")
     parser.add_argument("--crops", action="store_true", help="chips from reduced vs full-size decoding instead")
+    parser.add_argument("--enlarge-every", type=int, default=4, help="with --crops: which originals to enlarge")
     parser.add_argument("--subjects", type=int, default=8)
     parser.add_argument("--references", type=int, default=12)
     parser.add_argument("--groups-per-subject", type=int, default=6)

@@ -191,7 +191,8 @@ def test_crops_from_reduced_decoding_match_full_size_decoding(originals_dir, det
     assert len(small) >= 35 and len(large) >= 10
     assert max(small) < 0.05  # the shared originals themselves: decoded as they are
     assert max(same_landmarks) < 0.05  # the crop itself, at reduced scale, matches the full-size crop
-    assert np.median(large) < 0.05  # end to end, the detector's landmarks move a little with the decoding
+    # End to end: the refined landmarks hardly move with the decoding scale.
+    assert np.median(large) < 0.05 and np.quantile(large, 0.9) < 0.05
 
 
 def test_decoding_holds_a_bounded_batch(tmp_path, monkeypatch):
