@@ -59,8 +59,10 @@ class FaceDetector:
         self._nets = None
 
     def detect(self, images: list[np.ndarray], min_face_sizes: list[float] | None = None) -> list[list[Face]]:
-        """Faces per image. Same-shape images go through MTCNN together; big ones are scanned downscaled, no finer
-        than the smallest wanted face needs (``detection_factor``)."""
+        """Faces per image, in its pixels. Same-shape images go through MTCNN together. Images that the old path
+        would shrink first (``detection_factor`` under 1: photos over 720 px on the long side) go through
+        ``_detect_large`` instead, which scans them no finer than the smallest wanted face needs; the rest (the
+        Pins crops among them) through mtcnn's own ``detect_faces``."""
         s = self.settings
         results: list[list[Face]] = [[] for _ in images]
         groups: dict[tuple, list[int]] = {}
