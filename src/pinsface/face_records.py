@@ -18,6 +18,7 @@ from pinsface.faces import (
     landmarks_box,
     min_subject_size,
     refine_view,
+    retry_tight_crops,
     subject_scores,
     to_full_face,
 )
@@ -130,6 +131,7 @@ def image_records(detector, batch, hashes, settings: FaceSettings, held: dict) -
     if finer:
         for k, faces in zip(finer, detect_each(detector, [images[k] for k in finer], [min_sizes[k] for k in finer])):
             found[k] = faces
+    found = retry_tight_crops(detector, images, found, min_sizes, settings, [view.full_size for _, view, _ in good])
     records = []
     for (i, view, data), detected in zip(good, found):
         if isinstance(detected, Exception):

@@ -57,10 +57,16 @@ class FaceDetector:
         self.settings = settings or FaceSettings()
         self._mtcnn = MTCNN(device="CPU:0")
 
-    def detect(self, images: list[np.ndarray], min_face_sizes: list[float] | None = None) -> list[list[Face]]:
+    def detect(
+        self,
+        images: list[np.ndarray],
+        min_face_sizes: list[float] | None = None,
+        thresholds: tuple[float, float, float] | None = None,
+    ) -> list[list[Face]]:
         """Faces per image. Same-shape images go through MTCNN together; big ones are scanned downscaled, no finer
-        than the smallest wanted face needs (``detection_factor``)."""
+        than the smallest wanted face needs (``detection_factor``). ``thresholds`` override the settings' three."""
         s = self.settings
+        thresholds = thresholds or s.thresholds
         results: list[list[Face]] = [[] for _ in images]
         groups: dict[tuple, list[int]] = {}
         scaled: list[np.ndarray] = []
@@ -89,9 +95,9 @@ class FaceDetector:
                 output_type="numpy",
                 box_format="xyxy",
                 min_face_size=min_face,
-                threshold_pnet=s.thresholds[0],
-                threshold_rnet=s.thresholds[1],
-                threshold_onet=s.thresholds[2],
+                threshold_pnet=thresholds[0],
+                threshold_rnet=thresholds[1],
+                threshold_onet=thresholds[2],
             )
             for row in np.asarray(rows).reshape(-1, 16):
                 i = indices[int(row[0])]
@@ -142,6 +148,46 @@ def detect_each(
         except Exception as exc:  # noqa: BLE001  (one image's detector or OpenCV error must not stop the run)
             out.append(exc)
     return out
+
+
+def retry_tight_crops(
+    detector,
+    images: list[np.ndarray],
+    found: list,
+    min_face_sizes: list[float],
+    settings: FaceSettings,
+    full_shapes: list[tuple[int, ...]] | None = None,
+) -> list:
+    """``found`` (per image: faces, or an exception), with each crop-shaped image (judged by its
+    ``full_shapes``, for images decoded at reduced scale) in which no face was found scanned again inside a
+    black border, at ``tight_crop_thresholds``.
+
+    Dataset crops are often cut so tight that the chin or brow is past the edge, and MTCNN's windows cannot
+    hold a face that is not all in the picture. With a border round it the face fits again. The retry's lower
+    thresholds are safe because it only replaces a blind guess: without it the image would be aligned with the
+    mean landmarks (``fallback_landmarks``). Faces come back in the image's own coordinates, partly outside it."""
+    retry = [
+        k
+        for k, faces in enumerate(found)
+        if isinstance(faces, list)
+        and not faces
+        and is_crop_shaped(full_shapes[k] if full_shapes else images[k].shape, settings)
+    ]
+    if not retry or settings.tight_crop_border <= 0:
+        return found
+    found = list(found)
+    for k in retry:
+        h, w = images[k].shape[:2]
+        pad = int(round(settings.tight_crop_border * max(h, w)))
+        padded = cv2.copyMakeBorder(images[k], pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        try:
+            faces = detector.detect([padded], [min_face_sizes[k]], settings.tight_crop_thresholds)[0]
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except Exception:  # noqa: BLE001  (the retry only adds to a result already in hand)
+            continue
+        found[k] = [Face(f.box - pad, f.confidence, f.landmarks - pad) for f in faces]
+    return found
 
 
 def choose_face(faces: list[Face], image_shape: tuple[int, ...]) -> int:

@@ -28,6 +28,10 @@ class FaceSettings:
     # nearest (in embedding space) to the person's other faces is chosen in each; 0 turns it off.
     subject_pass_min_photos: int = 3
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8)
+    # A crop-shaped image with no face found is scanned again inside a black border this fraction of its long
+    # side, at these thresholds (see faces.retry_tight_crops); 0 turns it off.
+    tight_crop_border: float = 0.25
+    tight_crop_thresholds: tuple[float, float, float] = (0.5, 0.6, 0.7)
     detect_max_side: int = 1024
     template: tuple[tuple[float, float], ...] = FACE_TEMPLATE_150
     template_scale: float = 1.0
