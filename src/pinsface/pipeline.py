@@ -72,17 +72,18 @@ def train(
     from pinsface.dataset import check_trainable, default_data_dir, scan_dataset
 
     settings = dataclasses.replace(settings or Settings())
-    check_trainable(prepared.dataset if prepared else scan_dataset(data_dir if data_dir else default_data_dir()))
+    dataset = prepared.dataset if prepared else scan_dataset(data_dir if data_dir else default_data_dir())
+    check_trainable(dataset)
     if settings.model == "embedding" and settings.mixup and settings.class_weights:
         raise ValueError("mixup and class weights do not combine: set Settings.mixup=0 to use class weights")
     run = Run(out_dir).create()
     with run.lock():
-        return _train(run, data_dir, cache_dir, settings, progress, prepared, engine, address)
+        return _train(run, dataset, cache_dir, settings, progress, prepared, engine, address)
 
 
 def _train(
     run: Run,
-    data_dir,
+    dataset,
     cache_dir,
     settings: Settings,
     progress: bool,
@@ -94,16 +95,15 @@ def _train(
 
     from pinsface import train as fitting
     from pinsface.cache import default_cache_dir
-    from pinsface.dataset import default_data_dir
     from pinsface.scoring import score_images, topk_correct
 
     run.start_log()
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if prepared is None:
-        settings.data_dir = str(Path(data_dir if data_dir else default_data_dir()).resolve())
+        settings.data_dir = str(dataset.root.resolve())
         settings.cache_dir = str(Path(cache_dir or default_cache_dir()).resolve())
-        prepared = prepare_for_run(settings, progress=progress, engine=engine, address=address)
+        prepared = prepare_for_run(settings, progress=progress, engine=engine, address=address, dataset=dataset)
     else:
         settings.data_dir = str(prepared.dataset.root)
         settings.cache_dir = str(prepared.cache.root)
@@ -140,15 +140,15 @@ def _train(
             faces = prepared.cache.load(sorted(set(hashes["train"]) | set(hashes["val"])), crops=("aligned",))
 
         t3 = time.perf_counter()
-        x_train = [emb["train"][0], emb["train"][1]]
-        y_train = [y["train"], y["train"]]
+        # (faces, views, dim): each epoch trains on one view of each face, drawn at random (train.fit).
+        views = [emb["train"][0], emb["train"][1]]
         if settings.augment_views:
             crops = faces.columns["aligned"][faces.rows(hashes["train"])]
-            x_train.append(fitting.augmented_embeddings(crops, embedder, settings, settings.augment_views))
-            y_train.extend([y["train"]] * settings.augment_views)
+            extra = fitting.augmented_embeddings(crops, embedder, settings, settings.augment_views)
+            views.extend(np.split(extra, settings.augment_views))
             del crops
         timings["augment"] = time.perf_counter() - t3
-        x_train, y_train = np.concatenate(x_train), np.concatenate(y_train)
+        x_train, y_train = np.stack(views, 1), y["train"]
 
         t4 = time.perf_counter()
         head = build_head(n_classes, settings, backbone.output_shape[-1])
@@ -176,8 +176,9 @@ def _train(
             t7 = time.perf_counter()
             head = build_head(n_classes, settings, backbone.output_shape[-1])
             chosen = histories[-1]
-            x_all = np.concatenate([x_train, emb["val"][0], emb["val"][1]])
-            y_all = np.concatenate([y_train, y["val"], y["val"]])
+            val_views = np.stack([emb["val"][k % 2] for k in range(x_train.shape[1])], 1)
+            x_all = np.concatenate([x_train, val_views])
+            y_all = np.concatenate([y_train, y["val"]])
             histories.append(
                 fitting.fit(
                     head,
