@@ -132,8 +132,10 @@ def prepare(
     address: str | None = None,
     embed=None,
     workers: int | None = None,
+    on_records=None,
 ) -> Prepared:
-    """Detect and crop every image of ``data_dir`` that the cache does not have yet.
+    """Detect and crop every image of ``data_dir`` that the cache does not have yet. ``on_records``, if given,
+    is called with each chunk of new face records once it is in the cache (the local engine's).
 
     ``engine="ray"`` does that work on a Ray cluster (``address``, else a local instance with ``workers`` CPUs),
     and embeds the faces too with the backbone of ``embed`` (a ``Settings``), see ``pinsface.ray_engine``."""
@@ -211,6 +213,8 @@ def prepare(
                 skip(i, error)
             bar.update(len(batch))
         cache.write(records)
+        if on_records is not None:
+            on_records(records)
     bar.close()
     pool.shutdown()
 
@@ -273,6 +277,7 @@ def prepare_for_run(
     progress: bool = True,
     engine: str = "local",
     address: str | None = None,
+    on_records=None,
 ) -> Prepared:
     """``prepare`` as a run's ``Settings`` say: its data folder (unless given), cache, face settings, detector
     batch size and, for the Ray engine, the backbone that embeds the faces."""
@@ -286,6 +291,7 @@ def prepare_for_run(
         engine=engine,
         address=address,
         embed=settings if settings.model == "embedding" else None,
+        on_records=on_records,
     )
 
 
