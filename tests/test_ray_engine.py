@@ -125,3 +125,24 @@ def test_cli_prepare_with_the_ray_engine(local_ray, sample, tmp_path, capsys):
     settings = Settings()
     index, _, _ = EmbeddingCache(tmp_path, settings.faces.version(), embedding_key(settings)).load()
     assert len(index) == summary["images"] - 2  # every distinct readable image (one file is a duplicate)
+
+
+def test_open_set_evaluation_prepares_the_strangers_on_ray(local_ray, small_run, tmp_path, capsys, monkeypatch):
+    import pinsface.ray_engine
+    from pinsface.cli import main
+
+    calls = []
+    real = pinsface.ray_engine.prepare_on_ray
+
+    def counted(paths, *args, **kwargs):  # the real engine, counting the images it is given
+        calls.append(len(paths))
+        return real(paths, *args, **kwargs)
+
+    monkeypatch.setattr(pinsface.ray_engine, "prepare_on_ray", counted)
+    strangers = copy_identities(tmp_path / "strangers", ["pins_Henry Cavil", "pins_Zoe Saldana"], 3)
+    run_dir, _ = small_run
+    argv = ["evaluate", str(run_dir), "--unknown", str(strangers), "--out", str(tmp_path / "report")]
+    assert main([*argv, "--engine", "ray", "--no-progress"]) == 0
+    assert calls == [6]  # the run's own test faces were cached; the six strangers' photos went to Ray
+    out = capsys.readouterr().out
+    assert "open set:" in out and "of 6 strangers rejected" in out

@@ -89,7 +89,15 @@ def _evaluate(args) -> int:
     if args.unknown:
         from pinsface.evaluate import evaluate_open_set
 
-        o = evaluate_open_set(args.run_dir, args.unknown, out=args.out, progress=not args.no_progress, mode=args.mode)
+        o = evaluate_open_set(
+            args.run_dir,
+            args.unknown,
+            out=args.out,
+            progress=not args.no_progress,
+            mode=args.mode,
+            engine=args.engine,
+            address=args.address,
+        )
         print(
             f"open set: {100 * o['strangers_rejected']:.2f}% of {o['n_strangers']} strangers rejected, "
             f"{100 * o['known_accepted_and_correct']:.2f}% of {o['n_known_test_images']} known test images "

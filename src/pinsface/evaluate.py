@@ -447,9 +447,12 @@ def evaluate_open_set(
     prepared: Prepared | None = None,
     progress: bool = True,
     mode: str | None = None,
+    engine: str = "local",
+    address: str | None = None,
 ) -> dict:
     """Known test faces vs faces of people the run never saw: how many strangers are rejected, how many known
-    faces are still accepted and named correctly, and the trade-off curve between the two."""
+    faces are still accepted and named correctly, and the trade-off curve between the two. ``engine`` and
+    ``address``: where faces not yet cached are prepared (``pinsface.prepare.prepare``)."""
     from pinsface import plots
     from pinsface.scoring import accepted, head_probabilities, identity_scores
 
@@ -465,7 +468,7 @@ def evaluate_open_set(
     out = Path(out) if out else run.report_dir
     out.mkdir(parents=True, exist_ok=True)
     if prepared is None:
-        prepared = prepare_for_run(settings, progress=progress)
+        prepared = prepare_for_run(settings, progress=progress, engine=engine, address=address)
     test = set(run.split().files("test"))
     label_of = {identity_key(name): i for i, name in enumerate(gallery.labels)}
     known_items = np.array([i for i, it in enumerate(prepared.dataset.items) if it.rel in test], dtype=np.int64)
@@ -473,7 +476,9 @@ def evaluate_open_set(
     clash = [name for name in strangers_ds.identities if identity_key(name) in label_of]
     if clash:
         raise ValueError(f"--unknown must hold people the run does not know; it knows: {', '.join(clash)}")
-    strangers = prepare_for_run(settings, strangers_ds.root, dataset=strangers_ds, progress=progress)
+    strangers = prepare_for_run(
+        settings, strangers_ds.root, dataset=strangers_ds, progress=progress, engine=engine, address=address
+    )
 
     from pinsface.embeddings import ensure_embeddings
 
