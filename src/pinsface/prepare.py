@@ -14,7 +14,7 @@ import numpy as np
 
 from pinsface.cache import FaceCache, content_hash
 from pinsface.dataset import Dataset, scan_dataset
-from pinsface.face_records import decoded_batches, image_records
+from pinsface.face_records import decoded_batches, image_records, with_candidates
 from pinsface.faces import FACE_STATUSES, STATUSES, FaceDetector
 from pinsface.images import BadImage, read_bytes
 from pinsface.settings import FaceSettings
@@ -185,12 +185,22 @@ def prepare(
             i = todo[j]
             status[i], hashes[i] = reason, None
             skipped_files.append({"path": dataset.items[i].rel, "reason": reason, "detail": detail})
+    held: dict[str, tuple[int, dict]] = {}
+    if ray_report is not None:
+        # Photos with several faces: their candidates' crops are cut again here (the workers send back the
+        # faces, not the crops), and the second pass below chooses among them as for the local engine.
+        position = {hashes[i]: i for i in todo if hashes[i]}
+        for digest, record in ray_report.pop("held").items():
+            i = position[digest]
+            try:
+                held[digest] = (i, with_candidates(record, dataset.path(dataset.items[i]), settings))
+            except BadImage:  # changed since the worker read it: keep the subject rule's choice
+                cache.write([record])
     local = todo if engine == "local" else []
 
     bar = tqdm(total=len(local), desc="faces", unit="img", disable=not progress, leave=False)
     detector = detector if (detector or not local) else FaceDetector(settings)
     scheduled: set[str] = set()
-    held: dict[str, tuple[int, dict]] = {}
 
     def skip(i: int, error: BadImage) -> None:
         status[i] = error.reason
