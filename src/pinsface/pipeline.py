@@ -316,6 +316,7 @@ def _train(
         "timings": history["timings_seconds"],
         "prepared": prepared,
         "settings": settings,
+        "model": model,
     }
 
 
@@ -332,4 +333,5 @@ def run(
     from pinsface.evaluate import evaluate
 
     result = train(data_dir, out_dir, settings, cache_dir=cache_dir, progress=progress, engine=engine, address=address)
-    return evaluate(out_dir, prepared=result["prepared"], progress=progress)
+    # The model just saved, as it is in memory: reading it back from the run folder would cost a second.
+    return evaluate(out_dir, prepared=result["prepared"], progress=progress, model=result["model"])
