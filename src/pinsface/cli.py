@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -355,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:  # the command itself, not a caller in Python: this process is ours alone
+        # Importing pinsface loads TensorFlow and Keras, whose many objects live as long as the process. Frozen,
+        # full garbage collections no longer walk them all, which they did several times a run.
+        gc.collect()
+        gc.freeze()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
