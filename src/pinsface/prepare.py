@@ -155,7 +155,10 @@ def prepare(
     skipped_files: list[dict] = []
     todo: list[int] = []
     pool = ThreadPoolExecutor(4)
-    for i, (digest, reason) in enumerate(pool.map(lambda it: _hash_file(dataset.path(it)), dataset.items)):
+    # Files are hashed a few hundred per task: one task per file cost more in futures than the hashing itself.
+    parts = [dataset.items[lo : lo + 256] for lo in range(0, n, 256)]
+    hashed = pool.map(lambda part: [_hash_file(dataset.path(it)) for it in part], parts)
+    for i, (digest, reason) in enumerate(result for part in hashed for result in part):
         if reason:
             status[i] = reason
             skipped_files.append({"path": dataset.items[i].rel, "reason": reason})
