@@ -37,11 +37,13 @@ def plot_curves(history: dict, path: Path) -> Path:
         best = offset + stage.get("best_epoch", len(epochs))
         for ax in axes:
             ax.axvline(best, color="crimson", lw=1, ls=":")
+        last = best >= offset + len(epochs)  # kept the last epoch: label it on the left, inside the panel
         axes[1].annotate(
             f"kept: epoch {best}",
             xy=(best, axes[1].get_ylim()[0]),
-            xytext=(4, 8),
+            xytext=(-4 if last else 4, 8),
             textcoords="offset points",
+            ha="right" if last else "left",
             color="crimson",
             fontsize=9,
         )
