@@ -73,7 +73,7 @@ class Settings:
     model: str = "embedding"
     backbone: str = "dlib-resnet-v1"
     # The embedding head's epochs, along the "cosine" schedule: each epoch sees every training face once, as
-    # the embedding of the crop or of its mirror image, drawn at random (README: "Training the head").
+    # the embedding of the crop or of its mirror image, drawn at random (README, `pinsface train`).
     epochs: int = 25
     batch_size: int = 256
     learning_rate: float = 1e-3
