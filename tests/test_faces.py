@@ -92,3 +92,48 @@ def test_box_crop_is_gray_100_and_pads_outside_the_image():
 def test_fallback_landmarks_scale_with_the_image():
     lm = fallback_landmarks((224, 224, 3))
     assert lm.shape == (5, 2) and lm[0, 0] < lm[1, 0] < 224 and lm[3, 1] > lm[0, 1]
+
+
+# A face cut by the frame (brow and chin past the edges): MTCNN finds nothing in it as it is.
+TIGHT_CROP = "pins_Hugh Jackman/Hugh Jackman119_1289.jpg"
+
+
+def test_a_face_cut_by_the_frame_is_found_inside_a_border(detector, backbone, pins_dir):
+    from pinsface.embeddings import Embedder
+    from pinsface.faces import min_subject_size, retry_tight_crops
+
+    image = load_image(pins_dir / TIGHT_CROP)
+    settings = FaceSettings()
+    wanted = [min_subject_size(image.shape, settings)]
+    assert detector.detect([image], wanted) == [[]]
+    faces = retry_tight_crops(detector, [image], [[]], wanted, settings)[0]
+    assert len(faces) == 1
+    face = faces[0]
+    h, w = image.shape[:2]
+    assert (face.landmarks[:, 0] > 0).all() and (face.landmarks[:, 0] < w).all()  # in the image's coordinates
+    assert face.box[1] < 0 or face.box[3] > h  # the face runs past the frame
+
+    # The chip it gives is the person's face: nearer his other photos than the mean-landmark fallback's chip.
+    others = [load_image(p) for p in sorted((pins_dir / "pins_Hugh Jackman").glob("*.jpg"))[:8]]
+    chips = [
+        align_face(im, f[choose_face(f, im.shape)].landmarks, settings)
+        for im, f in zip(others, detector.detect(others))
+        if f
+    ]
+    embed = Embedder(backbone, 16, "float32")
+    reference = embed(np.stack(chips)).mean(0)
+    found = embed(align_face(image, face.landmarks, settings)[None])[0]
+    blind = embed(align_face(image, fallback_landmarks(image.shape, settings), settings)[None])[0]
+    assert np.linalg.norm(found - reference) < np.linalg.norm(blind - reference) - 0.05
+
+
+def test_only_crop_shaped_images_are_scanned_again(detector, pins_dir):
+    from pinsface.faces import retry_tight_crops
+
+    image = load_image(pins_dir / TIGHT_CROP)
+    settings = FaceSettings()
+    # The same pixels as a reduced-scale view of a 12-megapixel photo: "no face" there is not a crop's edge.
+    assert retry_tight_crops(detector, [image], [[]], [40.0], settings, [(3000, 4000)]) == [[]]
+    assert retry_tight_crops(detector, [image], [[]], [40.0], FaceSettings(tight_crop_border=0)) == [[]]
+    failed = RuntimeError("detector failed")
+    assert retry_tight_crops(detector, [image], [failed], [40.0], settings) == [failed]

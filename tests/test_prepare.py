@@ -26,12 +26,12 @@ class CountingDetector:
         self.batches = 0
         self.die_after = die_after_batches
 
-    def detect(self, images, min_face_sizes=None):
+    def detect(self, images, min_face_sizes=None, thresholds=None):
         if self.die_after is not None and self.batches >= self.die_after:
             raise KeyboardInterrupt("simulated kill")
         self.batches += 1
         self.images += len(images)
-        return self.detector.detect(images, min_face_sizes)
+        return self.detector.detect(images, min_face_sizes, thresholds)
 
 
 @pytest.fixture()
@@ -181,3 +181,35 @@ def test_paths_with_spaces_and_non_ascii(tmp_path, detector):
     assert result.dataset.identities == ["Zoë Ünïcode"]
     assert result.summary["faces_found"] == 4
     assert np.all(np.array(result.status) == "ok")
+
+
+def test_faces_are_embedded_in_the_background_as_prepare_writes_them(data, tmp_path, detector, backbone):
+    from pinsface.cache import EmbeddingCache
+    from pinsface.embeddings import BackgroundEmbedder, Embedder
+
+    embedder = Embedder(backbone, 16, "float32")
+    store = EmbeddingCache(tmp_path / "cache", "test", "background")
+    background = BackgroundEmbedder(embedder, store)
+    result = prepare(data, tmp_path / "cache", detector=detector, progress=False, on_records=background)
+    background.close()
+    hashes = [h for h in result.hashes if h]
+    assert background.error is None and background.faces == len(hashes)
+    index, emb, flips = store.load(hashes)
+    faces = result.cache.load(hashes, crops=("aligned",))
+    direct, direct_flips = embedder.both_views(faces.columns["aligned"][faces.rows(hashes)])
+    rows = [index[h] for h in hashes]
+    np.testing.assert_allclose(emb[rows], direct, atol=1e-4)
+    np.testing.assert_allclose(flips[rows], direct_flips, atol=1e-4)
+
+
+def test_a_failing_background_embedder_says_why_and_lets_prepare_finish(data, tmp_path, detector, backbone):
+    from pinsface.cache import EmbeddingCache
+    from pinsface.embeddings import BackgroundEmbedder, Embedder
+
+    store = EmbeddingCache(tmp_path / "cache", "test", "background")
+    background = BackgroundEmbedder(Embedder(backbone, 16, "float32"), store)
+    background([{"hash": "0" * 32, "aligned": np.zeros((7, 7, 3), np.uint8)}])  # no chip the backbone takes
+    result = prepare(data, tmp_path / "cache", detector=detector, progress=False, on_records=background)
+    background.close()
+    assert background.error is not None and background.faces == 0
+    assert all(result.hashes)  # prepare itself lost nothing; the embeddings are simply made later

@@ -125,3 +125,48 @@ def test_cli_prepare_with_the_ray_engine(local_ray, sample, tmp_path, capsys):
     settings = Settings()
     index, _, _ = EmbeddingCache(tmp_path, settings.faces.version(), embedding_key(settings)).load()
     assert len(index) == summary["images"] - 2  # every distinct readable image (one file is a duplicate)
+
+
+def test_open_set_evaluation_prepares_the_strangers_on_ray(local_ray, small_run, tmp_path, capsys, monkeypatch):
+    import pinsface.ray_engine
+    from pinsface.cli import main
+
+    calls = []
+    real = pinsface.ray_engine.prepare_on_ray
+
+    def counted(paths, *args, **kwargs):  # the real engine, counting the images it is given
+        calls.append(len(paths))
+        return real(paths, *args, **kwargs)
+
+    monkeypatch.setattr(pinsface.ray_engine, "prepare_on_ray", counted)
+    strangers = copy_identities(tmp_path / "strangers", ["pins_Henry Cavil", "pins_Zoe Saldana"], 3)
+    run_dir, _ = small_run
+    argv = ["evaluate", str(run_dir), "--unknown", str(strangers), "--out", str(tmp_path / "report")]
+    assert main([*argv, "--engine", "ray", "--no-progress"]) == 0
+    assert calls == [6]  # the run's own test faces were cached; the six strangers' photos went to Ray
+    out = capsys.readouterr().out
+    assert "open set:" in out and "of 6 strangers rejected" in out
+
+
+def test_ray_engine_runs_the_second_pass_like_the_local_engine(local_ray, pins_dir, tmp_path, detector):
+    from tests.photos import build_groups
+
+    others = sorted(d.name for d in pins_dir.iterdir())[10:30]
+    truth = build_groups(pins_dir, tmp_path / "data", ["pins_Bill Gates"], others, references=6, groups=4, seed=3)
+    settings = Settings()
+    local = prepare(tmp_path / "data", tmp_path / "local", settings.faces, progress=False, detector=detector)
+    distributed = prepare(
+        tmp_path / "data", tmp_path / "ray", settings.faces, progress=False, engine="ray", embed=settings, workers=2
+    )
+    assert local.summary["subject_pass"] and distributed.summary["subject_pass"] == local.summary["subject_pass"]
+    assert distributed.status == local.status
+    groups = [h for h, item in zip(local.hashes, local.dataset.items) if item.rel in truth]
+    a = local.cache.load(groups, crops=("aligned",))
+    b = distributed.cache.load(groups, crops=("aligned",))
+    assert np.array_equal(a.columns["chosen"][a.rows(groups)], b.columns["chosen"][b.rows(groups)])
+    np.testing.assert_array_equal(a.columns["aligned"][a.rows(groups)], b.columns["aligned"][b.rows(groups)])
+    # The held photos' embeddings were not written by the workers (their choice could change): they are made
+    # from the chosen crops, like every other.
+    ray_cache = EmbeddingCache(tmp_path / "ray", settings.faces.version(), embedding_key(settings))
+    index, _, _ = ray_cache.load(groups)
+    assert not set(groups) & set(index)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -89,7 +90,15 @@ def _evaluate(args) -> int:
     if args.unknown:
         from pinsface.evaluate import evaluate_open_set
 
-        o = evaluate_open_set(args.run_dir, args.unknown, out=args.out, progress=not args.no_progress, mode=args.mode)
+        o = evaluate_open_set(
+            args.run_dir,
+            args.unknown,
+            out=args.out,
+            progress=not args.no_progress,
+            mode=args.mode,
+            engine=args.engine,
+            address=args.address,
+        )
         print(
             f"open set: {100 * o['strangers_rejected']:.2f}% of {o['n_strangers']} strangers rejected, "
             f"{100 * o['known_accepted_and_correct']:.2f}% of {o['n_known_test_images']} known test images "
@@ -347,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None:  # the command itself, not a caller in Python: this process is ours alone
+        # Importing pinsface loads TensorFlow and Keras, whose many objects live as long as the process. Frozen,
+        # full garbage collections no longer walk them all, which they did several times a run.
+        gc.collect()
+        gc.freeze()
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

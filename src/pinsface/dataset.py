@@ -90,6 +90,8 @@ def name_problem(name: str) -> str | None:
     """Why ``name`` cannot be an identity (a folder name or ``enroll --name``), or None when it can."""
     if not name or not name.strip():
         return "the name is empty"
+    if name.isascii() and name.isprintable():  # the common case, without a look at every character
+        return None
     if any(0xD800 <= ord(ch) <= 0xDFFF for ch in name):
         return "the name is not valid UTF-8"
     if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in name):
@@ -162,12 +164,13 @@ def scan_dataset(root: str | os.PathLike) -> Dataset:
         identity = identity_from_folder(folder.name)
         bad_folder = name_problem(identity)
         found = 0
+        prefix = len(os.fspath(root)) + 1
         for path in sorted(folder.rglob("*")):
             if path.is_dir():
                 continue
             # FIFOs, devices and links to them are listed too, then skipped by the reader as "not_a_file".
-            rel = path.relative_to(root).as_posix()
-            if any(part.startswith(".") for part in path.relative_to(root).parts):
+            rel = os.fspath(path)[prefix:].replace(os.sep, "/")
+            if rel.startswith(".") or "/." in rel:
                 reason = "hidden"
             elif bad_folder or name_problem(rel):
                 # Names that are not UTF-8 (zips from other systems) or hold control characters would break

@@ -124,3 +124,47 @@ def ensure_embeddings(
         index, emb, emb_flip = cache.load(unique)
     rows = np.array([index[h] for h in hashes], dtype=np.int64)
     return emb[rows], emb_flip[rows]
+
+
+class BackgroundEmbedder:
+    """Embeds faces in a thread as ``prepare`` writes them, so the backbone works while the detector does.
+
+    Called with each chunk of new face records (``prepare``'s ``on_records``), it queues their aligned crops;
+    a thread embeds them into ``cache``. The queue holds at most ``max_pending`` chunks, so memory stays
+    bounded: when the backbone falls behind, prepare waits. What it has not embedded when closed (or could not:
+    the error is kept and logged) is left to ``ensure_embeddings``, which computes whatever is missing."""
+
+    def __init__(self, embedder: Embedder, cache: EmbeddingCache, max_pending: int = 2):
+        import queue
+        import threading
+
+        self.embedder, self.cache = embedder, cache
+        self.error: Exception | None = None
+        self.faces = 0
+        self._queue: queue.Queue = queue.Queue(max_pending)
+        self._thread = threading.Thread(target=self._work, name="pinsface-embed", daemon=True)
+        self._thread.start()
+
+    def __call__(self, records: list[dict]) -> None:
+        records = [r for r in records if r.get("aligned") is not None]
+        if records and self.error is None:
+            self._queue.put(([r["hash"] for r in records], np.stack([r["aligned"] for r in records])))
+
+    def _work(self) -> None:
+        import logging
+
+        while (item := self._queue.get()) is not None:
+            if self.error is not None:
+                continue
+            hashes, crops = item
+            try:
+                self.cache.write(hashes, *self.embedder.both_views(crops))
+                self.faces += len(hashes)
+            except Exception as exc:  # noqa: BLE001  (the embeddings are made again later; say why, go on)
+                self.error = exc
+                logging.getLogger(__name__).warning("background embedding stopped: %s: %s", type(exc).__name__, exc)
+
+    def close(self) -> None:
+        """Wait for the queued faces to be embedded."""
+        self._queue.put(None)
+        self._thread.join()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
 
+from pinsface.clock import StageClock
 from pinsface.dataset import Split, identity_key, scan_dataset
 from pinsface.embeddings import run_embedder, run_embedding_cache
 from pinsface.prepare import Prepared, prepare_for_run, usable_status
@@ -90,7 +90,8 @@ def evaluate(
     ``mode`` (head, gallery, auto) overrides the run's ``Settings.mode``."""
     from pinsface.scoring import resolve_mode
 
-    t0 = time.perf_counter()
+    clock = StageClock()
+    t0 = clock.mark()
     run = Run(run_dir)
     settings = run.settings()
     state = run.load_state(settings, model=model is None)
@@ -121,10 +122,11 @@ def evaluate(
             [i for i, it in enumerate(prepared.dataset.items) if identity_key(it.identity) in label_of], dtype=np.int64
         )
     y = np.array([label_of[identity_key(prepared.dataset.items[i].identity)] for i in items], dtype=np.int64)
-    t1 = time.perf_counter()
+    t1 = clock.mark()
+    clock.record("prepare", t0)
     mode = resolve_mode(mode or settings.mode, len(labels)) if settings.model == "embedding" else "head"
     probs, usable = score_images(model, settings, prepared, items, progress, gallery=state.gallery, mode=mode)
-    t2 = time.perf_counter()
+    clock.record("score", t1)
     status = [prepared.status[i] for i in items]
     metrics = compute_metrics(probs, usable, y, labels, status)
     metrics["unknown_identities"] = unknown_folders
@@ -138,12 +140,12 @@ def evaluate(
             else "the saved head, trained on the training faces; the test images were held out"
         )
     metrics["mode"] = mode
-    metrics["seconds"] = {"prepare": round(t1 - t0, 2), "score": round(t2 - t1, 2)}
+    metrics["seconds"], metrics["cpu_share"] = clock.seconds, clock.cpu_share
     write_reports(out, metrics, labels)
     pred = np.where(usable, np.argmax(probs, 1), -1)
     confusions = write_top_confusions(out / "top_confusions.csv", y, pred, labels)
     if figures:
-        t3 = time.perf_counter()
+        t3 = clock.mark()
         if training is None and settings.data_dir and Path(settings.data_dir).is_dir():
             training = prepare_for_run(settings, progress=progress)
         write_figures(
@@ -164,8 +166,8 @@ def evaluate(
             metrics,
             compare,
         )
-        metrics["seconds"]["figures"] = round(time.perf_counter() - t3, 2)
-    metrics["seconds"]["total"] = round(time.perf_counter() - t0, 2)
+        clock.record("figures", t3)
+    clock.record("total", t0)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return metrics
 
@@ -445,9 +447,12 @@ def evaluate_open_set(
     prepared: Prepared | None = None,
     progress: bool = True,
     mode: str | None = None,
+    engine: str = "local",
+    address: str | None = None,
 ) -> dict:
     """Known test faces vs faces of people the run never saw: how many strangers are rejected, how many known
-    faces are still accepted and named correctly, and the trade-off curve between the two."""
+    faces are still accepted and named correctly, and the trade-off curve between the two. ``engine`` and
+    ``address``: where faces not yet cached are prepared (``pinsface.prepare.prepare``)."""
     from pinsface import plots
     from pinsface.scoring import accepted, head_probabilities, identity_scores
 
@@ -463,7 +468,7 @@ def evaluate_open_set(
     out = Path(out) if out else run.report_dir
     out.mkdir(parents=True, exist_ok=True)
     if prepared is None:
-        prepared = prepare_for_run(settings, progress=progress)
+        prepared = prepare_for_run(settings, progress=progress, engine=engine, address=address)
     test = set(run.split().files("test"))
     label_of = {identity_key(name): i for i, name in enumerate(gallery.labels)}
     known_items = np.array([i for i, it in enumerate(prepared.dataset.items) if it.rel in test], dtype=np.int64)
@@ -471,7 +476,9 @@ def evaluate_open_set(
     clash = [name for name in strangers_ds.identities if identity_key(name) in label_of]
     if clash:
         raise ValueError(f"--unknown must hold people the run does not know; it knows: {', '.join(clash)}")
-    strangers = prepare_for_run(settings, strangers_ds.root, dataset=strangers_ds, progress=progress)
+    strangers = prepare_for_run(
+        settings, strangers_ds.root, dataset=strangers_ds, progress=progress, engine=engine, address=address
+    )
 
     from pinsface.embeddings import ensure_embeddings
 

@@ -31,8 +31,12 @@ def face_vectors(emb: np.ndarray, emb_flip: np.ndarray) -> np.ndarray:
 
 
 def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
-    return np.sqrt(np.maximum(sq, 0))
+    d = a @ b.T  # built in place: these matrices are the gallery's largest temporaries
+    d *= -2
+    d += (a * a).sum(1)[:, None]
+    d += (b * b).sum(1)[None, :]
+    np.maximum(d, 0, out=d)
+    return np.sqrt(d, out=d)
 
 
 def knn_distances(d: np.ndarray, owner: np.ndarray, n_identities: int, k: int = KNN) -> np.ndarray:

@@ -20,6 +20,7 @@ from pinsface.faces import (
     landmarks_box,
     min_subject_size,
     refine_view,
+    retry_tight_crops,
     subject_scores,
     to_full_face,
 )
@@ -121,6 +122,43 @@ def decoded_batches(pool, paths: list[tuple[int, Path]], batch_size: int, settin
         yield batch
 
 
+def is_held(faces, status: str, shape: tuple[int, ...], settings: FaceSettings) -> bool:
+    """Whether an image's subject is left to the second pass: a photo (not a crop) with several faces."""
+    multi = status in ("subject", "ambiguous") and not is_crop_like(faces, shape, settings)
+    return multi and settings.subject_pass_min_photos > 0
+
+
+def candidate_order(faces, shape: tuple[int, ...]) -> list[int]:
+    """The faces the second pass chooses among: the ``MAX_CANDIDATES`` likeliest subjects."""
+    return [int(k) for k in np.argsort(-subject_scores(faces, shape))[:MAX_CANDIDATES]]
+
+
+def record_faces(record: dict) -> list:
+    """The ``Face``s of a face record (full-resolution coordinates)."""
+    from pinsface.faces import Face
+
+    return [
+        Face(box, float(score), landmarks)
+        for box, score, landmarks in zip(record["boxes"], record["scores"], record["landmarks"])
+    ]
+
+
+def with_candidates(record: dict, path: Path, settings: FaceSettings) -> dict:
+    """``record`` (a held photo's, made elsewhere: a Ray worker's) with its candidates' crops cut again from
+    the file, for the second pass. Raises ``BadImage`` if the file can no longer be read."""
+    faces = record_faces(record)
+    shape = tuple(int(v) for v in record["image_shape"])
+    order = candidate_order(faces, shape)
+    decoded = decode_file(path, settings)
+    if isinstance(decoded, BadImage):
+        raise decoded
+    view, data = decoded
+    wanted = [faces[k].size for k in order]
+    if not crop_scale_ok(view, wanted):
+        view = refine_view(data, view, wanted, settings.max_pixels)
+    return {**record, "candidates": {k: face_crops(view, faces[k].landmarks, faces[k].box, settings) for k in order}}
+
+
 def image_records(detector, batch, hashes, settings: FaceSettings, held: dict) -> tuple[list[dict], list]:
     """Detect faces in one decoded batch and make each image's record. Returns (records, [(i, BadImage)]).
 
@@ -145,6 +183,7 @@ def image_records(detector, batch, hashes, settings: FaceSettings, held: dict) -
     if finer:
         for k, faces in zip(finer, detect_each(detector, [images[k] for k in finer], [min_sizes[k] for k in finer])):
             found[k] = faces
+    found = retry_tight_crops(detector, images, found, min_sizes, settings, [view.full_size for _, view, _ in good])
     records = []
     for (i, view, data), detected in zip(good, found):
         if isinstance(detected, Exception):
@@ -154,14 +193,14 @@ def image_records(detector, batch, hashes, settings: FaceSettings, held: dict) -
             faces = [to_full_face(face, view) for face in detected]
             chosen, status = choose_subject(faces, view.full_size, settings)
             wanted = [faces[chosen].size] if chosen >= 0 else []
-            multi = status in ("subject", "ambiguous") and not is_crop_like(faces, view.full_size, settings)
-            order = list(np.argsort(-subject_scores(faces, view.full_size))[:MAX_CANDIDATES]) if multi else []
+            multi = is_held(faces, status, view.full_size, settings)
+            order = candidate_order(faces, view.full_size) if multi else []
             if multi:
                 wanted = [faces[k].size for k in order]
             if wanted and not crop_scale_ok(view, wanted):
                 view = refine_view(data, view, wanted, settings.max_pixels)
             record = face_record(view.pixels, faces, settings, hashes[i], view, chosen, status)
-            if multi and settings.subject_pass_min_photos > 0:
+            if multi:
                 record["candidates"] = {
                     int(k): face_crops(view, faces[k].landmarks, faces[k].box, settings) for k in order
                 }

@@ -54,16 +54,28 @@ class FaceDetector:
 
         stage_pnet.build_scale_pyramid = _fixed_scale_pyramid
         mtcnn_module.standarize_batch = _standardize_batch_float32
+        import tensorflow as tf
+
         self.settings = settings or FaceSettings()
         self._mtcnn = MTCNN(device="CPU:0")
-        self._nets = None
+        # mtcnn calls its three networks eagerly, layer by layer; as graphs (one trace each, for any batch and
+        # size) the same networks give the same faces for about two thirds of the CPU time.
+        for stage in self._mtcnn.stages:
+            stage._model = tf.function(stage._model, input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
 
-    def detect(self, images: list[np.ndarray], min_face_sizes: list[float] | None = None) -> list[list[Face]]:
+    def detect(
+        self,
+        images: list[np.ndarray],
+        min_face_sizes: list[float] | None = None,
+        thresholds: tuple[float, float, float] | None = None,
+    ) -> list[list[Face]]:
         """Faces per image, in its pixels. Same-shape images go through MTCNN together. Images that the old path
         would shrink first (``detection_factor`` under 1: photos over 720 px on the long side) go through
         ``_detect_large`` instead, which scans them no finer than the smallest wanted face needs; the rest (the
-        Pins crops among them) through mtcnn's own ``detect_faces``."""
+        Pins crops among them) through mtcnn's own ``detect_faces``. ``thresholds`` override the settings'
+        three."""
         s = self.settings
+        thresholds = thresholds or s.thresholds
         results: list[list[Face]] = [[] for _ in images]
         groups: dict[tuple, list[int]] = {}
         scaled: list[np.ndarray] = []
@@ -86,7 +98,7 @@ class FaceDetector:
             per_batch = max(1, int(DETECT_BATCH_PIXELS / (shape[0] * shape[1] * (12.0 / min_face) ** 2)))
             for k in range(0, len(indices), per_batch):
                 part = indices[k : k + per_batch]
-                rows = self._detect_large([images[i] for i in part], min_face)
+                rows = self._detect_large([images[i] for i in part], min_face, thresholds)
                 self._collect(rows, part, factors, min_face_sizes, results)
         batches = []
         for indices in groups.values():
@@ -102,9 +114,9 @@ class FaceDetector:
                 output_type="numpy",
                 box_format="xyxy",
                 min_face_size=min_face,
-                threshold_pnet=s.thresholds[0],
-                threshold_rnet=s.thresholds[1],
-                threshold_onet=s.thresholds[2],
+                threshold_pnet=thresholds[0],
+                threshold_rnet=thresholds[1],
+                threshold_onet=thresholds[2],
             )
             self._collect(rows, indices, factors, min_face_sizes, results)
         for faces in results:
@@ -118,7 +130,7 @@ class FaceDetector:
         a descriptor by 0.1); the average is steadier, so chips match across decoding scales."""
         from mtcnn.utils.bboxes import adjust_bboxes, resize_to_square
 
-        onet = self._graphs()[2]
+        onet = self._mtcnn.stages[2]._model
         boxes = boxes.copy()
         for _ in range(REFINE_STEPS):
             square = resize_to_square(boxes[:, :6])
@@ -150,16 +162,7 @@ class FaceDetector:
             if min_face_sizes is None or face.size >= min_face_sizes[i]:
                 results[i].append(face)
 
-    def _graphs(self):
-        # The three networks as TensorFlow graphs: the same layers and weights, a fraction of eager mode's
-        # per-call overhead, which dominates on small inputs.
-        if self._nets is None:
-            import tensorflow as tf
-
-            self._nets = tuple(tf.function(stage._model, reduce_retracing=True) for stage in self._mtcnn.stages)
-        return self._nets
-
-    def _detect_large(self, batch: list[np.ndarray], min_face: float) -> np.ndarray:
+    def _detect_large(self, batch: list[np.ndarray], min_face: float, thresholds: tuple) -> np.ndarray:
         """MTCNN on same-shape large images, for faces of ``min_face`` pixels and up: rows as
         ``MTCNN.detect_faces`` gives them (image index, box, confidence, 5 landmark x, 5 landmark y).
 
@@ -176,8 +179,7 @@ class FaceDetector:
             upscale_bboxes,
         )
 
-        s = self.settings
-        pnet, rnet, onet = self._graphs()
+        pnet, rnet, onet = (stage._model for stage in self._mtcnn.stages)
         halvings = [_Halvings(image) for image in batch]
         h, w = batch[0].shape[:2]
         n = len(batch)
@@ -188,7 +190,7 @@ class FaceDetector:
                 break
             level = np.stack([hv.resized(size) for hv in halvings])
             reg, prob = pnet(_normalise(level))
-            boxes = generate_bounding_box(reg, prob, s.thresholds[0])
+            boxes = generate_bounding_box(reg, prob, thresholds[0])
             if len(boxes):
                 boxes = upscale_bboxes(boxes, np.full(n, scale))
                 found.append(smart_nms_from_bboxes(boxes, threshold=0.5, method="union", initial_sort=False))
@@ -199,7 +201,7 @@ class FaceDetector:
 
         offsets, scores = rnet(_normalise(_patches(halvings, boxes, 24)[0]))
         boxes[:, -1] = np.asarray(scores)[:, -1]
-        boxes = pick_matches(adjust_bboxes(boxes, np.asarray(offsets)), score_threshold=s.thresholds[1])
+        boxes = pick_matches(adjust_bboxes(boxes, np.asarray(offsets)), score_threshold=thresholds[1])
         if not len(boxes):
             return np.empty((0, 16))
         boxes = resize_to_square(smart_nms_from_bboxes(boxes, threshold=0.7, method="union", initial_sort=True))
@@ -212,7 +214,7 @@ class FaceDetector:
         boxes[:, -1] = scores[:, -1]
         boxes = adjust_bboxes(boxes, offsets)
         boxes = np.concatenate([boxes, points - 0.5], axis=1)
-        boxes = pick_matches(boxes, scores_column=5, score_threshold=s.thresholds[2])
+        boxes = pick_matches(boxes, scores_column=5, score_threshold=thresholds[2])
         if not len(boxes):
             return np.empty((0, 16))
         boxes = smart_nms_from_bboxes(boxes, threshold=0.7, method="min", initial_sort=True)
@@ -335,6 +337,46 @@ def detect_each(
         except Exception as exc:  # noqa: BLE001  (one image's detector or OpenCV error must not stop the run)
             out.append(exc)
     return out
+
+
+def retry_tight_crops(
+    detector,
+    images: list[np.ndarray],
+    found: list,
+    min_face_sizes: list[float],
+    settings: FaceSettings,
+    full_shapes: list[tuple[int, ...]] | None = None,
+) -> list:
+    """``found`` (per image: faces, or an exception), with each crop-shaped image (judged by its
+    ``full_shapes``, for images decoded at reduced scale) in which no face was found scanned again inside a
+    black border, at ``tight_crop_thresholds``.
+
+    Dataset crops are often cut so tight that the chin or brow is past the edge, and MTCNN's windows cannot
+    hold a face that is not all in the picture. With a border round it the face fits again. The retry's lower
+    thresholds are safe because it only replaces a blind guess: without it the image would be aligned with the
+    mean landmarks (``fallback_landmarks``). Faces come back in the image's own coordinates, partly outside it."""
+    retry = [
+        k
+        for k, faces in enumerate(found)
+        if isinstance(faces, list)
+        and not faces
+        and is_crop_shaped(full_shapes[k] if full_shapes else images[k].shape, settings)
+    ]
+    if not retry or settings.tight_crop_border <= 0:
+        return found
+    found = list(found)
+    for k in retry:
+        h, w = images[k].shape[:2]
+        pad = int(round(settings.tight_crop_border * max(h, w)))
+        padded = cv2.copyMakeBorder(images[k], pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        try:
+            faces = detector.detect([padded], [min_face_sizes[k]], settings.tight_crop_thresholds)[0]
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except Exception:  # noqa: BLE001  (the retry only adds to a result already in hand)
+            continue
+        found[k] = [Face(f.box - pad, f.confidence, f.landmarks - pad) for f in faces]
+    return found
 
 
 def choose_face(faces: list[Face], image_shape: tuple[int, ...]) -> int:

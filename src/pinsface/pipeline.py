@@ -7,12 +7,12 @@ copied, never changed: the run's own copy is saved in the run folder and returne
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pinsface.clock import StageClock
 from pinsface.dataset import Split, split_dataset
 from pinsface.prepare import Prepared, prepare_for_run, usable_status
 from pinsface.run import Run
@@ -72,17 +72,18 @@ def train(
     from pinsface.dataset import check_trainable, default_data_dir, scan_dataset
 
     settings = dataclasses.replace(settings or Settings())
-    check_trainable(prepared.dataset if prepared else scan_dataset(data_dir if data_dir else default_data_dir()))
+    dataset = prepared.dataset if prepared else scan_dataset(data_dir if data_dir else default_data_dir())
+    check_trainable(dataset)
     if settings.model == "embedding" and settings.mixup and settings.class_weights:
         raise ValueError("mixup and class weights do not combine: set Settings.mixup=0 to use class weights")
     run = Run(out_dir).create()
     with run.lock():
-        return _train(run, data_dir, cache_dir, settings, progress, prepared, engine, address)
+        return _train(run, dataset, cache_dir, settings, progress, prepared, engine, address)
 
 
 def _train(
     run: Run,
-    data_dir,
+    dataset,
     cache_dir,
     settings: Settings,
     progress: bool,
@@ -94,20 +95,44 @@ def _train(
 
     from pinsface import train as fitting
     from pinsface.cache import default_cache_dir
-    from pinsface.dataset import default_data_dir
     from pinsface.scoring import score_images, topk_correct
 
     run.start_log()
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
+    clock = StageClock()
+    backbone = None
+    t0 = clock.mark()
     if prepared is None:
-        settings.data_dir = str(Path(data_dir if data_dir else default_data_dir()).resolve())
+        settings.data_dir = str(dataset.root.resolve())
         settings.cache_dir = str(Path(cache_dir or default_cache_dir()).resolve())
-        prepared = prepare_for_run(settings, progress=progress, engine=engine, address=address)
+        background = None
+        if settings.model == "embedding" and engine == "local":
+            from pinsface.backbones import get_backbone
+            from pinsface.embeddings import BackgroundEmbedder, run_embedder, run_embedding_cache
+
+            # New faces are embedded while the detector finds the next ones: the two share the cores.
+            settings.embedding_key = ""
+            backbone = get_backbone(settings.backbone)
+            background = BackgroundEmbedder(
+                run_embedder(settings, backbone), run_embedding_cache(settings, settings.cache_dir)
+            )
+        try:
+            prepared = prepare_for_run(
+                settings,
+                progress=progress,
+                engine=engine,
+                address=address,
+                dataset=dataset,
+                on_records=background,
+            )
+        finally:
+            if background is not None:
+                background.close()
+        if background is not None:
+            prepared.summary["embedded_during_prepare"] = background.faces
     else:
         settings.data_dir = str(prepared.dataset.root)
         settings.cache_dir = str(prepared.cache.root)
-    timings["prepare"] = time.perf_counter() - t0
+    clock.record("prepare", t0)
     run.save_prepare_summary(prepared.summary)
 
     split = split_dataset(prepared.dataset, settings.seed, settings.test_fraction, settings.val_fraction)
@@ -129,28 +154,29 @@ def _train(
         from pinsface.gallery import build_gallery
         from pinsface.models import build_embedding_model, build_head
 
-        t2 = time.perf_counter()
-        backbone = get_backbone(settings.backbone)
+        t2 = clock.mark()
+        if backbone is None:
+            backbone = get_backbone(settings.backbone)
         embedder = run_embedder(settings, backbone)
         settings.embedding_key = ""
         emb_cache = run_embedding_cache(settings, settings.cache_dir)
         emb = {k: ensure_embeddings(hashes[k], prepared.cache, emb_cache, embedder, progress=progress) for k in hashes}
-        timings["embed"] = time.perf_counter() - t2
+        clock.record("embed", t2)
         if settings.augment_views or settings.fine_tune:
             faces = prepared.cache.load(sorted(set(hashes["train"]) | set(hashes["val"])), crops=("aligned",))
 
-        t3 = time.perf_counter()
-        x_train = [emb["train"][0], emb["train"][1]]
-        y_train = [y["train"], y["train"]]
+        t3 = clock.mark()
+        # (faces, views, dim): each epoch trains on one view of each face, drawn at random (train.fit).
+        views = [emb["train"][0], emb["train"][1]]
         if settings.augment_views:
             crops = faces.columns["aligned"][faces.rows(hashes["train"])]
-            x_train.append(fitting.augmented_embeddings(crops, embedder, settings, settings.augment_views))
-            y_train.extend([y["train"]] * settings.augment_views)
+            extra = fitting.augmented_embeddings(crops, embedder, settings, settings.augment_views)
+            views.extend(np.split(extra, settings.augment_views))
             del crops
-        timings["augment"] = time.perf_counter() - t3
-        x_train, y_train = np.concatenate(x_train), np.concatenate(y_train)
+        clock.record("augment", t3)
+        x_train, y_train = np.stack(views, 1), y["train"]
 
-        t4 = time.perf_counter()
+        t4 = clock.mark()
         head = build_head(n_classes, settings, backbone.output_shape[-1])
         cw = fitting.class_weight(y_train, n_classes) if settings.class_weights else None
         histories.append(
@@ -170,14 +196,15 @@ def _train(
                 mixup=settings.mixup,
             )
         )
-        timings["train_head"] = time.perf_counter() - t4
+        clock.record("train_head", t4)
         split_head = head
         if settings.final_fit == "train+val":
-            t7 = time.perf_counter()
+            t7 = clock.mark()
             head = build_head(n_classes, settings, backbone.output_shape[-1])
             chosen = histories[-1]
-            x_all = np.concatenate([x_train, emb["val"][0], emb["val"][1]])
-            y_all = np.concatenate([y_train, y["val"], y["val"]])
+            val_views = np.stack([emb["val"][k % 2] for k in range(x_train.shape[1])], 1)
+            x_all = np.concatenate([x_train, val_views])
+            y_all = np.concatenate([y_train, y["val"]])
             histories.append(
                 fitting.fit(
                     head,
@@ -199,21 +226,21 @@ def _train(
             histories[-1]["note"] = (
                 "trained on the training and validation faces: its validation figures are not held out"
             )
-            timings["final_fit"] = time.perf_counter() - t7
+            clock.record("final_fit", t7)
         elif settings.final_fit != "none":
             raise ValueError(f"final_fit must be 'train+val' or 'none', not {settings.final_fit!r}")
         backbone.trainable = False
         settings.embedding_key = settings.backbone
         if settings.fine_tune:
-            t5 = time.perf_counter()
+            t5 = clock.mark()
             crops = {k: faces.columns["aligned"][faces.rows(hashes[k])] for k in ("train", "val")}
             histories.append(fitting.fine_tune(backbone, head, crops, y, settings, *logs, progress))
             settings.embedding_key = f"{settings.backbone}-ft-{fitting.weights_fingerprint(backbone)}"
             split_head = head  # tuned with the backbone: the head the tuned embeddings belong to
-            timings["fine_tune"] = time.perf_counter() - t5
+            clock.record("fine_tune", t5)
         model = build_embedding_model(backbone, head, settings)
 
-        t6 = time.perf_counter()
+        t6 = clock.mark()
         if settings.fine_tune:  # the tuned backbone embeds differently: embed the gallery faces again
             tuned_cache = run_embedding_cache(settings, settings.cache_dir)
             embedder = run_embedder(settings, backbone)
@@ -236,11 +263,11 @@ def _train(
         )
         if settings.knn_blend:
             gallery.knn_weight, gallery.knn_tau = choose_blend_on_validation(split_head, emb, y, n_classes, gallery.knn)
-        timings["calibrate"] = time.perf_counter() - t6
+        clock.record("calibrate", t6)
     elif settings.model == "pixels-mlp":
         from pinsface.models import build_pixels_mlp
 
-        t4 = time.perf_counter()
+        t4 = clock.mark()
         faces = prepared.cache.load(sorted({h for v in hashes.values() for h in v}), crops=("box",))
         box = {k: faces.columns["box"][faces.rows(hashes[k])][..., None] for k in hashes}
         model = build_pixels_mlp(n_classes, settings, settings.faces.box_size)
@@ -261,14 +288,14 @@ def _train(
                 progress,
             )
         )
-        timings["train"] = time.perf_counter() - t4
+        clock.record("train", t4)
     else:
         raise ValueError(f"unknown model {settings.model!r}; choose one of embedding, pixels-mlp")
 
     run.save_settings(settings)
     run.save_state(labels, model, gallery)
-    timings["total"] = time.perf_counter() - t0
-    history = {"stages": histories, "timings_seconds": {k: round(v, 2) for k, v in timings.items()}}
+    clock.record("total", t0)
+    history = {"stages": histories, "timings_seconds": clock.seconds, "cpu_share": clock.cpu_share}
     run.save_history(history)
 
     if settings.model == "embedding":  # judged by the head that did not train on the validation faces
@@ -289,6 +316,7 @@ def _train(
         "timings": history["timings_seconds"],
         "prepared": prepared,
         "settings": settings,
+        "model": model,
     }
 
 
@@ -305,4 +333,5 @@ def run(
     from pinsface.evaluate import evaluate
 
     result = train(data_dir, out_dir, settings, cache_dir=cache_dir, progress=progress, engine=engine, address=address)
-    return evaluate(out_dir, prepared=result["prepared"], progress=progress)
+    # The model just saved, as it is in memory: reading it back from the run folder would cost a second.
+    return evaluate(out_dir, prepared=result["prepared"], progress=progress, model=result["model"])

@@ -16,7 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
-from pinsface.faces import FaceDetector, align_face, choose_face, crop_scale_ok, detect_each, refine_view, to_full_face
+from pinsface.faces import (
+    FaceDetector,
+    align_face,
+    choose_face,
+    crop_scale_ok,
+    detect_each,
+    min_subject_size,
+    refine_view,
+    retry_tight_crops,
+    to_full_face,
+)
 from pinsface.images import BadImage, Decoded, load_scaled
 from pinsface.run import Run, RunState
 from pinsface.settings import Settings
@@ -240,7 +250,16 @@ class Recognizer:
                     entries.append(None)
                     decoded_sources.append(source)
                 wanted = [min_face_px(view, self.face_settings) for view in arrays]
-                found = detect_each(self.detector, [view.pixels for view in arrays], wanted) if arrays else []
+                pixels = [view.pixels for view in arrays]
+                found = detect_each(self.detector, pixels, wanted) if arrays else []
+                found = retry_tight_crops(
+                    self.detector,
+                    pixels,
+                    found,
+                    [min_subject_size(view.full_size, self.face_settings) * min(view.scale) for view in arrays],
+                    self.face_settings,
+                    [view.full_size for view in arrays],
+                )
                 pending = [j for j, e in enumerate(entries) if e is None]
                 for k, faces in enumerate(found):
                     if isinstance(faces, Exception):  # this image alone failed in the detector: report it, go on

@@ -14,7 +14,7 @@ import numpy as np
 
 from pinsface.cache import FaceCache, content_hash
 from pinsface.dataset import Dataset, scan_dataset
-from pinsface.face_records import decoded_batches, image_records
+from pinsface.face_records import decoded_batches, image_records, with_candidates
 from pinsface.faces import FACE_STATUSES, STATUSES, FaceDetector
 from pinsface.images import BadImage, read_bytes
 from pinsface.settings import FaceSettings
@@ -132,8 +132,10 @@ def prepare(
     address: str | None = None,
     embed=None,
     workers: int | None = None,
+    on_records=None,
 ) -> Prepared:
-    """Detect and crop every image of ``data_dir`` that the cache does not have yet.
+    """Detect and crop every image of ``data_dir`` that the cache does not have yet. ``on_records``, if given,
+    is called with each chunk of new face records once it is in the cache (the local engine's).
 
     ``engine="ray"`` does that work on a Ray cluster (``address``, else a local instance with ``workers`` CPUs),
     and embeds the faces too with the backbone of ``embed`` (a ``Settings``), see ``pinsface.ray_engine``."""
@@ -153,7 +155,10 @@ def prepare(
     skipped_files: list[dict] = []
     todo: list[int] = []
     pool = ThreadPoolExecutor(4)
-    for i, (digest, reason) in enumerate(pool.map(lambda it: _hash_file(dataset.path(it)), dataset.items)):
+    # Files are hashed a few hundred per task: one task per file cost more in futures than the hashing itself.
+    parts = [dataset.items[lo : lo + 256] for lo in range(0, n, 256)]
+    hashed = pool.map(lambda part: [_hash_file(dataset.path(it)) for it in part], parts)
+    for i, (digest, reason) in enumerate(result for part in hashed for result in part):
         if reason:
             status[i] = reason
             skipped_files.append({"path": dataset.items[i].rel, "reason": reason})
@@ -183,12 +188,22 @@ def prepare(
             i = todo[j]
             status[i], hashes[i] = reason, None
             skipped_files.append({"path": dataset.items[i].rel, "reason": reason, "detail": detail})
+    held: dict[str, tuple[int, dict]] = {}
+    if ray_report is not None:
+        # Photos with several faces: their candidates' crops are cut again here (the workers send back the
+        # faces, not the crops), and the second pass below chooses among them as for the local engine.
+        position = {hashes[i]: i for i in todo if hashes[i]}
+        for digest, record in ray_report.pop("held").items():
+            i = position[digest]
+            try:
+                held[digest] = (i, with_candidates(record, dataset.path(dataset.items[i]), settings))
+            except BadImage:  # changed since the worker read it: keep the subject rule's choice
+                cache.write([record])
     local = todo if engine == "local" else []
 
     bar = tqdm(total=len(local), desc="faces", unit="img", disable=not progress, leave=False)
     detector = detector if (detector or not local) else FaceDetector(settings)
     scheduled: set[str] = set()
-    held: dict[str, tuple[int, dict]] = {}
 
     def skip(i: int, error: BadImage) -> None:
         status[i] = error.reason
@@ -211,6 +226,8 @@ def prepare(
                 skip(i, error)
             bar.update(len(batch))
         cache.write(records)
+        if on_records is not None:
+            on_records(records)
     bar.close()
     pool.shutdown()
 
@@ -273,6 +290,7 @@ def prepare_for_run(
     progress: bool = True,
     engine: str = "local",
     address: str | None = None,
+    on_records=None,
 ) -> Prepared:
     """``prepare`` as a run's ``Settings`` say: its data folder (unless given), cache, face settings, detector
     batch size and, for the Ray engine, the backbone that embeds the faces."""
@@ -286,6 +304,7 @@ def prepare_for_run(
         engine=engine,
         address=address,
         embed=settings if settings.model == "embedding" else None,
+        on_records=on_records,
     )
 
 

@@ -87,8 +87,9 @@ class FaceWorker:
 
     def _chunk(self, paths: list[str], hashes: list[str], index: np.ndarray) -> dict[str, np.ndarray]:
         """The local engine's own per-batch work (``pinsface.prepare``), so both give the same faces. A photo
-        with several faces keeps the subject rule's choice: the second pass, which compares it with the rest of
-        the person's folder, needs the whole folder and is the local engine's alone."""
+        with several faces comes back marked ``held``, with the subject rule's choice and no embedding: the
+        second pass, which compares its faces with the rest of the person's folder, runs on the driver once
+        every image is in (``pinsface.prepare``)."""
         from concurrent.futures import ThreadPoolExecutor
 
         from pinsface.face_records import decoded_batches, face_record, image_records
@@ -111,8 +112,9 @@ class FaceWorker:
         dim = self.embedder.backbone.output_shape[-1] if self.embedder else 0
         emb = np.zeros((n, dim), np.float32)
         emb_flip = np.zeros((n, dim), np.float32)
-        if self.embedder is not None and records:
-            rows = sorted(records)
+        held_rows = {i for i, _ in held.values()}
+        if self.embedder is not None and len(records) > len(held_rows):
+            rows = sorted(set(records) - held_rows)
             emb[rows], emb_flip[rows] = self.embedder.both_views(np.stack([records[i]["aligned"] for i in rows]))
         blank = face_record(np.zeros((s.aligned_size, s.aligned_size, 3), np.uint8), [], s, "")
         out = {
@@ -121,6 +123,7 @@ class FaceWorker:
             "error": np.array([e[0] for e in errors]),
             "detail": np.array([e[1] for e in errors]),
             "pid": np.full(n, self.pid, np.int64),
+            "held": np.array([i in held_rows for i in range(n)], bool),
             "embedding": emb,
             "embedding_flip": emb_flip,
         }
@@ -262,7 +265,8 @@ def prepare_on_ray(
     """``prepare``'s per-image work for ``paths`` (with their content hashes, in the local engine's order) on Ray,
     written into ``cache`` (and the embedding cache matching ``embed``). ``chunk_images``: the local engine's
     chunk size (``pinsface.prepare.CHUNK_IMAGES``), whose chunks set MTCNN's batches and so its exact boxes.
-    Returns {"errors": {position: (reason, detail)}, "seconds", ...}."""
+    Photos with several faces are not written: they come back as ``held`` ({hash: record}), for the second pass.
+    Returns {"errors": {position: (reason, detail)}, "held", "seconds", ...}."""
     from dataclasses import replace
 
     from pinsface.embeddings import run_embedding_cache
@@ -282,6 +286,7 @@ def prepare_on_ray(
     errors: dict[str, tuple[str, str]] = {}
     seen: set[int] = set()
     worker_cpu = []
+    held: dict[str, dict] = {}
 
     def write(batch):
         worker_cpu.append(float(batch["cpu_seconds"].sum()))
@@ -289,10 +294,16 @@ def prepare_on_ray(
             seen.add(int(j))
             if batch["error"][k]:
                 errors[str(batch["hash"][k])] = (str(batch["error"][k]), str(batch["detail"][k]))
-        records = records_from(batch)
+        marked = {str(h) for h in batch["hash"][batch["held"]]}
+        records = []
+        for record in records_from(batch):
+            if record["hash"] in marked:
+                held[record["hash"]] = record
+            else:
+                records.append(record)
         cache.write(records)
         if emb_cache is not None and records:
-            ok = np.flatnonzero(batch["error"] == "")
+            ok = np.flatnonzero((batch["error"] == "") & ~batch["held"])
             emb_cache.write([str(h) for h in batch["hash"][ok]], batch["embedding"][ok], batch["embedding_flip"][ok])
 
     report = process(
@@ -302,6 +313,7 @@ def prepare_on_ray(
     if len(seen) != expected:  # Ray gave up on some rows: say so instead of leaving them out silently
         raise RuntimeError(f"the ray engine returned {len(seen)} of {expected} images")
     report["errors"] = {j: errors[h] for j, h in enumerate(hashes) if h in errors}
+    report["held"] = held
     report["images"] = expected
     report["worker_cpu_seconds"] = sum(worker_cpu)
     return report

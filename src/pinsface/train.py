@@ -92,6 +92,9 @@ def fit(
     those epochs at those rates, no early stopping, the last epoch kept. That is the final refit on more data,
     whose validation faces are part of its training data and so cannot pick an epoch.
 
+    ``x`` is (examples, dim), or (examples, views, dim) for several views of each example (a face's embedding
+    and its mirror image's): then each step takes one view of each example, drawn at random.
+
     Each epoch is one compiled call: shuffling, mixup, every step and the metrics run inside one graph, because
     the head's steps are so cheap that per-step and per-batch overhead (Keras's loop, tf.data) cost several
     times the arithmetic. The epochs are driven by Keras's own callbacks, as ``Model.fit`` would."""
@@ -129,6 +132,7 @@ def fit(
     callbacks = keras.callbacks.CallbackList([epoch_log(log_path, stage, progress), *control], model=model)
 
     x = tf.convert_to_tensor(np.asarray(x, np.float32))
+    views = x.shape[1] if x.shape.rank == 3 else 0
     targets = tf.one_hot(tf.convert_to_tensor(y, tf.int32), n_classes)
     weights = (
         tf.ones([n_classes])
@@ -140,6 +144,7 @@ def fit(
     batch, seed, n = settings.batch_size, settings.seed, len(y)
     steps = -(-n // batch)
     variables = model.trainable_variables
+    optimizer.build(variables)  # its slots made now, or the first call would trace the epoch twice
 
     @tf.function(reduce_retracing=True)
     def train_epoch(epoch):
@@ -148,6 +153,11 @@ def fit(
         for step in tf.range(steps):
             rows = order[step * batch : tf.minimum((step + 1) * batch, n)]
             xb, yb = tf.gather(x, rows), tf.gather(targets, rows)
+            if views:
+                pick = tf.random.stateless_uniform(
+                    [tf.shape(rows)[0]], [seed + 2, epoch * steps + step], 0, views, "int32"
+                )
+                xb = tf.gather(xb, pick, batch_dims=1)
             if mixup:
                 xb, yb = mix_batch(xb, yb, mixup, seed, epoch * steps + step)
             sample_weight = tf.gather(weights, tf.argmax(yb, 1))
