@@ -273,6 +273,8 @@ def bench_crops(args) -> None:
             same.append(float(np.linalg.norm(e[1] - e[2])))
 
     def stats(d):
+        if not d:
+            return "none"
         return f"median {np.median(d):.3f}, p90 {np.quantile(d, 0.9):.3f}, max {max(d):.3f} ({len(d)} faces)"
 
     print(f"end to end, 12-megapixel canvases: {stats(large)}")
