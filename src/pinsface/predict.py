@@ -88,6 +88,22 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 PHOTO_DECODE_MIN_SIDE = 1000
 
 
+def one_ahead(items, work):
+    """``(item, work(item))`` for each of ``items``, in order, with ``work`` on the next item already running
+    in a background thread while the caller handles this one. Errors surface where their item is reached."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="pinsface-ahead") as pool:
+        pending = None
+        for item in items:
+            future = pool.submit(work, item)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (item, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
+
+
 class Recognizer:
     """A trained run, ready to name faces. ``Recognizer.load(run_dir)``, then ``identify`` / ``identify_many``;
     ``enroll`` and ``forget`` change who it knows and save that in the run folder."""
@@ -192,60 +208,67 @@ class Recognizer:
 
         results: list[ImageResult] = []
         bar = tqdm(total=len(sources), desc="photos", unit="photo", disable=not progress, leave=False)
-        for lo in range(0, len(sources), batch_size):
-            batch = sources[lo : lo + batch_size]
-            arrays, names, entries, decoded_sources = [], [], [], []
-            for source in batch:
-                name = source if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
-                if isinstance(name, (str, os.PathLike)):  # a name that is not UTF-8 is shown escaped
-                    name = os.fsencode(name).decode("utf-8", "backslashreplace")
-                try:
-                    # Large photos are decoded at reduced scale (see faces.refine_view): memory stays bounded.
-                    arrays.append(load_scaled(source, self.face_settings.max_pixels, PHOTO_DECODE_MIN_SIDE))
-                    names.append(str(name))
-                    entries.append(None)
-                    decoded_sources.append(source)
-                except BadImage as exc:
-                    entries.append(ImageResult(str(name), [], error=exc.reason))
-            pixels = [view.pixels for view in arrays]
-            found = detect_each(self.detector, pixels) if arrays else []
-            found = retry_tight_crops(
-                self.detector,
-                pixels,
-                found,
-                [min_subject_size(view.full_size, self.face_settings) * min(view.scale) for view in arrays],
-                self.face_settings,
-                [view.full_size for view in arrays],
-            )
-            pending = [j for j, e in enumerate(entries) if e is None]
-            for k, faces in enumerate(found):
-                if isinstance(faces, Exception):  # this image alone failed in the detector: report it, go on
-                    entries[pending[k]] = ImageResult(
-                        names[k], [], error="detector_error", note=f"{type(faces).__name__}: {faces}"
-                    )
-            keep = [k for k, faces in enumerate(found) if not isinstance(faces, Exception)]
-            arrays, names = [arrays[k] for k in keep], [names[k] for k in keep]
-            decoded_sources = [decoded_sources[k] for k in keep]
-            found = [[to_full_face(f, view) for f in found[k]] for k, view in zip(keep, arrays)]
-            try:
-                arrays = [
-                    view
-                    if crop_scale_ok(view, [f.size for f in faces])
-                    else refine_view(source, view, [f.size for f in faces], self.face_settings.max_pixels)
-                    for source, view, faces in zip(decoded_sources, arrays, found)
-                ]
-            except BadImage:  # the file changed under us: use what was decoded
-                pass
+        batches = (sources[lo : lo + batch_size] for lo in range(0, len(sources), batch_size))
+        # The next batch is decoded and its faces found while this one's are embedded: the detector and the
+        # backbone share the cores, and each fills the gaps the other leaves.
+        for batch, (entries, names, arrays, found) in one_ahead(batches, self._detect_batch):
             faces = self._name(arrays, found, top_k, threshold, min_probability) if arrays else []
             it = iter(zip(names, faces))
             for entry in entries:
                 if entry is None:
-                    name, found = next(it)
-                    entry = ImageResult(name, found, note=None if found else "no face found")
+                    name, named = next(it)
+                    entry = ImageResult(name, named, note=None if named else "no face found")
                 results.append(entry)
             bar.update(len(batch))
         bar.close()
         return results
+
+    def _detect_batch(self, batch: list) -> tuple[list, list[str], list, list]:
+        """(entries: an ImageResult for each bad file and None for the others, their names, decoded views,
+        faces found in each, in full-resolution coordinates) for one batch of sources."""
+        arrays, names, entries, decoded_sources = [], [], [], []
+        for source in batch:
+            name = source if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
+            if isinstance(name, (str, os.PathLike)):  # a name that is not UTF-8 is shown escaped
+                name = os.fsencode(name).decode("utf-8", "backslashreplace")
+            try:
+                # Large photos are decoded at reduced scale (see faces.refine_view): memory stays bounded.
+                arrays.append(load_scaled(source, self.face_settings.max_pixels, PHOTO_DECODE_MIN_SIDE))
+                names.append(str(name))
+                entries.append(None)
+                decoded_sources.append(source)
+            except BadImage as exc:
+                entries.append(ImageResult(str(name), [], error=exc.reason))
+        pixels = [view.pixels for view in arrays]
+        found = detect_each(self.detector, pixels) if arrays else []
+        found = retry_tight_crops(
+            self.detector,
+            pixels,
+            found,
+            [min_subject_size(view.full_size, self.face_settings) * min(view.scale) for view in arrays],
+            self.face_settings,
+            [view.full_size for view in arrays],
+        )
+        pending = [j for j, e in enumerate(entries) if e is None]
+        for k, faces in enumerate(found):
+            if isinstance(faces, Exception):  # this image alone failed in the detector: report it, go on
+                entries[pending[k]] = ImageResult(
+                    names[k], [], error="detector_error", note=f"{type(faces).__name__}: {faces}"
+                )
+        keep = [k for k, faces in enumerate(found) if not isinstance(faces, Exception)]
+        arrays, names = [arrays[k] for k in keep], [names[k] for k in keep]
+        decoded_sources = [decoded_sources[k] for k in keep]
+        found = [[to_full_face(f, view) for f in found[k]] for k, view in zip(keep, arrays)]
+        try:
+            arrays = [
+                view
+                if crop_scale_ok(view, [f.size for f in faces])
+                else refine_view(source, view, [f.size for f in faces], self.face_settings.max_pixels)
+                for source, view, faces in zip(decoded_sources, arrays, found)
+            ]
+        except BadImage:  # the file changed under us: use what was decoded
+            pass
+        return entries, names, arrays, found
 
     def _name(
         self, images: list[np.ndarray], detections, top_k: int, threshold: float | None, min_probability: float | None
