@@ -189,7 +189,7 @@ def _train(
                 settings,
                 *logs,
                 "head",
-                settings.epochs,
+                fitting.head_epochs(settings, len(y_train)),
                 settings.learning_rate,
                 cw,
                 progress,

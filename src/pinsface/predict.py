@@ -211,21 +211,31 @@ class Recognizer:
         batches = (sources[lo : lo + batch_size] for lo in range(0, len(sources), batch_size))
         # The next batch is decoded and its faces found while this one's are embedded: the detector and the
         # backbone share the cores, and each fills the gaps the other leaves.
-        for batch, (entries, names, arrays, found) in one_ahead(batches, self._detect_batch):
-            faces = self._name(arrays, found, top_k, threshold, min_probability) if arrays else []
-            it = iter(zip(names, faces))
-            for entry in entries:
-                if entry is None:
-                    name, named = next(it)
-                    entry = ImageResult(name, named, note=None if named else "no face found")
-                results.append(entry)
+        for batch, detected in one_ahead(batches, self.detect_batch):
+            results.extend(self.name_batch(detected, top_k, threshold, min_probability))
             bar.update(len(batch))
         bar.close()
         return results
 
-    def _detect_batch(self, batch: list) -> tuple[list, list[str], list, list]:
-        """(entries: an ImageResult for each bad file and None for the others, their names, decoded views,
-        faces found in each, in full-resolution coordinates) for one batch of sources."""
+    def name_batch(
+        self, detected, top_k: int = 3, threshold: float | None = None, min_probability: float | None = None
+    ) -> list[ImageResult]:
+        """The second half of ``identify_many`` for one batch: the faces ``detect_batch`` found, named."""
+        entries, names, arrays, found = detected
+        faces = self._name(arrays, found, top_k, threshold, min_probability) if arrays else []
+        it = iter(zip(names, faces))
+        results = []
+        for entry in entries:
+            if entry is None:
+                name, named = next(it)
+                entry = ImageResult(name, named, note=None if named else "no face found")
+            results.append(entry)
+        return results
+
+    def detect_batch(self, batch: list) -> tuple[list, list[str], list, list]:
+        """The first half of ``identify_many`` for one batch of sources: (an ImageResult for each bad file and
+        None for the others, the good ones' names, their decoded views, the faces found in each in
+        full-resolution coordinates). It uses the detector alone, so it may run beside ``name_batch``."""
         arrays, names, entries, decoded_sources = [], [], [], []
         for source in batch:
             name = source if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
