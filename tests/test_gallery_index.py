@@ -49,18 +49,38 @@ def test_indexed_leave_one_out_matches_all_pairs_on_a_real_gallery(gallery):
     np.testing.assert_allclose(i2, impostor, atol=1e-5)
 
 
-def test_hnsw_index_agrees_with_exact_search(gallery, queries):
+def test_inverted_file_agrees_with_exact_search(gallery, queries):
     vectors, owner = gallery.index
-    hnsw = FaceIndex(vectors, owner, len(gallery.labels), gallery.knn, flat_limit=0)
-    assert hnsw.kind == "hnsw"
+    ivf = FaceIndex(vectors, owner, len(gallery.labels), gallery.knn, flat_limit=0)
+    assert ivf.kind == "ivf"
     q = face_vectors(*queries)
-    ids, d = hnsw.nearest_identities(q, 1)
+    ids, d = ivf.nearest_identities(q, 1)
     exact_ids, exact_d = gallery.face_index.nearest_identities(q, 1)
     assert np.mean(ids[:, 0] == exact_ids[:, 0]) >= 0.99
-    _, faces = hnsw.search(q, 5)
+    same = ids[:, 0] == exact_ids[:, 0]
+    np.testing.assert_allclose(d[same], exact_d[same], atol=1e-5)  # candidates re-ranked by exact distance
+    _, faces = ivf.search(q, 5)
     _, exact_faces = gallery.face_index.search(q, 5)
     recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(faces, exact_faces)])
     assert recall >= 0.95
+
+
+def test_enrolment_appends_in_place_and_copies_stay_apart(gallery):
+    """Enrolment writes into room left after the face arrays; a copy that is not the latest copies first."""
+    base = gallery.copy()
+    base.changed()  # no FAISS index shared with the module's gallery
+    first = base.copy()
+    first.add_faces("Newcomer", gallery.val_embeddings[:3], gallery.val_flips[:3])
+    again = first.copy()
+    again.add_faces("newcomer", gallery.val_embeddings[3:5], gallery.val_flips[3:5])  # the same person
+    assert np.shares_memory(again.embeddings, first.embeddings) and len(again.labels) == len(first.labels)
+    other = base.copy()  # an older state changed differently
+    other.add_faces("Someone Else", gallery.val_embeddings[5:6], gallery.val_flips[5:6])
+    assert not np.shares_memory(other.embeddings, first.embeddings)
+    np.testing.assert_array_equal(first.embeddings[-3:], gallery.val_embeddings[:3])
+    np.testing.assert_array_equal(again.flips[-2:], gallery.val_flips[3:5])
+    assert len(base.embeddings) == len(gallery.embeddings) and base.find("Newcomer") == -1
+    assert again.find("NEWCOMER") == len(gallery.labels) and list(again.owner[-5:]) == [len(gallery.labels)] * 5
 
 
 def test_enrolment_grows_the_index_in_place(gallery, queries):
