@@ -192,3 +192,31 @@ def test_evaluate_in_gallery_mode(small_run, tmp_path):
         run_dir, out=tmp_path / "report", prepared=result["prepared"], progress=False, figures=False, mode="gallery"
     )
     assert metrics["mode"] == "gallery" and metrics["top1"] >= 0.85 and metrics["top5"] >= metrics["top1"]
+
+
+def test_report_samples_carry_the_distance_in_gallery_mode(small_run):
+    """The sample plots label gallery-mode faces with their distance, not minus it as a 'confidence'."""
+    from pinsface.dataset import identity_key
+    from pinsface.evaluate import sample_faces
+    from pinsface.run import Run
+    from pinsface.scoring import score_images
+
+    run_dir, result = small_run
+    run = Run(run_dir)
+    settings, state, split, prepared = run.settings(), run.load_state(), run.split(), result["prepared"]
+    test = set(split.files("test"))
+    items = np.array([i for i, it in enumerate(prepared.dataset.items) if it.rel in test], dtype=np.int64)
+    labels = state.labels
+    label_of = {identity_key(name): i for i, name in enumerate(labels)}
+    y = np.array([label_of[identity_key(prepared.dataset.items[i].identity)] for i in items])
+    probs, usable = score_images(state.model, settings, prepared, items, gallery=state.gallery, mode="gallery")
+    correct, incorrect = sample_faces(
+        settings, labels, prepared, items, y, probs, usable, split, prepared, mode="gallery"
+    )
+    shown = [s for s in correct + incorrect if s["pred"] is not None]
+    assert shown and all(s["confidence"] is None and 0 < s["distance"] < 2 for s in shown)
+    nearest = -probs.max(1)[usable]  # each face's distance to the identity it is named as
+    assert all(np.isclose(s["distance"], nearest, atol=1e-6).any() for s in shown)
+    head_probs, _ = score_images(state.model, settings, prepared, items, gallery=state.gallery, mode="head")
+    head_correct, _ = sample_faces(settings, labels, prepared, items, y, head_probs, usable, split, prepared)
+    assert all(0 <= s["confidence"] <= 1 and "distance" not in s for s in head_correct)

@@ -72,9 +72,9 @@ class Gallery:
         self._face_index = None
 
     def copy(self) -> Gallery:
-        """A gallery to change while this one stays as it is. The face arrays are shared, since every change
-        makes new ones; so is the FAISS index, which enrolment grows in place: call ``changed`` on this gallery
-        if the copy's change is abandoned."""
+        """A gallery to change while this one stays as it is. The face arrays are shared: enrolment appends past
+        the rows this one sees (``_append``), and forgetting makes new ones. So is the FAISS index, which
+        enrolment grows in place: call ``changed`` on this gallery if the copy's change is abandoned."""
         import copy
 
         new = copy.copy(self)
@@ -298,8 +298,13 @@ class Gallery:
         room = {}
         with zipfile.ZipFile(path) as archive:
             for key in ("embeddings", "flips", "owner"):
-                room[key] = _read_with_room(archive, key)
-                arrays[key] = room[key][0][: room[key][1]]
+                found = _read_with_room(archive, key)
+                if found is None:  # not a plain array: np.load's answer (or its error), without room
+                    with np.load(path, allow_pickle=False) as data:
+                        arrays[key] = data[key]
+                else:
+                    room[key] = found
+                    arrays[key] = found[0][: found[1]]
         gallery = cls(
             meta["labels"],
             **arrays,
@@ -334,15 +339,15 @@ class Gallery:
                 raise ValueError(f"{what} faces belong to identity {int(owner.max())}, but only {n} are named")
 
 
-def _read_with_room(archive, key: str) -> list:
+def _read_with_room(archive, key: str) -> list | None:
     """[buffer, rows]: the array ``key`` of an npz archive read into the first rows of a buffer a quarter
-    larger. Plain arrays only, as ``np.load(allow_pickle=False)`` would read them."""
+    larger; None for anything but a plain C-ordered array of at least one dimension."""
     with archive.open(key + ".npy") as fh:
         version = np.lib.format.read_magic(fh)
         header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran_order, dtype = header(fh)
         if dtype.hasobject or fortran_order or not shape:
-            raise ValueError(f"{key}: not a plain C-ordered array")
+            return None
         rows = shape[0]
         buffer = np.empty((rows + rows // 4 + 16, *shape[1:]), dtype)
         view = memoryview(buffer[:rows].reshape(-1).view(np.uint8))
