@@ -17,6 +17,7 @@ not.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import resource
 import tempfile
@@ -271,8 +272,9 @@ def run_size(n_faces: int, mean, s_b, s_w, rng, args) -> list[str]:
             digest = sha256_of(path)
             save_index = time.perf_counter() - t
             t, c = time.perf_counter(), time.process_time()
-            assert sha256_of(path) == digest
-            loaded.use_saved_index(path, saved.validation)
+            data = path.read_bytes()
+            assert hashlib.sha256(data).hexdigest() == digest
+            loaded.use_saved_index(data, saved.validation, source=str(path))
             load_index, load_index_cpu = time.perf_counter() - t, time.process_time() - c
             same = loaded.face_index.nearest_identities(queries[:100], 1)[0]
             assert np.array_equal(same, gallery.face_index.nearest_identities(queries[:100], 1)[0])

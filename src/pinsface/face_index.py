@@ -16,8 +16,8 @@ here) pick the nearest: the distances returned are exact, the candidates approxi
 exact search measured by bench/gallery_scale.py. Faces are added in place (enrolment): the inverted file keeps
 the lists and codebooks it was trained with and files each new face under its nearest list.
 
-An index can be written to a file and read back (``write``, ``FaceIndex(..., saved=path)``); the run folder
-decides when (``pinsface.run``). FAISS's reader is C++ and trusts its input: callers hand it only files whose
+An index can be written to a file and read back (``write``, ``FaceIndex(..., saved=data)``); the run folder
+decides when (``pinsface.run``). FAISS's reader is C++ and trusts its input: callers hand it only bytes whose
 checksum they recorded when writing them.
 """
 
@@ -125,10 +125,11 @@ class FaceIndex:
         knn: int,
         flat_limit: int | None = None,
         threads: int | None = None,
-        saved=None,
+        saved: bytes | None = None,
+        source: str | None = None,
     ):
-        """``saved``: a file ``write`` made from this index's first rows (in this order); the rows past them
-        are added to it. Raises ``ValueError`` when the file does not hold those faces."""
+        """``saved``: the bytes of a file ``write`` made from this index's first rows (in this order), read from
+        ``source``; the rows past them are added to it. Raises ``ValueError`` when it does not hold those faces."""
         import faiss
 
         if threads is not None:
@@ -142,7 +143,7 @@ class FaceIndex:
         self.n = 0
         self._groups = None
         self.validation = (len(vectors), 0)  # (first, count) of the validation faces among the ids
-        self.source = None if saved is None else str(saved)  # the file the index was read from, if any
+        self.source = source if saved is not None else None  # the file the index was read from, if any
         if saved is not None:
             self.index = self._read(saved, vectors)
             self.kind = "ivf"
@@ -171,12 +172,13 @@ class FaceIndex:
 
         faiss.write_index(self.index, str(path))
 
-    def _read(self, path, vectors: np.ndarray):
+    def _read(self, data: bytes, vectors: np.ndarray):
         """The saved index, checked to hold ``vectors``' first rows: a sample of them is filed under the lists
         they are nearest to. ``vectors`` may continue past its last row (faces enrolled since)."""
         import faiss
 
-        index = faiss.read_index(str(path))
+        # From bytes the caller has checked, not from the path: the file could change after the check.
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         if (
             not isinstance(index, faiss.IndexIVFPQFastScan)
             or index.d != self.dim

@@ -103,8 +103,9 @@ class Gallery:
             return None
         return self.face_index if self.face_index.kind == "ivf" else None
 
-    def use_saved_index(self, path: Path, validation: tuple[int, int]) -> None:
-        """Search with the index ``FaceIndex.write`` saved at ``path`` rather than building one. ``validation``:
+    def use_saved_index(self, data: bytes, validation: tuple[int, int], source: str | None = None) -> None:
+        """Search with the index ``FaceIndex.write`` saved (``data``: the file's bytes, checked by the caller,
+        from ``source``) rather than building one. ``validation``:
         where the validation faces were among its rows (its rows are the training faces before them, the
         validation faces, then the rest of the training faces). Raises ``ValueError`` when it does not fit."""
         from pinsface.face_index import FaceIndex
@@ -115,7 +116,7 @@ class Gallery:
         train, val = face_vectors(self.embeddings, self.flips), face_vectors(self.val_embeddings, self.val_flips)
         vectors = np.concatenate([train[:first], val, train[first:]]).astype(np.float32, copy=False)
         owner = np.concatenate([self.owner[:first], self.val_owner, self.owner[first:]]).astype(np.int64)
-        index = FaceIndex(vectors, owner, len(self.labels), self.knn, saved=path)
+        index = FaceIndex(vectors, owner, len(self.labels), self.knn, saved=data, source=source)
         index.validation = (first, count)
         self._face_index = index
 

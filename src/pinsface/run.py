@@ -312,10 +312,14 @@ class Run:
                 problem = "is not described in manifest.json"
             elif not path.is_file():
                 problem = "is missing"
-            elif path.stat().st_size != entry.get("bytes") or sha256_of(path) != entry.get("sha256"):
-                problem = "is not the file that was saved (its size or sha256 differs)"
+            elif path.stat().st_size != entry.get("bytes"):
+                problem = "is not the file that was saved (its size differs)"
             else:
-                gallery.use_saved_index(path, entry["validation"])
+                data = path.read_bytes()  # checked and read from one copy in memory
+                if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+                    problem = "is not the file that was saved (its sha256 differs)"
+                else:
+                    gallery.use_saved_index(data, entry["validation"], source=str(path))
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
             problem = f"cannot be used ({type(exc).__name__}: {exc})"
         if problem:
