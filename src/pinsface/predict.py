@@ -398,16 +398,16 @@ class Recognizer:
             gallery = self._state.gallery.copy()
             try:
                 head, summary = change(gallery, self.head)
+                model = self.model
+                if head is not None:
+                    gallery.calibrate(head)
+                    model = build_embedding_model(self.model.get_layer(self.settings.backbone), head, self.settings)
+                state = RunState(list(gallery.labels), model, gallery, self._state.generation)
+                if save:
+                    state.generation = self.run.save_state(state.labels, model, gallery, model_changed=head is not None)
             except BaseException:
                 self._state.gallery.changed()  # its FAISS index may have grown with the abandoned change
                 raise
-            model = self.model
-            if head is not None:
-                gallery.calibrate(head)
-                model = build_embedding_model(self.model.get_layer(self.settings.backbone), head, self.settings)
-            state = RunState(list(gallery.labels), model, gallery, self._state.generation)
-            if save:
-                state.generation = self.run.save_state(state.labels, model, gallery, model_changed=head is not None)
             self._state = state
         summary.update(
             {"identities": len(state.labels), "calibration": gallery.calibration, "generation": state.generation}
