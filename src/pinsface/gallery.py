@@ -16,9 +16,9 @@ distances. The head's probability for a stranger cannot be simulated that way, s
 the face's own identity. So the probability threshold is set on the genuine side only: it keeps
 ``PROBABILITY_KEEP`` of the validation faces the head names correctly, and rejects faces the head hesitates on.
 
-Measured on 95 Pins identities with 10 strangers (bench/openset.py): at equal stranger rejection, the
-k-nearest distance names 1.2 points more known faces than the distance to the identity's centroid did. The
-probability threshold then rejects another 0.6% of the strangers for 0.15% of the known faces.
+On 95 Pins identities with 10 strangers (bench/openset.py, figures in the README), at equal stranger
+rejection the k-nearest distance names more known faces than the distance to the identity's centroid did, and
+the probability threshold then rejects a few more strangers for very few known faces.
 """
 
 from __future__ import annotations
@@ -276,7 +276,7 @@ class Gallery:
             "knn_weight": self.knn_weight,
             "knn_tau": self.knn_tau,
         }
-        # Uncompressed: compression took 2 s of every save (enrolment included) for a file half the size.
+        # Uncompressed: compression cost seconds of every save (enrolment included) for a file half the size.
         np.savez(
             path,
             meta=np.array(json.dumps(meta, ensure_ascii=False)),
