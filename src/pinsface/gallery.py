@@ -249,13 +249,14 @@ class Gallery:
         impostor = impostor[order]
         return genuine[order], impostor[~np.isnan(impostor)]
 
-    def calibrate(self, head, target_far: float | None = None) -> dict:
-        """Set both thresholds: the distance for the target false-accept rate, the probability on the genuine side."""
+    def calibrate(self, head, target_far: float | None = None, distances=None) -> dict:
+        """Set both thresholds: the distance for the target false-accept rate, the probability on the genuine side.
+        ``distances``: this gallery's ``leave_one_out()``, when already computed."""
         if target_far is not None:
             self.target_far = target_far
         from pinsface.scoring import head_probabilities
 
-        genuine, impostor = self.leave_one_out()
+        genuine, impostor = distances if distances is not None else self.leave_one_out()
         probs = head_probabilities(head, self.val_embeddings, self.val_flips)
         n_train = len(self.embeddings)
         self.threshold_probability, self.threshold_distance, self.calibration = calibrate_thresholds(
@@ -398,7 +399,14 @@ def calibrate_thresholds(
 def build_gallery(
     labels, train_emb, train_flip, train_y, val_emb, val_flip, val_y, head, target_far: float = 0.07
 ) -> Gallery:
-    gallery = Gallery(
+    gallery = new_gallery(labels, train_emb, train_flip, train_y, val_emb, val_flip, val_y)
+    gallery.calibrate(head, target_far)
+    return gallery
+
+
+def new_gallery(labels, train_emb, train_flip, train_y, val_emb, val_flip, val_y) -> Gallery:
+    """A gallery of the training faces (enrolled) and validation faces (for calibration), not yet calibrated."""
+    return Gallery(
         list(labels),
         train_emb.astype(np.float32),
         train_flip.astype(np.float32),
@@ -408,5 +416,3 @@ def build_gallery(
         val_y.astype(np.int32),
         trained_labels=list(labels),
     )
-    gallery.calibrate(head, target_far)
-    return gallery
