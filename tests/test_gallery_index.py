@@ -49,18 +49,38 @@ def test_indexed_leave_one_out_matches_all_pairs_on_a_real_gallery(gallery):
     np.testing.assert_allclose(i2, impostor, atol=1e-5)
 
 
-def test_hnsw_index_agrees_with_exact_search(gallery, queries):
+def test_inverted_file_agrees_with_exact_search(gallery, queries):
     vectors, owner = gallery.index
-    hnsw = FaceIndex(vectors, owner, len(gallery.labels), gallery.knn, flat_limit=0)
-    assert hnsw.kind == "hnsw"
+    ivf = FaceIndex(vectors, owner, len(gallery.labels), gallery.knn, flat_limit=0)
+    assert ivf.kind == "ivf"
     q = face_vectors(*queries)
-    ids, d = hnsw.nearest_identities(q, 1)
+    ids, d = ivf.nearest_identities(q, 1)
     exact_ids, exact_d = gallery.face_index.nearest_identities(q, 1)
     assert np.mean(ids[:, 0] == exact_ids[:, 0]) >= 0.99
-    _, faces = hnsw.search(q, 5)
+    same = ids[:, 0] == exact_ids[:, 0]
+    np.testing.assert_allclose(d[same], exact_d[same], atol=1e-5)  # candidates re-ranked by exact distance
+    _, faces = ivf.search(q, 5)
     _, exact_faces = gallery.face_index.search(q, 5)
     recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(faces, exact_faces)])
     assert recall >= 0.95
+
+
+def test_enrolment_appends_in_place_and_copies_stay_apart(gallery):
+    """Enrolment writes into room left after the face arrays; a copy that is not the latest copies first."""
+    base = gallery.copy()
+    base.changed()  # no FAISS index shared with the module's gallery
+    first = base.copy()
+    first.add_faces("Newcomer", gallery.val_embeddings[:3], gallery.val_flips[:3])
+    again = first.copy()
+    again.add_faces("newcomer", gallery.val_embeddings[3:5], gallery.val_flips[3:5])  # the same person
+    assert np.shares_memory(again.embeddings, first.embeddings) and len(again.labels) == len(first.labels)
+    other = base.copy()  # an older state changed differently
+    other.add_faces("Someone Else", gallery.val_embeddings[5:6], gallery.val_flips[5:6])
+    assert not np.shares_memory(other.embeddings, first.embeddings)
+    np.testing.assert_array_equal(first.embeddings[-3:], gallery.val_embeddings[:3])
+    np.testing.assert_array_equal(again.flips[-2:], gallery.val_flips[3:5])
+    assert len(base.embeddings) == len(gallery.embeddings) and base.find("Newcomer") == -1
+    assert again.find("NEWCOMER") == len(gallery.labels) and list(again.owner[-5:]) == [len(gallery.labels)] * 5
 
 
 def test_enrolment_grows_the_index_in_place(gallery, queries):
@@ -172,3 +192,31 @@ def test_evaluate_in_gallery_mode(small_run, tmp_path):
         run_dir, out=tmp_path / "report", prepared=result["prepared"], progress=False, figures=False, mode="gallery"
     )
     assert metrics["mode"] == "gallery" and metrics["top1"] >= 0.85 and metrics["top5"] >= metrics["top1"]
+
+
+def test_report_samples_carry_the_distance_in_gallery_mode(small_run):
+    """The sample plots label gallery-mode faces with their distance, not minus it as a 'confidence'."""
+    from pinsface.dataset import identity_key
+    from pinsface.evaluate import sample_faces
+    from pinsface.run import Run
+    from pinsface.scoring import score_images
+
+    run_dir, result = small_run
+    run = Run(run_dir)
+    settings, state, split, prepared = run.settings(), run.load_state(), run.split(), result["prepared"]
+    test = set(split.files("test"))
+    items = np.array([i for i, it in enumerate(prepared.dataset.items) if it.rel in test], dtype=np.int64)
+    labels = state.labels
+    label_of = {identity_key(name): i for i, name in enumerate(labels)}
+    y = np.array([label_of[identity_key(prepared.dataset.items[i].identity)] for i in items])
+    probs, usable = score_images(state.model, settings, prepared, items, gallery=state.gallery, mode="gallery")
+    correct, incorrect = sample_faces(
+        settings, labels, prepared, items, y, probs, usable, split, prepared, mode="gallery"
+    )
+    shown = [s for s in correct + incorrect if s["pred"] is not None]
+    assert shown and all(s["confidence"] is None and 0 < s["distance"] < 2 for s in shown)
+    nearest = -probs.max(1)[usable]  # each face's distance to the identity it is named as
+    assert all(np.isclose(s["distance"], nearest, atol=1e-6).any() for s in shown)
+    head_probs, _ = score_images(state.model, settings, prepared, items, gallery=state.gallery, mode="head")
+    head_correct, _ = sample_faces(settings, labels, prepared, items, y, head_probs, usable, split, prepared)
+    assert all(0 <= s["confidence"] <= 1 and "distance" not in s for s in head_correct)

@@ -233,3 +233,25 @@ def test_a_trained_run_stores_its_blend_and_names_with_it(small_run):
 
     gallery = Run(small_run[0]).load_state().gallery
     assert gallery.knn_weight in (0.0, 0.25, 0.5, 0.75) and gallery.knn_tau > 0
+
+
+def test_the_next_batch_is_detected_while_this_one_is_named():
+    import threading
+
+    from pinsface.predict import one_ahead
+
+    started = {i: threading.Event() for i in range(4)}
+
+    def work(i):
+        started[i].set()
+        if i == 2:
+            raise ValueError("bad batch")
+        return i * 10
+
+    got = []
+    with pytest.raises(ValueError, match="bad batch"):
+        for item, result in one_ahead(range(4), work):
+            # The next item's work has begun before this one is handled (and before it is asked for).
+            assert item == 3 or started[item + 1].wait(5)
+            got.append((item, result))
+    assert got == [(0, 0), (1, 10)]  # in order; the failure surfaces where its item is reached

@@ -222,3 +222,56 @@ def test_training_does_not_change_the_callers_settings(small_dataset, tmp_path, 
     result = train(out_dir=tmp_path / "run", settings=settings, progress=False, prepared=prepared)
     assert settings.to_dict() == before
     assert result["settings"].embedding_key and Run(tmp_path / "run").settings().data_dir == str(small_dataset)
+
+
+def test_a_large_gallerys_index_is_saved_checked_and_reused(run_copy, pins_dir, monkeypatch, caplog):
+    """Above FLAT_LIMIT faces (lowered here to the small run's size) the FAISS index is saved with the state,
+    with its sha256 in the manifest; a load reuses it, and a damaged or missing one is rebuilt, not fatal."""
+    from pinsface import face_index
+    from pinsface.gallery import face_vectors
+
+    monkeypatch.setattr(face_index, "FLAT_LIMIT", 0)
+    manifest = json.loads((run_copy / "manifest.json").read_text())
+    del manifest["index"], manifest["files"]["index"]  # as written before indexes were saved
+    (run_copy / "manifest.json").write_text(json.dumps(manifest))
+    run = Run(run_copy)
+    state = run.load_state()  # it still loads, and builds its index
+    assert state.gallery.face_index.kind == "ivf"
+    assert state.gallery.face_index.source is None
+    queries = face_vectors(state.gallery.val_embeddings, state.gallery.val_embeddings)
+    expected = state.gallery.face_index.nearest_identities(queries, 3)
+
+    run.save_state(state.labels, state.model, state.gallery, model_changed=False)
+    manifest = run.manifest()
+    index_file = run_copy / manifest["files"]["index"]
+    assert manifest["index"]["bytes"] == index_file.stat().st_size and len(manifest["index"]["sha256"]) == 64
+    loaded = run.load_state(model=False).gallery
+    assert loaded.face_index.source == str(index_file)  # read, not rebuilt
+    for a, b in zip(loaded.face_index.nearest_identities(queries, 3), expected):
+        assert np.array_equal(a, b)
+
+    # Enrolment adds to the loaded index in place; the next save writes the grown index.
+    recognizer = Recognizer.load(run_copy, mode="gallery")
+    index = recognizer.gallery.face_index
+    recognizer.enroll("Ben Affleck", photos(pins_dir, "Ben Affleck", 6))
+    assert recognizer.gallery.face_index is index and index.source == str(index_file)
+    newer = run.manifest()
+    assert newer["index"]["faces"] == recognizer.gallery.size == run.load_state(model=False).gallery.face_index.n
+    index_file = run_copy / newer["files"]["index"]
+    others = recognizer.identify_many(photos(pins_dir, "Ben Affleck", 4, start=20))
+    assert sum(r.faces[0].identity == "Ben Affleck" for r in others if r.faces) >= 3
+
+    data = bytearray(index_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: FAISS would read it without complaint
+    index_file.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="pinsface.run"):
+        tampered = run.load_state(model=False).gallery
+    assert [r.message for r in caplog.records if "sha256 differs" in r.message and "rebuilt" in r.message]
+    assert tampered._face_index is None and tampered.face_index.source is None  # rebuilt from the faces
+    assert tampered.face_index.n == recognizer.gallery.size
+
+    caplog.clear()
+    index_file.unlink()
+    with caplog.at_level("WARNING", logger="pinsface.run"):
+        assert run.load_state(model=False).gallery.face_index.source is None
+    assert [r.message for r in caplog.records if "is missing" in r.message]

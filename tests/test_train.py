@@ -55,7 +55,8 @@ def test_saved_model_is_the_whole_network_and_matches_the_cached_path(small_run,
     rows = [index[h] for h in hashes]
     head = model.get_layer("head")
     cached = (head.predict(emb[rows], verbose=0) + head.predict(emb_flip[rows], verbose=0)) / 2
-    assert np.allclose(full, cached, atol=2e-3)
+    # The cache holds bfloat16 embeddings where the CPU computes them natively; the saved model runs float32.
+    assert np.allclose(full, cached, atol=5e-3)
     assert np.allclose(full.sum(1), 1.0, atol=1e-4)
     # Augmentation is inactive at inference: two calls agree exactly.
     assert np.array_equal(model.predict(x[:4], verbose=0), model.predict(x[:4], verbose=0))
@@ -213,3 +214,12 @@ def test_each_step_trains_on_one_view_of_each_face(tmp_path):
     assert training_accuracy(np.stack([clean, clean], 1)) > 0.95
     # Half the steps' faces come as the blank view, which can be right for one identity in four at best.
     assert 0.5 <= training_accuracy(np.stack([clean, blank], 1)) < 0.75
+
+
+def test_a_small_folder_trains_the_head_for_enough_steps():
+    from pinsface.train import MIN_HEAD_STEPS, head_epochs
+
+    settings = Settings(epochs=10)
+    assert head_epochs(settings, 10_000) == 10  # plenty of steps an epoch: the settings' epochs
+    assert head_epochs(settings, 120) >= MIN_HEAD_STEPS  # one step an epoch: more epochs
+    assert head_epochs(settings, 600) * 3 >= MIN_HEAD_STEPS > (head_epochs(settings, 600) - 1) * 3

@@ -232,7 +232,9 @@ def write_figures(
             "Confusion matrix (row-normalised, clustered), with the most-confused block enlarged",
         )
     )
-    correct, incorrect = sample_faces(settings, labels, prepared, items, y, probs, usable, split, training)
+    correct, incorrect = sample_faces(
+        settings, labels, prepared, items, y, probs, usable, split, training, mode=metrics.get("mode", "head")
+    )
     figures.append(
         (
             plots.plot_samples(correct, out / "samples_correct.png", "Correctly named faces"),
@@ -299,8 +301,11 @@ def sample_faces(
     training: Prepared | None,
     n_correct: int = 18,
     n_incorrect: int = 18,
+    mode: str = "head",
 ):
-    """Picked hits and misses with their crops; misses get the nearest training face of the predicted identity."""
+    """Picked hits and misses with their crops; misses get the nearest training face of the predicted identity.
+    Each carries the head's probability (``confidence``) or, in gallery mode, where ``probs`` holds minus the
+    distance (``pinsface.scoring.gallery_scores``), the ``distance`` instead."""
     from pinsface.images import BadImage, load_image
 
     rng = np.random.default_rng(settings.seed)
@@ -329,9 +334,13 @@ def sample_faces(
         for k, h in nearest.items()
         if h in neighbour_faces.index
     }
-    correct = [
-        {"image": crop(k), "true": labels[y[k]], "pred": labels[pred[k]], "confidence": float(conf[k])} for k in hit
-    ]
+
+    def score(k) -> dict:
+        if mode == "gallery":
+            return {"confidence": None, "distance": -float(conf[k])}
+        return {"confidence": float(conf[k])}
+
+    correct = [{"image": crop(k), "true": labels[y[k]], "pred": labels[pred[k]], **score(k)} for k in hit]
     incorrect = []
     for k in miss:
         true = labels[y[k]]
@@ -347,7 +356,14 @@ def sample_faces(
                 "ambiguous": "several faces, none clearly the subject",
             }.get(status, f"unreadable: {status}")
             incorrect.append(
-                {"image": image, "true": true, "pred": None, "confidence": 0.0, "note": note, "neighbour": None}
+                {
+                    "image": image,
+                    "true": true,
+                    "pred": None,
+                    "confidence": None if mode == "gallery" else 0.0,
+                    "note": note,
+                    "neighbour": None,
+                }
             )
         else:
             fallback = prepared.status[items[k]] == "no_face"
@@ -356,7 +372,7 @@ def sample_faces(
                     "image": crop(k),
                     "true": true,
                     "pred": labels[pred[k]],
-                    "confidence": float(conf[k]),
+                    **score(k),
                     "neighbour": neighbours.get(k),
                     "note": "no face found:\nmean-landmark crop" if fallback else None,
                 }

@@ -10,8 +10,15 @@ returns the face's ``k`` nearest gallery faces instead, and only the identities 
 - an identity with no face among the neighbours is farther than the farthest neighbour, which bounds it. A face
   whose answer the bound cannot settle is searched again with more neighbours, then against every face.
 
-Up to ``FLAT_LIMIT`` faces the index is exact (``IndexFlatL2``); above it, HNSW (``IndexHNSWFlat``), whose
-recall against exact search is measured by bench/gallery_scale.py. Faces are added in place (enrolment).
+Up to ``FLAT_LIMIT`` faces the index is exact (``IndexFlatL2``). Above it, an inverted file of 4-bit product
+codes (``IndexIVFPQFastScan``) proposes candidates, and their exact distances (from the float descriptors kept
+here) pick the nearest: the distances returned are exact, the candidates approximate, with a recall against
+exact search measured by bench/gallery_scale.py. Faces are added in place (enrolment): the inverted file keeps
+the lists and codebooks it was trained with and files each new face under its nearest list.
+
+An index can be written to a file and read back (``write``, ``FaceIndex(..., saved=data)``); the run folder
+decides when (``pinsface.run``). FAISS's reader is C++ and trusts its input: callers hand it only bytes whose
+checksum they recorded when writing them.
 """
 
 from __future__ import annotations
@@ -65,13 +72,20 @@ def knn_distances(d: np.ndarray, owner: np.ndarray, n_identities: int, k: int = 
 
 
 # Faces up to which the index is exact. Exact search costs CPU in proportion to the gallery (bench/gallery_scale.py):
-# up to about twice this size it still answers batches at the README's target rate on 2 cores; HNSW above it.
+# up to about twice this size it still answers batches at the README's target rate on 2 cores; an inverted file
+# above it. Only the inverted file is worth saving with a run: a flat index is built by copying the faces.
 FLAT_LIMIT = 50_000
-HNSW_M = 32
-HNSW_EF_CONSTRUCTION = 64
-# Searched candidates: on synthetic galleries shaped like the real descriptors, half of this missed the exact
-# nearest face for about 1 query in 200 at 10^5 faces (bench/gallery_scale.py).
-HNSW_EF_SEARCH = 256
+# Inverted lists: about 4 sqrt(n), a power of two, with at least IVF_MIN_PER_LIST faces each to train on.
+IVF_MIN_PER_LIST = 39
+IVF_TRAIN_PER_LIST = 32  # k-means sees at most this many faces per list: training cost stays bounded
+IVF_TRAIN_ITERATIONS = 10
+IVF_PQ_BLOCKS = 64  # product-code sub-vectors (2 dimensions each, 4 bits): 32 bytes a face
+# The share of the lists searched per query, and the candidates re-ranked exactly per neighbour asked for:
+# recall against exact search and CPU per query both grow with them (bench/gallery_scale.py, README).
+IVF_PROBE_SHARE = 1 / 8
+IVF_PROBE_MIN = 8
+RERANK = 16
+RERANK_MIN = 64
 NEIGHBOURS = 32  # nearest faces fetched per query on the first pass
 MAX_NEIGHBOURS = 512  # then up to this many, before comparing with every face
 # Gallery faces above which leave-one-out calibration uses the index rather than all pairs (see bench/gallery_scale.py).
@@ -87,6 +101,19 @@ def knn_counts(owner: np.ndarray, n_identities: int, knn: int) -> np.ndarray:
     return np.minimum(knn, np.maximum(1, counts // 10)).astype(np.int64)
 
 
+def ivf_lists(n: int) -> int:
+    """Inverted lists for a gallery of ``n`` faces."""
+    lists = 2 ** int(np.round(np.log2(max(4 * np.sqrt(n), 1))))
+    while lists > 1 and lists * IVF_MIN_PER_LIST > n:
+        lists //= 2
+    return lists
+
+
+def ivf_probe(lists: int) -> int:
+    """Lists searched per query: a share of them, but never fewer than ``IVF_PROBE_MIN`` (all, in a small index)."""
+    return max(min(lists, IVF_PROBE_MIN), round(lists * IVF_PROBE_SHARE))
+
+
 def _sq_to_distance(d: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(d, 0)).astype(np.float32)
 
@@ -100,9 +127,13 @@ class FaceIndex:
         owner: np.ndarray,
         n_identities: int,
         knn: int,
-        flat_limit: int = FLAT_LIMIT,
+        flat_limit: int | None = None,
         threads: int | None = None,
+        saved: bytes | None = None,
+        source: str | None = None,
     ):
+        """``saved``: the bytes of a file ``write`` made from this index's first rows (in this order), read from
+        ``source``; the rows past them are added to it. Raises ``ValueError`` when it does not hold those faces."""
         import faiss
 
         if threads is not None:
@@ -111,24 +142,63 @@ class FaceIndex:
         self.dim = vectors.shape[1]
         self.knn = knn
         self.n_identities = n_identities
-        self.kind = "flat" if len(vectors) <= flat_limit else "hnsw"
-        self.index = self._new_index(self.kind, self.dim)
         self._vectors = np.zeros((0, self.dim), np.float32)
         self._owner = np.zeros(0, np.int64)
         self.n = 0
         self._groups = None
         self.validation = (len(vectors), 0)  # (first, count) of the validation faces among the ids
-        self.add(vectors, owner, n_identities)
+        self.source = source if saved is not None else None  # the file the index was read from, if any
+        if saved is not None:
+            self.index = self._read(saved, vectors)
+            self.kind = "ivf"
+        else:
+            self.kind = "flat" if len(vectors) <= (FLAT_LIMIT if flat_limit is None else flat_limit) else "ivf"
+            self.index = self._new_index(self.kind, vectors)
+        self.add(vectors, owner, n_identities, indexed=self.index.ntotal)
 
     @staticmethod
-    def _new_index(kind: str, dim: int):
+    def _new_index(kind: str, vectors: np.ndarray):
         import faiss
 
+        dim = vectors.shape[1]
         if kind == "flat":
             return faiss.IndexFlatL2(dim)
-        index = faiss.IndexHNSWFlat(dim, HNSW_M)
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        index.hnsw.efSearch = HNSW_EF_SEARCH
+        lists = ivf_lists(len(vectors))
+        index = faiss.IndexIVFPQFastScan(faiss.IndexFlatL2(dim), dim, lists, IVF_PQ_BLOCKS, 4)
+        index.cp.niter = IVF_TRAIN_ITERATIONS
+        index.cp.max_points_per_centroid = IVF_TRAIN_PER_LIST  # FAISS samples the training faces (seeded)
+        index.train(vectors)
+        index.nprobe = ivf_probe(lists)
+        return index
+
+    def write(self, path) -> None:
+        import faiss
+
+        faiss.write_index(self.index, str(path))
+
+    def _read(self, data: bytes, vectors: np.ndarray):
+        """The saved index, checked to hold ``vectors``' first rows: a sample of them is filed under the lists
+        they are nearest to. ``vectors`` may continue past its last row (faces enrolled since)."""
+        import faiss
+
+        # From bytes the caller has checked, not from the path: the file could change after the check.
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        if (
+            not isinstance(index, faiss.IndexIVFPQFastScan)
+            or index.d != self.dim
+            or not 0 < index.ntotal <= len(vectors)
+        ):
+            raise ValueError(
+                f"a {type(index).__name__} of {index.ntotal} {index.d}-d faces, not an inverted file of at most "
+                f"{len(vectors)} {self.dim}-d faces"
+            )
+        rows = np.random.default_rng(0).choice(index.ntotal, min(16, index.ntotal), replace=False)
+        lists = index.quantizer.assign(vectors[rows], 1)[:, 0]
+        for row, at in zip(rows, lists):
+            ids = faiss.rev_swig_ptr(index.invlists.get_ids(int(at)), index.invlists.list_size(int(at)))
+            if row not in ids:
+                raise ValueError("it does not hold the gallery's faces")
+        index.nprobe = ivf_probe(index.nlist)
         return index
 
     @property
@@ -139,13 +209,15 @@ class FaceIndex:
     def owner(self) -> np.ndarray:
         return self._owner[: self.n]
 
-    def add(self, vectors: np.ndarray, owner: np.ndarray, n_identities: int) -> None:
-        """Append faces (new rows get the next ids) in place: FAISS adds them to the index as it stands."""
+    def add(self, vectors: np.ndarray, owner: np.ndarray, n_identities: int, indexed: int = 0) -> None:
+        """Append faces (new rows get the next ids) in place: FAISS adds them to the index as it stands, all but
+        the first ``indexed`` (a saved index holds them already)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         m = len(vectors)
         self.n_identities = max(n_identities, self.n_identities)
-        if self.n + m > len(self._vectors):  # grow by doubling: enrolment does not copy the whole gallery
-            capacity = max(self.n + m, 2 * len(self._vectors))
+        if self.n + m > len(self._vectors):
+            # A quarter more room than needed: enrolment rarely copies the whole gallery.
+            capacity = self.n + m + (self.n + m) // 4 + 16
             grown = np.zeros((capacity, self.dim), np.float32)
             grown[: self.n] = self.vectors
             owners = np.zeros(capacity, np.int64)
@@ -154,8 +226,8 @@ class FaceIndex:
         self._vectors[self.n : self.n + m] = vectors
         self._owner[self.n : self.n + m] = owner
         self.n += m
-        if m:
-            self.index.add(vectors)
+        if m > indexed:
+            self.index.add(vectors[indexed:])
         self._groups = None
 
     def _grouped(self):
@@ -170,10 +242,30 @@ class FaceIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(distances, face ids) of each query's ``k`` nearest faces, nearest first; id -1 where there are none."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        if self.kind == "hnsw":
-            self.index.hnsw.efSearch = max(HNSW_EF_SEARCH, k)
-        d, ids = self.index.search(queries, min(k, max(self.n, 1)))
-        return _sq_to_distance(d), ids
+        k = min(k, max(self.n, 1))
+        if self.kind == "flat":
+            d, ids = self.index.search(queries, k)
+            return _sq_to_distance(d), ids
+        _, candidates = self.index.search(queries, min(max(RERANK * k, RERANK_MIN), self.n))
+        return self._rerank(queries, candidates, k)
+
+    def _rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest of each query's candidates by exact distance (candidates -1 are none)."""
+        n, c = candidates.shape
+        d_out = np.full((n, k), np.inf, np.float32)
+        ids_out = np.full((n, k), -1, np.int64)
+        chunk = max(1, 2**24 // (c * self.dim * 4))  # at most 16 MB of gathered descriptors at a time
+        for lo in range(0, n, chunk):
+            cand = candidates[lo : lo + chunk]
+            diff = self._vectors[np.maximum(cand, 0)] - queries[lo : lo + chunk, None, :]
+            d = np.einsum("ncd,ncd->nc", diff, diff)
+            d[cand < 0] = np.inf
+            best = np.argsort(d, axis=1, kind="stable")[:, :k]
+            top = np.take_along_axis(d, best, 1)
+            ids = np.where(np.isfinite(top), np.take_along_axis(cand, best, 1), -1)
+            d_out[lo : lo + chunk, : best.shape[1]] = _sq_to_distance(top)
+            ids_out[lo : lo + chunk, : best.shape[1]] = ids
+        return d_out, ids_out
 
     def exact_pairs(self, queries: np.ndarray, rows: np.ndarray, identities: np.ndarray) -> np.ndarray:
         """The k-nearest-faces distance of ``queries[rows[j]]`` to identity ``identities[j]``, against all the

@@ -16,9 +16,9 @@ distances. The head's probability for a stranger cannot be simulated that way, s
 the face's own identity. So the probability threshold is set on the genuine side only: it keeps
 ``PROBABILITY_KEEP`` of the validation faces the head names correctly, and rejects faces the head hesitates on.
 
-Measured on 95 Pins identities with 10 strangers (bench/openset.py): at equal stranger rejection, the
-k-nearest distance names 1.2 points more known faces than the distance to the identity's centroid did. The
-probability threshold then rejects another 0.6% of the strangers for 0.15% of the known faces.
+On 95 Pins identities with 10 strangers (bench/openset.py, figures in the README), at equal stranger
+rejection the k-nearest distance names more known faces than the distance to the identity's centroid did, and
+the probability threshold then rejects a few more strangers for very few known faces.
 """
 
 from __future__ import annotations
@@ -59,6 +59,10 @@ class Gallery:
         self._centroids = None
         self._index = None
         self._face_index = None
+        self._keys = None  # identity_key(label) -> index, for find
+        # Arrays with room to append in place, shared by copies: {field: [buffer, rows used]}. Only the gallery
+        # whose array is the buffer's used rows appends in place; any other copies first.
+        self._room: dict = {}
         self.stale = False  # thresholds from an older scoring method: calibrate before use
 
     def changed(self) -> None:
@@ -68,14 +72,15 @@ class Gallery:
         self._face_index = None
 
     def copy(self) -> Gallery:
-        """A gallery to change while this one stays as it is. The face arrays are shared, since every change
-        makes new ones; so is the FAISS index, which enrolment grows in place: call ``changed`` on this gallery
-        if the copy's change is abandoned."""
+        """A gallery to change while this one stays as it is. The face arrays are shared: enrolment appends past
+        the rows this one sees (``_append``), and forgetting makes new ones. So is the FAISS index, which
+        enrolment grows in place: call ``changed`` on this gallery if the copy's change is abandoned."""
         import copy
 
         new = copy.copy(self)
         new.labels, new.trained_labels = list(self.labels), list(self.trained_labels)
         new.calibration = dict(self.calibration)
+        new._keys = dict(self._keys) if self._keys is not None else None
         return new
 
     @property
@@ -89,6 +94,32 @@ class Gallery:
             self._face_index.validation = (len(self.embeddings), len(self.val_embeddings))
         return self._face_index
 
+    def index_to_save(self):
+        """The ``FaceIndex`` worth saving with the gallery, or None: only an inverted file (above
+        ``face_index.FLAT_LIMIT`` faces) takes long to build; a flat index is a copy of the faces."""
+        from pinsface import face_index
+
+        if self.size <= face_index.FLAT_LIMIT:
+            return None
+        return self.face_index if self.face_index.kind == "ivf" else None
+
+    def use_saved_index(self, data: bytes, validation: tuple[int, int], source: str | None = None) -> None:
+        """Search with the index ``FaceIndex.write`` saved (``data``: the file's bytes, checked by the caller,
+        from ``source``) rather than building one. ``validation``:
+        where the validation faces were among its rows (its rows are the training faces before them, the
+        validation faces, then the rest of the training faces). Raises ``ValueError`` when it does not fit."""
+        from pinsface.face_index import FaceIndex
+
+        first, count = (int(v) for v in validation)
+        if count != len(self.val_embeddings) or not 0 <= first <= len(self.embeddings):
+            raise ValueError(f"its validation faces ({first}, {count}) are not this gallery's")
+        train, val = face_vectors(self.embeddings, self.flips), face_vectors(self.val_embeddings, self.val_flips)
+        vectors = np.concatenate([train[:first], val, train[first:]]).astype(np.float32, copy=False)
+        owner = np.concatenate([self.owner[:first], self.val_owner, self.owner[first:]]).astype(np.int64)
+        index = FaceIndex(vectors, owner, len(self.labels), self.knn, saved=data, source=source)
+        index.validation = (first, count)
+        self._face_index = index
+
     @property
     def size(self) -> int:
         """Faces held: enrolled and validation faces alike."""
@@ -98,19 +129,42 @@ class Gallery:
         """The index of an identity, matched as folder names are (case- and spacing-insensitive), or -1."""
         from pinsface.dataset import identity_key
 
-        keys = [identity_key(label) for label in self.labels]
-        return keys.index(identity_key(name)) if identity_key(name) in keys else -1
+        if self._keys is None or len(self._keys) != len(self.labels):
+            self._keys = {}
+            for i, label in enumerate(self.labels):
+                self._keys.setdefault(identity_key(label), i)
+        return self._keys.get(identity_key(name), -1)
+
+    def _append(self, field_name: str, rows: np.ndarray) -> None:
+        """``self.<field_name>`` with ``rows`` appended, in place where there is room (see ``_room``)."""
+        current = getattr(self, field_name)
+        room = self._room.get(field_name)
+        n, m = len(current), len(rows)
+        at_tip = room is not None and room[1] == n and np.shares_memory(room[0][:1], current[:1])
+        if not at_tip or n + m > len(room[0]):
+            # A quarter more room than needed: copies of the whole gallery become rare as it grows.
+            buffer = np.empty((n + m + (n + m) // 4 + 16, *current.shape[1:]), current.dtype)
+            buffer[:n] = current
+            room = self._room[field_name] = [buffer, n]
+        room[0][n : n + m] = rows
+        room[1] = n + m
+        setattr(self, field_name, room[0][: n + m])
 
     def add_faces(self, name: str, emb: np.ndarray, emb_flip: np.ndarray) -> tuple[int, bool]:
-        """Enrol faces under ``name``, a new identity or a known one: (its index, whether it is new)."""
+        """Enrol faces under ``name``, a new identity or a known one: (its index, whether it is new). The face
+        arrays and the FAISS index grow in place: enrolment copies no array the size of the gallery."""
         index = self.find(name)
         new = index < 0
         if new:
+            from pinsface.dataset import identity_key
+
             self.labels.append(name)
             index = len(self.labels) - 1
-        self.embeddings = np.concatenate([self.embeddings, emb.astype(np.float32)])
-        self.flips = np.concatenate([self.flips, emb_flip.astype(np.float32)])
-        self.owner = np.concatenate([self.owner, np.full(len(emb), index, np.int32)])
+            if self._keys is not None:
+                self._keys.setdefault(identity_key(name), index)
+        self._append("embeddings", emb.astype(np.float32))
+        self._append("flips", emb_flip.astype(np.float32))
+        self._append("owner", np.full(len(emb), index, np.int32))
         face_index = self._face_index
         self.changed()
         if face_index is not None:  # the FAISS index grows in place rather than being rebuilt
@@ -153,7 +207,7 @@ class Gallery:
         if self._index is None:
             vectors = np.concatenate(
                 [face_vectors(self.embeddings, self.flips), face_vectors(self.val_embeddings, self.val_flips)]
-            ).astype(np.float32)
+            ).astype(np.float32, copy=False)
             self._index = vectors, np.concatenate([self.owner, self.val_owner]).astype(np.int64)
         return self._index
 
@@ -195,13 +249,14 @@ class Gallery:
         impostor = impostor[order]
         return genuine[order], impostor[~np.isnan(impostor)]
 
-    def calibrate(self, head, target_far: float | None = None) -> dict:
-        """Set both thresholds: the distance for the target false-accept rate, the probability on the genuine side."""
+    def calibrate(self, head, target_far: float | None = None, distances=None) -> dict:
+        """Set both thresholds: the distance for the target false-accept rate, the probability on the genuine side.
+        ``distances``: this gallery's ``leave_one_out()``, when already computed."""
         if target_far is not None:
             self.target_far = target_far
         from pinsface.scoring import head_probabilities
 
-        genuine, impostor = self.leave_one_out()
+        genuine, impostor = distances if distances is not None else self.leave_one_out()
         probs = head_probabilities(head, self.val_embeddings, self.val_flips)
         n_train = len(self.embeddings)
         self.threshold_probability, self.threshold_distance, self.calibration = calibrate_thresholds(
@@ -222,7 +277,7 @@ class Gallery:
             "knn_weight": self.knn_weight,
             "knn_tau": self.knn_tau,
         }
-        # Uncompressed: compression took 2 s of every save (enrolment included) for a file half the size.
+        # Uncompressed: compression cost seconds of every save (enrolment included) for a file half the size.
         np.savez(
             path,
             meta=np.array(json.dumps(meta, ensure_ascii=False)),
@@ -236,9 +291,22 @@ class Gallery:
 
     @classmethod
     def load(cls, path: Path) -> Gallery:
+        import zipfile
+
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
-            arrays = {k: data[k] for k in ("embeddings", "flips", "owner", "val_embeddings", "val_flips", "val_owner")}
+            arrays = {k: data[k] for k in ("val_embeddings", "val_flips", "val_owner")}
+        # The enrolled faces are read into arrays with room to grow, so that enrolment need not copy them.
+        room = {}
+        with zipfile.ZipFile(path) as archive:
+            for key in ("embeddings", "flips", "owner"):
+                found = _read_with_room(archive, key)
+                if found is None:  # not a plain array: np.load's answer (or its error), without room
+                    with np.load(path, allow_pickle=False) as data:
+                        arrays[key] = data[key]
+                else:
+                    room[key] = found
+                    arrays[key] = found[0][: found[1]]
         gallery = cls(
             meta["labels"],
             **arrays,
@@ -251,6 +319,7 @@ class Gallery:
             knn_weight=float(meta.get("knn_weight", 0.0)),
             knn_tau=float(meta.get("knn_tau", 0.04)),
         )
+        gallery._room = room
         gallery.validate()
         # Galleries saved before nearest-face distances hold thresholds for centroid distances.
         gallery.stale = "knn" not in meta
@@ -270,6 +339,28 @@ class Gallery:
                 )
             if len(owner) and (owner.min() < 0 or owner.max() >= n):
                 raise ValueError(f"{what} faces belong to identity {int(owner.max())}, but only {n} are named")
+
+
+def _read_with_room(archive, key: str) -> list | None:
+    """[buffer, rows]: the array ``key`` of an npz archive read into the first rows of a buffer a quarter
+    larger; None for anything but a plain C-ordered array of at least one dimension."""
+    with archive.open(key + ".npy") as fh:
+        version = np.lib.format.read_magic(fh)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = header(fh)
+        if dtype.hasobject or fortran_order or not shape:
+            return None
+        rows = shape[0]
+        buffer = np.empty((rows + rows // 4 + 16, *shape[1:]), dtype)
+        view = memoryview(buffer[:rows].reshape(-1).view(np.uint8))
+        done, chunk = 0, 1 << 24
+        while done < len(view):
+            data = fh.read(min(chunk, len(view) - done))
+            if not data:
+                raise ValueError(f"{key}: the file ends early")
+            view[done : done + len(data)] = data
+            done += len(data)
+    return [buffer, rows]
 
 
 def calibrate_thresholds(
@@ -308,7 +399,14 @@ def calibrate_thresholds(
 def build_gallery(
     labels, train_emb, train_flip, train_y, val_emb, val_flip, val_y, head, target_far: float = 0.07
 ) -> Gallery:
-    gallery = Gallery(
+    gallery = new_gallery(labels, train_emb, train_flip, train_y, val_emb, val_flip, val_y)
+    gallery.calibrate(head, target_far)
+    return gallery
+
+
+def new_gallery(labels, train_emb, train_flip, train_y, val_emb, val_flip, val_y) -> Gallery:
+    """A gallery of the training faces (enrolled) and validation faces (for calibration), not yet calibrated."""
+    return Gallery(
         list(labels),
         train_emb.astype(np.float32),
         train_flip.astype(np.float32),
@@ -318,5 +416,3 @@ def build_gallery(
         val_y.astype(np.int32),
         trained_labels=list(labels),
     )
-    gallery.calibrate(head, target_far)
-    return gallery

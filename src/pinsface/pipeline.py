@@ -7,6 +7,7 @@ copied, never changed: the run's own copy is saved in the run folder and returne
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,14 +46,20 @@ def split_arrays(prepared: Prepared, split: Split, labels: list[str], settings: 
     return SplitData(items, y, usable)
 
 
-def choose_blend_on_validation(head, emb: dict, y: dict, n_classes: int, knn: int) -> tuple[float, float]:
-    """The head/nearest-faces blend (``pinsface.scoring.identity_scores``) that names the most validation faces,
-    with the validation faces scored by the head that did not train on them against the training faces alone."""
+def validation_distances(emb: dict, y: dict, n_classes: int, knn: int) -> np.ndarray:
+    """Each validation face's k-nearest-faces distance to each identity, among the training faces alone."""
     from pinsface.gallery import face_vectors, knn_distances, pairwise_distances
-    from pinsface.scoring import choose_blend, head_probabilities
 
     d = pairwise_distances(face_vectors(*emb["val"]).astype(np.float32), face_vectors(*emb["train"]).astype(np.float32))
-    dists = knn_distances(d, y["train"], n_classes, knn)
+    return knn_distances(d, y["train"], n_classes, knn)
+
+
+def choose_blend_on_validation(head, emb: dict, y: dict, dists: np.ndarray) -> tuple[float, float]:
+    """The head/nearest-faces blend (``pinsface.scoring.identity_scores``) that names the most validation faces,
+    with the validation faces scored by the head that did not train on them, against the training faces alone
+    (``dists``: ``validation_distances``)."""
+    from pinsface.scoring import choose_blend, head_probabilities
+
     weight, tau, _ = choose_blend(head_probabilities(head, *emb["val"]), dists, y["val"])
     return weight, tau
 
@@ -151,7 +158,7 @@ def _train(
     if settings.model == "embedding":
         from pinsface.backbones import get_backbone
         from pinsface.embeddings import ensure_embeddings, run_embedder, run_embedding_cache
-        from pinsface.gallery import build_gallery
+        from pinsface.gallery import new_gallery
         from pinsface.models import build_embedding_model, build_head
 
         t2 = clock.mark()
@@ -176,6 +183,17 @@ def _train(
         clock.record("augment", t3)
         x_train, y_train = np.stack(views, 1), y["train"]
 
+        # The gallery's distances need no head: with the backbone frozen they are computed in a thread while the
+        # head trains (which keeps about one core busy), and only the thresholds wait for the head.
+        background = ThreadPoolExecutor(1, thread_name_prefix="pinsface-gallery")
+        gallery = new_gallery(labels, *emb["train"], y["train"], *emb["val"], y["val"])
+        distances = None if settings.fine_tune else background.submit(gallery.leave_one_out)
+        blend_distances = (
+            background.submit(validation_distances, emb, y, n_classes, gallery.knn)
+            if settings.knn_blend and not settings.fine_tune
+            else None
+        )
+        background.shutdown(wait=False)
         t4 = clock.mark()
         head = build_head(n_classes, settings, backbone.output_shape[-1])
         cw = fitting.class_weight(y_train, n_classes) if settings.class_weights else None
@@ -189,7 +207,7 @@ def _train(
                 settings,
                 *logs,
                 "head",
-                settings.epochs,
+                fitting.head_epochs(settings, len(y_train)),
                 settings.learning_rate,
                 cw,
                 progress,
@@ -248,21 +266,15 @@ def _train(
                 k: ensure_embeddings(hashes[k], prepared.cache, tuned_cache, embedder, progress=progress)
                 for k in ("train", "val")
             }
+            gallery = new_gallery(labels, *emb["train"], y["train"], *emb["val"], y["val"])
         # The probability threshold is set on validation faces, so by the head that did not train on them; the
         # final head's probabilities for a face it did not train on look the same.
-        gallery = build_gallery(
-            labels,
-            emb["train"][0],
-            emb["train"][1],
-            y["train"],
-            emb["val"][0],
-            emb["val"][1],
-            y["val"],
-            split_head,
-            settings.target_far,
-        )
+        gallery.calibrate(split_head, settings.target_far, distances.result() if distances else None)
         if settings.knn_blend:
-            gallery.knn_weight, gallery.knn_tau = choose_blend_on_validation(split_head, emb, y, n_classes, gallery.knn)
+            dists = (
+                blend_distances.result() if blend_distances else validation_distances(emb, y, n_classes, gallery.knn)
+            )
+            gallery.knn_weight, gallery.knn_tau = choose_blend_on_validation(split_head, emb, y, dists)
         clock.record("calibrate", t6)
     elif settings.model == "pixels-mlp":
         from pinsface.models import build_pixels_mlp

@@ -169,8 +169,9 @@ def _crop_panel(ax, image: np.ndarray | None, title: str, color: str, note: str 
 
 
 def plot_samples(samples: list[dict], path: Path, title: str, columns: int = 6) -> Path:
-    """A grid of labelled faces. Each sample: image, true, pred, confidence and optionally ``neighbour``
-    (the nearest training face of the predicted identity) and ``note`` (e.g. no face found)."""
+    """A grid of labelled faces. Each sample: image, true, pred, ``confidence`` (the head's probability) or
+    ``distance`` (gallery mode; either may be None), and optionally ``neighbour`` (the nearest training face of
+    the predicted identity) and ``note`` (e.g. no face found)."""
     if not samples:
         fig, ax = plt.subplots(figsize=(8, 2.5))
         ax.axis("off")
@@ -199,7 +200,11 @@ def plot_samples(samples: list[dict], path: Path, title: str, columns: int = 6) 
         ok = sample["true"] == sample["pred"]
         color = "forestgreen" if ok else "crimson"
         pred = as_text(sample["pred"]) if sample["pred"] is not None else "-"
-        text = f"true: {as_text(sample['true'])}\npred: {pred}\nconf: {sample['confidence']:.2f}"
+        text = f"true: {as_text(sample['true'])}\npred: {pred}"
+        if sample.get("distance") is not None:
+            text += f"\ndist: {sample['distance']:.2f}"
+        elif sample.get("confidence") is not None:
+            text += f"\nconf: {sample['confidence']:.2f}"
         _crop_panel(ax, sample["image"], text, color, sample.get("note"))
         if paired:
             nax = axes[r][c + 1]

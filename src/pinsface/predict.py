@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -95,6 +94,22 @@ PHOTO_MIN_FACE_FRACTION = 0.025
 def min_face_px(view: Decoded, settings) -> float:
     """The smallest face looked for in ``view``, in its own pixels."""
     return max(settings.min_face_size, PHOTO_MIN_FACE_FRACTION * min(view.full_size)) * min(view.scale)
+
+
+def one_ahead(items, work):
+    """``(item, work(item))`` for each of ``items``, in order, with ``work`` on the next item already running
+    in a background thread while the caller handles this one. Errors surface where their item is reached."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="pinsface-ahead") as pool:
+        pending = None
+        for item in items:
+            future = pool.submit(work, item)
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = (item, future)
+        if pending is not None:
+            yield pending[0], pending[1].result()
 
 
 class Recognizer:
@@ -194,12 +209,6 @@ class Recognizer:
         """A photo decoded at bounded scale (``PHOTO_DECODE_MIN_SIDE``). Raises ``BadImage``."""
         return load_scaled(source, self.face_settings.max_pixels, PHOTO_DECODE_MIN_SIDE)
 
-    def _try_load(self, source) -> Decoded | BadImage:
-        try:
-            return self._load(source)
-        except BadImage as exc:
-            return exc
-
     def _fine_enough(self, source, view: Decoded, faces) -> Decoded:
         """``view``, or ``source`` decoded again finer where a face is too small in it for a good chip."""
         sizes = [f.size for f in faces]
@@ -224,67 +233,70 @@ class Recognizer:
 
         results: list[ImageResult] = []
         bar = tqdm(total=len(sources), desc="photos", unit="photo", disable=not progress, leave=False)
-        # The next batch is decoded on two threads while this one is detected and embedded (decoding releases
-        # the GIL), so both cores work; at most two batches of decoded photos are held.
-        pool = ThreadPoolExecutor(2)
-
-        def start(lo: int) -> list:
-            return [pool.submit(self._try_load, source) for source in sources[lo : lo + batch_size]]
-
-        try:
-            ahead = start(0)
-            for lo in range(0, len(sources), batch_size):
-                batch = sources[lo : lo + batch_size]
-                current, ahead = ahead, start(lo + batch_size)
-                arrays, names, entries, decoded_sources = [], [], [], []
-                for source, future in zip(batch, current):
-                    name = source if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
-                    if isinstance(name, (str, os.PathLike)):  # a name that is not UTF-8 is shown escaped
-                        name = os.fsencode(name).decode("utf-8", "backslashreplace")
-                    view = future.result()
-                    if isinstance(view, BadImage):
-                        entries.append(ImageResult(str(name), [], error=view.reason))
-                        continue
-                    arrays.append(view)
-                    names.append(str(name))
-                    entries.append(None)
-                    decoded_sources.append(source)
-                wanted = [min_face_px(view, self.face_settings) for view in arrays]
-                pixels = [view.pixels for view in arrays]
-                found = detect_each(self.detector, pixels, wanted) if arrays else []
-                found = retry_tight_crops(
-                    self.detector,
-                    pixels,
-                    found,
-                    [min_subject_size(view.full_size, self.face_settings) * min(view.scale) for view in arrays],
-                    self.face_settings,
-                    [view.full_size for view in arrays],
-                )
-                pending = [j for j, e in enumerate(entries) if e is None]
-                for k, faces in enumerate(found):
-                    if isinstance(faces, Exception):  # this image alone failed in the detector: report it, go on
-                        entries[pending[k]] = ImageResult(
-                            names[k], [], error="detector_error", note=f"{type(faces).__name__}: {faces}"
-                        )
-                keep = [k for k, faces in enumerate(found) if not isinstance(faces, Exception)]
-                arrays, names = [arrays[k] for k in keep], [names[k] for k in keep]
-                decoded_sources = [decoded_sources[k] for k in keep]
-                found = [[to_full_face(f, view) for f in found[k]] for k, view in zip(keep, arrays)]
-                arrays = [
-                    self._fine_enough(src, view, faces) for src, view, faces in zip(decoded_sources, arrays, found)
-                ]
-                faces = self._name(arrays, found, top_k, threshold, min_probability) if arrays else []
-                it = iter(zip(names, faces))
-                for entry in entries:
-                    if entry is None:
-                        name, found = next(it)
-                        entry = ImageResult(name, found, note=None if found else "no face found")
-                    results.append(entry)
-                bar.update(len(batch))
-        finally:
-            pool.shutdown(cancel_futures=True)
+        batches = (sources[lo : lo + batch_size] for lo in range(0, len(sources), batch_size))
+        # The next batch is decoded and its faces found while this one's are embedded: the detector and the
+        # backbone share the cores, and each fills the gaps the other leaves.
+        for batch, detected in one_ahead(batches, self.detect_batch):
+            results.extend(self.name_batch(detected, top_k, threshold, min_probability))
+            bar.update(len(batch))
         bar.close()
         return results
+
+    def name_batch(
+        self, detected, top_k: int = 3, threshold: float | None = None, min_probability: float | None = None
+    ) -> list[ImageResult]:
+        """The second half of ``identify_many`` for one batch: the faces ``detect_batch`` found, named."""
+        entries, names, arrays, found = detected
+        faces = self._name(arrays, found, top_k, threshold, min_probability) if arrays else []
+        it = iter(zip(names, faces))
+        results = []
+        for entry in entries:
+            if entry is None:
+                name, named = next(it)
+                entry = ImageResult(name, named, note=None if named else "no face found")
+            results.append(entry)
+        return results
+
+    def detect_batch(self, batch: list) -> tuple[list, list[str], list, list]:
+        """The first half of ``identify_many`` for one batch of sources: (an ImageResult for each bad file and
+        None for the others, the good ones' names, their decoded views, the faces found in each in
+        full-resolution coordinates). It uses the detector alone, so it may run beside ``name_batch``."""
+        arrays, names, entries, decoded_sources = [], [], [], []
+        for source in batch:
+            name = source if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
+            if isinstance(name, (str, os.PathLike)):  # a name that is not UTF-8 is shown escaped
+                name = os.fsencode(name).decode("utf-8", "backslashreplace")
+            try:
+                # Large photos are decoded at reduced scale (see faces.refine_view): memory stays bounded.
+                arrays.append(load_scaled(source, self.face_settings.max_pixels, PHOTO_DECODE_MIN_SIDE))
+                names.append(str(name))
+                entries.append(None)
+                decoded_sources.append(source)
+            except BadImage as exc:
+                entries.append(ImageResult(str(name), [], error=exc.reason))
+        pixels = [view.pixels for view in arrays]
+        wanted = [min_face_px(view, self.face_settings) for view in arrays]
+        found = detect_each(self.detector, pixels, wanted) if arrays else []
+        found = retry_tight_crops(
+            self.detector,
+            pixels,
+            found,
+            [min_subject_size(view.full_size, self.face_settings) * min(view.scale) for view in arrays],
+            self.face_settings,
+            [view.full_size for view in arrays],
+        )
+        pending = [j for j, e in enumerate(entries) if e is None]
+        for k, faces in enumerate(found):
+            if isinstance(faces, Exception):  # this image alone failed in the detector: report it, go on
+                entries[pending[k]] = ImageResult(
+                    names[k], [], error="detector_error", note=f"{type(faces).__name__}: {faces}"
+                )
+        keep = [k for k, faces in enumerate(found) if not isinstance(faces, Exception)]
+        arrays, names = [arrays[k] for k in keep], [names[k] for k in keep]
+        decoded_sources = [decoded_sources[k] for k in keep]
+        found = [[to_full_face(f, view) for f in found[k]] for k, view in zip(keep, arrays)]
+        arrays = [self._fine_enough(src, view, faces) for src, view, faces in zip(decoded_sources, arrays, found)]
+        return entries, names, arrays, found
 
     def _name(
         self, images: list[np.ndarray], detections, top_k: int, threshold: float | None, min_probability: float | None
@@ -409,16 +421,16 @@ class Recognizer:
             gallery = self._state.gallery.copy()
             try:
                 head, summary = change(gallery, self.head)
+                model = self.model
+                if head is not None:
+                    gallery.calibrate(head)
+                    model = build_embedding_model(self.model.get_layer(self.settings.backbone), head, self.settings)
+                state = RunState(list(gallery.labels), model, gallery, self._state.generation)
+                if save:
+                    state.generation = self.run.save_state(state.labels, model, gallery, model_changed=head is not None)
             except BaseException:
                 self._state.gallery.changed()  # its FAISS index may have grown with the abandoned change
                 raise
-            model = self.model
-            if head is not None:
-                gallery.calibrate(head)
-                model = build_embedding_model(self.model.get_layer(self.settings.backbone), head, self.settings)
-            state = RunState(list(gallery.labels), model, gallery, self._state.generation)
-            if save:
-                state.generation = self.run.save_state(state.labels, model, gallery, model_changed=head is not None)
             self._state = state
         summary.update(
             {"identities": len(state.labels), "calibration": gallery.calibration, "generation": state.generation}

@@ -13,7 +13,9 @@ then fails with "run folder is busy (pid N)".
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -32,12 +34,20 @@ HISTORY = "history.json"
 PREPARE_SUMMARY = "prepare_summary.json"
 TRAIN_LOG = "train.log"
 LOCK = ".lock"
-STATE_FILES = {"model": ("model", ".keras"), "labels": ("labels", ".json"), "gallery": ("gallery", ".npz")}
+STATE_FILES = {
+    "model": ("model", ".keras"),
+    "labels": ("labels", ".json"),
+    "gallery": ("gallery", ".npz"),
+    "index": ("faces", ".faiss"),  # the gallery's FAISS index, for large galleries only (Gallery.index_to_save)
+}
 # How long a writer waits for another to finish; PINSFACE_LOCK_TIMEOUT overrides it.
 LOCK_TIMEOUT_SECONDS = 120.0
 STALE_TEMP_SECONDS = 3600.0
 # Runs saved before config.json recorded the version.
 UNVERSIONED = "0.1.0"
+
+
+log = logging.getLogger(__name__)
 
 
 class RunError(ValueError):
@@ -77,6 +87,11 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def sha256_of(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _json_text(data) -> str:
@@ -279,10 +294,36 @@ class Run:
                         "folder or train the run again"
                     ) from None
         self._check(manifest, labels, model, gallery, files)
+        if gallery is not None and manifest and files.get("index"):
+            self._use_saved_index(gallery, files["index"], manifest.get("index"))
         if gallery is not None and gallery.stale and model is not None:
             # Galleries saved before nearest-face distances hold thresholds for centroid distances.
             gallery.calibrate(model.get_layer("head"), settings.target_far)
         return RunState(labels, model, gallery, int(manifest["generation"]) if manifest else 0)
+
+    def _use_saved_index(self, gallery, name: str, entry) -> None:
+        """Give the gallery its saved FAISS index, if the file is the one written (size and sha256 as the manifest
+        records: FAISS's reader is not made to read hostile files) and holds the gallery's faces. Otherwise the
+        gallery builds its index anew when first searched, as for runs saved without one."""
+        path = self.path / name
+        problem = None
+        try:
+            if not isinstance(entry, dict):
+                problem = "is not described in manifest.json"
+            elif not path.is_file():
+                problem = "is missing"
+            elif path.stat().st_size != entry.get("bytes"):
+                problem = "is not the file that was saved (its size differs)"
+            else:
+                data = path.read_bytes()  # checked and read from one copy in memory
+                if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+                    problem = "is not the file that was saved (its sha256 differs)"
+                else:
+                    gallery.use_saved_index(data, entry["validation"], source=str(path))
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+            problem = f"cannot be used ({type(exc).__name__}: {exc})"
+        if problem:
+            log.warning("%s: %s %s; the index is rebuilt from the gallery's faces", self.path, name, problem)
 
     def _load_model(self, path: Path):
         import keras
@@ -353,6 +394,19 @@ class Run:
                 atomic_write(self.path / names["gallery"], gallery.save)
             else:
                 names["gallery"] = None
+            face_index = gallery.index_to_save() if gallery is not None else None
+            index_entry = None
+            if face_index is not None:
+                path = self.path / names["index"]
+                atomic_write(path, face_index.write)
+                index_entry = {
+                    "sha256": sha256_of(path),
+                    "bytes": path.stat().st_size,
+                    "faces": face_index.n,
+                    "validation": list(face_index.validation),
+                }
+            else:
+                names["index"] = None
             manifest = {
                 "pinsface_version": __version__,
                 "generation": generation,
@@ -361,6 +415,7 @@ class Run:
                 "model_outputs": int(model.output_shape[-1]),
                 "gallery_identities": len(gallery.labels) if gallery is not None else None,
                 "gallery_faces": gallery.size if gallery is not None else None,
+                "index": index_entry,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             atomic_write_text(self.path / MANIFEST, _json_text(manifest))

@@ -211,6 +211,17 @@ def fit(
     return {"stage": stage, "epochs_run": len(hist.get("loss", [])), "best_epoch": best + 1, "mixup": mixup, **hist}
 
 
+# Optimizer steps the head takes at least. On a small folder an epoch is a step or two, and the schedule's
+# epochs alone would leave the head, whose features enrolment builds on, half trained.
+MIN_HEAD_STEPS = 60
+
+
+def head_epochs(settings: Settings, n_examples: int) -> int:
+    """``settings.epochs``, or more where that many epochs would be under ``MIN_HEAD_STEPS`` steps."""
+    steps = -(-max(n_examples, 1) // settings.batch_size)
+    return max(settings.epochs, -(-MIN_HEAD_STEPS // steps))
+
+
 def class_weight(y: np.ndarray, n_classes: int) -> dict[int, float]:
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
     weights = len(y) / (n_classes * np.maximum(counts, 1))

@@ -1,14 +1,18 @@
-"""One thread owns the Recognizer: identify requests are gathered into shared batches, enrol/forget run alone.
+"""The Recognizer's work for the server: identify requests are gathered into shared batches, enrol/forget run
+alone.
 
-The Recognizer is not thread-safe, so every call into it goes through ``InferenceWorker``. Requests waiting
-for it are bounded (in images): past the bound ``submit`` raises ``QueueFull`` at once instead of letting
-memory grow.
+The Recognizer is not thread-safe, so every call into it goes through ``InferenceWorker``, on two threads: one
+finds the faces of each batch (``Recognizer.detect_batch``, the detector alone) and runs enrol/forget, the
+other names the faces found (``Recognizer.name_batch``, the backbone and the gallery). So the next batch is
+detected while this one is named, and an exclusive call waits until naming is idle. Requests waiting are
+bounded (in images): past the bound ``submit`` raises ``QueueFull`` at once instead of letting memory grow.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -33,8 +37,9 @@ class _Job:
 
 
 class InferenceWorker:
-    """Runs ``recognizer.identify_many`` on batches of up to ``max_batch`` images gathered for up to
-    ``max_wait`` seconds from concurrent requests, and exclusive calls (``run``) one at a time, on one thread."""
+    """Names the faces in batches of up to ``max_batch`` images gathered for up to ``max_wait`` seconds from
+    concurrent requests (detection and naming on two threads, see the module), and runs exclusive calls
+    (``run``) one at a time, with nothing else running."""
 
     def __init__(
         self,
@@ -58,12 +63,16 @@ class InferenceWorker:
         self._pending = 0  # weight queued or running
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="pinsface-inference", daemon=True)
+        # Detected batches waiting to be named: one, so detection runs at most one batch ahead.
+        self._naming: queue.Queue = queue.Queue(maxsize=1)
+        self._namer = threading.Thread(target=self._name_loop, name="pinsface-naming", daemon=True)
 
     @property
     def pending(self) -> int:
         return self._pending
 
     def start(self) -> InferenceWorker:
+        self._namer.start()
         self._thread.start()
         return self
 
@@ -72,6 +81,8 @@ class InferenceWorker:
             self._stopping = True
             self._cond.notify_all()
         self._thread.join(timeout)
+        self._naming.put(None)
+        self._namer.join(timeout)
 
     async def identify(
         self, images: list[bytes], pixels: int, top_k: int, threshold: float | None, min_probability: float | None
@@ -138,42 +149,52 @@ class InferenceWorker:
             batch = self._take()
             if batch is None:
                 return
+            handed_on = False
             try:
                 if batch[0].call is not None:
+                    self._naming.join()  # alone: nothing is being named meanwhile
                     try:
                         results = [batch[0].call(self.recognizer)]
                     finally:  # even a failed call may have changed the recognizer
                         if self.on_change is not None:
                             self.on_change(self.recognizer)
+                    for job, result in zip(batch, results):
+                        self._settle(job, result, None)
                 else:
-                    results = self._identify(batch)
-                for job, result in zip(batch, results):
-                    self._settle(job, result, None)
+                    started = time.perf_counter()
+                    detected = self.recognizer.detect_batch([image for job in batch for image in job.images])
+                    self._naming.put((batch, detected, started))
+                    handed_on = True
             except BaseException as exc:  # noqa: BLE001 - every waiting request gets the error, the worker lives
                 for job in batch:
                     self._settle(job, None, exc)
             finally:
-                with self._cond:
-                    self._pending -= sum(job.weight for job in batch)
+                if not handed_on:
+                    self._done(batch)
 
-    def _identify(self, batch: list[_Job]) -> list[list]:
-        top_k, threshold, min_probability = batch[0].options
-        sources = [image for job in batch for image in job.images]
-        started = time.perf_counter()
-        results = self.recognizer.identify_many(
-            sources,
-            batch_size=max(self.max_batch, len(sources)),
-            top_k=top_k,
-            threshold=threshold,
-            min_probability=min_probability,
-        )
-        if self.on_batch is not None:
-            self.on_batch(len(sources), time.perf_counter() - started)
-        out, lo = [], 0
-        for job in batch:
-            out.append(results[lo : lo + job.weight])
-            lo += job.weight
-        return out
+    def _name_loop(self) -> None:
+        while (item := self._naming.get()) is not None:
+            batch, detected, started = item
+            try:
+                top_k, threshold, min_probability = batch[0].options
+                results = self.recognizer.name_batch(detected, top_k, threshold, min_probability)
+                if self.on_batch is not None:
+                    self.on_batch(len(results), time.perf_counter() - started)
+                lo = 0
+                for job in batch:
+                    self._settle(job, results[lo : lo + job.weight], None)
+                    lo += job.weight
+            except BaseException as exc:  # noqa: BLE001 - every waiting request gets the error, the worker lives
+                for job in batch:
+                    self._settle(job, None, exc)
+            finally:
+                self._done(batch)
+                self._naming.task_done()
+        self._naming.task_done()
+
+    def _done(self, batch: list[_Job]) -> None:
+        with self._cond:
+            self._pending -= sum(job.weight for job in batch)
 
     @staticmethod
     def _settle(job: _Job, result: Any, error: BaseException | None) -> None:
