@@ -313,6 +313,8 @@ def refit_head(
 
     from pinsface.models import build_head
 
+    # Seeded: the same gallery gives the same head, whatever the process did before.
+    keras.utils.set_random_seed(settings.seed)
     n = len(gallery.labels)
     head = build_head(n, settings, gallery.embeddings.shape[1])
     for layer in head.layers:
