@@ -181,7 +181,10 @@ def _train(
             views.extend(np.split(extra, settings.augment_views))
             del crops
         clock.record("augment", t3)
-        x_train, y_train = np.stack(views, 1), y["train"]
+        if len(y["train"]) >= fitting.VIEW_SAMPLING_FROM:
+            x_train, y_train = np.stack(views, 1), y["train"]
+        else:  # a small folder: every view in every epoch costs little, and its head needs all it can get
+            x_train, y_train = np.concatenate(views), np.concatenate([y["train"]] * len(views))
 
         # The gallery's distances need no head: with the backbone frozen they are computed in a thread while the
         # head trains (which keeps about one core busy), and only the thresholds wait for the head.
@@ -220,9 +223,12 @@ def _train(
             t7 = clock.mark()
             head = build_head(n_classes, settings, backbone.output_shape[-1])
             chosen = histories[-1]
-            val_views = np.stack([emb["val"][k % 2] for k in range(x_train.shape[1])], 1)
-            x_all = np.concatenate([x_train, val_views])
-            y_all = np.concatenate([y_train, y["val"]])
+            if x_train.ndim == 3:
+                val_views = np.stack([emb["val"][k % 2] for k in range(x_train.shape[1])], 1)
+                x_all, y_all = np.concatenate([x_train, val_views]), np.concatenate([y_train, y["val"]])
+            else:
+                x_all = np.concatenate([x_train, *emb["val"]])
+                y_all = np.concatenate([y_train, y["val"], y["val"]])
             histories.append(
                 fitting.fit(
                     head,

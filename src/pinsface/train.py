@@ -211,6 +211,11 @@ def fit(
     return {"stage": stage, "epochs_run": len(hist.get("loss", [])), "best_epoch": best + 1, "mixup": mixup, **hist}
 
 
+# Training faces from which each step takes one view of each face (``fit`` with (faces, views, dim)) rather
+# than every view: below it an epoch is a few steps anyway, and the head of a small folder, on which enrolment
+# builds, learnt less from half the examples.
+VIEW_SAMPLING_FROM = 4096
+
 # Optimizer steps the head takes at least. On a small folder an epoch is a step or two, and the schedule's
 # epochs alone would leave the head, whose features enrolment builds on, half trained.
 MIN_HEAD_STEPS = 60
