@@ -173,7 +173,7 @@ def _train(
             faces = prepared.cache.load(sorted(set(hashes["train"]) | set(hashes["val"])), crops=("aligned",))
 
         t3 = clock.mark()
-        # (faces, views, dim): each epoch trains on one view of each face, drawn at random (train.fit).
+        # The views of each training face: its embedding, its mirror image's, and any augmented ones.
         views = [emb["train"][0], emb["train"][1]]
         if settings.augment_views:
             crops = faces.columns["aligned"][faces.rows(hashes["train"])]
@@ -188,15 +188,15 @@ def _train(
 
         # The gallery's distances need no head: with the backbone frozen they are computed in a thread while the
         # head trains (which keeps about one core busy), and only the thresholds wait for the head.
-        background = ThreadPoolExecutor(1, thread_name_prefix="pinsface-gallery")
+        side = ThreadPoolExecutor(1, thread_name_prefix="pinsface-gallery")
         gallery = new_gallery(labels, *emb["train"], y["train"], *emb["val"], y["val"])
-        distances = None if settings.fine_tune else background.submit(gallery.leave_one_out)
+        distances = None if settings.fine_tune else side.submit(gallery.leave_one_out)
         blend_distances = (
-            background.submit(validation_distances, emb, y, n_classes, gallery.knn)
+            side.submit(validation_distances, emb, y, n_classes, gallery.knn)
             if settings.knn_blend and not settings.fine_tune
             else None
         )
-        background.shutdown(wait=False)
+        side.shutdown(wait=False)
         t4 = clock.mark()
         head = build_head(n_classes, settings, backbone.output_shape[-1])
         cw = fitting.class_weight(y_train, n_classes) if settings.class_weights else None
