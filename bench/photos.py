@@ -215,59 +215,24 @@ def bench_crops(args) -> None:
     """Descriptor distance between chips cut as prepare cuts them (reduced-scale decoding) and chips from
     full-size decoding, on the shared originals; every ``--enlarge-every``-th also enlarged 4x onto a 4000x3000
     canvas (every fourth, as in tests/test_photos.py; 1 for all of them)."""
-    import io
-
     import numpy as np
-    from PIL import Image
 
     from pinsface.backbones import get_backbone
     from pinsface.embeddings import Embedder
-    from pinsface.face_records import DECODE_MIN_SIDE
-    from pinsface.faces import (
-        FaceDetector,
-        align_face,
-        crop_scale_ok,
-        face_crops,
-        min_subject_size,
-        refine_view,
-        to_full_face,
-    )
-    from pinsface.images import decode_scaled, load_image
+    from pinsface.faces import FaceDetector
     from pinsface.settings import FaceSettings
+    from tests.photos import enlarged_original, reduced_and_full_chips
 
     settings = FaceSettings()
     detector, embed = FaceDetector(settings), Embedder(get_backbone())
     originals = PINS.parents[1] / "pins-originals"
     small, large, same = [], [], []
     for n, path in enumerate(sorted(originals.rglob("*.jpg"))):
-        source = Image.open(path).convert("RGB")
         enlarge = n % args.enlarge_every == 0
-        if enlarge:
-            big = source.resize((source.width * 4, source.height * 4), Image.BICUBIC)
-            canvas = Image.new("RGB", (max(4000, big.width + 100), max(3000, big.height + 100)), (90, 100, 110))
-            canvas.paste(big, (50, 50))
-            source = canvas
-        buffer = io.BytesIO()
-        source.save(buffer, "JPEG", quality=92)
-        data = buffer.getvalue()
-        view = decode_scaled(data, settings.max_pixels, DECODE_MIN_SIDE)
-        full = load_image(data)
-        found = detector.detect([view.pixels], [min_subject_size(view.full_size, settings) * min(view.scale)])[0]
-        reference = detector.detect([full], [min_subject_size(full.shape, settings)])[0]
-        if not found or not reference:
+        chips = reduced_and_full_chips(enlarged_original(path, enlarge), detector, settings)
+        if chips is None:
             continue
-        face, ref = to_full_face(found[0], view), reference[0]
-        if not crop_scale_ok(view, [face.size]):
-            view = refine_view(data, view, [face.size], settings.max_pixels)
-        e = embed(
-            np.stack(
-                [
-                    face_crops(view, face.landmarks, face.box, settings)[0],
-                    face_crops(view, ref.landmarks, ref.box, settings)[0],
-                    align_face(full, ref.landmarks, settings),
-                ]
-            )
-        )
+        e = embed(np.stack(chips))
         (large if enlarge else small).append(float(np.linalg.norm(e[0] - e[2])))
         if enlarge:
             same.append(float(np.linalg.norm(e[1] - e[2])))

@@ -117,3 +117,39 @@ def build_groups(
             (folder / name).write_bytes(data)
             truth[f"{subject}/{name}"] = placed
     return truth
+
+
+def enlarged_original(path: Path, enlarge: bool) -> bytes:
+    """A shared original as JPEG bytes; with ``enlarge``, 4x larger on a canvas of at least 4000x3000, like a
+    12-megapixel photo."""
+    source = Image.open(path).convert("RGB")
+    if enlarge:
+        big = source.resize((source.width * 4, source.height * 4), Image.BICUBIC)
+        canvas = Image.new("RGB", (max(4000, big.width + 100), max(3000, big.height + 100)), (90, 100, 110))
+        canvas.paste(big, (50, 50))
+        source = canvas
+    return jpeg(source, quality=92)
+
+
+def reduced_and_full_chips(data: bytes, detector, settings) -> list[np.ndarray] | None:
+    """Three chips of the first face in ``data``: as prepare cuts it (reduced-scale decoding, its own
+    landmarks), from that same view with the full-size decoding's landmarks, and from the full-size decoding
+    alone. None where either decoding finds no face."""
+    from pinsface.face_records import DECODE_MIN_SIDE
+    from pinsface.faces import align_face, crop_scale_ok, face_crops, min_subject_size, refine_view, to_full_face
+    from pinsface.images import decode_scaled, load_image
+
+    view = decode_scaled(data, settings.max_pixels, DECODE_MIN_SIDE)
+    full = load_image(data)
+    found = detector.detect([view.pixels], [min_subject_size(view.full_size, settings) * min(view.scale)])[0]
+    reference = detector.detect([full], [min_subject_size(full.shape, settings)])[0]
+    if not found or not reference:
+        return None
+    face, ref = to_full_face(found[0], view), reference[0]
+    if not crop_scale_ok(view, [face.size]):
+        view = refine_view(data, view, [face.size], settings.max_pixels)
+    return [
+        face_crops(view, face.landmarks, face.box, settings)[0],
+        face_crops(view, ref.landmarks, ref.box, settings)[0],
+        align_face(full, ref.landmarks, settings),
+    ]

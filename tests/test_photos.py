@@ -150,38 +150,17 @@ def test_crops_from_reduced_decoding_match_full_size_decoding(originals_dir, det
     import cv2
 
     from pinsface.embeddings import Embedder
-    from pinsface.face_records import DECODE_MIN_SIDE
-    from pinsface.faces import align_face, crop_scale_ok, face_crops, refine_view, to_full_face
+    from tests.photos import enlarged_original, reduced_and_full_chips
 
     settings = FaceSettings()
     embed = Embedder(backbone)
     paths = sorted(originals_dir.rglob("*.jpg"))
     same_landmarks, end_to_end = [], []
     for n, path in enumerate(paths):
-        source = Image.open(path).convert("RGB")
         enlarge = n % 4 == 0  # every fourth original is also tried as a 12-megapixel photo
-        if enlarge:
-            big = source.resize((source.width * 4, source.height * 4), Image.BICUBIC)
-            canvas = Image.new("RGB", (max(4000, big.width + 100), max(3000, big.height + 100)), (90, 100, 110))
-            canvas.paste(big, (50, 50))
-            source = canvas
-        buffer = io.BytesIO()
-        source.save(buffer, "JPEG", quality=92)
-        data = buffer.getvalue()
-        view = decode_scaled(data, settings.max_pixels, DECODE_MIN_SIDE)
-        full = load_image(data)
-        found = detector.detect([view.pixels], [min_subject_size(view.full_size, settings) * min(view.scale)])[0]
-        reference = detector.detect([full], [min_subject_size(full.shape, settings)])[0]
-        if not found or not reference:
+        chips = reduced_and_full_chips(enlarged_original(path, enlarge), detector, settings)
+        if chips is None:
             continue
-        face, ref = to_full_face(found[0], view), reference[0]
-        if not crop_scale_ok(view, [face.size]):
-            view = refine_view(data, view, [face.size], settings.max_pixels)
-        chips = [
-            face_crops(view, face.landmarks, face.box, settings)[0],
-            face_crops(view, ref.landmarks, ref.box, settings)[0],
-            align_face(full, ref.landmarks, settings),
-        ]
         e = embed(np.stack(chips))
         end_to_end.append((enlarge, float(np.linalg.norm(e[0] - e[2]))))
         same_landmarks.append(float(np.linalg.norm(e[1] - e[2])))
