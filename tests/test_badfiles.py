@@ -298,10 +298,10 @@ class FailingDetector:
     def __init__(self, detector, width):
         self.detector, self.settings, self.width = detector, detector.settings, width
 
-    def detect(self, images, min_face_sizes=None, thresholds=None):
+    def detect(self, images, min_face_sizes=None, thresholds=None, coarse_sizes=None):
         if any(image.shape[1] == self.width for image in images):
             raise RuntimeError("simulated OpenCV failure")
-        return self.detector.detect(images, min_face_sizes, thresholds)
+        return self.detector.detect(images, min_face_sizes, thresholds, coarse_sizes)
 
 
 def test_detector_error_on_one_image_skips_only_that_image(tmp_path, detector, pins_dir):

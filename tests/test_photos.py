@@ -147,8 +147,6 @@ def test_reduced_decoding_gives_pillows_pixels_and_reports_truncation(monkeypatc
 
 def test_crops_from_reduced_decoding_match_full_size_decoding(originals_dir, detector, backbone):
     """Descriptor distance between chips cut by prepare (reduced-scale decoding) and from full-size decoding."""
-    import cv2
-
     from pinsface.embeddings import Embedder
     from tests.photos import enlarged_original, reduced_and_full_chips
 
@@ -164,7 +162,6 @@ def test_crops_from_reduced_decoding_match_full_size_decoding(originals_dir, det
         e = embed(np.stack(chips))
         end_to_end.append((enlarge, float(np.linalg.norm(e[0] - e[2]))))
         same_landmarks.append(float(np.linalg.norm(e[1] - e[2])))
-        assert cv2 is not None
     small = [d for big, d in end_to_end if not big]
     large = [d for big, d in end_to_end if big]
     assert len(small) >= 35 and len(large) >= 10
@@ -194,3 +191,39 @@ def test_decoding_holds_a_bounded_batch(tmp_path, monkeypatch):
         assert len(batch) <= 3
         for _, (view, _) in batch:
             assert view.pixels.shape == (1000, 1200, 3) and view.full_size == (2000, 2400)
+
+
+def _canvas_with_faces(pins_dir, faces: list[tuple[str, int, tuple[int, int]]]) -> tuple[np.ndarray, list]:
+    from tests.photos import background, paste
+
+    canvas = background(2000, 1500, 3)
+    pasted = [paste(canvas, pins_faces(pins_dir, person)[2], size, centre, person) for person, size, centre in faces]
+    return np.asarray(canvas), pasted
+
+
+def test_coarse_to_fine_scan_finds_each_face_once_and_stops_early_beside_a_large_face(pins_dir, detector, monkeypatch):
+    """A photo is scanned down to the smallest face size only when the coarse scan found no face large enough
+    to stand; then the finer levels add the faces the coarse ones missed, and none twice."""
+    small, coarse = 45.0, 75.0  # 3% and 5% of the shorter side, as prepare asks
+    scans = []
+    scan = detector._large_faces
+    monkeypatch.setattr(
+        detector, "_large_faces", lambda halvings, scales, *a: scans.append(scales) or scan(halvings, scales, *a)
+    )
+
+    image, pasted = _canvas_with_faces(pins_dir, [(PEOPLE[0], 100, (600, 700)), (PEOPLE[1], 70, (1400, 800))])
+    full = detector.detect([image], [small])[0]
+    scans.clear()
+    staged = detector.detect([image], [small], coarse_sizes=[coarse])[0]
+    assert len(scans) == 2 and max(scans[0]) < min(scans[1])  # coarse levels, then the finer ones
+    assert len(full) == 2 and all(any(chosen_is(f.box, p) for f in full) for p in pasted)
+    assert len(staged) == 2 and all(sum(chosen_is(f.box, p) for f in staged) == 1 for p in pasted)
+    for p in pasted:
+        a = next(f for f in full if chosen_is(f.box, p))
+        b = next(f for f in staged if chosen_is(f.box, p))
+        assert np.abs(a.landmarks - b.landmarks).max() < 0.05 * a.size
+
+    image, pasted = _canvas_with_faces(pins_dir, [(PEOPLE[0], 240, (700, 700)), (PEOPLE[1], 70, (1500, 800))])
+    scans.clear()
+    staged = detector.detect([image], [small], coarse_sizes=[coarse])[0]
+    assert len(scans) == 1 and any(chosen_is(f.box, pasted[0]) for f in staged)

@@ -26,12 +26,12 @@ class CountingDetector:
         self.batches = 0
         self.die_after = die_after_batches
 
-    def detect(self, images, min_face_sizes=None, thresholds=None):
+    def detect(self, images, min_face_sizes=None, thresholds=None, coarse_sizes=None):
         if self.die_after is not None and self.batches >= self.die_after:
             raise KeyboardInterrupt("simulated kill")
         self.batches += 1
         self.images += len(images)
-        return self.detector.detect(images, min_face_sizes, thresholds)
+        return self.detector.detect(images, min_face_sizes, thresholds, coarse_sizes)
 
 
 @pytest.fixture()

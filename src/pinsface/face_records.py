@@ -73,10 +73,9 @@ BATCH_BYTES = 200_000_000
 # Each image is decoded at a scale whose shorter side is at least this (or in full): enough for detection and,
 # in 12-megapixel photos, for chips of faces down to a few percent of the frame without a second decode.
 DECODE_MIN_SIDE = 1000
-# First, coarse scan of photos (see image_records): faces from this fraction of the shorter side; its result
-# stands when its largest face is COARSE_ACCEPT times that size or more.
+# Photos are scanned coarse to fine (FaceDetector.detect's coarse_sizes): first for faces from this fraction of
+# the shorter side.
 COARSE_FACE_FRACTION = 0.05
-COARSE_ACCEPT = 1.5
 # Files decoded ahead of the detector (each at most a few tens of MB once decoded at reduced scale).
 DECODE_AHEAD = 16
 # Candidate faces per multi-face photo kept for the second pass.
@@ -168,21 +167,10 @@ def image_records(detector, batch, hashes, settings: FaceSettings, held: dict) -
     errors = [(i, r) for i, r in batch if isinstance(r, BadImage)]
     images = [view.pixels for _, view, _ in good]
     min_sizes = [min_subject_size(view.full_size, settings) * min(view.scale) for _, view, _ in good]
-    # Coarse to fine: a photo is first scanned for faces of COARSE_FACE_FRACTION of its shorter side and up
-    # (a fraction of MTCNN's time), and scanned down to the smallest size only when that found no face large
+    # Coarse to fine: a photo is scanned down to the smallest size only when the coarse scan found no face large
     # enough that any face it could miss is too small to be the subject.
     coarse = [max(m, COARSE_FACE_FRACTION * min(image.shape[:2])) for m, image in zip(min_sizes, images)]
-    found = detect_each(detector, images, coarse)
-    finer = [
-        k
-        for k, faces in enumerate(found)
-        if coarse[k] > min_sizes[k]
-        and not isinstance(faces, Exception)
-        and (not faces or max(f.size for f in faces) < COARSE_ACCEPT * coarse[k])
-    ]
-    if finer:
-        for k, faces in zip(finer, detect_each(detector, [images[k] for k in finer], [min_sizes[k] for k in finer])):
-            found[k] = faces
+    found = detect_each(detector, images, min_sizes, coarse)
     found = retry_tight_crops(detector, images, found, min_sizes, settings, [view.full_size for _, view, _ in good])
     records = []
     for (i, view, data), detected in zip(good, found):

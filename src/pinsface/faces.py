@@ -68,49 +68,51 @@ class FaceDetector:
         images: list[np.ndarray],
         min_face_sizes: list[float] | None = None,
         thresholds: tuple[float, float, float] | None = None,
+        coarse_sizes: list[float] | None = None,
     ) -> list[list[Face]]:
         """Faces per image, in its pixels. Same-shape images go through MTCNN together. Images that the old path
         would shrink first (``detection_factor`` under 1: photos over 720 px on the long side) go through
         ``_detect_large`` instead, which scans them no finer than the smallest wanted face needs; the rest (the
         Pins crops among them) through mtcnn's own ``detect_faces``. ``thresholds`` override the settings'
-        three."""
+        three.
+
+        ``coarse_sizes`` (per image, pixels) make the scan coarse to fine: an image is first scanned for faces of
+        about that size and up, and down to its ``min_face_sizes`` only where that found no face
+        ``COARSE_ACCEPT`` times the size scanned for (any face it missed is then too small beside it to be a
+        photo's subject). MTCNN's time grows with the square of the smallest face's share of the image."""
         s = self.settings
         thresholds = thresholds or s.thresholds
         results: list[list[Face]] = [[] for _ in images]
+        wanted = [max(s.min_face_size, min_face_sizes[i] if min_face_sizes else 0) for i in range(len(images))]
+        coarse = [max(w, coarse_sizes[i]) if coarse_sizes else w for i, w in enumerate(wanted)]
         groups: dict[tuple, list[int]] = {}
-        scaled: list[np.ndarray] = []
-        factors: list[float] = []
         large: dict[tuple, list[int]] = {}
         for i, image in enumerate(images):
             h, w = image.shape[:2]
-            wanted = max(s.min_face_size, min_face_sizes[i] if min_face_sizes else 0)
-            factor = detection_factor(h, w, wanted, s)
-            scaled.append(image)
-            factors.append(1.0)
-            if factor < 1.0:
+            if detection_factor(h, w, wanted[i], s) < 1.0:
                 # The smallest face the old path could see in a shrunk copy: at least 12 px there.
-                min_face = max(wanted, 12.0 * max(h, w) / s.detect_max_side)
-                large.setdefault((image.shape, round(min_face, 3)), []).append(i)
+                floor = 12.0 * max(h, w) / s.detect_max_side
+                key = (image.shape, round(max(wanted[i], floor), 3), round(max(coarse[i], floor), 3))
+                large.setdefault(key, []).append(i)
             elif min(h, w) >= 12:  # PNet's window: nothing smaller can hold a face
                 groups.setdefault(image.shape, []).append(i)
-        for (shape, min_face), indices in large.items():
+        for (shape, min_face, coarse_face), indices in large.items():
             # MTCNN's memory grows with the batch times the pixels PNet scans: bound it for any photo size.
             per_batch = max(1, int(DETECT_BATCH_PIXELS / (shape[0] * shape[1] * (12.0 / min_face) ** 2)))
             for k in range(0, len(indices), per_batch):
                 part = indices[k : k + per_batch]
-                rows = self._detect_large([images[i] for i in part], min_face, thresholds)
-                self._collect(rows, part, factors, min_face_sizes, results)
+                rows = self._detect_large([images[i] for i in part], min_face, thresholds, coarse_face)
+                self._collect(rows, part, min_face_sizes, results)
         batches = []
         for indices in groups.values():
-            wanted = [max(s.min_face_size, (min_face_sizes[i] if min_face_sizes else 0)) * factors[i] for i in indices]
-            min_face = max(12.0, min(wanted))
-            h, w = scaled[indices[0]].shape[:2]
+            min_face = max(12.0, min(coarse[i] for i in indices))
+            h, w = images[indices[0]].shape[:2]
             # MTCNN's memory grows with the batch times the pixels PNet scans: bound it for any photo size.
             per_batch = max(1, int(DETECT_BATCH_PIXELS / (h * w * (12.0 / min_face) ** 2)))
             batches += [(indices[k : k + per_batch], min_face) for k in range(0, len(indices), per_batch)]
         for indices, min_face in batches:
             rows = self._mtcnn.detect_faces(
-                [scaled[i] for i in indices],
+                [images[i] for i in indices],
                 output_type="numpy",
                 box_format="xyxy",
                 min_face_size=min_face,
@@ -118,7 +120,15 @@ class FaceDetector:
                 threshold_rnet=thresholds[1],
                 threshold_onet=thresholds[2],
             )
-            self._collect(rows, indices, factors, min_face_sizes, results)
+            self._collect(rows, indices, min_face_sizes, results)
+        # Smaller images were scanned for their coarse size alone: scan again where that was not enough.
+        finer = [
+            i for indices, _ in batches for i in indices if coarse[i] > wanted[i] and not _enough(results[i], coarse[i])
+        ]
+        if finer:
+            again = self.detect([images[i] for i in finer], [wanted[i] for i in finer], thresholds)
+            for i, faces in zip(finer, again):
+                results[i] = faces
         for faces in results:
             faces.sort(key=lambda face: -face.confidence)
         return results
@@ -153,23 +163,55 @@ class FaceDetector:
         return boxes
 
     @staticmethod
-    def _collect(rows, indices, factors, min_face_sizes, results) -> None:
+    def _collect(rows, indices, min_face_sizes, results) -> None:
         for row in np.asarray(rows).reshape(-1, 16):
             i = indices[int(row[0])]
-            f = factors[i]
-            landmarks = np.stack([row[6:11], row[11:16]], axis=1) / f
-            face = Face(row[1:5].astype(np.float32) / f, float(row[5]), landmarks.astype(np.float32))
+            landmarks = np.stack([row[6:11], row[11:16]], axis=1).astype(np.float32)
+            face = Face(row[1:5].astype(np.float32), float(row[5]), landmarks)
             if min_face_sizes is None or face.size >= min_face_sizes[i]:
                 results[i].append(face)
 
-    def _detect_large(self, batch: list[np.ndarray], min_face: float, thresholds: tuple) -> np.ndarray:
+    def _detect_large(
+        self, batch: list[np.ndarray], min_face: float, thresholds: tuple, coarse_face: float | None = None
+    ) -> np.ndarray:
         """MTCNN on same-shape large images, for faces of ``min_face`` pixels and up: rows as
         ``MTCNN.detect_faces`` gives them (image index, box, confidence, 5 landmark x, 5 landmark y).
 
         Every network input is cut from the image at its own resolution and area-resampled (as the original
         MTCNN does), rather than sampled bilinearly from one shrunken copy: the pyramid comes from exact halvings
         of the image, each R-net and O-net patch from the halving nearest its size. The landmarks then hardly
-        depend on the scale a photo was decoded at, and no step touches every pixel of a 12-megapixel image."""
+        depend on the scale a photo was decoded at, and no step touches every pixel of a 12-megapixel image.
+
+        With ``coarse_face``, the pyramid's coarse levels (those that see faces of about that size and up) are
+        scanned first; its finer levels only in the images where that found no face ``COARSE_ACCEPT`` times the
+        size the coarse levels see, and only for faces the coarse levels did not find."""
+        halvings = [_Halvings(image) for image in batch]
+        h, w = batch[0].shape[:2]
+        scales = [s for s in _fixed_scale_pyramid(w, h, min_face, PYRAMID_FACTOR) if min(w * s, h * s) >= 12]
+        split = 0
+        if coarse_face and coarse_face > min_face and len(scales) > 1:
+            # The coarse levels start at the finest one needed to see a face of coarse_face pixels.
+            split = int(np.floor(np.log(coarse_face / min_face) / -np.log(PYRAMID_FACTOR) + 1e-9))
+            split = min(split, len(scales) - 1)
+        rows = self._large_faces(halvings, scales[split:], thresholds)
+        if split:
+            cover = min_face / PYRAMID_FACTOR**split
+            index = rows[:, 0].astype(int)
+            sizes = np.minimum(rows[:, 3] - rows[:, 1], rows[:, 4] - rows[:, 2])
+            rest = [i for i in range(len(batch)) if not np.any(sizes[index == i] >= COARSE_ACCEPT * cover)]
+            if rest:
+                known = [rows[index == i] for i in rest]
+                extra = self._large_faces([halvings[i] for i in rest], scales[:split], thresholds, known)
+                extra[:, 0] = np.asarray(rest)[extra[:, 0].astype(int)]
+                rows = np.concatenate([rows, extra])
+        return rows
+
+    def _large_faces(
+        self, halvings: list[_Halvings], scales: list[float], thresholds: tuple, known: list | None = None
+    ) -> np.ndarray:
+        """MTCNN's three stages over the pyramid levels ``scales`` of same-shape images: final rows with refined
+        landmarks (see ``_detect_large``). Faces overlapping one of ``known`` (per image, rows found before) are
+        left out."""
         from mtcnn.utils.bboxes import (
             adjust_bboxes,
             generate_bounding_box,
@@ -179,15 +221,13 @@ class FaceDetector:
             upscale_bboxes,
         )
 
+        none = np.empty((0, 16))
         pnet, rnet, onet = (stage._model for stage in self._mtcnn.stages)
-        halvings = [_Halvings(image) for image in batch]
-        h, w = batch[0].shape[:2]
-        n = len(batch)
+        h, w = halvings[0].levels[0].shape[:2]
+        n = len(halvings)
         found = []
-        for scale in _fixed_scale_pyramid(w, h, min_face, 0.709):
+        for scale in scales:
             size = (int(w * scale), int(h * scale))
-            if min(size) < 12:
-                break
             level = np.stack([hv.resized(size) for hv in halvings])
             reg, prob = pnet(_normalise(level))
             boxes = generate_bounding_box(reg, prob, thresholds[0])
@@ -195,7 +235,7 @@ class FaceDetector:
                 boxes = upscale_bboxes(boxes, np.full(n, scale))
                 found.append(smart_nms_from_bboxes(boxes, threshold=0.5, method="union", initial_sort=False))
         if not found or not sum(len(b) for b in found):
-            return np.empty((0, 16))
+            return none
         boxes = smart_nms_from_bboxes(np.concatenate(found), threshold=0.7, method="union", initial_sort=True)
         boxes = resize_to_square(boxes)
 
@@ -203,7 +243,7 @@ class FaceDetector:
         boxes[:, -1] = np.asarray(scores)[:, -1]
         boxes = pick_matches(adjust_bboxes(boxes, np.asarray(offsets)), score_threshold=thresholds[1])
         if not len(boxes):
-            return np.empty((0, 16))
+            return none
         boxes = resize_to_square(smart_nms_from_bboxes(boxes, threshold=0.7, method="union", initial_sort=True))
 
         patches, cut = _patches(halvings, boxes, 48)
@@ -216,12 +256,40 @@ class FaceDetector:
         boxes = np.concatenate([boxes, points - 0.5], axis=1)
         boxes = pick_matches(boxes, scores_column=5, score_threshold=thresholds[2])
         if not len(boxes):
-            return np.empty((0, 16))
+            return none
         boxes = smart_nms_from_bboxes(boxes, threshold=0.7, method="min", initial_sort=True)
+        if known is not None:
+            boxes = boxes[[not _overlaps(row[1:5], known[int(row[0])]) for row in boxes]]
+            if not len(boxes):
+                return none
         boxes = self._refine_landmarks(halvings, boxes)
         boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, w - 1)  # as MTCNN's fit_to_image
         boxes[:, [2, 4]] = np.clip(boxes[:, [2, 4]], 0, h - 1)
         return boxes
+
+
+# MTCNN's pyramid: each level this factor of the one before.
+PYRAMID_FACTOR = 0.709
+# A coarse scan (FaceDetector.detect's coarse_sizes) is enough for an image when it found a face this many times
+# the smallest size it looks for.
+COARSE_ACCEPT = 1.5
+
+
+def _enough(faces: list[Face], coarse: float) -> bool:
+    return bool(faces) and max(face.size for face in faces) >= COARSE_ACCEPT * coarse
+
+
+def _overlaps(box: np.ndarray, rows: np.ndarray, threshold: float = 0.7) -> bool:
+    """Whether ``box`` (x1, y1, x2, y2) covers ``threshold`` of the smaller of itself and any box of ``rows``
+    (MTCNN rows): the same face, as MTCNN's last "min" suppression judges."""
+    if not len(rows):
+        return False
+    x1, y1 = np.maximum(box[0], rows[:, 1]), np.maximum(box[1], rows[:, 2])
+    x2, y2 = np.minimum(box[2], rows[:, 3]), np.minimum(box[3], rows[:, 4])
+    inter = np.clip(x2 - x1 + 1, 0, None) * np.clip(y2 - y1 + 1, 0, None)
+    area = (box[2] - box[0] + 1) * (box[3] - box[1] + 1)
+    areas = (rows[:, 3] - rows[:, 1] + 1) * (rows[:, 4] - rows[:, 2] + 1)
+    return bool(np.any(inter / np.minimum(area, areas) > threshold))
 
 
 # Landmark refinement on large images (FaceDetector._refine_landmarks): rounds, and the shifts and scalings of
@@ -317,12 +385,15 @@ def detection_factor(height: int, width: int, min_face: float, settings: FaceSet
 
 
 def detect_each(
-    detector, images: list[np.ndarray], min_face_sizes: list[float] | None = None
+    detector,
+    images: list[np.ndarray],
+    min_face_sizes: list[float] | None = None,
+    coarse_sizes: list[float] | None = None,
 ) -> list[list[Face] | Exception]:
     """``detector.detect`` that survives a failing image: if the batch raises, each image is retried alone and
     the one that fails gets its exception in place of its faces."""
     try:
-        return detector.detect(images, min_face_sizes)
+        return detector.detect(images, min_face_sizes, coarse_sizes=coarse_sizes)
     except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001
@@ -331,7 +402,10 @@ def detect_each(
     out: list[list[Face] | Exception] = []
     for i, image in enumerate(images):
         try:
-            out.append(detector.detect([image], [min_face_sizes[i]] if min_face_sizes else None)[0])
+            one = {"min_face_sizes": [min_face_sizes[i]] if min_face_sizes else None}
+            if coarse_sizes:
+                one["coarse_sizes"] = [coarse_sizes[i]]
+            out.append(detector.detect([image], **one)[0])
         except (KeyboardInterrupt, SystemExit, MemoryError):
             raise
         except Exception as exc:  # noqa: BLE001  (one image's detector or OpenCV error must not stop the run)
