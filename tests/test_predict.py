@@ -235,23 +235,29 @@ def test_a_trained_run_stores_its_blend_and_names_with_it(small_run):
     assert gallery.knn_weight in (0.0, 0.25, 0.5, 0.75) and gallery.knn_tau > 0
 
 
-def test_the_next_batch_is_detected_while_this_one_is_named():
+@pytest.mark.parametrize("depth", [1, 2])
+def test_the_next_batches_are_worked_on_while_this_one_is_handled(depth):
     import threading
 
-    from pinsface.predict import one_ahead
+    from pinsface.ahead import ahead
 
-    started = {i: threading.Event() for i in range(4)}
+    started = {i: threading.Event() for i in range(6)}
+    release = threading.Event()
 
     def work(i):
         started[i].set()
-        if i == 2:
+        if i > 0:  # the later items' work overlaps: they all wait for one signal
+            assert release.wait(5)
+        if i == 3:
             raise ValueError("bad batch")
         return i * 10
 
     got = []
     with pytest.raises(ValueError, match="bad batch"):
-        for item, result in one_ahead(range(4), work):
-            # The next item's work has begun before this one is handled (and before it is asked for).
-            assert item == 3 or started[item + 1].wait(5)
+        for item, result in ahead(range(6), work, depth):
+            # The next `depth` items' work has begun before this one is handled (and before it is asked for).
+            assert all(started[item + k].wait(5) for k in range(1, depth + 1))
+            assert not started[item + depth + 1].is_set()  # and no more than that
+            release.set()
             got.append((item, result))
-    assert got == [(0, 0), (1, 10)]  # in order; the failure surfaces where its item is reached
+    assert got == [(0, 0), (1, 10), (2, 20)]  # in order; the failure surfaces where its item is reached

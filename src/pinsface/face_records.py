@@ -69,7 +69,7 @@ def face_record(
 
 
 # Decoded pixels held at once for one detector batch (bytes of RGB): a batch of large photos is split to fit.
-BATCH_BYTES = 200_000_000
+BATCH_BYTES = 100_000_000
 # Each image is decoded at a scale whose shorter side is at least this (or in full): enough for detection and,
 # in 12-megapixel photos, for chips of faces down to a few percent of the frame without a second decode.
 DECODE_MIN_SIDE = 1000

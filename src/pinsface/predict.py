@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pinsface.ahead import ahead
 from pinsface.faces import (
     FaceDetector,
     align_face,
@@ -94,22 +95,6 @@ PHOTO_MIN_FACE_FRACTION = 0.025
 def min_face_px(view: Decoded, settings) -> float:
     """The smallest face looked for in ``view``, in its own pixels."""
     return max(settings.min_face_size, PHOTO_MIN_FACE_FRACTION * min(view.full_size)) * min(view.scale)
-
-
-def one_ahead(items, work):
-    """``(item, work(item))`` for each of ``items``, in order, with ``work`` on the next item already running
-    in a background thread while the caller handles this one. Errors surface where their item is reached."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1, thread_name_prefix="pinsface-ahead") as pool:
-        pending = None
-        for item in items:
-            future = pool.submit(work, item)
-            if pending is not None:
-                yield pending[0], pending[1].result()
-            pending = (item, future)
-        if pending is not None:
-            yield pending[0], pending[1].result()
 
 
 class Recognizer:
@@ -236,7 +221,7 @@ class Recognizer:
         batches = (sources[lo : lo + batch_size] for lo in range(0, len(sources), batch_size))
         # The next batch is decoded and its faces found while this one's are embedded: the detector and the
         # backbone share the cores, and each fills the gaps the other leaves.
-        for batch, detected in one_ahead(batches, self.detect_batch):
+        for batch, detected in ahead(batches, self.detect_batch):
             results.extend(self.name_batch(detected, top_k, threshold, min_probability))
             bar.update(len(batch))
         bar.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pinsface.ahead import ahead
 from pinsface.cache import FaceCache, content_hash
 from pinsface.dataset import Dataset, scan_dataset
 from pinsface.face_records import decoded_batches, image_records, with_candidates
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 # Images per cache chunk: written together, and detected in batches within it.
 CHUNK_IMAGES = 512
+# Detector batches worked on at once (see prepare).
+DETECT_THREADS = 2
 
 
 @dataclass
@@ -219,8 +222,11 @@ def prepare(
                 scheduled.add(hashes[i])
                 chunk.append(i)
         records = []
-        for batch in decoded_batches(pool, [(i, dataset.path(dataset.items[i])) for i in chunk], batch_size, settings):
-            made, errors = image_records(detector, batch, hashes, settings, held)
+        batches = decoded_batches(pool, [(i, dataset.path(dataset.items[i])) for i in chunk], batch_size, settings)
+        # Two batches are detected at once: while one is in numpy and OpenCV (holding the GIL, on one core),
+        # the other is in MTCNN's networks, and the two cores stay busy.
+        work = lambda batch: image_records(detector, batch, hashes, settings, held)  # noqa: E731
+        for batch, (made, errors) in ahead(batches, work, DETECT_THREADS):
             records.extend(made)
             for i, error in errors:
                 skip(i, error)
