@@ -188,11 +188,15 @@ class Recognizer:
         found = self.detector.detect([view.pixels], [min_face_px(view, self.face_settings)])[0]
         faces = [to_full_face(f, view) for f in found]
         view = self._fine_enough(image, view, faces)
-        return self._name([view], [faces], top_k, threshold, min_probability)[0]
+        return self._name([self._chips(view, faces)], [faces], top_k, threshold, min_probability)[0]
 
     def _load(self, source) -> Decoded:
         """A photo decoded at bounded scale (``PHOTO_DECODE_MIN_SIDE``). Raises ``BadImage``."""
         return load_scaled(source, self.face_settings.max_pixels, PHOTO_DECODE_MIN_SIDE)
+
+    def _chips(self, view: Decoded, faces) -> list[np.ndarray]:
+        """The aligned chip of each face (given in full-resolution pixels) in ``view``."""
+        return [align_face(view.pixels, view.from_full(face.landmarks), self.face_settings) for face in faces]
 
     def _fine_enough(self, source, view: Decoded, faces) -> Decoded:
         """``view``, or ``source`` decoded again finer where a face is too small in it for a good chip."""
@@ -219,9 +223,10 @@ class Recognizer:
         results: list[ImageResult] = []
         bar = tqdm(total=len(sources), desc="photos", unit="photo", disable=not progress, leave=False)
         batches = (sources[lo : lo + batch_size] for lo in range(0, len(sources), batch_size))
-        # The next batch is decoded and its faces found while this one's are embedded: the detector and the
-        # backbone share the cores, and each fills the gaps the other leaves.
-        for batch, detected in ahead(batches, self.detect_batch):
+        # The next two batches are decoded and their faces found (in two threads) while this one's are embedded:
+        # the detector and the backbone share the cores, and each fills the gaps the others leave. Large photos
+        # need it most: their detection is most of the work, and two batches keep both cores on it.
+        for batch, detected in ahead(batches, self.detect_batch, 2):
             results.extend(self.name_batch(detected, top_k, threshold, min_probability))
             bar.update(len(batch))
         bar.close()
@@ -231,8 +236,8 @@ class Recognizer:
         self, detected, top_k: int = 3, threshold: float | None = None, min_probability: float | None = None
     ) -> list[ImageResult]:
         """The second half of ``identify_many`` for one batch: the faces ``detect_batch`` found, named."""
-        entries, names, arrays, found = detected
-        faces = self._name(arrays, found, top_k, threshold, min_probability) if arrays else []
+        entries, names, chips, found = detected
+        faces = self._name(chips, found, top_k, threshold, min_probability) if chips else []
         it = iter(zip(names, faces))
         results = []
         for entry in entries:
@@ -244,8 +249,9 @@ class Recognizer:
 
     def detect_batch(self, batch: list) -> tuple[list, list[str], list, list]:
         """The first half of ``identify_many`` for one batch of sources: (an ImageResult for each bad file and
-        None for the others, the good ones' names, their decoded views, the faces found in each in
-        full-resolution coordinates). It uses the detector alone, so it may run beside ``name_batch``."""
+        None for the others, the good ones' names, the aligned chips of the faces found in each, and those faces
+        in full-resolution coordinates). It uses the detector alone, so it may run beside ``name_batch``. Only
+        the chips are kept, not the decoded photos: batches waiting to be named hold little memory."""
         arrays, names, entries, decoded_sources = [], [], [], []
         for source in batch:
             name = source if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
@@ -280,23 +286,26 @@ class Recognizer:
         arrays, names = [arrays[k] for k in keep], [names[k] for k in keep]
         decoded_sources = [decoded_sources[k] for k in keep]
         found = [[to_full_face(f, view) for f in found[k]] for k, view in zip(keep, arrays)]
-        arrays = [self._fine_enough(src, view, faces) for src, view, faces in zip(decoded_sources, arrays, found)]
-        return entries, names, arrays, found
+        chips = [
+            self._chips(self._fine_enough(src, view, faces), faces)
+            for src, view, faces in zip(decoded_sources, arrays, found)
+        ]
+        return entries, names, chips, found
 
     def _name(
-        self, images: list[np.ndarray], detections, top_k: int, threshold: float | None, min_probability: float | None
+        self,
+        chips: list[list[np.ndarray]],
+        detections,
+        top_k: int,
+        threshold: float | None,
+        min_probability: float | None,
     ) -> list[list[Face]]:
+        """The faces of each image named, from their aligned ``chips``."""
         from pinsface.scoring import head_probabilities, identity_scores, match_faces, match_nearest, nearest_identities
 
-        crops, owners = [], []
-        for i, (image, faces) in enumerate(zip(images, detections)):
-            for face in faces:
-                if isinstance(image, Decoded):  # a reduced-scale view; faces are in full-resolution pixels
-                    crops.append(align_face(image.pixels, image.from_full(face.landmarks), self.face_settings))
-                else:
-                    crops.append(align_face(image, face.landmarks, self.face_settings))
-                owners.append((i, face))
-        out: list[list[Face]] = [[] for _ in images]
+        crops = [chip for image_chips in chips for chip in image_chips]
+        owners = [(i, face) for i, faces in enumerate(detections) for face in faces]
+        out: list[list[Face]] = [[] for _ in chips]
         if not crops:
             return out
         state = self._state  # one consistent state for the whole batch, even if enrolment swaps it meanwhile
