@@ -298,3 +298,28 @@ def test_trained_labels_are_saved_and_default_to_every_label(small_run, tmp_path
     arrays["meta"] = np.array(json.dumps(meta))
     np.savez(tmp_path / "old.npz", **arrays)
     assert Gallery.load(tmp_path / "old.npz").trained_labels == gallery.labels
+
+
+def test_enrolment_decodes_phone_photos_at_reduced_scale(server, pins_dir, monkeypatch):
+    """Enrolment uploads are checked and used as `predict` decodes them: a 12-megapixel photo at reduced scale,
+    never in full."""
+    import pinsface.images as images
+    from tests.photos import phone_photo
+
+    decoded = []
+    real = images.decode_scaled
+
+    def recording(*args, **kwargs):
+        view = real(*args, **kwargs)
+        decoded.append(view.pixels.shape[:2])
+        return view
+
+    monkeypatch.setattr(images, "decode_scaled", recording)
+    sources = photos(pins_dir, "pins_Alvaro Morte", 2, start=10)
+    files = [(f"phone{k}.jpg", phone_photo(p, "Alvaro Morte", seed=k)[0]) for k, p in enumerate(sources)]
+    url = f"{server.url}/v1/identities/Alvaro Morte"
+    r = httpx.post(f"{url}/faces", files=uploads(files), headers=KEY, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["faces_used"] == 2
+    assert len(decoded) >= 2 and all(h * w <= 2000 * 1500 for h, w in decoded)
+    assert httpx.delete(url, headers=KEY, timeout=120).status_code == 200

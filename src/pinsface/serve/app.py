@@ -25,7 +25,8 @@ import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, Security, UploadFile
 from fastapi import Path as PathParam
 
-from pinsface.images import BadImage, load_image
+from pinsface.images import BadImage, load_scaled
+from pinsface.predict import PHOTO_DECODE_MIN_SIDE
 from pinsface.run import RunBusy
 from pinsface.serve.batcher import InferenceWorker, QueueFull
 
@@ -575,21 +576,22 @@ def create_app(
             return await enroll_uploads(name, uploads)
 
     async def enroll_uploads(name: str, uploads) -> dict:
-        def decode():
-            arrays = []
+        def check_all():
+            # Every photo must decode, or the request is refused before any work; decoded as the recogniser
+            # decodes it (a large photo at reduced scale), which then decodes the bytes again.
             for file_name, data in uploads:
                 try:
                     sniff(data, settings.max_pixels)
-                    arrays.append(load_image(data, settings.max_pixels))
+                    load_scaled(data, settings.max_pixels, PHOTO_DECODE_MIN_SIDE)
                 except BadImage as exc:
                     raise ApiError(422, "bad_image", f"{file_name}: {exc}", reason=exc.reason, file=file_name) from exc
-            return arrays
 
-        arrays = await run_in_threadpool(decode)
+        await run_in_threadpool(check_all)
+        photos = [data for _, data in uploads]
 
         def enroll_and_save(rec):
             try:
-                summary = rec.enroll(name, arrays)
+                summary = rec.enroll(name, photos)
             except ValueError as exc:
                 raise ApiError(422, "no_face", str(exc)) from exc
             except RunBusy as exc:
