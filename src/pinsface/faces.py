@@ -78,8 +78,9 @@ class FaceDetector:
 
         ``coarse_sizes`` (per image, pixels) make the scan coarse to fine: an image is first scanned for faces of
         about that size and up, and down to its ``min_face_sizes`` only where that found no face
-        ``COARSE_ACCEPT`` times the size scanned for (any face it missed is then too small beside it to be a
-        photo's subject). MTCNN's time grows with the square of the smallest face's share of the image."""
+        ``COARSE_ACCEPT`` times the size scanned for. Any face it missed is then under 1 / ``COARSE_ACCEPT``
+        of the one it found: the margin by which ``choose_subject`` asks a subject to lead. MTCNN's time grows
+        with the square of the smallest face's share of the image."""
         s = self.settings
         thresholds = thresholds or s.thresholds
         results: list[list[Face]] = [[] for _ in images]
@@ -190,7 +191,8 @@ class FaceDetector:
         scales = [s for s in _fixed_scale_pyramid(w, h, min_face, PYRAMID_FACTOR) if min(w * s, h * s) >= 12]
         split = 0
         if coarse_face and coarse_face > min_face and len(scales) > 1:
-            # The coarse levels start at the finest one needed to see a face of coarse_face pixels.
+            # Level k sees faces from min_face / PYRAMID_FACTOR**k pixels up; the coarse levels start at the last
+            # one that still sees a face of coarse_face pixels.
             split = int(np.floor(np.log(coarse_face / min_face) / -np.log(PYRAMID_FACTOR) + 1e-9))
             split = min(split, len(scales) - 1)
         rows = self._large_faces(halvings, scales[split:], thresholds)

@@ -8,6 +8,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -223,9 +224,9 @@ def prepare(
                 chunk.append(i)
         records = []
         batches = decoded_batches(pool, [(i, dataset.path(dataset.items[i])) for i in chunk], batch_size, settings)
-        # Two batches are detected at once: while one is in numpy and OpenCV (holding the GIL, on one core),
-        # the other is in MTCNN's networks, and the two cores stay busy.
-        work = lambda batch: image_records(detector, batch, hashes, settings, held)  # noqa: E731
+        # DETECT_THREADS batches are detected at once: while one is in numpy and OpenCV (holding the GIL, on one
+        # core), another is in MTCNN's networks, and both cores stay busy. ``held`` is filled from each thread.
+        work = partial(image_records, detector, hashes=hashes, settings=settings, held=held)
         for batch, (made, errors) in ahead(batches, work, DETECT_THREADS):
             records.extend(made)
             for i, error in errors:
