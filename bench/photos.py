@@ -4,6 +4,7 @@ in group photos with and without the second pass.
     python bench/photos.py [--photos 1000] [--identities 10] [--root /tmp/photos-bench] [--chunk 512]
     python bench/photos.py --groups [--subjects 8 --groups-per-subject 6]
     python bench/photos.py --crops [--enlarge-every 4]
+    python bench/photos.py --stages [--stage-photos 80]
 
 The photo folder (4000x3000 JPEGs, one Pins face each, about a tenth of the shorter side, on a textured
 background) is built under --root on first use and kept there; it is never committed. Each phase runs in its
@@ -257,6 +258,50 @@ def bench_crops(args) -> None:
     print(f"end to end, the originals as they are: {stats(small)}")
 
 
+def bench_stages(args) -> None:
+    """CPU milliseconds per photo in each stage of `prepare`'s per-batch work (decoding, MTCNN's networks,
+    pyramid levels, patch cutting, landmark refinement), one thread, on the first photos of the folder."""
+    import time
+
+    import pinsface.face_records as records
+    import pinsface.faces as faces
+    from pinsface.settings import FaceSettings
+
+    build_photos(Path(args.root), args.photos, args.identities)
+    files = sorted((Path(args.root) / "data").rglob("*.jpg"))[: args.stage_photos]
+    settings = FaceSettings()
+    detector = faces.FaceDetector(settings)
+    spent: dict[str, float] = {}
+
+    def timed(name, function):
+        def wrapper(*a, **k):
+            start = time.process_time()
+            try:
+                return function(*a, **k)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.process_time() - start
+
+        return wrapper
+
+    for stage, name in zip(detector._mtcnn.stages, ("P-net", "R-net", "O-net (with the refinement's)")):
+        stage._model = timed(name, stage._model)
+    faces._patches = timed("patch cutting", faces._patches)
+    faces._Halvings.resized = timed("pyramid levels", faces._Halvings.resized)
+    detector._refine_landmarks = timed("landmark refinement (all of it)", detector._refine_landmarks)
+    decode = timed("reading and decoding", records.decode_file)
+    work = timed("all of image_records", records.image_records)
+    work(detector, [(0, decode(files[0], settings))], ["warm-up"], settings, {})  # traces the graphs
+    spent.clear()
+    start = time.process_time()
+    for lo in range(0, len(files), 16):
+        batch = [(i, decode(f, settings)) for i, f in enumerate(files[lo : lo + 16])]
+        work(detector, batch, [str(i) for i in range(len(batch))], settings, {})
+    total = time.process_time() - start
+    print(f"{len(files)} photos, one thread: {1000 * total / len(files):.1f} ms of CPU per photo")
+    for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
+        print(f"  {name}: {1000 * seconds / len(files):.1f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", type=int, default=1000)
@@ -270,11 +315,15 @@ def main() -> None:
     parser.add_argument("--groups", action="store_true", help="the group-photo composites instead")
     parser.add_argument("--crops", action="store_true", help="chips from reduced vs full-size decoding instead")
     parser.add_argument("--enlarge-every", type=int, default=4, help="with --crops: which originals to enlarge")
+    parser.add_argument("--stages", action="store_true", help="CPU time per photo in each stage of prepare")
+    parser.add_argument("--stage-photos", type=int, default=80)
     parser.add_argument("--subjects", type=int, default=8)
     parser.add_argument("--references", type=int, default=12)
     parser.add_argument("--groups-per-subject", type=int, default=6)
     args = parser.parse_args()
-    if args.crops:
+    if args.stages:
+        bench_stages(args)
+    elif args.crops:
         bench_crops(args)
     elif args.groups:
         bench_groups(args)
