@@ -227,3 +227,25 @@ def test_coarse_to_fine_scan_finds_each_face_once_and_stops_early_beside_a_large
     scans.clear()
     staged = detector.detect([image], [small], coarse_sizes=[coarse])[0]
     assert len(scans) == 1 and any(chosen_is(f.box, pasted[0]) for f in staged)
+
+
+def test_cli_min_face_fraction_leaves_out_smaller_faces(tmp_path, pins_dir, capsys):
+    """`--min-face-fraction` sets the smallest face counted in a photo; a face under it is not the subject."""
+    import json
+
+    from pinsface.cli import main
+
+    root = tmp_path / "data"
+    for p, person in enumerate(PEOPLE[:2]):
+        (root / person).mkdir(parents=True)
+        source = pins_faces(pins_dir, person)[0]
+        (root / person / "phone.jpg").write_bytes(phone_photo(source, person, seed=p, face_fraction=0.1)[0])
+    argv = ["prepare", str(root), "--cache", str(tmp_path / "cache"), "--json", "--no-progress"]
+    outcomes = []
+    for extra in ([], ["--min-face-fraction", "0.2"]):
+        assert main(argv + extra) == 0
+        outcomes.append(json.loads(capsys.readouterr().out)["outcomes"])
+    assert outcomes[0]["small_face"] == 2  # faces of about 7% of the shorter side count by default
+    assert outcomes[1]["no_face_photo"] == 2 and outcomes[1]["small_face"] == 0
+    with pytest.raises(SystemExit):
+        main(argv + ["--min-face-fraction", "1.5"])

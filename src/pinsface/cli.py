@@ -14,7 +14,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 def _prepare(args) -> int:
     from pinsface.prepare import format_summary, prepare
-    from pinsface.settings import FaceSettings
 
     embed = None
     if args.engine == "ray":  # the workers embed the faces too, with the default backbone
@@ -24,7 +23,7 @@ def _prepare(args) -> int:
     result = prepare(
         args.data_dir,
         args.cache,
-        FaceSettings(),
+        _face_settings(args),
         batch_size=args.batch_size,
         progress=not args.no_progress,
         engine=args.engine,
@@ -45,11 +44,27 @@ def _download(args) -> int:
     return 0
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
+def _face_settings(args):
+    from pinsface.settings import FaceSettings
+
+    if args.min_face_fraction is None:
+        return FaceSettings()
+    return FaceSettings(min_face_fraction=args.min_face_fraction)
+
+
 def _settings_from(args):
     from pinsface.settings import Settings
 
     keys = ("model", "epochs", "seed", "augment_views", "target_far", "fine_tune", "mode")
-    return Settings(**{key: getattr(args, key) for key in keys if getattr(args, key, None) is not None})
+    values = {key: getattr(args, key) for key in keys if getattr(args, key, None) is not None}
+    return Settings(faces=_face_settings(args), **values)
 
 
 def _pipeline_options(args) -> dict:
@@ -238,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
             )
         p.add_argument("--cache", help="cache folder (default: $PINSFACE_CACHE or ~/.cache/pinsface)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument(
+            "--min-face-fraction",
+            type=_fraction,
+            metavar="F",
+            help="smallest face counted in a photo, as a share of its shorter side (default 0.03); a larger "
+            "share is faster on large photos",
+        )
 
     p = sub.add_parser("prepare", help="detect, align and cache every face of a dataset")
     common(p)
