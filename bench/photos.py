@@ -1,7 +1,7 @@
 """Phone-size photos: `prepare`, `run` (train + evaluate) and `predict` photos/s and peak RSS, and subject choice
 in group photos with and without the second pass.
 
-    python bench/photos.py [--photos 1000] [--identities 10] [--root /tmp/photos-bench] [--chunk 512]
+    python bench/photos.py [--photos 1000] [--identities 10] [--root /tmp/photos-bench] [--chunk 512] [--min-face-fraction 0.03]
     python bench/photos.py --groups [--subjects 8 --groups-per-subject 6]
     python bench/photos.py --crops [--enlarge-every 4]
     python bench/photos.py --stages [--stage-photos 80]
@@ -39,18 +39,19 @@ from pinsface.face_records import decode_file
 from pinsface.faces import FaceDetector
 from pinsface.prepare import prepare
 from pinsface.settings import FaceSettings
-data, cache, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3])
+data, cache, chunk, fraction = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 prep.CHUNK_IMAGES = chunk
+settings = FaceSettings(min_face_fraction=fraction)
 # Start-up, timed apart: TensorFlow's import, the detector, and its graphs traced on the folder's first photo.
-detector = FaceDetector()
-view = decode_file(sorted(Path(data).rglob("*.jpg"))[0], FaceSettings())[0]
+detector = FaceDetector(settings)
+view = decode_file(sorted(Path(data).rglob("*.jpg"))[0], settings)[0]
 short = min(view.pixels.shape[:2])
-detector.detect([view.pixels], [0.03 * short], coarse_sizes=[0.05 * short])
+detector.detect([view.pixels], [fraction * short], coarse_sizes=[max(fraction, 0.05) * short])
 startup = time.perf_counter() - t0
 cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
 cpu0 = cpu()
 t = time.perf_counter()
-result = prepare(data, cache, progress=False, detector=detector)
+result = prepare(data, cache, settings, progress=False, detector=detector)
 seconds = time.perf_counter() - t
 table = result.cache.load([h for h in result.hashes if h], crops=())
 chosen = {}
@@ -149,10 +150,11 @@ def bench_photos(args) -> None:
     tmp = str(work)
     for r in range(args.repeats if "prepare" in args.phases else 0):
         cache = Path(tmp) / f"cache{r}"
-        p = child(PREPARE, data, str(cache), str(args.chunk))
+        p = child(PREPARE, data, str(cache), str(args.chunk), str(args.min_face_fraction))
         found = sum(1 for rel, rect in truth.items() if rel in p["chosen"] and on_pasted(p["chosen"][rel], rect))
         print(
-            f"prepare (cold, chunk {args.chunk}): {p['images'] / p['seconds']:.1f} photos/s "
+            f"prepare (cold, chunk {args.chunk}, faces from {args.min_face_fraction:.0%}): "
+            f"{p['images'] / p['seconds']:.1f} photos/s "
             f"({2 * p['images'] / p['cpu_seconds']:.1f} per 2 CPU-seconds; with the start-up of "
             f"{p['startup']:.1f} s, {p['images'] / (p['seconds'] + p['startup']):.1f} photos/s), "
             f"peak RSS {p['peak_rss_mb']:.0f} MB; subject's face found in {found}/{p['images']}; "
@@ -309,6 +311,7 @@ def main() -> None:
     parser.add_argument("--root", default="/tmp/photos-bench")
     parser.add_argument("--chunk", type=int, default=512, help="prepare's CHUNK_IMAGES")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--min-face-fraction", type=float, default=0.03, help="prepare's smallest face counted")
     parser.add_argument("--phases", default="prepare,run,predict")
     parser.add_argument("--predict-photos", type=int, default=0, help="predict on this many photos (0: all)")
     parser.add_argument("--keep", action="store_true", help="reuse the cache and run of the last bench")
