@@ -1,7 +1,8 @@
 """Phone-size photos: `prepare`, `run` (train + evaluate) and `predict` photos/s and peak RSS, and subject choice
 in group photos with and without the second pass.
 
-    python bench/photos.py [--photos 1000] [--identities 10] [--root /tmp/photos-bench] [--chunk 512] [--min-face-fraction 0.03]
+    python bench/photos.py [--photos 1000] [--identities 10] [--root /tmp/photos-bench] [--chunk 512]
+                           [--min-face-fraction 0.03]
     python bench/photos.py --groups [--subjects 8 --groups-per-subject 6]
     python bench/photos.py --crops [--enlarge-every 4]
     python bench/photos.py --stages [--stage-photos 80]
