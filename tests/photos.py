@@ -153,3 +153,19 @@ def reduced_and_full_chips(data: bytes, detector, settings) -> list[np.ndarray] 
         face_crops(view, ref.landmarks, ref.box, settings)[0],
         align_face(full, ref.landmarks, settings),
     ]
+
+
+def record_decodes(monkeypatch) -> list[tuple[int, int]]:
+    """The (height, width) of every image ``images.decode_scaled`` decodes from now on, in order."""
+    import pinsface.images as images
+
+    decoded: list[tuple[int, int]] = []
+    real = images.decode_scaled
+
+    def recording(*args, **kwargs):
+        view = real(*args, **kwargs)
+        decoded.append(view.pixels.shape[:2])
+        return view
+
+    monkeypatch.setattr(images, "decode_scaled", recording)
+    return decoded

@@ -63,21 +63,12 @@ def test_no_face_and_bad_files_do_not_stop_a_batch(recognizer, pins_dir, tmp_pat
 
 
 def test_identify_and_enroll_decode_phone_photos_at_reduced_scale(recognizer, pins_dir, tmp_path, monkeypatch):
-    import pinsface.images as images
-    from tests.photos import chosen_is, phone_photo
+    from tests.photos import chosen_is, phone_photo, record_decodes
 
     data, pasted = phone_photo(unseen(pins_dir, "pins_Adriana Lima", 1)[0], "Adriana Lima", seed=5, size=(4000, 3000))
     path = tmp_path / "phone.jpg"
     path.write_bytes(data)
-    decoded = []
-    real = images.decode_scaled
-
-    def recording(*args, **kwargs):
-        view = real(*args, **kwargs)
-        decoded.append(view.pixels.shape[:2])
-        return view
-
-    monkeypatch.setattr(images, "decode_scaled", recording)
+    decoded = record_decodes(monkeypatch)
     faces = recognizer.identify(str(path))
     assert [f.identity for f in faces] == ["Adriana Lima"]
     assert chosen_is(np.array(faces[0].box), pasted)  # in full-resolution pixels

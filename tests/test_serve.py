@@ -303,18 +303,9 @@ def test_trained_labels_are_saved_and_default_to_every_label(small_run, tmp_path
 def test_enrolment_decodes_phone_photos_at_reduced_scale(server, pins_dir, monkeypatch):
     """Enrolment uploads are checked and used as `predict` decodes them: a 12-megapixel photo at reduced scale,
     never in full."""
-    import pinsface.images as images
-    from tests.photos import phone_photo
+    from tests.photos import phone_photo, record_decodes
 
-    decoded = []
-    real = images.decode_scaled
-
-    def recording(*args, **kwargs):
-        view = real(*args, **kwargs)
-        decoded.append(view.pixels.shape[:2])
-        return view
-
-    monkeypatch.setattr(images, "decode_scaled", recording)
+    decoded = record_decodes(monkeypatch)
     sources = photos(pins_dir, "pins_Alvaro Morte", 2, start=10)
     files = [(f"phone{k}.jpg", phone_photo(p, "Alvaro Morte", seed=k)[0]) for k, p in enumerate(sources)]
     url = f"{server.url}/v1/identities/Alvaro Morte"
