@@ -123,9 +123,8 @@ class FaceDetector:
             )
             self._collect(rows, indices, min_face_sizes, results)
         # Smaller images were scanned for their coarse size alone: scan again where that was not enough.
-        finer = [
-            i for indices, _ in batches for i in indices if coarse[i] > wanted[i] and not _enough(results[i], coarse[i])
-        ]
+        scanned = [i for indices, _ in batches for i in indices]
+        finer = [i for i in scanned if coarse[i] > wanted[i] and not _enough([f.size for f in results[i]], coarse[i])]
         if finer:
             again = self.detect([images[i] for i in finer], [wanted[i] for i in finer], thresholds)
             for i, faces in zip(finer, again):
@@ -200,7 +199,7 @@ class FaceDetector:
             cover = min_face / PYRAMID_FACTOR**split
             index = rows[:, 0].astype(int)
             sizes = np.minimum(rows[:, 3] - rows[:, 1], rows[:, 4] - rows[:, 2])
-            rest = [i for i in range(len(batch)) if not np.any(sizes[index == i] >= COARSE_ACCEPT * cover)]
+            rest = [i for i in range(len(batch)) if not _enough(sizes[index == i], cover)]
             if rest:
                 known = [rows[index == i] for i in rest]
                 extra = self._large_faces([halvings[i] for i in rest], scales[:split], thresholds, known)
@@ -277,8 +276,10 @@ PYRAMID_FACTOR = 0.709
 COARSE_ACCEPT = 1.5
 
 
-def _enough(faces: list[Face], coarse: float) -> bool:
-    return bool(faces) and max(face.size for face in faces) >= COARSE_ACCEPT * coarse
+def _enough(sizes, cover: float) -> bool:
+    """Whether a coarse scan that sees faces of ``cover`` pixels and up, and found faces of these ``sizes``, is
+    enough for its image (see ``FaceDetector.detect``)."""
+    return bool(np.any(np.asarray(sizes) >= COARSE_ACCEPT * cover))
 
 
 def _overlaps(box: np.ndarray, rows: np.ndarray, threshold: float = 0.7) -> bool:
