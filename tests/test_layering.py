@@ -40,17 +40,20 @@ def test_no_module_imports_one_that_imports_it_back():
 
 def test_lower_stages_never_import_higher_ones():
     order = [
+        "pinsface.errors",
         "pinsface.settings",
         "pinsface.clock",
         "pinsface.dataset",
         "pinsface.images",
         "pinsface.faces",
+        "pinsface.finding",
         "pinsface.face_records",
         "pinsface.cache",
         "pinsface.embeddings",
         "pinsface.ray_engine",
         "pinsface.prepare",
         "pinsface.face_index",
+        "pinsface.api",
         "pinsface.models",
         "pinsface.scoring",
         "pinsface.train",

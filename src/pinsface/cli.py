@@ -220,7 +220,7 @@ def _headline(m: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pinsface.models import MODELS
+    from pinsface.settings import MODELS
 
     parser = argparse.ArgumentParser(prog="pinsface", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")

@@ -10,14 +10,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pinsface.errors import DataNotFoundError
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".pgm", ".ppm"}
 KAGGLE_DATASET = "hereisburak/pins-face-recognition"
 PINS_FOLDER = "105_classes_pins_dataset"
 SPLITS = ("train", "val", "test")
-
-
-class DataNotFoundError(FileNotFoundError):
-    pass
 
 
 def default_data_dir() -> Path:

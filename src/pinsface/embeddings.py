@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from pinsface.cache import EmbeddingCache, FaceCache
+from pinsface.settings import PRECISIONS
 
 CHUNK = 1024
-PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def cpu_has_bf16() -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import cv2
@@ -47,7 +46,9 @@ class FaceDetector:
     """Batched MTCNN. ``detect`` takes RGB uint8 images and returns every face in each."""
 
     def __init__(self, settings: FaceSettings | None = None):
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        from pinsface._tf import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
         import mtcnn.mtcnn as mtcnn_module
         import mtcnn.stages.stage_pnet as stage_pnet
         from mtcnn import MTCNN

@@ -18,6 +18,8 @@ from struct import error as struct_error  # Pillow raises it for some malformed 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from pinsface.errors import BadImage
+
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 # No face of the smallest size pinsface looks for fits in a thinner image.
@@ -39,15 +41,6 @@ REASONS = (
     "bad_name",
     "detector_error",
 )
-
-
-class BadImage(Exception):
-    """An input that cannot be used, with a machine-readable ``reason`` (one of ``REASONS``)."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-        self.detail = detail
 
 
 def read_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import keras
+from pinsface._tf import import_tensorflow_quietly
+
+import_tensorflow_quietly()
+
+import keras  # noqa: E402  (after TensorFlow's quiet import)
 
 from pinsface.layers import CosineLogits, HorizontalFlip, L2Normalize
 from pinsface.settings import Settings
-
-MODELS = ("embedding", "pixels-mlp")
 
 
 def augmentation(settings: Settings, name: str = "augment") -> keras.Sequential:

@@ -81,8 +81,6 @@ def train(
     settings = dataclasses.replace(settings or Settings())
     dataset = prepared.dataset if prepared else scan_dataset(data_dir if data_dir else default_data_dir())
     check_trainable(dataset)
-    if settings.model == "embedding" and settings.mixup and settings.class_weights:
-        raise ValueError("mixup and class weights do not combine: set Settings.mixup=0 to use class weights")
     run = Run(out_dir).create()
     with run.lock():
         return _train(run, dataset, cache_dir, settings, progress, prepared, engine, address)
@@ -109,15 +107,18 @@ def _train(
     backbone = None
     t0 = clock.mark()
     if prepared is None:
-        settings.data_dir = str(dataset.root.resolve())
-        settings.cache_dir = str(Path(cache_dir or default_cache_dir()).resolve())
+        settings = dataclasses.replace(
+            settings,
+            data_dir=str(dataset.root.resolve()),
+            cache_dir=str(Path(cache_dir or default_cache_dir()).resolve()),
+        )
         background = None
         if settings.model == "embedding" and engine == "local":
             from pinsface.backbones import get_backbone
             from pinsface.embeddings import BackgroundEmbedder, run_embedder, run_embedding_cache
 
             # New faces are embedded while the detector finds the next ones: the two share the cores.
-            settings.embedding_key = ""
+            settings = dataclasses.replace(settings, embedding_key="")
             backbone = get_backbone(settings.backbone)
             background = BackgroundEmbedder(
                 run_embedder(settings, backbone), run_embedding_cache(settings, settings.cache_dir)
@@ -137,8 +138,9 @@ def _train(
         if background is not None:
             prepared.summary["embedded_during_prepare"] = background.faces
     else:
-        settings.data_dir = str(prepared.dataset.root)
-        settings.cache_dir = str(prepared.cache.root)
+        settings = dataclasses.replace(
+            settings, data_dir=str(prepared.dataset.root), cache_dir=str(prepared.cache.root)
+        )
     clock.record("prepare", t0)
     run.save_prepare_summary(prepared.summary)
 
@@ -165,7 +167,7 @@ def _train(
         if backbone is None:
             backbone = get_backbone(settings.backbone)
         embedder = run_embedder(settings, backbone)
-        settings.embedding_key = ""
+        settings = dataclasses.replace(settings, embedding_key="")
         emb_cache = run_embedding_cache(settings, settings.cache_dir)
         emb = {k: ensure_embeddings(hashes[k], prepared.cache, emb_cache, embedder, progress=progress) for k in hashes}
         clock.record("embed", t2)
@@ -251,15 +253,14 @@ def _train(
                 "trained on the training and validation faces: its validation figures are not held out"
             )
             clock.record("final_fit", t7)
-        elif settings.final_fit != "none":
-            raise ValueError(f"final_fit must be 'train+val' or 'none', not {settings.final_fit!r}")
         backbone.trainable = False
-        settings.embedding_key = settings.backbone
+        settings = dataclasses.replace(settings, embedding_key=settings.backbone)
         if settings.fine_tune:
             t5 = clock.mark()
             crops = {k: faces.columns["aligned"][faces.rows(hashes[k])] for k in ("train", "val")}
             histories.append(fitting.fine_tune(backbone, head, crops, y, settings, *logs, progress))
-            settings.embedding_key = f"{settings.backbone}-ft-{fitting.weights_fingerprint(backbone)}"
+            tuned_key = f"{settings.backbone}-ft-{fitting.weights_fingerprint(backbone)}"
+            settings = dataclasses.replace(settings, embedding_key=tuned_key)
             split_head = head  # tuned with the backbone: the head the tuned embeddings belong to
             clock.record("fine_tune", t5)
         model = build_embedding_model(backbone, head, settings)

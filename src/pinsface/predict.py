@@ -16,18 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from pinsface.ahead import ahead
-from pinsface.faces import (
-    FaceDetector,
-    align_face,
-    choose_face,
-    crop_scale_ok,
-    detect_each,
-    min_subject_size,
-    refine_view,
-    retry_tight_crops,
-    to_full_face,
-)
-from pinsface.images import BadImage, Decoded, load_scaled
+from pinsface.errors import BadImage
+from pinsface.faces import FaceDetector, choose_face
+from pinsface.finding import find_faces
 from pinsface.run import Run, RunState
 from pinsface.settings import Settings
 
@@ -83,18 +74,6 @@ def expand_inputs(inputs: list[str]) -> list[str]:
         else:
             files.append(item)
     return files
-
-
-# Photos are decoded for naming at a scale whose shorter side is at least this (JPEG DCT scaling).
-PHOTO_DECODE_MIN_SIDE = 1000
-# Faces are named down to this fraction of a photo's shorter side (and FaceSettings.min_face_size pixels): 75 px
-# in a 12-megapixel photo. MTCNN's time grows with the square of the smallest face's share of the photo (README).
-PHOTO_MIN_FACE_FRACTION = 0.025
-
-
-def min_face_px(view: Decoded, settings) -> float:
-    """The smallest face looked for in ``view``, in its own pixels."""
-    return max(settings.min_face_size, PHOTO_MIN_FACE_FRACTION * min(view.full_size)) * min(view.scale)
 
 
 class Recognizer:
@@ -181,32 +160,24 @@ class Recognizer:
         threshold: float | None = None,
         min_probability: float | None = None,
     ) -> list[Face]:
-        """Every face in one image. Raises ``BadImage`` for a file that cannot be used.
+        """Every face in one image: ``identify_many([image])``'s one result. Raises ``BadImage`` for a file that
+        cannot be used.
 
         ``threshold`` (a distance) and ``min_probability`` override the run's calibrated thresholds."""
-        view = self._load(image)
-        found = self.detector.detect([view.pixels], [min_face_px(view, self.face_settings)])[0]
-        faces = [to_full_face(f, view) for f in found]
-        view = self._fine_enough(image, view, faces)
-        return self._name([self._chips(view, faces)], [faces], top_k, threshold, min_probability)[0]
+        (found,) = find_faces(self.detector, [image], self.face_settings)
+        if found.error is not None:
+            raise BadImage(found.error, found.note or "")
+        return self._name([found.chips], [found.faces], top_k, threshold, min_probability)[0]
 
-    def _load(self, source) -> Decoded:
-        """A photo decoded at bounded scale (``PHOTO_DECODE_MIN_SIDE``). Raises ``BadImage``."""
-        return load_scaled(source, self.face_settings.max_pixels, PHOTO_DECODE_MIN_SIDE)
+    def describe(self, image: str | os.PathLike | bytes | np.ndarray) -> list:
+        """Every face in one image with its descriptor (``pinsface.describe``), embedded by this run's backbone.
+        Raises ``BadImage``."""
+        from pinsface.api import described_faces
 
-    def _chips(self, view: Decoded, faces) -> list[np.ndarray]:
-        """The aligned chip of each face (given in full-resolution pixels) in ``view``."""
-        return [align_face(view.pixels, view.from_full(face.landmarks), self.face_settings) for face in faces]
-
-    def _fine_enough(self, source, view: Decoded, faces) -> Decoded:
-        """``view``, or ``source`` decoded again finer where a face is too small in it for a good chip."""
-        sizes = [f.size for f in faces]
-        if crop_scale_ok(view, sizes):
-            return view
-        try:
-            return refine_view(source, view, sizes, self.face_settings.max_pixels)
-        except BadImage:  # the file changed under us: use what was decoded
-            return view
+        (found,) = find_faces(self.detector, [image], self.face_settings)
+        if found.error is not None:
+            raise BadImage(found.error, found.note or "")
+        return described_faces(found, self.embedder, self.face_settings)
 
     def identify_many(
         self,
@@ -252,44 +223,15 @@ class Recognizer:
         None for the others, the good ones' names, the aligned chips of the faces found in each, and those faces
         in full-resolution coordinates). It uses the detector alone, so it may run beside ``name_batch``. Only
         the chips are kept, not the decoded photos: batches waiting to be named hold little memory."""
-        arrays, names, entries, decoded_sources = [], [], [], []
-        for source in batch:
-            name = source if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
-            if isinstance(name, (str, os.PathLike)):  # a name that is not UTF-8 is shown escaped
-                name = os.fsencode(name).decode("utf-8", "backslashreplace")
-            try:
-                # Large photos are decoded at reduced scale (see faces.refine_view): memory stays bounded.
-                arrays.append(load_scaled(source, self.face_settings.max_pixels, PHOTO_DECODE_MIN_SIDE))
-                names.append(str(name))
-                entries.append(None)
-                decoded_sources.append(source)
-            except BadImage as exc:
-                entries.append(ImageResult(str(name), [], error=exc.reason))
-        pixels = [view.pixels for view in arrays]
-        wanted = [min_face_px(view, self.face_settings) for view in arrays]
-        found = detect_each(self.detector, pixels, wanted) if arrays else []
-        found = retry_tight_crops(
-            self.detector,
-            pixels,
-            found,
-            [min_subject_size(view.full_size, self.face_settings) * min(view.scale) for view in arrays],
-            self.face_settings,
-            [view.full_size for view in arrays],
-        )
-        pending = [j for j, e in enumerate(entries) if e is None]
-        for k, faces in enumerate(found):
-            if isinstance(faces, Exception):  # this image alone failed in the detector: report it, go on
-                entries[pending[k]] = ImageResult(
-                    names[k], [], error="detector_error", note=f"{type(faces).__name__}: {faces}"
-                )
-        keep = [k for k, faces in enumerate(found) if not isinstance(faces, Exception)]
-        arrays, names = [arrays[k] for k in keep], [names[k] for k in keep]
-        decoded_sources = [decoded_sources[k] for k in keep]
-        found = [[to_full_face(f, view) for f in found[k]] for k, view in zip(keep, arrays)]
-        chips = [
-            self._chips(self._fine_enough(src, view, faces), faces)
-            for src, view, faces in zip(decoded_sources, arrays, found)
-        ]
+        entries, names, chips, found = [], [], [], []
+        for one in find_faces(self.detector, batch, self.face_settings):
+            if one.error is not None:
+                entries.append(ImageResult(one.source, [], error=one.error, note=one.note))
+                continue
+            entries.append(None)
+            names.append(one.source)
+            chips.append(one.chips)
+            found.append(one.faces)
         return entries, names, chips, found
 
     def _name(
@@ -345,21 +287,12 @@ class Recognizer:
 
     def faces_for_enrolment(self, images: list) -> tuple[np.ndarray, np.ndarray, int, list[dict]]:
         """(embeddings, mirror embeddings, faces used, skipped files) of the subject's face in each photo."""
-        views, sources, skipped = [], [], []
-        for source in images:
-            try:
-                views.append(self._load(source))
-                sources.append(source)
-            except BadImage as exc:
-                skipped.append({"source": str(source), "reason": exc.reason})
-        crops = []
-        wanted = [min_face_px(view, self.face_settings) for view in views]
-        for source, view, found in zip(sources, views, self.detector.detect([v.pixels for v in views], wanted)):
-            if found:
-                faces = [to_full_face(f, view) for f in found]
-                face = faces[choose_face(faces, view.full_size)]
-                view = self._fine_enough(source, view, [face])
-                crops.append(align_face(view.pixels, view.from_full(face.landmarks), self.face_settings))
+        crops, skipped = [], []
+        for one in find_faces(self.detector, images, self.face_settings):
+            if one.error is not None:
+                skipped.append({"source": one.source, "reason": one.error})
+            elif one.faces:
+                crops.append(one.chips[choose_face(one.faces, one.full_size)])
         if not crops:
             return np.zeros((0, 128), np.float32), np.zeros((0, 128), np.float32), 0, skipped
         emb, emb_flip = self.embed(np.stack(crops))

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from pinsface import __version__
 from pinsface.dataset import Split
-from pinsface.settings import Settings
+from pinsface.errors import BusyError, RunFolderError
+from pinsface.settings import VERSION_KEY, Settings
 
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
@@ -50,11 +51,11 @@ UNVERSIONED = "0.1.0"
 log = logging.getLogger(__name__)
 
 
-class RunError(ValueError):
+class RunError(RunFolderError):
     """A run folder that cannot be loaded as it is, with what is wrong and what to do."""
 
 
-class RunBusy(RuntimeError):
+class RunBusy(BusyError):
     """Another process holds the run folder's lock."""
 
 
@@ -179,7 +180,9 @@ class Run:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise RunError(f"{path} cannot be read ({exc}); train the run again") from None
-        written_by = str(data.get("pinsface_version", UNVERSIONED))
+        if not isinstance(data, dict):
+            raise RunError(f"{path} does not hold a JSON object; train the run again")
+        written_by = str(data.get(VERSION_KEY, UNVERSIONED))
         if _version_tuple(written_by)[:2] > _version_tuple(__version__)[:2]:
             raise RunError(
                 f"{self.path} was written by pinsface {written_by}, newer than this pinsface "
@@ -193,10 +196,10 @@ class Run:
     def written_by(self) -> str:
         """The pinsface version that trained the run (``UNVERSIONED`` for runs from before versions were recorded)."""
         data = json.loads((self.path / CONFIG).read_text(encoding="utf-8"))
-        return str(data.get("pinsface_version", UNVERSIONED))
+        return str(data.get(VERSION_KEY, UNVERSIONED))
 
     def save_settings(self, settings: Settings) -> None:
-        atomic_write_text(self.path / CONFIG, _json_text({"pinsface_version": __version__, **settings.to_dict()}))
+        atomic_write_text(self.path / CONFIG, _json_text({VERSION_KEY: __version__, **settings.to_dict()}))
 
     def split(self) -> Split:
         return Split.load(self.path / SPLIT)

@@ -16,9 +16,8 @@ import numpy as np
 
 from pinsface.embeddings import ensure_embeddings, run_embedder, run_embedding_cache
 from pinsface.prepare import Prepared, usable_status
-from pinsface.settings import Settings
+from pinsface.settings import MODES, Settings
 
-MODES = ("auto", "head", "gallery")
 # Identities above which "auto" means gallery mode. On the shared data (105 identities) the head names more
 # test faces than the gallery (README, bench/openset.py), while refitting it on enrolment costs time in
 # proportion to the enrolled faces: at this size a refit would already take minutes.

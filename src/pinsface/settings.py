@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from pinsface.errors import SettingsError
+
+# The lists of choices each live here alone; the modules that act on a choice import its list from here.
+MODELS = ("embedding", "pixels-mlp")
+BACKBONES = ("dlib-resnet-v1",)
+MODES = ("auto", "head", "gallery")
+PRECISIONS = ("auto", "float32", "bfloat16")
+LR_SCHEDULES = ("plateau", "cosine")
+FINAL_FITS = ("none", "train+val")
+MONITORS = ("val_loss", "val_accuracy")
+# A run's config.json also records the pinsface version that wrote it (see pinsface.run): not a setting.
+VERSION_KEY = "pinsface_version"
 
 # Where dlib's get_face_chip(size=150, padding=0.25) puts the 5 landmarks MTCNN gives:
 # left eye, right eye, nose tip, left mouth corner, right mouth corner (image left/right).
@@ -13,6 +27,48 @@ FACE_TEMPLATE_150 = ((47.12, 44.94), (100.30, 45.30), (74.45, 77.99), (47.83, 99
 # Median landmark positions (x / width, y / height) of the faces MTCNN found in the shared Pins images,
 # used to align images where it found none: Pins photos are framed around one centred face.
 PINS_MEDIAN_LANDMARKS = ((0.3322, 0.4177), (0.6118, 0.4124), (0.4700, 0.5800), (0.3535, 0.7124), (0.5992, 0.7074))
+
+
+def _check(ok: bool, name: str, value, rule: str) -> None:
+    if not ok:
+        raise SettingsError(f"{name} must be {rule}, not {value!r}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _in_range(obj, name: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    value = getattr(obj, name)
+    ok = (
+        _number(value)
+        and (value > low if low_open else value >= low)
+        and (value < high if high_open else value <= high)
+    )
+    rule = f"a number in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    _check(ok, name, value, rule)
+
+
+def _whole(obj, name: str, low: int) -> None:
+    value = getattr(obj, name)
+    _check(
+        isinstance(value, int) and not isinstance(value, bool) and value >= low, name, value, f"a whole number >= {low}"
+    )
+
+
+def _choice(obj, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    _check(value in choices, name, value, "one of " + ", ".join(choices))
+
+
+def _from_dict(cls, data: dict, what: str) -> dict:
+    if not isinstance(data, dict):
+        raise SettingsError(f"{what} must be a JSON object, not {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SettingsError(f"unknown {what} key(s): {', '.join(map(str, unknown))}; known: {', '.join(sorted(known))}")
+    return dict(data)
 
 
 @dataclass(frozen=True)
@@ -41,26 +97,54 @@ class FaceSettings:
     box_size: int = 100
     max_pixels: int = 50_000_000
 
+    def __post_init__(self):
+        _whole(self, "min_face_size", 1)
+        _in_range(self, "min_face_fraction", 0, 1, low_open=True, high_open=True)
+        _in_range(self, "crop_min_face_fraction", 0, 1, low_open=True, high_open=True)
+        _whole(self, "subject_pass_min_photos", 0)
+        for name in ("thresholds", "tight_crop_thresholds"):
+            value = getattr(self, name)
+            ok = len(value) == 3 and all(_number(t) and 0 < t <= 1 for t in value)
+            _check(ok, name, value, "three numbers in (0, 1]")
+        _in_range(self, "tight_crop_border", 0, 1)
+        _whole(self, "detect_max_side", 64)
+        for name in ("template", "fallback_landmarks"):
+            value = getattr(self, name)
+            _check(
+                len(value) == 5 and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in value),
+                name,
+                value,
+                "five (x, y) points",
+            )
+        _in_range(self, "template_scale", 0, 4, low_open=True)
+        _whole(self, "aligned_size", 16)
+        _whole(self, "box_size", 8)
+        _whole(self, "max_pixels", 1)
+
     def version(self) -> str:
         text = json.dumps(asdict(self), sort_keys=True)
         return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
     @classmethod
     def from_dict(cls, data: dict) -> FaceSettings:
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
+        """Settings from their saved form; unknown keys and invalid values raise ``SettingsError``."""
+        values = _from_dict(cls, data, "face settings")
         for key in ("thresholds", "template_shift"):
             if key in values:
                 values[key] = tuple(values[key])
         for key in ("template", "fallback_landmarks"):
             if key in values:
                 values[key] = tuple(tuple(p) for p in values[key])
-        return cls(**values)
+        try:
+            return cls(**values)
+        except TypeError as exc:  # a list where a number belongs, say
+            raise SettingsError(f"face settings: {exc}") from exc
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
-    """A run's settings: data, split, model and training choices."""
+    """A run's settings: data, split, model and training choices. Checked when built (``SettingsError``) and
+    never changed afterwards: ``dataclasses.replace`` makes a changed copy."""
 
     data_dir: str = ""
     cache_dir: str = ""
@@ -135,6 +219,39 @@ class Settings:
     # nearest identities alone, no head), or "auto" (gallery above pinsface.scoring.GALLERY_MODE_ABOVE identities).
     mode: str = "auto"
 
+    def __post_init__(self):
+        _check(isinstance(self.faces, FaceSettings), "faces", self.faces, "a FaceSettings")
+        _whole(self, "seed", 0)
+        _in_range(self, "test_fraction", 0, 1, low_open=True, high_open=True)
+        _in_range(self, "val_fraction", 0, 1, low_open=True, high_open=True)
+        total = self.test_fraction + self.val_fraction
+        _check(total < 1, "test_fraction + val_fraction", total, "under 1 (some images must be left to train on)")
+        _choice(self, "model", MODELS)
+        _choice(self, "backbone", BACKBONES)
+        for name in ("epochs", "batch_size", "early_stopping_patience", "lr_patience", "embed_batch_size"):
+            _whole(self, name, 1)
+        for name in ("detect_batch_size",):
+            _whole(self, name, 1)
+        for name in ("augment_views", "fine_tune_epochs"):
+            _whole(self, name, 0)
+        for name in ("learning_rate", "fine_tune_learning_rate", "cosine_scale"):
+            _in_range(self, name, 0, 1e6, low_open=True)
+        units = self.hidden_units
+        ok = len(units) >= 1 and all(isinstance(u, int) and not isinstance(u, bool) and u > 0 for u in units)
+        _check(ok, "hidden_units", units, "one or more positive whole numbers")
+        for name in ("dropout", "label_smoothing", "augment_zoom"):
+            _in_range(self, name, 0, 1, high_open=True)
+        for name in ("weight_decay", "input_noise", "mixup", "augment_rotation", "min_delta"):
+            _in_range(self, name, 0, 1e6)
+        _in_range(self, "target_far", 0, 1, low_open=True, high_open=True)
+        _choice(self, "monitor", MONITORS)
+        _choice(self, "lr_schedule", LR_SCHEDULES)
+        _choice(self, "embed_precision", PRECISIONS)
+        _choice(self, "final_fit", FINAL_FITS)
+        _choice(self, "mode", MODES)
+        if self.model == "embedding" and self.mixup and self.class_weights:
+            raise SettingsError("mixup and class weights do not combine: set mixup=0 to use class weights")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -143,14 +260,23 @@ class Settings:
 
     @classmethod
     def from_dict(cls, data: dict) -> Settings:
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
+        """Settings from their saved form (a run's ``config.json``); unknown keys and invalid values raise
+        ``SettingsError``."""
+        values = _from_dict(cls, {k: v for k, v in data.items() if k != VERSION_KEY}, "settings")
         if "faces" in values:
             values["faces"] = FaceSettings.from_dict(values["faces"])
         if "hidden_units" in values:
             values["hidden_units"] = tuple(values["hidden_units"])
-        return cls(**values)
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise SettingsError(f"settings: {exc}") from exc
 
     @classmethod
     def load(cls, path: Path) -> Settings:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        """Settings saved by ``save``: a run's ``config.json``, or a file a user wrote in that form."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SettingsError(f"cannot read settings from {path}: {exc}") from exc
+        return cls.from_dict(data)

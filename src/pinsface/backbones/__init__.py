@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-import keras
+from pinsface._tf import import_tensorflow_quietly
+
+import_tensorflow_quietly()
+
+import keras  # noqa: E402  (after TensorFlow's quiet import)
 
 from pinsface.backbones import dlib_resnet
 

@@ -13,7 +13,11 @@ import json
 from functools import lru_cache
 from importlib import resources
 
-import keras
+from pinsface._tf import import_tensorflow_quietly
+
+import_tensorflow_quietly()
+
+import keras  # noqa: E402  (after TensorFlow's quiet import)
 import numpy as np
 
 from pinsface.layers import ChannelZeroPad

@@ -25,8 +25,8 @@ import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Request, Security, UploadFile
 from fastapi import Path as PathParam
 
+from pinsface.finding import PHOTO_DECODE_MIN_SIDE
 from pinsface.images import BadImage, load_scaled
-from pinsface.predict import PHOTO_DECODE_MIN_SIDE
 from pinsface.run import RunBusy
 from pinsface.serve.batcher import InferenceWorker, QueueFull
 

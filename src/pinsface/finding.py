@@ -1,0 +1,109 @@
+"""Photos -> the faces in them, ready to embed: decode at bounded scale, detect, retry a tight crop inside a border,
+map back to full resolution, and cut each face's aligned chip.
+
+The one path from a photo to its faces for naming (``pinsface.predict``) and for the public API
+(``pinsface.api``). Large photos are decoded at reduced scale, and again finer only where a face is too small in
+that view for a good chip (``pinsface.faces.refine_view``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pinsface.faces import (
+    Face,
+    align_face,
+    crop_scale_ok,
+    detect_each,
+    min_subject_size,
+    refine_view,
+    retry_tight_crops,
+    to_full_face,
+)
+from pinsface.images import BadImage, Decoded, load_scaled
+from pinsface.settings import FaceSettings
+
+# Photos are decoded for naming at a scale whose shorter side is at least this (JPEG DCT scaling).
+PHOTO_DECODE_MIN_SIDE = 1000
+# Faces are named down to this fraction of a photo's shorter side (and FaceSettings.min_face_size pixels).
+# MTCNN's time grows with the square of the smallest face's share of the photo (docs/benchmarks.md).
+PHOTO_MIN_FACE_FRACTION = 0.025
+
+
+@dataclass
+class FoundFaces:
+    """What one source gave: its faces (full-resolution pixels) and their aligned chips, or an ``error``."""
+
+    source: str  # the source's name for display: its path, or <bytes> / <ndarray>
+    faces: list[Face] = field(default_factory=list)
+    chips: list[np.ndarray] = field(default_factory=list)
+    full_size: tuple[int, int] = (0, 0)  # (height, width) of the photo as stored, orientation applied
+    error: str | None = None  # a BadImage reason, or detector_error
+    note: str | None = None
+
+
+def display_name(source) -> str:
+    if not isinstance(source, (str, os.PathLike)):
+        return f"<{type(source).__name__}>"
+    return os.fsencode(source).decode("utf-8", "backslashreplace")  # a name that is not UTF-8 is shown escaped
+
+
+def decode_photo(source, settings: FaceSettings) -> Decoded:
+    """A photo decoded at bounded scale (``PHOTO_DECODE_MIN_SIDE``). Raises ``BadImage``."""
+    return load_scaled(source, settings.max_pixels, PHOTO_DECODE_MIN_SIDE)
+
+
+def min_face_px(view: Decoded, settings: FaceSettings) -> float:
+    """The smallest face looked for in ``view``, in its own pixels."""
+    return max(settings.min_face_size, PHOTO_MIN_FACE_FRACTION * min(view.full_size)) * min(view.scale)
+
+
+def find_faces(detector, sources: list, settings: FaceSettings) -> list[FoundFaces]:
+    """Every face in each source (path, bytes or array), detected in one batch. A bad file or a detector failure
+    is reported in its entry and never stops the others. Only the chips are kept, not the decoded photos."""
+    found = [FoundFaces(display_name(source)) for source in sources]
+    views: dict[int, Decoded] = {}
+    for i, source in enumerate(sources):
+        try:
+            views[i] = decode_photo(source, settings)
+        except BadImage as exc:
+            found[i].error = exc.reason
+    order = list(views)
+    pixels = [views[i].pixels for i in order]
+    detected = detect_each(detector, pixels, [min_face_px(views[i], settings) for i in order]) if order else []
+    detected = retry_tight_crops(
+        detector,
+        pixels,
+        detected,
+        [min_subject_size(views[i].full_size, settings) * min(views[i].scale) for i in order],
+        settings,
+        [views[i].full_size for i in order],
+    )
+    for i, faces in zip(order, detected):
+        entry, view = found[i], views[i]
+        entry.full_size = tuple(view.full_size)
+        if isinstance(faces, Exception):  # this image alone failed in the detector: report it, go on
+            entry.error, entry.note = "detector_error", f"{type(faces).__name__}: {faces}"
+            continue
+        entry.faces = [to_full_face(f, view) for f in faces]
+        entry.chips = chips(fine_enough(sources[i], view, entry.faces, settings), entry.faces, settings)
+    return found
+
+
+def chips(view: Decoded, faces: list[Face], settings: FaceSettings) -> list[np.ndarray]:
+    """The aligned chip of each face (given in full-resolution pixels) in ``view``."""
+    return [align_face(view.pixels, view.from_full(face.landmarks), settings) for face in faces]
+
+
+def fine_enough(source, view: Decoded, faces: list[Face], settings: FaceSettings) -> Decoded:
+    """``view``, or ``source`` decoded again finer where a face is too small in it for a good chip."""
+    sizes = [f.size for f in faces]
+    if crop_scale_ok(view, sizes):
+        return view
+    try:
+        return refine_view(source, view, sizes, settings.max_pixels)
+    except BadImage:  # the file changed under us: use what was decoded
+        return view
