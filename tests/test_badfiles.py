@@ -217,7 +217,7 @@ def test_fewer_than_two_identities_is_refused_before_any_work(tmp_path, capsys):
     with pytest.raises(ValueError, match="at least 2"):
         train(root, out_dir=tmp_path / "run", cache_dir=tmp_path / "cache", progress=False)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
-    assert main(["train", str(root), "--out", str(tmp_path / "run2"), "--cache", str(tmp_path / "c")]) == 2
+    assert main(["train", str(root), "--out", str(tmp_path / "run2"), "--cache", str(tmp_path / "c")]) == 1
     assert "at least 2" in capsys.readouterr().err
 
 

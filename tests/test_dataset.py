@@ -111,7 +111,7 @@ def test_download_without_kagglehub_or_credentials_says_what_is_missing(monkeypa
 
     monkeypatch.delitem(sys.modules, "kagglehub", raising=False)
     monkeypatch.setattr(builtins, "__import__", no_kagglehub)
-    assert main(["download"]) == 2
+    assert main(["download"]) == 1
     err = capsys.readouterr().err
     assert "pip install kagglehub" in err and "hereisburak/pins-face-recognition" in err
 
@@ -120,5 +120,5 @@ def test_download_without_kagglehub_or_credentials_says_what_is_missing(monkeypa
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
     monkeypatch.delenv("KAGGLE_KEY", raising=False)
-    assert main(["download"]) == 2
+    assert main(["download"]) == 1
     assert "no Kaggle credentials" in capsys.readouterr().err

@@ -167,7 +167,7 @@ def test_cli_prepare_json_summary(data, tmp_path, capsys):
 
 
 def test_cli_reports_missing_data_clearly(tmp_path, capsys):
-    assert main(["prepare", str(tmp_path / "missing"), "--cache", str(tmp_path / "c")]) == 2
+    assert main(["prepare", str(tmp_path / "missing"), "--cache", str(tmp_path / "c")]) == 1
     err = capsys.readouterr().err
     assert "not found" in err and "Kaggle" in err
 
