@@ -70,6 +70,8 @@ def test_lfw_bench_runs_the_protocol_through_the_public_api(small_lfw):
         assert 80 < float(best) <= 100 and 0.3 < float(threshold) < 1.0
         assert int(no_face) <= n_images // 10
     assert "dlib's own pipeline: not run (--no-dlib)" in out
+    at_default = re.search(r"VERIFY_THRESHOLD ([\d.]+)\) on all pairs, .* accuracy ([\d.]+)$", out, re.M)
+    assert at_default and 80 < float(at_default.group(2)) <= 100
 
 
 def test_lfw_bench_names_a_malformed_pairs_line(small_lfw, tmp_path):
