@@ -199,14 +199,19 @@ def dlib_vectors(models, images: list[Path], jitters: int) -> tuple[dict[str, di
     return out, missed, time.perf_counter() - start
 
 
-def result_row(label: str, pairs: Pairs, vectors: dict, note: str) -> str:
+def scored(pairs: Pairs, vectors: dict) -> tuple[np.ndarray, np.ndarray, str]:
+    """The fold accuracies and thresholds, and the columns every row prints: mean ± sample std accuracy, and the
+    single best threshold with its accuracy on all pairs."""
     d = pair_distances(pairs, vectors)
     accs, limits = ten_fold(d, pairs.same, pairs.fold)
     limit, acc_all = best_threshold(d, pairs.same)
-    return (
-        f"{label:34s} {100 * accs.mean():6.2f} ± {100 * accs.std(ddof=1):4.2f}   {limit:6.4f} ({100 * acc_all:6.2f})"
-        f"   {np.median(limits):6.4f} [{limits.min():.4f}, {limits.max():.4f}]   {note}"
-    )
+    text = f"{100 * accs.mean():6.2f} ± {100 * accs.std(ddof=1):4.2f}   {limit:6.4f} ({100 * acc_all:6.2f})"
+    return accs, limits, text
+
+
+def result_row(label: str, pairs: Pairs, vectors: dict, note: str) -> str:
+    _, limits, text = scored(pairs, vectors)
+    return f"{label:34s} {text}   {np.median(limits):6.4f} [{limits.min():.4f}, {limits.max():.4f}]   {note}"
 
 
 def main() -> None:

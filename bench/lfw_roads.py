@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from jitter import jitter
-from lfw import best_threshold, dlib_models, main_face, pair_distances, progress, read_pairs, ten_fold
+from lfw import dlib_models, main_face, progress, read_pairs, scored
 
 TEMPLATES = {f"template_scale={v:g}": {"template_scale": v} for v in (0.95, 1.05, 1.1, 1.15)}
 TEMPLATES |= {f"template_shift=(0, {dy:+g})": {"template_shift": (0.0, dy)} for dy in (-3.0, 3.0)}
@@ -88,16 +88,13 @@ def embed(embedder, chips: dict, views: int = 1, seed: int = 0) -> tuple[dict, d
 def row(label: str, pairs, vectors: dict, seconds: float, reference: list) -> str:
     """One result line; the first row scored becomes the ``reference`` that later rows are compared with, fold
     by fold (mean change in accuracy, and the folds it raised / lowered)."""
-    d = pair_distances(pairs, vectors)
-    accs, limits = ten_fold(d, pairs.same, pairs.fold)
-    limit, acc_all = best_threshold(d, pairs.same)
+    accs, limits, text = scored(pairs, vectors)
     if not reference:
         reference.append(accs)
     change = accs - reference[0]
     return (
-        f"{label:48s} {100 * accs.mean():6.2f} ± {100 * accs.std(ddof=1):4.2f}   {limit:6.4f} ({100 * acc_all:6.2f})"
-        f"   {np.median(limits):6.4f}   {100 * change.mean():+5.2f} ({(change > 0).sum()}/{(change < 0).sum()})"
-        f"   {seconds:4.0f} s"
+        f"{label:48s} {text}   {np.median(limits):6.4f}"
+        f"   {100 * change.mean():+5.2f} ({(change > 0).sum()}/{(change < 0).sum()})   {seconds:4.0f} s"
     )
 
 
