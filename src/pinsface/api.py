@@ -25,9 +25,10 @@ from pinsface.settings import FaceSettings, Settings
 
 ImageLike = str | os.PathLike | bytes | np.ndarray
 
-# verify's default: the largest descriptor distance still called the same person. Chosen for the highest
-# verification accuracy on pairs of the shared data's test split (bench/lfw.py; docs/benchmarks.md).
-VERIFY_THRESHOLD = 0.6
+# verify's default: the largest descriptor distance still called the same person. Chosen as the single threshold
+# with the highest verification accuracy on LFW-protocol pairs from the shared data's test split, and checked
+# against the thresholds chosen fold by fold (bench/lfw_pins.py, bench/lfw.py; docs/verification.md).
+VERIFY_THRESHOLD = 0.625
 
 
 @dataclass(frozen=True)
@@ -135,11 +136,15 @@ def _faces(found: FoundFaces, descriptors: np.ndarray | None) -> list[DetectedFa
     return out
 
 
-def described_faces(found: FoundFaces, embedder, settings: FaceSettings) -> list[DetectedFace]:
-    """``found``'s faces with their descriptors from ``embedder`` (one shared batch for the crops and mirrors)."""
+def described_faces(found: FoundFaces, embedder, settings: FaceSettings, *, mirror: bool = True) -> list[DetectedFace]:
+    """``found``'s faces with their descriptors from ``embedder`` (one shared batch for the crops and mirrors;
+    ``mirror=False``: the crops' own embeddings, not averaged with their mirror images')."""
     if not found.faces:
         return []
-    emb, emb_flip = embedder.both_views(np.stack(found.chips))
+    chips = np.stack(found.chips)
+    if not mirror:
+        return _faces(found, embedder(chips))
+    emb, emb_flip = embedder.both_views(chips)
     return _faces(found, face_vectors(emb, emb_flip))
 
 
@@ -153,16 +158,17 @@ def detect(image: ImageLike) -> list[DetectedFace]:
     return _faces(_found(image), None)
 
 
-def describe(image: ImageLike) -> list[DetectedFace]:
+def describe(image: ImageLike, *, mirror: bool = True) -> list[DetectedFace]:
     """Every face in a photo with its 128-d ``descriptor``: dlib's face-embedding network (rebuilt in Keras),
-    averaged with the mirror image's. Two photos of one person are usually within ``VERIFY_THRESHOLD`` of each
-    other. Raises ``BadImage``; a photo with no face gives ``[]``.
+    averaged with the mirror image's (``mirror=False``: the face's own, as dlib gives it). Two photos of one
+    person are usually within ``VERIFY_THRESHOLD`` of each other. Raises ``BadImage``; a photo with no face
+    gives ``[]``.
 
     >>> face = pinsface.describe("portrait.jpg")[0]
     >>> face.descriptor.shape
     (128,)
     """
-    return described_faces(_found(image), _MODELS.embedder(), FaceSettings())
+    return described_faces(_found(image), _MODELS.embedder(), FaceSettings(), mirror=mirror)
 
 
 def distance(a: np.ndarray | DetectedFace, b: np.ndarray | DetectedFace) -> float:
