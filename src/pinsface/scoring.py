@@ -69,10 +69,12 @@ def calibrate_distance(gallery, target_far: float | None = None) -> float:
 def run_head(head, x: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """``head`` on a few or many embeddings. A direct call, because ``Model.predict`` costs tens of
     milliseconds per call whatever the input, which is most of the work for one photo's faces."""
-    import keras
-
     if len(x) == 0:
         return np.zeros((0, head.output_shape[-1]), np.float32)
+    if not hasattr(head, "get_layer"):  # a pinsface.head.ArrayHead: plain arrays, no TensorFlow
+        return np.concatenate([head(x[lo : lo + chunk]) for lo in range(0, len(x), chunk)])
+    import keras
+
     return np.concatenate(
         [keras.ops.convert_to_numpy(head(x[lo : lo + chunk], training=False)) for lo in range(0, len(x), chunk)]
     )
@@ -82,6 +84,17 @@ def head_probabilities(head, emb: np.ndarray, emb_flip: np.ndarray | None = None
     """The head's probabilities for each face, averaged with its mirror image's when that is given."""
     probs = run_head(head, emb)
     return probs if emb_flip is None else (probs + run_head(head, emb_flip)) / 2
+
+
+def checked_probabilities(probs: np.ndarray, trained: np.ndarray) -> np.ndarray:
+    """The probabilities the threshold is checked on: for a trained identity, the head's probability among the
+    trained identities alone, as it was when the threshold was calibrated, so enrolling or forgetting
+    someone else never moves a trained person's acceptance; enrolled identities keep theirs."""
+    if trained.all() or not trained.any():
+        return probs
+    out = probs.copy()
+    out[:, trained] = probs[:, trained] / np.maximum(probs[:, trained].sum(1, keepdims=True), 1e-12)
+    return out
 
 
 def identity_scores(probs: np.ndarray, dists: np.ndarray, knn_weight: float, knn_tau: float) -> np.ndarray:
@@ -138,14 +151,16 @@ class Match:
 def match_faces(
     probs: np.ndarray,
     dists: np.ndarray,
-    min_probability: float,
+    min_probability: float | np.ndarray,
     max_distance: float,
     top_k: int = 3,
     scores: np.ndarray | None = None,
 ) -> list[Match]:
     """Per face (rows of ``probs`` and ``dists``, faces x identities): its best identity and whether it is named.
     Identities are ranked by ``scores`` (``identity_scores``; default the head's probabilities); the thresholds
-    apply to the head's probability and the distance of the identity ranked first."""
+    apply to the head's probability and the distance of the identity ranked first. ``min_probability``: one
+    for all, or one per identity (``Gallery.probability_thresholds``)."""
+    per_identity = np.broadcast_to(np.asarray(min_probability, np.float32), (probs.shape[1],))
     out = []
     for p, d, q in zip(probs, dists, probs if scores is None else scores):
         order = np.argsort(-q)[: max(top_k, 1)]
@@ -155,7 +170,7 @@ def match_faces(
                 best,
                 float(p[best]),
                 float(d[best]),
-                bool(accepted(p[best], d[best], min_probability, max_distance)),
+                bool(accepted(p[best], d[best], per_identity[best], max_distance)),
                 [(int(k), float(p[k]), float(d[k])) for k in order[:top_k]],
             )
         )

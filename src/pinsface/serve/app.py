@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 # Formats a photo may come in. Pillow can open others (EPS, for one, runs Ghostscript): those are refused.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
-MAX_NAME_LENGTH = 100
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
@@ -113,25 +112,26 @@ def sniff(data: bytes, max_pixels: int) -> int:
 
 
 def clean_name(name: str) -> str:
-    """An identity name from a URL: trimmed, NFC, no control characters, at most ``MAX_NAME_LENGTH``."""
+    """An identity name from a URL: trimmed and NFC, then checked by the one name rule
+    (``pinsface.dataset.name_problem``)."""
+    from pinsface.dataset import name_problem
+
     name = unicodedata.normalize("NFC", name).strip()
-    if not name:
-        raise ApiError(422, "invalid_name", "the name is empty")
-    if len(name) > MAX_NAME_LENGTH:
-        raise ApiError(422, "invalid_name", f"the name is longer than {MAX_NAME_LENGTH} characters")
-    if any(unicodedata.category(ch).startswith("C") for ch in name) or "/" in name or "\\" in name:
-        raise ApiError(422, "invalid_name", "the name contains control characters or slashes")
+    problem = name_problem(name)
+    if problem:
+        raise ApiError(422, "invalid_name", problem)
     return name
 
 
 def cluster_summary(recognizer, name: str, n_new: int) -> dict:
     """How one identity's faces lie: each face's distance to the identity's mean face and a 2-D projection
     (PCA) of its faces with the nearest other identities' mean faces; the last ``n_new`` training faces are new."""
-    from pinsface.dataset import identity_key
     from pinsface.gallery import face_vectors
 
     g = recognizer.gallery
-    index = [identity_key(label) for label in g.labels].index(identity_key(name))
+    index = g.find(name)
+    if index < 0:  # nothing was added (every photo was enrolled before, under another name)
+        return {"faces": [], "neighbours": [], "threshold_distance": round(float(g.threshold_distance), 4)}
     train = face_vectors(g.embeddings, g.flips)[g.owner == index]
     val = face_vectors(g.val_embeddings, g.val_flips)[g.val_owner == index]
     mine = np.concatenate([train, val]).astype(np.float64)
@@ -314,6 +314,7 @@ def create_app(
     ``settings.api_key_file`` (created there when missing; default RUN_DIR/api_key) unless ``api_key`` is given."""
     from contextlib import asynccontextmanager
 
+    import anyio.from_thread
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, HTMLResponse, Response
     from fastapi.security import APIKeyHeader
@@ -589,44 +590,50 @@ def create_app(
         await run_in_threadpool(check_all)
         photos = [data for _, data in uploads]
 
-        def enroll_and_save(rec):
+        def find_faces(images):
+            # Detection and embedding run on the inference thread, between naming batches; the rest of the
+            # enrolment (imprinting and saving) runs here while naming goes on.
+            return anyio.from_thread.run(worker.run, lambda rec: rec.faces_for_enrolment(images))
+
+        def enroll_and_save():
             try:
-                summary = rec.enroll(name, photos)
+                summary = recognizer.enroll(name, photos, find_faces=find_faces)
             except ValueError as exc:
                 raise ApiError(422, "no_face", str(exc)) from exc
             except RunBusy as exc:
                 raise run_busy(exc) from exc
+            finally:
+                snapshot(recognizer)
             summary.pop("skipped", None)
-            summary["cluster"] = cluster_summary(rec, summary["identity"], summary["faces_used"])
+            summary["cluster"] = cluster_summary(recognizer, summary["identity"], summary["faces_used"])
             summary["faces"] = len(summary["cluster"]["faces"])
             return summary
 
         try:
-            return await worker.run(enroll_and_save)
+            return await run_in_threadpool(enroll_and_save)
         except QueueFull as exc:
             raise busy(exc) from exc
 
     @app.delete("/v1/identities/{name}", tags=["identities"], dependencies=write_key)
     async def forget(name: str = PathParam(..., description="the person's name")):
-        """Forget a person: their faces leave the gallery and the head is refitted. Saved before the response."""
+        """Forget a person: their faces leave the gallery and their column the head. Saved before the response."""
         name = clean_name(name)
 
-        def forget_and_save(rec):
-            from pinsface.dataset import identity_key
-
-            if identity_key(name) not in [identity_key(label) for label in rec.labels]:
+        def forget_and_save():
+            if recognizer.gallery.find(name) < 0:
                 raise ApiError(404, "unknown_identity", f"{name!r} is not known to this run")
-            if len(rec.labels) <= 2:
+            if len(recognizer.labels) <= 2:
                 raise ApiError(409, "too_few_identities", "a run must keep at least two identities")
             try:
-                return rec.forget(name)
+                return recognizer.forget(name)
             except RunBusy as exc:
                 raise run_busy(exc) from exc
+            except ValueError as exc:  # forgotten meanwhile by another request
+                raise ApiError(404, "unknown_identity", str(exc)) from exc
+            finally:
+                snapshot(recognizer)
 
-        try:
-            return await worker.run(forget_and_save)
-        except QueueFull as exc:
-            raise busy(exc) from exc
+        return await run_in_threadpool(forget_and_save)
 
     @app.get("/v1/health", tags=["service"], dependencies=read_key)
     async def health():
