@@ -175,6 +175,22 @@ def _enroll(args) -> int:
     )
     for s in summary["skipped"]:
         print(f"  skipped {s['source']}: {s['reason']}")
+    for d in summary["duplicates"]:
+        print(f"  already enrolled as {d['identity']!r}: {d['source']}")
+    for w in summary["warnings"]:
+        print(f"  warning: {w['message']}")
+    return 0
+
+
+def _refit(args) -> int:
+    from pinsface.predict import Recognizer
+
+    recognizer = Recognizer.load(args.run_dir, mode="head")
+    summary = recognizer.refit(epochs=args.epochs)
+    print(
+        f"refitted the head on {summary['identities']} identities; thresholds: probability >= "
+        f"{recognizer.gallery.threshold_probability:.3f}, distance <= {recognizer.gallery.threshold_distance:.3f}"
+    )
     return 0
 
 
@@ -346,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     p.set_defaults(func=_forget)
 
+    add_refit_parser(sub)
+
     p = sub.add_parser("serve", help="a REST API and a web page over a run (needs the serve extra)")
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
@@ -374,6 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="server processes (only 1 is supported)")
     p.set_defaults(func=_serve)
     return parser
+
+
+def add_refit_parser(sub) -> None:
+    p = sub.add_parser(
+        "refit",
+        help="retrain the head on every enrolled face and recalibrate (enrolment itself trains nothing)",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--epochs", type=int, default=30, help="epochs of the output layer's training")
+    p.set_defaults(func=_refit)
 
 
 def main(argv: list[str] | None = None) -> int:

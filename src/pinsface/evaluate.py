@@ -509,7 +509,7 @@ def evaluate_open_set(
         if mode == "gallery":  # no head: every face passes the probability check
             ids, near = nearest_identities(gallery, emb, flip, 1)
             return usable, ids[:, 0], np.ones(len(ids), np.float32), near[:, 0]
-        probs = head_probabilities(model.get_layer("head"), emb, flip)
+        probs = head_probabilities(state.head, emb, flip)
         dists = gallery.distances(emb, flip)
         pred = np.argmax(identity_scores(probs, dists, gallery.knn_weight, gallery.knn_tau), 1)
         rows = np.arange(len(pred))

@@ -307,15 +307,6 @@ class Recognizer:
         min_probability: float | None,
     ) -> list[list[Face]]:
         """The faces of each image named, from their aligned ``chips``."""
-        from pinsface.scoring import (
-            checked_probabilities,
-            head_probabilities,
-            identity_scores,
-            match_faces,
-            match_nearest,
-            nearest_identities,
-        )
-
         crops = [chip for image_chips in chips for chip in image_chips]
         owners = [(i, face) for i, faces in enumerate(detections) for face in faces]
         out: list[list[Face]] = [[] for _ in chips]
@@ -323,18 +314,7 @@ class Recognizer:
             return out
         state = self._state  # one consistent state for the whole batch, even if enrolment swaps it meanwhile
         emb, emb_flip = self.embed(np.stack(crops))
-        p_min = state.gallery.probability_thresholds() if min_probability is None else min_probability
-        d_max = state.gallery.threshold_distance if threshold is None else threshold
-        if self.mode == "gallery":
-            with self._index_lock:
-                nearest = nearest_identities(state.gallery, emb, emb_flip, max(top_k, 1))
-            matches = match_nearest(*nearest, d_max, top_k)
-        else:
-            g = state.gallery
-            probs, dists = head_probabilities(state.head, emb, emb_flip), g.distances(emb, emb_flip)
-            scores = identity_scores(probs, dists, g.knn_weight, g.knn_tau)
-            probs = checked_probabilities(probs, g.trained_mask())
-            matches = match_faces(probs, dists, p_min, d_max, top_k, scores=scores)
+        matches = self.match(emb, emb_flip, top_k, threshold, min_probability, state)
         labels = state.labels
 
         def rounded(value: float | None) -> float | None:
@@ -357,6 +337,38 @@ class Recognizer:
                 )
             )
         return out
+
+    def match(
+        self,
+        emb: np.ndarray,
+        emb_flip: np.ndarray,
+        top_k: int = 3,
+        threshold: float | None = None,
+        min_probability: float | None = None,
+        state: RunState | None = None,
+    ) -> list:
+        """The ``scoring.Match`` of each face embedding: its best identity and whether it is named."""
+        from pinsface.scoring import (
+            checked_probabilities,
+            head_probabilities,
+            identity_scores,
+            match_faces,
+            match_nearest,
+            nearest_identities,
+        )
+
+        state = state or self._state
+        g = state.gallery
+        p_min = g.probability_thresholds() if min_probability is None else min_probability
+        d_max = g.threshold_distance if threshold is None else threshold
+        if self.mode == "gallery":
+            with self._index_lock:
+                nearest = nearest_identities(g, emb, emb_flip, max(top_k, 1))
+            return match_nearest(*nearest, d_max, top_k)
+        probs, dists = head_probabilities(state.head, emb, emb_flip), g.distances(emb, emb_flip)
+        scores = identity_scores(probs, dists, g.knn_weight, g.knn_tau)
+        probs = checked_probabilities(probs, g.trained_mask())
+        return match_faces(probs, dists, p_min, d_max, top_k, scores=scores)
 
     def faces_for_enrolment(self, images: list) -> tuple[np.ndarray, np.ndarray, int, list[dict], list[int]]:
         """(embeddings, mirror embeddings, faces used, skipped files, which images gave the faces) of the
