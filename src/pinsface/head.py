@@ -129,5 +129,10 @@ class ArrayHead:
         bias = None if self.bias is None else np.delete(self.bias, index)
         return replace(self, kernel=np.delete(self.kernel, index, axis=1), bias=bias)
 
+    def columns(self, keep: np.ndarray) -> ArrayHead:
+        """A head over some identities only (``keep``: a mask or indices of columns)."""
+        bias = None if self.bias is None else self.bias[keep]
+        return replace(self, kernel=self.kernel[:, keep], bias=bias)
+
     def with_kernel(self, kernel: np.ndarray, bias: np.ndarray | None = None) -> ArrayHead:
         return replace(self, kernel=np.asarray(kernel, np.float32), bias=self.bias if bias is None else bias)

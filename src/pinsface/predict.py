@@ -367,7 +367,7 @@ class Recognizer:
             return match_nearest(*nearest, d_max, top_k)
         probs, dists = head_probabilities(state.head, emb, emb_flip), g.distances(emb, emb_flip)
         scores = identity_scores(probs, dists, g.knn_weight, g.knn_tau)
-        probs = checked_probabilities(probs, g.trained_mask())
+        probs = checked_probabilities(state.head, emb, emb_flip, probs, g.trained_mask())
         return match_faces(probs, dists, p_min, d_max, top_k, scores=scores)
 
     def faces_for_enrolment(self, images: list) -> tuple[np.ndarray, np.ndarray, int, list[dict], list[int]]:

@@ -86,14 +86,15 @@ def head_probabilities(head, emb: np.ndarray, emb_flip: np.ndarray | None = None
     return probs if emb_flip is None else (probs + run_head(head, emb_flip)) / 2
 
 
-def checked_probabilities(probs: np.ndarray, trained: np.ndarray) -> np.ndarray:
+def checked_probabilities(head, emb: np.ndarray, emb_flip: np.ndarray, probs: np.ndarray, trained: np.ndarray):
     """The probabilities the threshold is checked on: for a trained identity, the head's probability among the
-    trained identities alone, as it was when the threshold was calibrated, so enrolling or forgetting
-    someone else never moves a trained person's acceptance; enrolled identities keep theirs."""
+    trained identities alone (``head`` an ``ArrayHead``), as it was when the threshold was calibrated, so
+    enrolling or forgetting someone else never moves a trained person's acceptance; enrolled identities keep
+    ``probs``, the head's probabilities over everyone."""
     if trained.all() or not trained.any():
         return probs
     out = probs.copy()
-    out[:, trained] = probs[:, trained] / np.maximum(probs[:, trained].sum(1, keepdims=True), 1e-12)
+    out[:, trained] = head_probabilities(head.columns(trained), emb, emb_flip)
     return out
 
 
