@@ -20,7 +20,8 @@ from tests.badinput import SOURCE, make_bad_corpus
 from tests.serving import API_KEY, ThreadServer, copy_run, free_port, start_process, uploads, wait_healthy
 
 KEY = {"X-API-Key": API_KEY}
-LIMITS = dict(max_upload_mb=1.0, max_request_mb=3.0, max_files=4, max_pending=6)
+# Reads open (--public-read): the default, every endpoint behind the key, is tested in test_serve_limits.py.
+LIMITS = dict(max_upload_mb=1.0, max_request_mb=3.0, max_files=4, max_pending=6, auth="write")
 
 
 def photos(pins_dir, folder: str, n: int, start: int = 60) -> list:

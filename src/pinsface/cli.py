@@ -216,7 +216,8 @@ def _serve(args) -> int:
         )
     settings = ServeSettings(
         api_key_file=args.api_key_file,
-        auth=args.auth,
+        auth="write" if args.public_read else args.auth,
+        allowed_hosts=tuple(args.allowed_host or ()),
         max_upload_mb=args.max_upload_mb,
         max_request_mb=args.max_request_mb,
         max_files=args.max_files,
@@ -371,13 +372,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--api-key-file",
         metavar="PATH",
-        help="file holding the API key; created (mode 0600) when missing (default: RUN_DIR/api_key)",
+        help="file holding the API key; created (mode 0600) when missing (default: ~/.config/pinsface/api_key, "
+        "outside the run folder)",
     )
     p.add_argument(
         "--auth",
         choices=("write", "all"),
-        default="write",
-        help="endpoints that need the key: those that change state (default) or every API endpoint",
+        default="all",
+        help="endpoints that need the key: every API endpoint (default) or those that change state",
+    )
+    p.add_argument(
+        "--public-read",
+        action="store_true",
+        help="naming faces, listing people, health and metrics need no key (the same as --auth write)",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        help="a host name requests may use besides localhost and the bound address (repeatable)",
     )
     p.add_argument("--max-upload-mb", type=float, default=10.0, metavar="N", help="cap per uploaded file")
     p.add_argument("--max-request-mb", type=float, default=50.0, metavar="N", help="cap per request")
