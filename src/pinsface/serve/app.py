@@ -248,8 +248,10 @@ class _Guard:
             if not hmac.compare_digest(given, self.state.api_key.encode("utf-8")):
                 raise ApiError(403, "invalid_api_key", "the API key is not valid")
 
-    def _body_reader(self, scope, receive, headers: dict):
-        """``receive`` with the request cap, the body's clock and the multipart end check."""
+    def _body_reader(self, scope, receive, headers: dict, refused: list):
+        """``receive`` with the request cap, the body's clock and the multipart end check. The ApiError it
+        raises is also put in ``refused``: the form parser turns any error into its own 400, which the guard
+        replaces with it."""
         import asyncio
 
         from pinsface.serve.limits import BodyClock, BodyTooSlow
@@ -263,6 +265,13 @@ class _Guard:
         state = {"done": False, "tail": b""}
 
         async def receive_wrapper():
+            try:
+                return await checked_receive()
+            except ApiError as exc:
+                refused.append(exc)
+                raise
+
+        async def checked_receive():
             if state["done"]:  # the body is in: what follows is a disconnect, waited for without a clock
                 return await receive()
             try:
@@ -292,11 +301,22 @@ class _Guard:
         started = time.perf_counter()
         status = {"code": 500, "sent": False}
 
+        refused: list[ApiError] = []  # the body's refusal, answered in place of the app's response
+
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status["code"], status["sent"] = message["status"], True
                 message["headers"] = _with_security_headers(message.get("headers") or [], scope["path"])
             await send(message)
+
+        async def app_send(message):
+            if refused and message["type"] == "http.response.start":
+                status["replaced"] = True
+                exc = refused[0]
+                state.metrics.errors.labels(exc.code).inc()
+                return await _json_response(exc)(scope, receive, send_wrapper)
+            if not status.get("replaced"):
+                await send_wrapper(message)
 
         counted = False
         try:
@@ -312,7 +332,7 @@ class _Guard:
                 state.in_flight += 1
                 counted = True
             self._admit(scope, headers)
-            await self.app(scope, self._body_reader(scope, receive, headers), send_wrapper)
+            await self.app(scope, self._body_reader(scope, receive, headers, refused), app_send)
         except ApiError as exc:
             if status["sent"]:
                 raise
