@@ -173,3 +173,26 @@ def test_the_key_lives_outside_the_run_and_the_url_is_printed(small_run, tmp_pat
     finally:
         process.kill()
         process.wait(30)
+
+
+def flat_png(side: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((side, side, 3), 120, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_request_of_huge_photos_over_the_pixel_budget_is_refused_undecoded(server, pins_dir):
+    huge = flat_png(6000)  # 36 megapixels in a few hundred KB: within every size cap
+    r = httpx.post(
+        f"{server.url}/v1/identify", files=uploads([(f"{k}.png", huge) for k in range(3)]), headers=KEY, timeout=60
+    )
+    assert (r.status_code, r.json()["code"]) == (413, "too_many_pixels")
+    r = httpx.post(f"{server.url}/v1/identities/Flat/faces", files=uploads([("a.png", huge)] * 3), headers=KEY)
+    assert (r.status_code, r.json()["code"]) == (413, "too_many_pixels")
+    r = httpx.post(f"{server.url}/v1/identify", files=uploads([("one.png", huge)]), headers=KEY, timeout=120)
+    assert r.status_code == 200 and r.json()["results"][0]["note"] == "no face found"

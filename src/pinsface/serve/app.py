@@ -52,6 +52,7 @@ class ServeSettings:
     max_request_mb: float = 50.0  # per request, all files together
     max_files: int = 32  # per request
     max_pixels: int = 40_000_000  # per photo, read from its header before it is decoded
+    max_request_pixels: int = 100_000_000  # all the photos of one request together; past it 413
     max_pending: int = 256  # images queued or being named; past it requests get 503 + Retry-After
     max_batch: int = 32  # images per shared detector/embedder batch
     max_wait_ms: float = 10.0  # how long a batch waits for more requests
@@ -570,6 +571,17 @@ def create_app(
             503, "busy", f"the server is busy: {exc}; retry later", headers={"Retry-After": str(settings.retry_after_s)}
         )
 
+    def pixel_budget(pixels: list[int]) -> None:
+        """One request's photos may not decode to more than ``max_request_pixels`` together (a few huge PNGs
+        within every size cap would otherwise hold gigabytes while they are decoded)."""
+        if sum(pixels) > settings.max_request_pixels:
+            raise ApiError(
+                413,
+                "too_many_pixels",
+                f"the photos hold {sum(pixels) / 1e6:.0f} megapixels together; at most "
+                f"{settings.max_request_pixels / 1e6:.0f} per request",
+            )
+
     def check(uploads: list[tuple[str, bytes]]) -> list[int | BadImage]:
         out = []
         for _, data in uploads:
@@ -625,6 +637,7 @@ def create_app(
 
     async def identify_uploads(uploads, top_k, threshold, min_probability) -> dict:
         checked = await run_in_threadpool(check, uploads)
+        pixel_budget([c for c in checked if not isinstance(c, BadImage)])
         good = [(i, data) for i, ((_, data), c) in enumerate(zip(uploads, checked)) if not isinstance(c, BadImage)]
         results: list = [None] * len(uploads)
         for i, c in enumerate(checked):
@@ -667,9 +680,15 @@ def create_app(
         def check_all():
             # Every photo must decode, or the request is refused before any work; decoded as the recogniser
             # decodes it (a large photo at reduced scale), which then decodes the bytes again.
+            pixels = []
             for file_name, data in uploads:
                 try:
-                    sniff(data, settings.max_pixels)
+                    pixels.append(sniff(data, settings.max_pixels))
+                except BadImage as exc:
+                    raise ApiError(422, "bad_image", f"{file_name}: {exc}", reason=exc.reason, file=file_name) from exc
+            pixel_budget(pixels)
+            for file_name, data in uploads:
+                try:
                     load_scaled(data, settings.max_pixels, PHOTO_DECODE_MIN_SIDE)
                 except BadImage as exc:
                     raise ApiError(422, "bad_image", f"{file_name}: {exc}", reason=exc.reason, file=file_name) from exc
