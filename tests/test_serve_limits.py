@@ -196,3 +196,46 @@ def test_a_request_of_huge_photos_over_the_pixel_budget_is_refused_undecoded(ser
     assert (r.status_code, r.json()["code"]) == (413, "too_many_pixels")
     r = httpx.post(f"{server.url}/v1/identify", files=uploads([("one.png", huge)]), headers=KEY, timeout=120)
     assert r.status_code == 200 and r.json()["results"][0]["note"] == "no face found"
+
+
+def test_a_one_photo_request_is_not_queued_behind_all_of_a_large_one(small_run, pins_dir, tmp_path):
+    """Fair queueing: behind a busy inference thread, 16 photos from one client and then 1 from another are
+    queued; batches of 4 then serve the single photo second, not after the 16."""
+    import asyncio
+
+    from pinsface.serve import ServeSettings, create_app
+    from tests.test_serve import hold_worker
+
+    settings = ServeSettings(max_batch=4, max_wait_ms=0.0)
+    app = create_app(copy_run(small_run[0], tmp_path / "run"), settings, api_key=API_KEY)
+    many = uploads(sorted((pins_dir / "pins_Chris Evans").glob("*.jpg"))[:16])
+    one = uploads([photo(pins_dir)])
+    with ThreadServer(app, guarded=True) as server:
+        release, thread = hold_worker(server)
+        done = []
+
+        async def scenario():
+            async with httpx.AsyncClient(base_url=server.url, timeout=300, headers=KEY) as client:
+
+                async def post(files, what):
+                    r = await client.post("/v1/identify", files=files)
+                    done.append(what)
+                    return r
+
+                big = asyncio.create_task(post(many, "sixteen"))
+                while (await client.get("/v1/health")).json()["pending_images"] < 17:
+                    await asyncio.sleep(0.02)
+                small = asyncio.create_task(post(one, "one"))
+                while (await client.get("/v1/health")).json()["pending_images"] < 18:
+                    await asyncio.sleep(0.02)
+                release.set()
+                return await big, await small
+
+        try:
+            big, small = asyncio.run(scenario())
+        finally:
+            release.set()
+            thread.join(60)
+    assert big.status_code == small.status_code == 200 and len(big.json()["results"]) == 16
+    assert done == ["one", "sixteen"]
+    assert small.json()["results"][0]["faces"][0]["identity"] == "Bill Gates"

@@ -646,7 +646,7 @@ def create_app(
         if good:
             try:
                 named = await worker.identify(
-                    [data for _, data in good], sum(checked[i] for i, _ in good), top_k, threshold, min_probability
+                    [data for _, data in good], [checked[i] for i, _ in good], top_k, threshold, min_probability
                 )
             except QueueFull as exc:
                 raise busy(exc) from exc
