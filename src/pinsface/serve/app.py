@@ -741,7 +741,8 @@ def create_app(
 
         return await run_in_threadpool(forget_and_save)
 
-    @app.api_route("/v1/health", methods=["GET", "HEAD"], tags=["service"], dependencies=read_key)
+    @app.head("/v1/health", include_in_schema=False, dependencies=read_key)
+    @app.get("/v1/health", tags=["service"], dependencies=read_key)
     async def health():
         """Answered on the event loop from figures the worker keeps current: never waits for inference.
         ``status`` is "saturated" while new work would be refused (requests, images, memory or connections
