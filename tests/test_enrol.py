@@ -135,3 +135,22 @@ def test_fifty_enrolments_grow_the_servers_peak_memory_little(small_run, pins_di
     finally:
         process.kill()
         process.wait(30)
+
+
+def test_pinsface_refit_trains_the_head_on_everyone_and_recalibrates(small_run, pins_dir, tmp_path, capsys):
+    from pinsface.cli import main
+    from pinsface.predict import Recognizer
+
+    run = copy_run(small_run[0], tmp_path / "run")
+    rec = Recognizer.load(run)
+    rec.enroll("Ben Affleck", [str(p) for p in photos(pins_dir, "pins_Ben Affleck", 6)])
+    imprinted = rec.head.kernel.copy()
+    assert main(["refit", str(run)]) == 0
+    assert "refitted the head on 7 identities" in capsys.readouterr().out
+    refitted = Recognizer.load(run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["deltas"] == [] and manifest["files"]["model"] != "model.keras"  # a whole new generation
+    assert refitted.labels == rec.labels and refitted.head.n_classes == 7
+    assert not np.array_equal(refitted.head.kernel, imprinted)
+    results = refitted.identify_many([str(p) for p in photos(pins_dir, "pins_Ben Affleck", 4, start=40)])
+    assert sum(r.faces[0].identity == "Ben Affleck" for r in results if r.faces) >= 3

@@ -102,6 +102,19 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+def _read_saved(path: Path, read):
+    """``read(path)``; a file that cannot be read as saved is a ``RunError`` (a missing one stays a
+    ``FileNotFoundError``: a reader racing a writer's clean-up tries again)."""
+    try:
+        return read(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # a damaged npz can fail in many ways inside numpy or zipfile
+        raise RunError(
+            f"{path.name} is damaged ({type(exc).__name__}: {exc}); restore the folder or train the run again"
+        ) from None
+
+
 def _json_text(data) -> str:
     return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
 
@@ -292,15 +305,7 @@ class Run:
         if files.get("gallery"):
             gallery_path = self.path / files["gallery"]
             if gallery_path.exists() or settings.model == "embedding":
-                try:
-                    gallery = Gallery.load(gallery_path)
-                except FileNotFoundError:
-                    raise
-                except Exception as exc:  # a damaged npz can fail in many ways inside numpy or zipfile
-                    raise RunError(
-                        f"{gallery_path.name} is damaged ({type(exc).__name__}: {exc}); restore the "
-                        "folder or train the run again"
-                    ) from None
+                gallery = _read_saved(gallery_path, Gallery.load)
         if gallery is not None and manifest and files.get("index"):
             self._use_saved_index(gallery, files["index"], manifest.get("index"))
         if gallery is not None:
@@ -319,16 +324,7 @@ class Run:
         from pinsface.gallery import GalleryChange
 
         for name in deltas:
-            path = self.path / name
-            try:
-                change = GalleryChange.load(path)
-            except FileNotFoundError:
-                raise
-            except Exception as exc:  # a damaged npz can fail in many ways inside numpy or zipfile
-                raise RunError(
-                    f"{name} is damaged ({type(exc).__name__}: {exc}); restore the folder or train the run again"
-                ) from None
-            gallery.apply(change)
+            gallery.apply(_read_saved(self.path / name, GalleryChange.load))
 
     def _load_head(self, model, name: str | None):
         """The head as arrays: the model's, with the output columns saved in ``name`` after imprinting."""
@@ -340,14 +336,15 @@ class Run:
         path = self.path / name
         if not path.is_file():
             raise FileNotFoundError(2, "missing", str(path))
-        try:
+
+        def read(path):
             with np.load(path, allow_pickle=False) as data:
-                kernel = data["kernel"]
-                bias = data["bias"] if "bias" in data.files else None
-                centre = data["centre"] if "centre" in data.files else None
-                whiten = data["whiten"] if "whiten" in data.files else None
-        except Exception as exc:
-            raise RunError(f"{name} is damaged ({type(exc).__name__}: {exc}); restore the folder") from None
+                return {k: data[k] for k in ("kernel", "bias", "centre", "whiten") if k in data.files}
+
+        arrays = _read_saved(path, read)
+        kernel, bias, centre, whiten = (arrays.get(k) for k in ("kernel", "bias", "centre", "whiten"))
+        if kernel is None:
+            raise RunError(f"{name} holds no head columns; restore the folder")
         if kernel.ndim != 2 or kernel.shape[0] != head.kernel.shape[0]:
             raise RunError(f"{name} does not fit the model's head ({kernel.shape}); restore the folder")
         head = head.with_kernel(kernel, bias)
