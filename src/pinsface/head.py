@@ -19,9 +19,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-# The ridge added to the within-person covariance, as a fraction of its mean variance. Chosen on the small
-# test run and the 90-identity enrolment bench (bench/enrol.py): smaller ridges overfit the few directions
-# with little spread, and a new person's own photos then score low.
+# The ridge added to the within-person covariance, as a fraction of its mean variance. Tried on the small test
+# run: smaller ridges lean on the few directions with little spread, and a new person's own photos then score
+# low. bench/enrol.py measures the choice on 90 identities.
 WHITEN_RIDGE = 1.0
 
 
