@@ -125,7 +125,10 @@ def evaluate(
     t1 = clock.mark()
     clock.record("prepare", t0)
     mode = resolve_mode(mode or settings.mode, len(labels)) if settings.model == "embedding" else "head"
-    probs, usable = score_images(model, settings, prepared, items, progress, gallery=state.gallery, mode=mode)
+    head = state.head if model is state.model else None  # a model given by the caller brings its own head
+    probs, usable = score_images(
+        model, settings, prepared, items, progress, gallery=state.gallery, mode=mode, head=head
+    )
     clock.record("score", t1)
     status = [prepared.status[i] for i in items]
     metrics = compute_metrics(probs, usable, y, labels, status)

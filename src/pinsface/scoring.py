@@ -204,17 +204,24 @@ def score_images(
     progress: bool = False,
     gallery=None,
     mode: str = "head",
+    head=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities for dataset positions ``items`` and a mask of those that had a face to score.
 
     For the embedding model this runs the saved head on cached backbone embeddings (computing any that are
     missing), which is what the whole saved network computes from the aligned crop, at a fraction of the cost.
-    With a ``gallery``, the head's probabilities are blended with its nearest faces as the gallery says
+    ``head``: the run's head as it stands (``RunState.head``, people enrolled since training included); default
+    the model's. With a ``gallery``, the head's probabilities are blended with its nearest faces as the gallery says
     (``identity_scores``), or in gallery ``mode`` replaced by gallery mode's scores (``gallery_scores``).
     """
     ok = usable_status(settings)
     usable = np.array([prepared.status[i] in ok for i in items], dtype=bool)
-    n_classes = len(gallery.labels) if gallery is not None and mode == "gallery" else model.output_shape[-1]
+    head = head if head is not None else model.get_layer("head") if settings.model == "embedding" else None
+    n_classes = (
+        len(gallery.labels)
+        if gallery is not None and mode == "gallery"
+        else (model if head is None else head).output_shape[-1]
+    )
     probs = np.zeros((len(items), n_classes), dtype=np.float32)
     hashes = [prepared.hashes[i] for i in items[usable]]
     if not hashes:
@@ -230,7 +237,7 @@ def score_images(
         if mode == "gallery":
             probs[usable] = gallery_scores(gallery, emb, emb_flip)
         else:
-            p = head_probabilities(model.get_layer("head"), emb, emb_flip if settings.test_time_flip else None)
+            p = head_probabilities(head, emb, emb_flip if settings.test_time_flip else None)
             if gallery is not None and gallery.knn_weight:
                 p = identity_scores(p, gallery.distances(emb, emb_flip), gallery.knn_weight, gallery.knn_tau)
             probs[usable] = p
