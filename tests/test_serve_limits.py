@@ -239,3 +239,12 @@ def test_a_one_photo_request_is_not_queued_behind_all_of_a_large_one(small_run, 
     assert big.status_code == small.status_code == 200 and len(big.json()["results"]) == 16
     assert done == ["one", "sixteen"]
     assert small.json()["results"][0]["faces"][0]["identity"] == "Bill Gates"
+
+
+def test_binding_beyond_loopback_with_open_reads_is_warned_of():
+    from pinsface.serve.auth import allowed_hosts, exposure_warning
+
+    assert exposure_warning("0.0.0.0", "write") and "--public-read" in exposure_warning("192.168.1.5", "write")
+    assert exposure_warning("0.0.0.0", "all") is None and exposure_warning("127.0.0.1", "write") is None
+    assert exposure_warning("::1", "write") is None and exposure_warning("localhost", "write") is None
+    assert allowed_hosts("0.0.0.0", ["faces.example.org"]) == {"localhost", "127.0.0.1", "::1", "faces.example.org"}

@@ -804,16 +804,12 @@ def serve(
 
     import uvicorn
 
-    from pinsface.serve.auth import is_loopback
+    from pinsface.serve.auth import exposure_warning
     from pinsface.serve.limits import guarded_protocol
 
     settings = dataclasses.replace(settings or ServeSettings(), bind_host=host)
-    if not is_loopback(host) and settings.auth != "all":
-        log.warning(
-            "serving on %s beyond this machine with --public-read: anyone who can reach it can list the people "
-            "it knows and name faces without a key",
-            host,
-        )
+    if warning := exposure_warning(host, settings.auth):
+        log.warning("%s", warning)
     app = create_app(run_dir, settings)
     shown = f"[{host}]" if ":" in host else host
     app.state.announce = (

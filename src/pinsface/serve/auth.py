@@ -51,3 +51,13 @@ def host_of(header: bytes | None) -> str | None:
     if port and not port.isdigit():
         return None
     return name or None
+
+
+def exposure_warning(bind: str, auth: str) -> str | None:
+    """What to warn of when the server is bound beyond this machine with reads open (``auth`` "write")."""
+    if is_loopback(bind) or auth == "all":
+        return None
+    return (
+        f"serving on {bind}, beyond this machine, with --public-read: anyone who can reach it can list the "
+        "people it knows and name faces without a key"
+    )
