@@ -697,9 +697,9 @@ def create_app(
         photos = [data for _, data in uploads]
 
         def find_faces(images):
-            # Detection and embedding run on the inference thread, between naming batches; the rest of the
-            # enrolment (imprinting and saving) runs here while naming goes on.
-            return anyio.from_thread.run(worker.run, lambda rec: rec.faces_for_enrolment(images))
+            # Detection and embedding run on the detection thread, between detection batches and beside
+            # naming; the rest of the enrolment (imprinting and saving) runs here while naming goes on.
+            return anyio.from_thread.run(worker.run, lambda rec: rec.faces_for_enrolment(images), False)
 
         def enroll_and_save():
             try:

@@ -1,11 +1,13 @@
-"""The Recognizer's work for the server: identify requests are gathered into shared batches, enrol/forget run
-alone.
+"""The Recognizer's work for the server: identify requests are gathered into shared batches; calls that need
+the recogniser to themselves run alone.
 
-The Recognizer is not thread-safe, so every call into it goes through ``InferenceWorker``, on two threads: one
-finds the faces of each batch (``Recognizer.detect_batch``, the detector alone) and runs enrol/forget, the
-other names the faces found (``Recognizer.name_batch``, the backbone and the gallery). So the next batch is
-detected while this one is named, and an exclusive call waits until naming is idle. Requests waiting are
-bounded (in images): past the bound ``submit`` raises ``QueueFull`` at once instead of letting memory grow.
+The Recognizer's detection and naming go through ``InferenceWorker``, on two threads: one finds the faces of
+each batch (``Recognizer.detect_batch``, the detector alone) and runs calls (``run``), the other names the faces
+found (``Recognizer.name_batch``, the backbone and the gallery). So the next batch is detected while this one is
+named. An exclusive call waits until naming is idle; a call that only finds and embeds faces (enrolment's) runs
+beside naming. Enrolment and forgetting themselves change the recogniser's state on copies and swap it in one
+step under its own lock (``Recognizer.enroll_faces``), outside this worker. Requests waiting are bounded (in
+images): past the bound ``submit`` raises ``QueueFull`` at once instead of letting memory grow.
 
 Queueing is fair between requests: a request's photos are queued in parts of ``fair_share`` images, and the
 next batch starts with the earliest part of the lowest rank (a request's first part, then second ...). So a
@@ -39,6 +41,7 @@ class _Job:
     call: Callable[[Any], Any] | None = None  # exclusive: fn(recognizer)
     queued_at: float = 0.0
     part: int = 0  # identify: which part of its request (see the module on fair queueing)
+    exclusive: bool = True  # a call: with nothing being named meanwhile
 
     def rank(self) -> tuple[int, float]:
         return self.part, self.queued_at
@@ -120,9 +123,10 @@ class InferenceWorker:
         results = await self._submit(parts)
         return [result for part in results for result in part]
 
-    async def run(self, call: Callable[[Any], Any]) -> Any:
-        """``call(recognizer)`` alone on the worker thread (enrol, forget, save, reading the gallery)."""
-        return (await self._submit([_Job(None, None, 1, call=call)]))[0]
+    async def run(self, call: Callable[[Any], Any], exclusive: bool = True) -> Any:
+        """``call(recognizer)`` on the detection thread: alone (``exclusive``), or beside the naming of the
+        batch before, as a batch's detection runs (a call that only finds and embeds faces, as enrolment's)."""
+        return (await self._submit([_Job(None, None, 1, call=call, exclusive=exclusive)]))[0]
 
     async def _submit(self, jobs: list[_Job]) -> list:
         """Queue ``jobs`` (the parts of one request) together, or none of them: their results, in order."""
@@ -184,7 +188,8 @@ class InferenceWorker:
             handed_on = False
             try:
                 if batch[0].call is not None:
-                    self._naming.join()  # alone: nothing is being named meanwhile
+                    if batch[0].exclusive:
+                        self._naming.join()  # alone: nothing is being named meanwhile
                     try:
                         results = [batch[0].call(self.recognizer)]
                     finally:  # even a failed call may have changed the recognizer
