@@ -1,7 +1,15 @@
 """Load on `pinsface serve`: many concurrent clients uploading 224-px Pins photos to a real server on 127.0.0.1,
-against batched `identify_many` in-process on the same photos; then the same load with hostile uploads mixed in.
+against batched `identify_many` in-process on the same photos; then the same load with hostile uploads mixed in;
+then three phases against starvation:
+
+- storm: identify load from a few clients, idle and then during 10 enrolments and forgettings (p95 of both);
+- slow: 300 connections that send part of their headers or body and wait, from 10 other loopback addresses,
+  while a normal client names a photo now and then (its latency, what health says, how the slow ones end);
+- huge: requests of two 39.7-megapixel PNGs (small files) beside a client naming one photo at a time (its
+  latency), one request of eight such PNGs (refused), and the server's peak RSS.
 
     python bench/serve_load.py --run RUN_DIR [--clients 200] [--seconds 60] [--max-requests 5000] [--hostile 0.1]
+                               [--phases clean,hostile,storm,slow,huge]
 
 Each phase is bounded in requests and in time and then stops; only loopback addresses are used. Prints req/s,
 p50/p95/p99 latency, responses by status, /v1/health latency under load and the server's peak RSS.
@@ -11,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import random
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -50,9 +60,9 @@ print(json.dumps({"runs": rates, "cpu_runs": cpu_rates}))
 # /v1/health probed from its own process, so the clients' event loop does not delay the probes.
 PROBE = """
 import json, sys, time, httpx
-url, seconds = sys.argv[1], float(sys.argv[2])
+url, seconds, key = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 out, end = [], time.monotonic() + seconds
-with httpx.Client(timeout=60) as client:
+with httpx.Client(timeout=60, headers={"X-API-Key": key}) as client:
     while time.monotonic() < end:
         t = time.perf_counter()
         try:
@@ -104,8 +114,8 @@ class RawClient:
     machine little, so that the 2 cores measure the server rather than the clients (httpx's own parsing and
     multipart encoding took about a quarter of the CPU under this load)."""
 
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
+    def __init__(self, host: str, port: int, key: str):
+        self.host, self.port, self.key = host, port, key
         self.reader = self.writer = None
 
     async def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
@@ -114,7 +124,7 @@ class RawClient:
                 self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
             head = (
                 f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n"
+                f"X-API-Key: {self.key}\r\nContent-Length: {len(body)}\r\n\r\n"
             ).encode()
             try:
                 self.writer.write(head + body)
@@ -173,8 +183,9 @@ async def drive(
     max_requests: int,
     seed: int,
     server_pid: int,
+    key: str,
 ) -> dict:
-    probe = subprocess.Popen([sys.executable, "-c", PROBE, url, str(seconds)], stdout=subprocess.PIPE, text=True)
+    probe = subprocess.Popen([sys.executable, "-c", PROBE, url, str(seconds), key], stdout=subprocess.PIPE, text=True)
     server_cpu, client_cpu = cpu_seconds(server_pid), time.process_time()
 
     host, port = url.rsplit("//", 1)[1].rsplit(":", 1)
@@ -182,6 +193,7 @@ async def drive(
     bad_bodies = [multipart(name, data) for name, data in hostile]
     rng = random.Random(seed)
     latencies: list[float] = []
+    timeline: list[tuple[float, float]] = []  # (perf_counter when sent, latency)
     statuses: Counter = Counter()
     per_file_errors: Counter = Counter()
     sent = 0
@@ -189,7 +201,7 @@ async def drive(
 
     async def one_client():
         nonlocal sent
-        client = RawClient(host, int(port))
+        client = RawClient(host, int(port), key)
         try:
             while sent < max_requests and time.monotonic() < deadline:
                 sent += 1
@@ -207,6 +219,7 @@ async def drive(
                     statuses[type(exc).__name__] += 1
                     await client.close()
                 latencies.append(time.perf_counter() - t)
+                timeline.append((t, latencies[-1]))
         finally:
             await client.close()
 
@@ -225,6 +238,7 @@ async def drive(
         "p50": pct(latencies, 50),
         "p95": pct(latencies, 95),
         "p99": pct(latencies, 99),
+        "timeline": timeline,
         "statuses": dict(statuses),
         "per_file_errors": dict(per_file_errors),
         "health_p50_ms": pct(health_ms, 50),
@@ -232,6 +246,148 @@ async def drive(
         "health_max_ms": max(health_ms) if health_ms else float("nan"),
         "health_probes": len(health_ms),
     }
+
+
+def storm(url: str, key: str, photos: list[bytes], clients: int, seconds: float, pid: int) -> None:
+    """Identify p95 idle; during a burst of 10 enrolments and 10 forgettings (5 photos each, one after the
+    other); and while enrolments and forgettings run back to back for the rest of the window."""
+    import httpx
+
+    idle = asyncio.run(drive(url, photos, [], 0.0, clients, seconds, 100_000, 3, pid, key))
+    folders = sorted(p for p in PINS.iterdir() if p.is_dir())[:5]
+    timings: dict[str, list[float]] = {"enrol": [], "forget": []}
+    burst: list[float] = []
+
+    async def changes(end: float):
+        async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}, timeout=300) as client:
+            k = 0
+            while k < 10 or time.monotonic() < end:
+                mine = sorted(folders[k % 5].glob("*.jpg"))
+                start = 5 * (k // 5) % (len(mine) - 5)
+                files = [("files", (p.name, p.read_bytes())) for p in mine[start : start + 5]]
+                t = time.perf_counter()
+                r = await client.post(f"/v1/identities/Storm {k}/faces", files=files)
+                timings["enrol"].append(time.perf_counter() - t)
+                assert r.status_code == 200, r.text
+                t = time.perf_counter()
+                r = await client.delete(f"/v1/identities/Storm {k}")
+                timings["forget"].append(time.perf_counter() - t)
+                k += 1
+                if k == 10:
+                    burst.append(time.perf_counter())
+                    await asyncio.sleep(2)  # the burst ends; naming alone for a moment, then back to back
+
+    async def both():
+        await asyncio.sleep(0)
+        loaded = asyncio.create_task(drive(url, photos, [], 0.0, clients, seconds, 100_000, 4, pid, key))
+        await asyncio.sleep(1)
+        burst.append(time.perf_counter())
+        await changes(time.monotonic() + seconds - 2)
+        return await loaded
+
+    during = asyncio.run(both())
+    started, ended = burst
+    in_burst = [lat for t, lat in during["timeline"] if started <= t <= ended]
+    after = [lat for t, lat in during["timeline"] if t > ended + 2]
+    print(
+        f"storm ({clients} clients naming 224-px photos): identify p95 idle {idle['p95']:.2f} s; during a burst of "
+        f"10 enrolments and 10 forgettings ({ended - started:.1f} s, {len(in_burst)} requests) "
+        f"{pct(in_burst, 95):.2f} s ({pct(in_burst, 95) / idle['p95']:.2f}x); while "
+        f"{len(timings['enrol']) - 10} more ran back to back {pct(after, 95):.2f} s "
+        f"({pct(after, 95) / idle['p95']:.2f}x); enrolment of 5 photos median "
+        f"{statistics.median(timings['enrol']):.2f} s, forgetting median {statistics.median(timings['forget']):.3f} s "
+        f"(wall, from the client); statuses {during['statuses']}"
+    )
+
+
+def slow_clients(url: str, key: str, photo: bytes, n: int = 300) -> None:
+    """``n`` slow connections (half stuck in their headers, half in their body) and a normal client."""
+    import httpx
+
+    port = int(url.rsplit(":", 1)[1])
+    slow = []
+    for k in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=60, source_address=(f"127.0.0.{2 + k % 10}", 0))
+        if k % 2:
+            s.sendall(b"POST /v1/identify HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        else:
+            s.sendall(
+                b"POST /v1/identify HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: " + key.encode() + b"\r\n"
+                b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000\r\n\r\n--b\r\n"
+            )
+        slow.append(s)
+    opened = time.monotonic()
+    latencies, health = [], None
+    with httpx.Client(base_url=url, headers={"X-API-Key": key}, timeout=60) as client:
+        health = client.get("/v1/health").json()
+        for _ in range(5):
+            t = time.perf_counter()
+            r = client.post("/v1/identify", files=[("files", ("p.jpg", photo))])
+            latencies.append(time.perf_counter() - t)
+            assert r.status_code == 200
+            time.sleep(0.5)
+    answers = Counter()
+    for s in slow:
+        s.settimeout(max(1.0, 40 - (time.monotonic() - opened)))
+        try:
+            answers[(s.recv(12) or b"closed").decode("latin-1").strip()] += 1
+        except TimeoutError:
+            answers["still open"] += 1
+        s.close()
+    c = health["load"]["connections"]
+    print(
+        f"slow clients ({n} connections from 10 addresses, half in their headers, half in their body): normal "
+        f"identify median {statistics.median(latencies):.2f} s, max {max(latencies):.2f} s (5 requests); health "
+        f"said {health['status']}, {c['open']} connections open, busiest client {c['busiest_client']}; the slow "
+        f"ones ended with {dict(answers)} within {time.monotonic() - opened:.0f} s"
+    )
+
+
+def flat_png(side: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((side, side, 3), 120, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def huge_images(url: str, key: str, photo: bytes, seconds: float, pid: int) -> None:
+    """Requests of two 39.7-megapixel PNGs from 2 clients beside one client naming one photo at a time."""
+    import httpx
+
+    huge = flat_png(6300)
+    end = time.monotonic() + seconds
+    single: list[float] = []
+    statuses: Counter = Counter()
+
+    async def big_client(client):
+        while time.monotonic() < end:
+            r = await client.post("/v1/identify", files=[("files", (f"{k}.png", huge)) for k in range(2)])
+            statuses[r.status_code] += 1
+
+    async def one_photo(client):
+        await asyncio.sleep(1)
+        while time.monotonic() < end:
+            t = time.perf_counter()
+            r = await client.post("/v1/identify", files=[("files", ("p.jpg", photo))])
+            single.append(time.perf_counter() - t)
+            assert r.status_code == 200
+            await asyncio.sleep(0.5)
+
+    async def run():
+        async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": key}, timeout=300) as client:
+            eight = await client.post("/v1/identify", files=[("files", (f"{k}.png", huge)) for k in range(8)])
+            await asyncio.gather(big_client(client), big_client(client), one_photo(client))
+            return eight
+
+    eight = asyncio.run(run())
+    print(
+        f"huge images ({len(huge) // 1024} KB PNGs of 39.7 MP; 2 clients sending 2 at a time, {sum(statuses.values())} "
+        f"requests, {dict(statuses)}): a 1-photo identify beside them took median {statistics.median(single):.2f} s, "
+        f"max {max(single):.2f} s ({len(single)} requests); 8 at once: {eight.status_code} "
+        f"{eight.json().get('code')}; server peak RSS so far {peak_rss_mb(pid):.0f} MB"
+    )
 
 
 def report(title: str, r: dict) -> None:
@@ -245,6 +401,51 @@ def report(title: str, r: dict) -> None:
     )
 
 
+def in_process(run: str, paths: list[Path], repeats: int) -> tuple[list[float], list[float]]:
+    """Batched identify_many in its own process on the same photos: (photos/s, photos per CPU-second) per run."""
+    out = subprocess.run(
+        [sys.executable, "-c", IN_PROCESS, run, json.dumps([str(p) for p in paths]), "32", str(repeats)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["runs"], result["cpu_runs"]
+
+
+def start_server(run: Path, port: int, key_file: Path) -> subprocess.Popen:
+    log_path = Path(tempfile.gettempdir()) / "serve_load_server.log"
+    print(f"server log: {log_path}")
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pinsface.cli", "serve", str(run), "--port", str(port)]
+            + ["--api-key-file", str(key_file)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def load_phases(args, url: str, key: str, photos: list[bytes], pid: int, tmp: Path) -> dict | None:
+    """The clean and hostile phases; the clean phase's figures."""
+    import httpx
+
+    clean = None
+    if "clean" in args.phases:
+        clean = asyncio.run(drive(url, photos, [], 0.0, args.clients, args.seconds, args.max_requests, 1, pid, key))
+        report(f"{args.clients} clients, 224-px photos", clean)
+        print(f"  {clean['ok'] / clean['server_cpu_s']:.1f} photos per server CPU-second")
+    if "hostile" in args.phases:
+        hostile = hostile_files(PINS / "pins_Bill Gates" / "Bill Gates104_500.jpg", tmp / "bad", 10.0)
+        mixed = asyncio.run(
+            drive(url, photos, hostile, args.hostile, args.clients, args.seconds, args.max_requests, 2, pid, key)
+        )
+        report(f"{args.clients} clients, {args.hostile:.0%} hostile uploads", mixed)
+        fives = {k: v for k, v in mixed["statuses"].items() if str(k).startswith("5") or not str(k).isdigit()}
+        health = httpx.get(f"{url}/v1/health", timeout=10, headers={"X-API-Key": key}).json()
+        print(f"  5xx or failed requests: {fives or 'none'}; health afterwards: {health['status']}")
+    return clean
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a run folder (copied: the bench changes nothing in it)")
@@ -255,9 +456,12 @@ def main() -> int:
     parser.add_argument("--photos", type=int, default=256, help="distinct Pins photos uploaded")
     parser.add_argument("--repeats", type=int, default=3, help="in-process identify_many repeats (median)")
     parser.add_argument("--port", type=int, default=0, help="default: a free port")
+    parser.add_argument("--phases", default="clean,hostile,storm,slow,huge", help="which phases, comma-separated")
+    parser.add_argument("--storm-clients", type=int, default=4, help="clients naming photos in the storm phase")
     args = parser.parse_args()
+    args.phases = set(args.phases.split(","))
 
-    import httpx
+    import shutil
 
     from tests.serving import free_port, wait_healthy
 
@@ -265,80 +469,33 @@ def main() -> int:
     photos = [p.read_bytes() for p in paths]
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         tmp = Path(tmp)
-
-        # In-process first, alone on the machine: batched identify_many on the same photos.
-        def in_process() -> tuple[list[float], list[float]]:
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    "-c",
-                    IN_PROCESS,
-                    args.run,
-                    json.dumps([str(p) for p in paths]),
-                    "32",
-                    str(args.repeats),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
+        if "clean" in args.phases:  # in-process first, alone on the machine
+            rates, cpu_rates = in_process(args.run, paths, args.repeats)
+            print(
+                f"in-process identify_many (batch 32, {len(photos)} photos, median of {args.repeats}): "
+                f"{statistics.median(rates):.1f} photos/s, {statistics.median(cpu_rates):.1f} photos per CPU-second"
             )
-            result = json.loads(out.stdout.strip().splitlines()[-1])
-            return result["runs"], result["cpu_runs"]
-
-        rates, cpu_rates = in_process()
-        inproc = {"photos_per_s": statistics.median(rates)}
-        print(
-            f"in-process identify_many (batch 32, {len(photos)} photos, median of {args.repeats}): "
-            f"{inproc['photos_per_s']:.1f} photos/s, {statistics.median(cpu_rates):.1f} photos per CPU-second"
-        )
-
-        import shutil
-
         run = tmp / "run"
         shutil.copytree(args.run, run)
         port = args.port or free_port()
         url = f"http://127.0.0.1:{port}"
-        log_path = Path(tempfile.gettempdir()) / "serve_load_server.log"
-        print(f"server log: {log_path}")
-        log = open(log_path, "wb")
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pinsface.cli",
-                "serve",
-                str(run),
-                "--port",
-                str(port),
-                "--api-key-file",
-                str(tmp / "key"),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        server = start_server(run, port, tmp / "key")
         try:
-            wait_healthy(url, server, timeout=300)
+            for _ in range(600):
+                if (tmp / "key").exists() or server.poll() is not None:
+                    break
+                time.sleep(0.5)
+            key = (tmp / "key").read_text().strip()
+            wait_healthy(url, server, headers={"X-API-Key": key}, timeout=300)
             # Warm up as the in-process figure does: the first batches of each size build the graphs.
-            asyncio.run(drive(url, photos, [], 0.0, 32, 60, 96, 0, server.pid))
-            clean = asyncio.run(
-                drive(url, photos, [], 0.0, args.clients, args.seconds, args.max_requests, 1, server.pid)
-            )
-            report(f"{args.clients} clients, 224-px photos", clean)
-            print(
-                f"  server throughput / in-process: {clean['req_per_s'] / inproc['photos_per_s']:.0%}; "
-                f"{clean['ok'] / clean['server_cpu_s']:.1f} photos per server CPU-second"
-            )
-            hostile = hostile_files(PINS / "pins_Bill Gates" / "Bill Gates104_500.jpg", tmp / "bad", 10.0)
-            mixed = asyncio.run(
-                drive(url, photos, hostile, args.hostile, args.clients, args.seconds, args.max_requests, 2, server.pid)
-            )
-            report(f"{args.clients} clients, {args.hostile:.0%} hostile uploads", mixed)
-            fives = {k: v for k, v in mixed["statuses"].items() if str(k).startswith("5") or not str(k).isdigit()}
-            health = httpx.get(f"{url}/v1/health", timeout=10)
-            print(
-                f"  5xx or failed requests in the hostile run: {fives or 'none'}; health afterwards: "
-                f"{health.status_code} {health.json().get('status')}, {health.json().get('pending_images')} pending"
-            )
+            asyncio.run(drive(url, photos, [], 0.0, 32, 60, 96, 0, server.pid, key))
+            clean = load_phases(args, url, key, photos, server.pid, tmp)
+            if "storm" in args.phases:
+                storm(url, key, photos, args.storm_clients, args.seconds, server.pid)
+            if "slow" in args.phases:
+                slow_clients(url, key, photos[0])
+            if "huge" in args.phases:
+                huge_images(url, key, photos[0], args.seconds, server.pid)
             print(f"server peak RSS: {peak_rss_mb(server.pid):.0f} MB")
         finally:
             server.send_signal(signal.SIGTERM)
@@ -347,20 +504,14 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait(10)
-            log.close()
-        # The machine's load drifts: measure in-process again, after, and compare with the median of both.
-        more, more_cpu = in_process()
-        rates += more
-        cpu_rates += more_cpu
-        both, both_cpu = statistics.median(rates), statistics.median(cpu_rates)
-        print(
-            f"in-process identify_many again: median of all {len(rates)} runs {both:.1f} photos/s "
-            f"(min {min(rates):.1f}, max {max(rates):.1f}), {both_cpu:.1f} photos per CPU-second"
-        )
-        print(
-            f"server / in-process: throughput {clean['req_per_s'] / both:.0%}, photos per CPU-second "
-            f"{clean['ok'] / clean['server_cpu_s'] / both_cpu:.0%}"
-        )
+        if clean is not None:  # the machine's load drifts: in-process again, after, against the median of both
+            more, more_cpu = in_process(args.run, paths, args.repeats)
+            both, both_cpu = statistics.median(rates + more), statistics.median(cpu_rates + more_cpu)
+            print(
+                f"server / in-process ({both:.1f} photos/s, median of {len(rates + more)} runs): throughput "
+                f"{clean['req_per_s'] / both:.0%}, photos per CPU-second "
+                f"{clean['ok'] / clean['server_cpu_s'] / both_cpu:.0%}"
+            )
     return 0
 
 

@@ -31,13 +31,21 @@ def copy_run(run_dir: Path, dest: Path) -> Path:
 class ThreadServer:
     """``create_app(...)`` served by a real uvicorn on 127.0.0.1 in a thread, for the length of a ``with``."""
 
-    def __init__(self, app, port: int | None = None):
+    def __init__(self, app, port: int | None = None, guarded: bool = False):
+        """``guarded``: with the connection caps and header timeout of ``pinsface serve`` (serve/limits.py)."""
         import uvicorn
 
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        extra = {}
+        if guarded:
+            from pinsface.serve.limits import guarded_protocol
+
+            state = app.state.pinsface
+            extra["http"] = guarded_protocol(state.counts, state.settings.header_timeout_s)
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", **extra)
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> ThreadServer:

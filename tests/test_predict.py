@@ -72,7 +72,7 @@ def test_identify_and_enroll_decode_phone_photos_at_reduced_scale(recognizer, pi
     faces = recognizer.identify(str(path))
     assert [f.identity for f in faces] == ["Adriana Lima"]
     assert chosen_is(np.array(faces[0].box), pasted)  # in full-resolution pixels
-    _, _, used, skipped = recognizer.faces_for_enrolment([str(path), data])
+    _, _, used, skipped, _ = recognizer.faces_for_enrolment([str(path), data])
     assert used == 2 and skipped == []
     assert decoded and all(h * w <= 2000 * 1500 for h, w in decoded)  # never the 12 megapixels
 
@@ -94,9 +94,9 @@ def test_enroll_a_new_person_then_forget(recognizer, pins_dir):
     assert np.mean([who == "Bill Gates" for who in known]) >= 0.8
     recognizer.save()
     reloaded = Recognizer.load(recognizer.run_dir)
-    assert "Ben Affleck" in reloaded.labels and reloaded.model.output_shape == (None, 7)
+    assert "Ben Affleck" in reloaded.labels and reloaded.head.output_shape == (None, 7)
     reloaded.forget("ben affleck")
-    assert "Ben Affleck" not in reloaded.labels and reloaded.model.output_shape == (None, 6)
+    assert "Ben Affleck" not in reloaded.labels and reloaded.head.output_shape == (None, 6)
     with pytest.raises(ValueError, match="not known"):
         reloaded.forget("Nobody Atall")
 

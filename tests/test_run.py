@@ -35,7 +35,7 @@ def assert_consistent(run_dir: Path, before: list[str]) -> list[str]:
     recognizer = Recognizer.load(run_dir)
     labels = recognizer.labels
     assert labels == before or labels == before + ["Ben Affleck"], labels
-    assert recognizer.model.output_shape[-1] == len(labels) == len(recognizer.gallery.labels)
+    assert recognizer.head.n_classes == len(labels) == len(recognizer.gallery.labels)
     assert int(recognizer.gallery.owner.max()) == len(labels) - 1
     return labels
 
@@ -50,7 +50,7 @@ real = run.atomic_write
 written = []
 
 def killing(path, write):
-    if point == "inside-model-write" and path.suffix == ".keras":
+    if point == "inside-delta-write" and path.name.startswith("gallery-delta"):
         def then_die(tmp):
             write(tmp)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -68,8 +68,15 @@ sys.exit(main(["enroll", *sys.argv[2:]]))
 
 def test_a_save_killed_at_any_point_leaves_the_old_state_or_the_new_one(run_copy, pins_dir, tmp_path):
     before = Recognizer.load(run_copy).labels
-    # The save writes the model, the labels, the gallery, then the manifest that makes them current.
-    points = {"inside-model-write": False, "after-1-files": False, "after-3-files": False, "after-4-files": True}
+    # An enrolment writes the labels, the head's columns, the gallery's change (not the model or the whole
+    # gallery), then the manifest that makes them current.
+    points = {
+        "after-1-files": False,
+        "after-2-files": False,
+        "inside-delta-write": False,
+        "after-3-files": False,
+        "after-4-files": True,
+    }
     folders = {}
     for point in points:
         folders[point] = tmp_path / point
@@ -102,7 +109,8 @@ def test_a_save_killed_at_any_point_leaves_the_old_state_or_the_new_one(run_copy
     recognizer = Recognizer.load(folders["after-4-files"])
     recognizer.forget("Ben Affleck")
     assert Recognizer.load(folders["after-4-files"]).labels == before
-    assert not (folders["after-4-files"] / "model.keras").exists()
+    assert not (folders["after-4-files"] / "labels.json").exists()  # the first generation's, no longer needed
+    assert (folders["after-4-files"] / "model.keras").exists()  # still the current model
 
 
 def test_two_enrolments_at_once_keep_both_people(run_copy, pins_dir):
@@ -255,9 +263,9 @@ def test_a_large_gallerys_index_is_saved_checked_and_reused(run_copy, pins_dir, 
     index = recognizer.gallery.face_index
     recognizer.enroll("Ben Affleck", photos(pins_dir, "Ben Affleck", 6))
     assert recognizer.gallery.face_index is index and index.source == str(index_file)
-    newer = run.manifest()
-    assert newer["index"]["faces"] == recognizer.gallery.size == run.load_state(model=False).gallery.face_index.n
-    index_file = run_copy / newer["files"]["index"]
+    newer = run.manifest()  # the enrolment saved its change alone: the saved index stays, and grows on load
+    assert newer["index"] == manifest["index"] and newer["deltas"]
+    assert run.load_state(model=False).gallery.face_index.n == recognizer.gallery.size
     others = recognizer.identify_many(photos(pins_dir, "Ben Affleck", 4, start=20))
     assert sum(r.faces[0].identity == "Ben Affleck" for r in others if r.faces) >= 3
 

@@ -52,37 +52,51 @@ def test_name_enrol_name_forget_in_the_browser(small_run, pins_dir, browser, tmp
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
 
-        # 1. The page loads and lists the run's people.
+        # 1. The page loads, asks once for the key (every endpoint needs it by default) and lists the people.
         page.goto(server.url)
         expect(page.get_by_role("heading", name="Name the faces in photos")).to_be_visible()
+        expect(page.locator("#key-dialog")).to_be_visible()
+        page.screenshot(path=shots / "0-key.png")
+        page.locator("#key-input").fill(API_KEY)
+        page.locator("#key-input").press("Enter")
         expect(page.locator("#people-count")).to_have_text("6 of 6 people")
         expect(page.locator("#health")).to_contain_text("6 people known")
 
         # 2. A shared Pins photo of a known person: the right name is drawn over the face.
         page.get_by_label("Choose one or more photos, or drop them here").set_input_files(
-            photos(pins_dir, "pins_Bill Gates", 1, start=70) + photos(pins_dir, "pins_Ben Affleck", 1, start=70)
+            photos(pins_dir, "pins_Bill Gates", 1, start=70) + photos(pins_dir, "pins_Ben Affleck", 3, start=70)
         )
         bill = page.locator('.face.known[data-identity="Bill Gates"]')
         expect(bill).to_have_count(1, timeout=120_000)
-        expect(page.locator(".face.unknown")).to_have_count(1)  # Ben Affleck is not known yet
+        expect(page.locator(".face")).to_have_count(4)
+        # Ben Affleck is not known yet. The run rejects a stranger's face at a calibrated rate (most, not all;
+        # it is trained afresh for each session): most of his three photos are shown as unknown.
+        assert page.locator(".face.unknown").count() >= 2
         bill.focus()
         expect(bill.locator(".tip")).to_be_visible()
         expect(bill.locator(".tip")).to_contain_text("probability")
         page.screenshot(path=shots / "1-named.png", full_page=True)
 
-        # 3. Enrol a person from photos; the page asks for the API key once.
+        # 3. Enrol a person from photos (the key is not asked again); a progress bar shows while it runs.
         page.get_by_label("Name", exact=True).fill("Ben Affleck")
         page.get_by_label("Photos of that person").set_input_files(photos(pins_dir, "pins_Ben Affleck", 6, start=0))
         page.get_by_role("button", name="Enrol", exact=True).click()
-        expect(page.locator("#key-dialog")).to_be_visible()
-        page.screenshot(path=shots / "2-key.png")
-        page.locator("#key-input").fill(API_KEY)
-        page.locator("#key-input").press("Enter")
         expect(page.locator("#enrol-result h3")).to_have_text("Enrolled Ben Affleck", timeout=300_000)
+        expect(page.locator("#enrol-progress")).to_be_hidden()
+        expect(page.locator("#enrol-result .warning")).to_have_count(0)
         expect(page.locator("#enrol-result svg.cluster circle.new")).to_have_count(6)
         expect(page.locator("#people-count")).to_have_text("7 of 7 people")
         page.locator("#enrol-result").scroll_into_view_if_needed()
         page.screenshot(path=shots / "3-enrolled.png", full_page=True)
+
+        # 3b. Photos of someone known, under a new name: enrolled, with a warning on the page.
+        page.get_by_label("Name", exact=True).fill("Mr Gates")
+        page.get_by_label("Photos of that person").set_input_files(photos(pins_dir, "pins_Bill Gates", 3, start=80))
+        page.get_by_role("button", name="Enrol", exact=True).click()
+        expect(page.locator("#enrol-result h3")).to_have_text("Enrolled Mr Gates", timeout=300_000)
+        expect(page.locator("#enrol-result .warning")).to_contain_text("Bill Gates")
+        page.screenshot(path=shots / "3b-warning.png", full_page=True)
+        assert httpx.delete(f"{server.url}/v1/identities/Mr Gates", headers={"X-API-Key": API_KEY}).status_code == 200
 
         # 4. The new person is named in a new photo.
         page.get_by_label("Choose one or more photos, or drop them here").set_input_files(
@@ -114,6 +128,8 @@ def test_name_enrol_name_forget_in_the_browser(small_run, pins_dir, browser, tmp
         # A phone-width screen: nothing wider than the viewport.
         phone = browser.new_page(viewport={"width": 390, "height": 844})
         phone.goto(server.url)
+        phone.locator("#key-input").fill(API_KEY)
+        phone.locator("#key-input").press("Enter")
         expect(phone.locator("#people-count")).to_have_text("6 of 6 people")
         phone.get_by_label("Choose one or more photos, or drop them here").set_input_files(
             photos(pins_dir, "pins_Bill Gates", 1, start=71)
@@ -122,8 +138,8 @@ def test_name_enrol_name_forget_in_the_browser(small_run, pins_dir, browser, tmp
         assert phone.evaluate("document.documentElement.scrollWidth") <= 390
         phone.screenshot(path=shots / "7-phone.png", full_page=True)
 
-        people = httpx.get(f"{server.url}/v1/identities").json()["identities"]
+        people = httpx.get(f"{server.url}/v1/identities", headers={"X-API-Key": API_KEY}).json()["identities"]
         assert "Ben Affleck" not in [p["name"] for p in people]
-        # The one refused request is the enrolment sent before the key was known.
-        assert [e for e in errors if "401" not in e] == [] and sum("401" in e for e in errors) == 1, errors
+        # The only refused requests are the two sent at load, before the key was known.
+        assert [e for e in errors if "401" not in e] == [] and sum("401" in e for e in errors) <= 2, errors
     print(f"screenshots: {shots}")

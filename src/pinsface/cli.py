@@ -276,6 +276,25 @@ def _enroll(args) -> int:
     )
     for s in summary["skipped"]:
         print(f"  skipped {s['source']}: {s['reason']}")
+    for d in summary["duplicates"]:
+        print(f"  already enrolled as {d['identity']!r}: {d['source']}")
+    for w in summary["warnings"]:
+        print(f"  warning: {w['message']}")
+    return EXIT_OK
+
+
+def _refit(args) -> int:
+    from pinsface.predict import Recognizer
+
+    recognizer = Recognizer.load(args.run_dir, mode="head")
+    summary = recognizer.refit(epochs=args.epochs)
+    if args.json:
+        _print_json(summary)
+        return EXIT_OK
+    print(
+        f"refitted the head on {summary['identities']} identities; thresholds: probability >= "
+        f"{recognizer.gallery.threshold_probability:.3f}, distance <= {recognizer.gallery.threshold_distance:.3f}"
+    )
     return EXIT_OK
 
 
@@ -299,7 +318,8 @@ def _serve(args) -> int:
 
     settings = ServeSettings(
         api_key_file=args.api_key_file,
-        auth=args.auth,
+        auth="write" if args.public_read else args.auth,
+        allowed_hosts=tuple(args.allowed_host or ()),
         max_upload_mb=args.max_upload_mb,
         max_request_mb=args.max_request_mb,
         max_files=args.max_files,
@@ -497,6 +517,16 @@ def _add_people_commands(sub, parents) -> None:
     _json_option(p)
     p.set_defaults(func=_forget)
 
+    p = sub.add_parser(
+        "refit",
+        parents=parents,
+        help="retrain the head on every enrolled face and recalibrate (enrolment itself trains nothing)",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--epochs", type=int, default=30, help="epochs of the output layer's training")
+    _json_option(p)
+    p.set_defaults(func=_refit)
+
 
 def _add_serve_command(sub, parents) -> None:
     p = sub.add_parser("serve", parents=parents, help="a REST API and a web page over a run (needs the serve extra)")
@@ -506,13 +536,25 @@ def _add_serve_command(sub, parents) -> None:
     p.add_argument(
         "--api-key-file",
         metavar="PATH",
-        help="file holding the API key; created (mode 0600) when missing (default: RUN_DIR/api_key)",
+        help="file holding the API key; created (mode 0600) when missing (default: ~/.config/pinsface/api_key, "
+        "outside the run folder)",
     )
     p.add_argument(
         "--auth",
         choices=("write", "all"),
-        default="write",
-        help="endpoints that need the key: those that change state (default) or every API endpoint",
+        default="all",
+        help="endpoints that need the key: every API endpoint (default) or those that change state",
+    )
+    p.add_argument(
+        "--public-read",
+        action="store_true",
+        help="naming faces, listing people, health and metrics need no key (the same as --auth write)",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        help="a host name requests may use besides localhost and the bound address (repeatable)",
     )
     p.add_argument("--max-upload-mb", type=float, default=10.0, metavar="N", help="cap per uploaded file")
     p.add_argument("--max-request-mb", type=float, default=50.0, metavar="N", help="cap per request")

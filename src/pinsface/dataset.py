@@ -80,19 +80,35 @@ def identity_from_folder(folder_name: str) -> str:
 
 
 def identity_key(name: str) -> str:
-    """How identity names are matched across folders: case- and spacing-insensitive."""
-    return " ".join(name.casefold().split())
+    """How identity names are matched across folders, the CLI and the server: case-insensitive, and with
+    underscores, spaces and runs of them alike ('Richard_Gere' is 'richard gere'). Names are shown as given."""
+    return " ".join(name.replace("_", " ").casefold().split())
+
+
+MAX_NAME_LENGTH = 100
 
 
 def name_problem(name: str) -> str | None:
-    """Why ``name`` cannot be an identity (a folder name or ``enroll --name``), or None when it can."""
+    """Why ``name`` cannot be an identity (a folder name, ``enroll --name`` or a name in the server's URL),
+    or None when it can. The one rule for identity names."""
     if not name or not name.strip():
         return "the name is empty"
-    if name.isascii() and name.isprintable():  # the common case, without a look at every character
+    if len(name) > MAX_NAME_LENGTH:
+        return f"the name is longer than {MAX_NAME_LENGTH} characters"
+    if not name.strip(". "):
+        return "the name is only dots"
+    if "/" in name or "\\" in name:
+        return "the name holds a slash"
+    return text_problem(name)
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` (a name or a path) would break a terminal, JSON or CSV downstream, or None."""
+    if text.isascii() and text.isprintable():  # the common case, without a look at every character
         return None
-    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in name):
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in text) or "\ufffd" in text:
         return "the name is not valid UTF-8"
-    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in name):
+    if any(unicodedata.category(ch).startswith("C") or unicodedata.category(ch) in ("Zl", "Zp") for ch in text):
         return "the name holds control characters"
     return None
 
@@ -170,7 +186,7 @@ def scan_dataset(root: str | os.PathLike) -> Dataset:
             rel = os.fspath(path)[prefix:].replace(os.sep, "/")
             if rel.startswith(".") or "/." in rel:
                 reason = "hidden"
-            elif bad_folder or name_problem(rel):
+            elif bad_folder or text_problem(rel):
                 # Names that are not UTF-8 (zips from other systems) or hold control characters would break
                 # the terminal, JSON and CSV files downstream: listed, escaped, and left out.
                 reason = "bad_name"

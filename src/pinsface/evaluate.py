@@ -125,7 +125,10 @@ def evaluate(
     t1 = clock.mark()
     clock.record("prepare", t0)
     mode = resolve_mode(mode or settings.mode, len(labels)) if settings.model == "embedding" else "head"
-    probs, usable = score_images(model, settings, prepared, items, progress, gallery=state.gallery, mode=mode)
+    head = state.head if model is state.model else None  # a model given by the caller brings its own head
+    probs, usable = score_images(
+        model, settings, prepared, items, progress, gallery=state.gallery, mode=mode, head=head
+    )
     clock.record("score", t1)
     status = [prepared.status[i] for i in items]
     metrics = compute_metrics(probs, usable, y, labels, status)
@@ -509,7 +512,7 @@ def evaluate_open_set(
         if mode == "gallery":  # no head: every face passes the probability check
             ids, near = nearest_identities(gallery, emb, flip, 1)
             return usable, ids[:, 0], np.ones(len(ids), np.float32), near[:, 0]
-        probs = head_probabilities(model.get_layer("head"), emb, flip)
+        probs = head_probabilities(state.head, emb, flip)
         dists = gallery.distances(emb, flip)
         pred = np.argmax(identity_scores(probs, dists, gallery.knn_weight, gallery.knn_tau), 1)
         rows = np.arange(len(pred))

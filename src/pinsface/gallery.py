@@ -52,6 +52,8 @@ class Gallery:
     knn_weight: float = 0.0
     knn_tau: float = 0.04
     trained_labels: list[str] | None = None  # the identities the run was trained on; the rest were enrolled
+    # sha256 of each enrolled photo -> the identity it was enrolled under: enrolling a photo again adds nothing.
+    photo_hashes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.trained_labels is None:
@@ -80,6 +82,7 @@ class Gallery:
         new = copy.copy(self)
         new.labels, new.trained_labels = list(self.labels), list(self.trained_labels)
         new.calibration = dict(self.calibration)
+        new.photo_hashes = dict(self.photo_hashes)
         new._keys = dict(self._keys) if self._keys is not None else None
         return new
 
@@ -187,9 +190,38 @@ class Gallery:
         self.embeddings, self.flips = self.embeddings[keep], self.flips[keep]
         keep, self.val_owner = without(self.val_owner)
         self.val_embeddings, self.val_flips = self.val_embeddings[keep], self.val_flips[keep]
-        self.labels.pop(index)
+        removed = self.labels.pop(index)
+        self.photo_hashes = {h: who for h, who in self.photo_hashes.items() if who != removed}
         self.changed()
         return index
+
+    def apply(self, change: GalleryChange) -> int:
+        """Replay a saved enrolment or forgetting (``GalleryChange``); the identity's index."""
+        if change.op == "remove":
+            return self.remove_identity(change.name)
+        index, _ = self.add_faces(change.name, change.embeddings, change.flips)
+        self.photo_hashes.update(dict.fromkeys(change.hashes, self.labels[index]))
+        return index
+
+    def trained_mask(self) -> np.ndarray:
+        """Which identities the head was trained on (the others were enrolled since)."""
+        trained = np.zeros(len(self.labels), bool)
+        for name in self.trained_labels:
+            if (k := self.find(name)) >= 0:
+                trained[k] = True
+        return trained
+
+    def probability_thresholds(self) -> np.ndarray:
+        """The head's minimum probability per identity. It is calibrated on the trained identities, whose
+        columns training pushed towards their faces; an imprinted column is only their mean direction and
+        scores lower on the same person's faces, so people enrolled since are named on distance alone (as in
+        gallery mode), once the blended scores rank them first (``scoring.checked_probabilities``)."""
+        return np.where(self.trained_mask(), self.threshold_probability, 0.0).astype(np.float32)
+
+    def identity_faces(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings, mirror embeddings) of one identity's enrolled faces."""
+        mine = self.owner == index
+        return self.embeddings[mine], self.flips[mine]
 
     @property
     def centroids(self) -> np.ndarray:
@@ -276,6 +308,7 @@ class Gallery:
             "trained_labels": self.trained_labels,
             "knn_weight": self.knn_weight,
             "knn_tau": self.knn_tau,
+            "photo_hashes": self.photo_hashes,
         }
         # Uncompressed: compression cost seconds of every save (enrolment included) for a file half the size.
         np.savez(
@@ -318,6 +351,7 @@ class Gallery:
             trained_labels=meta.get("trained_labels"),
             knn_weight=float(meta.get("knn_weight", 0.0)),
             knn_tau=float(meta.get("knn_tau", 0.04)),
+            photo_hashes=dict(meta.get("photo_hashes") or {}),
         )
         gallery._room = room
         gallery.validate()
@@ -339,6 +373,36 @@ class Gallery:
                 )
             if len(owner) and (owner.min() < 0 or owner.max() >= n):
                 raise ValueError(f"{what} faces belong to identity {int(owner.max())}, but only {n} are named")
+
+
+@dataclass
+class GalleryChange:
+    """One enrolment (``add``: faces under a name, and the sha256 of their photos) or forgetting (``remove``),
+    saved on its own in the run folder and replayed on the saved gallery (``Gallery.apply``)."""
+
+    op: str  # "add" or "remove"
+    name: str
+    embeddings: np.ndarray | None = None
+    flips: np.ndarray | None = None
+    hashes: list[str] = field(default_factory=list)
+
+    def save(self, path: Path) -> None:
+        meta = {"op": self.op, "name": self.name, "hashes": self.hashes}
+        arrays = {} if self.op == "remove" else {"embeddings": self.embeddings, "flips": self.flips}
+        np.savez(path, meta=np.array(json.dumps(meta, ensure_ascii=False)), **arrays)
+
+    @classmethod
+    def load(cls, path: Path) -> GalleryChange:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            if meta["op"] not in ("add", "remove") or not isinstance(meta["name"], str):
+                raise ValueError(f"not a gallery change: {meta.get('op')!r}")
+            if meta["op"] == "remove":
+                return cls("remove", meta["name"])
+            emb, flips = data["embeddings"].astype(np.float32), data["flips"].astype(np.float32)
+        if emb.ndim != 2 or emb.shape != flips.shape:
+            raise ValueError(f"embeddings {emb.shape} and mirror images {flips.shape} do not agree")
+        return cls("add", meta["name"], emb, flips, [str(h) for h in meta.get("hashes", [])])
 
 
 def _read_with_room(archive, key: str) -> list | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 from pinsface.ahead import ahead
 from pinsface.errors import BadImage
 from pinsface.faces import FaceDetector, choose_face
-from pinsface.finding import find_faces
+from pinsface.finding import display_name, find_faces
 from pinsface.run import Run, RunState
 from pinsface.settings import Settings
 
@@ -90,6 +91,10 @@ class Recognizer:
         self.face_settings = settings.faces
         self._detector: FaceDetector | None = None
         self._embedder = None
+        self._writing = threading.Lock()  # one enrolment or forgetting at a time; naming reads self._state
+        # Gallery mode's FAISS index grows in place on enrolment (shared by the old and new state): searched
+        # and grown under this lock, held for the search or the append alone.
+        self._index_lock = threading.Lock()
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike, mode: str | None = None) -> Recognizer:
@@ -103,9 +108,9 @@ class Recognizer:
             raise ValueError(f"{run_dir} is a {settings.model} run: naming faces needs an embedding run")
         state = run.load_state(settings)
         mode = resolve_mode(mode or settings.mode, len(state.labels))
-        if mode == "head" and state.model.output_shape[-1] != len(state.labels):
+        if mode == "head" and state.head.n_classes != len(state.labels):
             raise ValueError(
-                f"{run_dir}: the head knows {state.model.output_shape[-1]} of {len(state.labels)} "
+                f"{run_dir}: the head knows {state.head.n_classes} of {len(state.labels)} "
                 "identities (people were enrolled in gallery mode): use mode 'gallery'"
             )
         return cls(run, settings, state, mode)
@@ -133,7 +138,8 @@ class Recognizer:
 
     @property
     def head(self):
-        return self.model.get_layer("head")
+        """The head as arrays (``pinsface.head.ArrayHead``): what names faces, with any imprinted people."""
+        return self._state.head
 
     @property
     def detector(self) -> FaceDetector:
@@ -243,8 +249,6 @@ class Recognizer:
         min_probability: float | None,
     ) -> list[list[Face]]:
         """The faces of each image named, from their aligned ``chips``."""
-        from pinsface.scoring import head_probabilities, identity_scores, match_faces, match_nearest, nearest_identities
-
         crops = [chip for image_chips in chips for chip in image_chips]
         owners = [(i, face) for i, faces in enumerate(detections) for face in faces]
         out: list[list[Face]] = [[] for _ in chips]
@@ -252,16 +256,7 @@ class Recognizer:
             return out
         state = self._state  # one consistent state for the whole batch, even if enrolment swaps it meanwhile
         emb, emb_flip = self.embed(np.stack(crops))
-        p_min = state.gallery.threshold_probability if min_probability is None else min_probability
-        d_max = state.gallery.threshold_distance if threshold is None else threshold
-        if self.mode == "gallery":
-            matches = match_nearest(*nearest_identities(state.gallery, emb, emb_flip, max(top_k, 1)), d_max, top_k)
-        else:
-            g = state.gallery
-            probs, dists = head_probabilities(state.model.get_layer("head"), emb, emb_flip), g.distances(emb, emb_flip)
-            matches = match_faces(
-                probs, dists, p_min, d_max, top_k, scores=identity_scores(probs, dists, g.knn_weight, g.knn_tau)
-            )
+        matches = self.match(emb, emb_flip, top_k, threshold, min_probability, state)
         labels = state.labels
 
         def rounded(value: float | None) -> float | None:
@@ -285,76 +280,139 @@ class Recognizer:
             )
         return out
 
-    def faces_for_enrolment(self, images: list) -> tuple[np.ndarray, np.ndarray, int, list[dict]]:
-        """(embeddings, mirror embeddings, faces used, skipped files) of the subject's face in each photo."""
-        crops, skipped = [], []
-        for one in find_faces(self.detector, images, self.face_settings):
+    def match(
+        self,
+        emb: np.ndarray,
+        emb_flip: np.ndarray,
+        top_k: int = 3,
+        threshold: float | None = None,
+        min_probability: float | None = None,
+        state: RunState | None = None,
+    ) -> list:
+        """The ``scoring.Match`` of each face embedding: its best identity and whether it is named."""
+        from pinsface.scoring import (
+            checked_probabilities,
+            head_probabilities,
+            identity_scores,
+            match_faces,
+            match_nearest,
+            nearest_identities,
+        )
+
+        state = state or self._state
+        g = state.gallery
+        p_min = g.probability_thresholds() if min_probability is None else min_probability
+        d_max = g.threshold_distance if threshold is None else threshold
+        if self.mode == "gallery":
+            with self._index_lock:
+                nearest = nearest_identities(g, emb, emb_flip, max(top_k, 1))
+            return match_nearest(*nearest, d_max, top_k)
+        probs, dists = head_probabilities(state.head, emb, emb_flip), g.distances(emb, emb_flip)
+        scores = identity_scores(probs, dists, g.knn_weight, g.knn_tau)
+        probs = checked_probabilities(state.head, emb, emb_flip, probs, g.trained_mask())
+        return match_faces(probs, dists, p_min, d_max, top_k, scores=scores)
+
+    def faces_for_enrolment(self, images: list) -> tuple[np.ndarray, np.ndarray, int, list[dict], list[int]]:
+        """(embeddings, mirror embeddings, faces used, skipped files, which images gave the faces) of the
+        subject's face in each photo."""
+        crops, skipped, kept = [], [], []
+        for k, one in enumerate(find_faces(self.detector, images, self.face_settings)):
             if one.error is not None:
                 skipped.append({"source": one.source, "reason": one.error})
             elif one.faces:
                 crops.append(one.chips[choose_face(one.faces, one.full_size)])
+                kept.append(k)
         if not crops:
-            return np.zeros((0, 128), np.float32), np.zeros((0, 128), np.float32), 0, skipped
+            return np.zeros((0, 128), np.float32), np.zeros((0, 128), np.float32), 0, skipped, []
         emb, emb_flip = self.embed(np.stack(crops))
-        return emb, emb_flip, len(crops), skipped
+        return emb, emb_flip, len(crops), skipped, kept
 
-    def enroll(self, name: str, images: list, epochs: int = 30, save: bool = True) -> dict:
-        """Add (or extend) a person from a few photos without retraining the backbone; returns a summary.
+    def enroll(self, name: str, images: list, save: bool = True, find_faces=None) -> dict:
+        """Add (or extend) a person from a few photos, with no training: returns a summary.
 
-        The faces are found and embedded first; then, holding the run folder's lock, the latest saved state is
-        read (another process may have enrolled someone meanwhile), the person is added, the head refitted and,
-        with ``save``, the new state saved as one unit."""
+        Photos already enrolled (by content) are skipped. The faces are found and embedded first (by
+        ``find_faces``, default ``faces_for_enrolment``: the server runs it on its inference thread); then
+        ``enroll_faces`` adds them (see there)."""
         from pinsface.dataset import check_identity_name
+        from pinsface.enrol import photo_hash
 
         name = check_identity_name(name)
-        emb, emb_flip, used, skipped = self.faces_for_enrolment(images)
-        if not used:
+        hashes = [photo_hash(image) for image in images]
+        known = self.gallery.photo_hashes
+        fresh = [k for k, h in enumerate(hashes) if h not in known and h not in hashes[:k]]
+        emb, emb_flip, used, skipped, kept = (find_faces or self.faces_for_enrolment)([images[k] for k in fresh])
+        duplicates = [{"source": display_name(images[k]), "identity": known.get(hashes[k])} for k in range(len(images))]
+        duplicates = [d for k, d in enumerate(duplicates) if k not in fresh]
+        if not used and not duplicates:
             raise ValueError(f"no usable face in the {len(images)} photo(s) given for {name!r}")
-
-        def change(gallery, head):
-            from pinsface.train import refit_head
-
-            index, new = gallery.add_faces(name, emb, emb_flip)
-            summary = {"identity": gallery.labels[index], "new_identity": new}
-            if self.mode == "gallery":  # no head to refit: the index grew in place
-                return None, summary
-            return refit_head(head, gallery, self.settings, epochs), summary
-
-        summary = self._update(change, save)
-        summary.update({"photos": len(images), "faces_used": used, "skipped": skipped})
+        summary = self.enroll_faces(name, emb, emb_flip, [hashes[fresh[k]] for k in kept], save) if used else {}
+        index = self.gallery.find(name)
+        summary = {"identity": self.labels[index] if index >= 0 else name, "new_identity": False, **summary}
+        elsewhere = sorted({d["identity"] for d in duplicates if self.gallery.find(d["identity"]) != index})
+        summary["warnings"] = summary.get("warnings", []) + [
+            {"code": "photo_enrolled_as", "identity": who, "message": f"a photo given was enrolled as {who} before"}
+            for who in elsewhere
+        ]
+        summary.update({"photos": len(images), "faces_used": used, "skipped": skipped, "duplicates": duplicates})
         return summary
 
-    def forget(self, name: str, epochs: int = 30, save: bool = True) -> dict:
-        """Remove a person; the head is refitted on the remaining enrolled faces."""
+    def enroll_faces(self, name: str, emb: np.ndarray, emb_flip: np.ndarray, hashes: list[str], save=True) -> dict:
+        """Add faces (embeddings) under ``name``: its head column is imprinted from them (``pinsface.head``),
+        nothing is trained and no threshold moves. Holding the run folder's lock, the latest saved state is read
+        (another process may have changed it), the change is made on copies and saved (the change alone, see
+        ``Run.save_state``), then the new state replaces the old one in one step: naming never waits for it."""
+        from pinsface.enrol import enrol_change, looks_like
+
+        warnings = looks_like(self.gallery, name, emb, emb_flip)
 
         def change(gallery, head):
-            from pinsface.train import refit_head
+            return enrol_change(gallery, head, name, emb, emb_flip, hashes, imprint=self.mode == "head")
 
-            if gallery.find(name) < 0:
-                raise ValueError(f"{name!r} is not known to this run")
-            index = gallery.find(name)
-            removed = gallery.labels[index]
-            gallery.remove_identity(name)
-            return refit_head(head, gallery, self.settings, epochs, drop=index), {"identity": removed}
+        summary = self._update(change, save)
+        summary["warnings"] = warnings
+        return summary
 
-        return self._update(change, save)
+    def forget(self, name: str, save: bool = True) -> dict:
+        """Remove a person: their faces and head column; nothing is trained and no threshold moves."""
+        from pinsface.enrol import forget_change
 
-    def _update(self, change, save: bool) -> dict:
+        return self._update(lambda gallery, head: forget_change(gallery, head, name), save)
+
+    def refit(self, epochs: int = 30, save: bool = True) -> dict:
+        """Train the head's output layer (and tune its stack) on every enrolled face, then recalibrate both
+        thresholds and save a whole new generation. Slow: ``pinsface refit`` runs it on demand."""
         from pinsface.models import build_embedding_model
+        from pinsface.train import refit_head, to_keras_head
 
         with self.run.lock() if save else contextlib.nullcontext():
             if save and self.run.generation() != self._state.generation:
                 self._state = self.run.load_state(self.settings)
             gallery = self._state.gallery.copy()
+            dim = gallery.embeddings.shape[1]
+            keras_head = refit_head(to_keras_head(self.head, self.settings, dim), gallery, self.settings, epochs)
+            gallery.calibrate(keras_head)
+            model = build_embedding_model(self.model.get_layer(self.settings.backbone), keras_head, self.settings)
+            state = RunState(
+                list(gallery.labels), model, gallery, self._state.generation, type(self.head).from_keras(keras_head)
+            )
+            if save:
+                state.generation = self.run.save_state(state.labels, model, gallery)
+            self._state = state
+        return {"identities": len(state.labels), "calibration": gallery.calibration, "generation": state.generation}
+
+    def _update(self, change, save: bool) -> dict:
+        with self._writing, self.run.lock() if save else contextlib.nullcontext():
+            if save and self.run.generation() != self._state.generation:
+                self._state = self.run.load_state(self.settings)
+            gallery = self._state.gallery.copy()
             try:
-                head, summary = change(gallery, self.head)
-                model = self.model
-                if head is not None:
-                    gallery.calibrate(head)
-                    model = build_embedding_model(self.model.get_layer(self.settings.backbone), head, self.settings)
-                state = RunState(list(gallery.labels), model, gallery, self._state.generation)
+                with self._index_lock:
+                    head, delta, summary = change(gallery, self._state.head)
+                state = RunState(list(gallery.labels), self._state.model, gallery, self._state.generation, head)
                 if save:
-                    state.generation = self.run.save_state(state.labels, model, gallery, model_changed=head is not None)
+                    state.generation = self.run.save_state(
+                        state.labels, state.model, gallery, model_changed=False, head=head, change=delta
+                    )
             except BaseException:
                 self._state.gallery.changed()  # its FAISS index may have grown with the abandoned change
                 raise
@@ -375,7 +433,7 @@ class Recognizer:
 
     def save(self) -> None:
         """Save the current labels, model and gallery as the run folder's newest state."""
-        self._state.generation = self.run.save_state(self.labels, self.model, self.gallery)
+        self._state.generation = self.run.save_state(self.labels, self.model, self.gallery, head=self.head)
 
 
 __all__ = ["Recognizer", "Face", "ImageResult", "expand_inputs"]

@@ -13,6 +13,7 @@ then fails with "run folder is busy (pid N)".
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,6 +23,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from pinsface import __version__
 from pinsface.dataset import Split
@@ -40,7 +43,11 @@ STATE_FILES = {
     "labels": ("labels", ".json"),
     "gallery": ("gallery", ".npz"),
     "index": ("faces", ".faiss"),  # the gallery's FAISS index, for large galleries only (Gallery.index_to_save)
+    "head": ("head", ".npz"),  # the head's output columns after enrolment by imprinting (pinsface.head)
+    "delta": ("gallery-delta", ".npz"),  # one enrolment or forgetting, replayed on the gallery (GalleryChange)
 }
+# Changes replayed on a saved gallery before a save writes the whole gallery again.
+MAX_DELTAS = 64
 # How long a writer waits for another to finish; PINSFACE_LOCK_TIMEOUT overrides it.
 LOCK_TIMEOUT_SECONDS = 120.0
 STALE_TEMP_SECONDS = 3600.0
@@ -67,6 +74,7 @@ class RunState:
     model: object
     gallery: object | None
     generation: int
+    head: object | None = None  # pinsface.head.ArrayHead: what names faces (None without a model)
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -93,6 +101,19 @@ def atomic_write_text(path: Path, text: str) -> None:
 def sha256_of(path: Path) -> str:
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _read_saved(path: Path, read):
+    """``read(path)``; a file that cannot be read as saved is a ``RunError`` (a missing one stays a
+    ``FileNotFoundError``: a reader racing a writer's clean-up tries again)."""
+    try:
+        return read(path)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # a damaged npz can fail in many ways inside numpy or zipfile
+        raise RunError(
+            f"{path.name} is damaged ({type(exc).__name__}: {exc}); restore the folder or train the run again"
+        ) from None
 
 
 def _json_text(data) -> str:
@@ -259,7 +280,7 @@ class Run:
         races a writer's clean-up of old generations reads the new manifest and tries again."""
         for attempt in range(3):
             manifest = self.manifest()
-            files = manifest["files"] if manifest else self.state_names(1)
+            files = manifest["files"] if manifest else {**self.state_names(1), "head": None, "delta": None}
             try:
                 return self._load_state(manifest, files, settings or self.settings(), model)
             except FileNotFoundError as exc:
@@ -287,22 +308,64 @@ class Run:
         if files.get("gallery"):
             gallery_path = self.path / files["gallery"]
             if gallery_path.exists() or settings.model == "embedding":
-                try:
-                    gallery = Gallery.load(gallery_path)
-                except FileNotFoundError:
-                    raise
-                except Exception as exc:  # a damaged npz can fail in many ways inside numpy or zipfile
-                    raise RunError(
-                        f"{gallery_path.name} is damaged ({type(exc).__name__}: {exc}); restore the "
-                        "folder or train the run again"
-                    ) from None
-        self._check(manifest, labels, model, gallery, files)
+                gallery = _read_saved(gallery_path, Gallery.load)
         if gallery is not None and manifest and files.get("index"):
             self._use_saved_index(gallery, files["index"], manifest.get("index"))
+        if gallery is not None:
+            self._replay(gallery, (manifest or {}).get("deltas") or [])
+        head = (
+            self._load_head(model, files.get("head")) if model is not None and settings.model == "embedding" else None
+        )
+        self._check(manifest, labels, model, gallery, files, head)
         if gallery is not None and gallery.stale and model is not None:
             # Galleries saved before nearest-face distances hold thresholds for centroid distances.
             gallery.calibrate(model.get_layer("head"), settings.target_far)
-        return RunState(labels, model, gallery, int(manifest["generation"]) if manifest else 0)
+        return RunState(labels, model, gallery, int(manifest["generation"]) if manifest else 0, head)
+
+    def _replay(self, gallery, deltas: list[str]) -> None:
+        """Apply the enrolments and forgettings saved since the gallery file was written, in order."""
+        from pinsface.gallery import GalleryChange
+
+        for name in deltas:
+            gallery.apply(_read_saved(self.path / name, GalleryChange.load))
+
+    def _load_head(self, model, name: str | None):
+        """The head as arrays: the model's, with the output columns saved in ``name`` after imprinting."""
+        from pinsface.head import ArrayHead
+
+        head = ArrayHead.from_keras(model.get_layer("head"))
+        if not name:
+            return head
+        path = self.path / name
+        if not path.is_file():
+            raise FileNotFoundError(2, "missing", str(path))
+
+        def read(path):
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in ("kernel", "bias", "centre", "whiten") if k in data.files}
+
+        arrays = _read_saved(path, read)
+        kernel, bias, centre, whiten = (arrays.get(k) for k in ("kernel", "bias", "centre", "whiten"))
+        if kernel is None:
+            raise RunError(f"{name} holds no head columns; restore the folder")
+        if kernel.ndim != 2 or kernel.shape[0] != head.kernel.shape[0]:
+            raise RunError(f"{name} does not fit the model's head ({kernel.shape}); restore the folder")
+        head = head.with_kernel(kernel, bias)
+        if centre is None or whiten is None:
+            return head
+        if centre.shape != (kernel.shape[0],) or whiten.shape != (kernel.shape[0],) * 2:
+            raise RunError(f"{name} does not fit the model's head (imprinting reference); restore the folder")
+        return dataclasses.replace(head, centre=centre.astype(np.float32), whiten=whiten.astype(np.float32))
+
+    @staticmethod
+    def _save_head(path: Path, head) -> None:
+        arrays = {"kernel": head.kernel}
+        if head.bias is not None:
+            arrays["bias"] = head.bias
+        if head.centre is not None:
+            arrays["centre"], arrays["whiten"] = head.centre, head.whiten
+        with open(path, "wb") as fh:
+            np.savez(fh, **arrays)
 
     def _use_saved_index(self, gallery, name: str, entry) -> None:
         """Give the gallery its saved FAISS index, if the file is the one written (size and sha256 as the manifest
@@ -343,10 +406,10 @@ class Run:
                 "restore the folder or train the run again"
             ) from None
 
-    def _check(self, manifest: dict | None, labels: list[str], model, gallery, files: dict) -> None:
+    def _check(self, manifest: dict | None, labels: list[str], model, gallery, files: dict, head=None) -> None:
         """One clear error naming what disagrees, rather than an IndexError or a wrong name later."""
         problems = []
-        outputs = int(model.output_shape[-1]) if model is not None else None
+        outputs = head.n_classes if head is not None else int(model.output_shape[-1]) if model is not None else None
         # People enrolled in gallery mode have no output in the head (pinsface.scoring): the head then knows
         # the first identities only, as the manifest records.
         head_covers_all = not manifest or manifest.get("model_outputs") == manifest.get("labels")
@@ -381,9 +444,14 @@ class Run:
                 "the run again"
             )
 
-    def save_state(self, labels: list[str], model, gallery=None, model_changed: bool = True) -> int:
+    def save_state(
+        self, labels: list[str], model, gallery=None, model_changed: bool = True, head=None, change=None
+    ) -> int:
         """Save a new generation of the state and return its number. Holds the lock while it writes.
-        Without ``model_changed`` (gallery-mode enrolment) the new generation keeps the current model file."""
+        Without ``model_changed`` the new generation keeps the current model file. ``head`` (an ``ArrayHead``)
+        saves the head's output columns beside it (enrolment by imprinting). ``change`` (a ``GalleryChange``
+        that made ``gallery`` from the saved one): only that change is written, replayed on load, until
+        ``MAX_DELTAS`` of them have piled up and the whole gallery is written again."""
         with self.lock():
             previous = self.manifest()
             generation = (int(previous["generation"]) if previous else 0) + 1
@@ -393,29 +461,27 @@ class Run:
             else:
                 atomic_write(self.path / names["model"], lambda tmp: model.save(tmp))
             atomic_write_text(self.path / names["labels"], _json_text(list(labels)))
-            if gallery is not None:
-                atomic_write(self.path / names["gallery"], gallery.save)
+            if head is not None:
+                atomic_write(self.path / names["head"], lambda tmp: self._save_head(tmp, head))
             else:
-                names["gallery"] = None
-            face_index = gallery.index_to_save() if gallery is not None else None
+                names["head"] = None
+            deltas = list((previous or {}).get("deltas") or [])
             index_entry = None
-            if face_index is not None:
-                path = self.path / names["index"]
-                atomic_write(path, face_index.write)
-                index_entry = {
-                    "sha256": sha256_of(path),
-                    "bytes": path.stat().st_size,
-                    "faces": face_index.n,
-                    "validation": list(face_index.validation),
-                }
+            if change is not None and previous and previous["files"].get("gallery") and len(deltas) < MAX_DELTAS:
+                atomic_write(self.path / names["delta"], change.save)
+                deltas.append(names["delta"])
+                names["gallery"], names["index"] = previous["files"]["gallery"], previous["files"].get("index")
+                index_entry = previous.get("index")
             else:
-                names["index"] = None
+                deltas, index_entry = [], self._save_gallery(gallery, names)
+            names["delta"] = None
             manifest = {
                 "pinsface_version": __version__,
                 "generation": generation,
                 "files": names,
+                "deltas": deltas,
                 "labels": len(labels),
-                "model_outputs": int(model.output_shape[-1]),
+                "model_outputs": head.n_classes if head is not None else int(model.output_shape[-1]),
                 "gallery_identities": len(gallery.labels) if gallery is not None else None,
                 "gallery_faces": gallery.size if gallery is not None else None,
                 "index": index_entry,
@@ -423,9 +489,29 @@ class Run:
             }
             atomic_write_text(self.path / MANIFEST, _json_text(manifest))
             self._fsync_folder()
-            in_use = {*names.values(), *((previous or {}).get("files") or {}).values()}
+            in_use = {*names.values(), *deltas, *((previous or {}).get("files") or {}).values()}
+            in_use.update((previous or {}).get("deltas") or [])
             self._remove_generations_before(generation - 1, in_use)
             return generation
+
+    def _save_gallery(self, gallery, names: dict) -> dict | None:
+        """Write the whole gallery (and its FAISS index, when worth saving) under ``names``; the index's entry."""
+        if gallery is None:
+            names["gallery"] = names["index"] = None
+            return None
+        atomic_write(self.path / names["gallery"], gallery.save)
+        face_index = gallery.index_to_save()
+        if face_index is None:
+            names["index"] = None
+            return None
+        path = self.path / names["index"]
+        atomic_write(path, face_index.write)
+        return {
+            "sha256": sha256_of(path),
+            "bytes": path.stat().st_size,
+            "faces": face_index.n,
+            "validation": list(face_index.validation),
+        }
 
     def _fsync_folder(self) -> None:
         with contextlib.suppress(OSError):

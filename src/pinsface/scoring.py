@@ -68,10 +68,12 @@ def calibrate_distance(gallery, target_far: float | None = None) -> float:
 def run_head(head, x: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """``head`` on a few or many embeddings. A direct call, because ``Model.predict`` costs tens of
     milliseconds per call whatever the input, which is most of the work for one photo's faces."""
-    import keras
-
     if len(x) == 0:
         return np.zeros((0, head.output_shape[-1]), np.float32)
+    if not hasattr(head, "get_layer"):  # a pinsface.head.ArrayHead: plain arrays, no TensorFlow
+        return np.concatenate([head(x[lo : lo + chunk]) for lo in range(0, len(x), chunk)])
+    import keras
+
     return np.concatenate(
         [keras.ops.convert_to_numpy(head(x[lo : lo + chunk], training=False)) for lo in range(0, len(x), chunk)]
     )
@@ -81,6 +83,18 @@ def head_probabilities(head, emb: np.ndarray, emb_flip: np.ndarray | None = None
     """The head's probabilities for each face, averaged with its mirror image's when that is given."""
     probs = run_head(head, emb)
     return probs if emb_flip is None else (probs + run_head(head, emb_flip)) / 2
+
+
+def checked_probabilities(head, emb: np.ndarray, emb_flip: np.ndarray, probs: np.ndarray, trained: np.ndarray):
+    """The probabilities the threshold is checked on: for a trained identity, the head's probability among the
+    trained identities alone (``head`` an ``ArrayHead``), as it was when the threshold was calibrated, so
+    enrolling or forgetting someone else never moves a trained person's acceptance; enrolled identities keep
+    ``probs``, the head's probabilities over everyone."""
+    if trained.all() or not trained.any():
+        return probs
+    out = probs.copy()
+    out[:, trained] = head_probabilities(head.columns(trained), emb, emb_flip)
+    return out
 
 
 def identity_scores(probs: np.ndarray, dists: np.ndarray, knn_weight: float, knn_tau: float) -> np.ndarray:
@@ -137,14 +151,16 @@ class Match:
 def match_faces(
     probs: np.ndarray,
     dists: np.ndarray,
-    min_probability: float,
+    min_probability: float | np.ndarray,
     max_distance: float,
     top_k: int = 3,
     scores: np.ndarray | None = None,
 ) -> list[Match]:
     """Per face (rows of ``probs`` and ``dists``, faces x identities): its best identity and whether it is named.
     Identities are ranked by ``scores`` (``identity_scores``; default the head's probabilities); the thresholds
-    apply to the head's probability and the distance of the identity ranked first."""
+    apply to the head's probability and the distance of the identity ranked first. ``min_probability``: one
+    for all, or one per identity (``Gallery.probability_thresholds``)."""
+    per_identity = np.broadcast_to(np.asarray(min_probability, np.float32), (probs.shape[1],))
     out = []
     for p, d, q in zip(probs, dists, probs if scores is None else scores):
         order = np.argsort(-q)[: max(top_k, 1)]
@@ -154,7 +170,7 @@ def match_faces(
                 best,
                 float(p[best]),
                 float(d[best]),
-                bool(accepted(p[best], d[best], min_probability, max_distance)),
+                bool(accepted(p[best], d[best], per_identity[best], max_distance)),
                 [(int(k), float(p[k]), float(d[k])) for k in order[:top_k]],
             )
         )
@@ -187,17 +203,24 @@ def score_images(
     progress: bool = False,
     gallery=None,
     mode: str = "head",
+    head=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities for dataset positions ``items`` and a mask of those that had a face to score.
 
     For the embedding model this runs the saved head on cached backbone embeddings (computing any that are
     missing), which is what the whole saved network computes from the aligned crop, at a fraction of the cost.
-    With a ``gallery``, the head's probabilities are blended with its nearest faces as the gallery says
+    ``head``: the run's head as it stands (``RunState.head``, people enrolled since training included); default
+    the model's. With a ``gallery``, the head's probabilities are blended with its nearest faces as the gallery says
     (``identity_scores``), or in gallery ``mode`` replaced by gallery mode's scores (``gallery_scores``).
     """
     ok = usable_status(settings)
     usable = np.array([prepared.status[i] in ok for i in items], dtype=bool)
-    n_classes = len(gallery.labels) if gallery is not None and mode == "gallery" else model.output_shape[-1]
+    head = head if head is not None else model.get_layer("head") if settings.model == "embedding" else None
+    n_classes = (
+        len(gallery.labels)
+        if gallery is not None and mode == "gallery"
+        else (model if head is None else head).output_shape[-1]
+    )
     probs = np.zeros((len(items), n_classes), dtype=np.float32)
     hashes = [prepared.hashes[i] for i in items[usable]]
     if not hashes:
@@ -213,7 +236,7 @@ def score_images(
         if mode == "gallery":
             probs[usable] = gallery_scores(gallery, emb, emb_flip)
         else:
-            p = head_probabilities(model.get_layer("head"), emb, emb_flip if settings.test_time_flip else None)
+            p = head_probabilities(head, emb, emb_flip if settings.test_time_flip else None)
             if gallery is not None and gallery.knn_weight:
                 p = identity_scores(p, gallery.distances(emb, emb_flip), gallery.knn_weight, gallery.knn_tau)
             probs[usable] = p

@@ -305,6 +305,22 @@ def fine_tune(
     return history
 
 
+def to_keras_head(array_head, settings: Settings, input_dim: int):
+    """A Keras head (``build_head``) holding the weights of an ``ArrayHead``, imprinted columns included."""
+    from pinsface.models import build_head
+
+    head = build_head(array_head.n_classes, settings, input_dim)
+    dense = iter(array_head.dense)
+    for layer in head.layers:
+        if layer.name.startswith("head_dense_"):
+            layer.set_weights(list(next(dense)))
+    if array_head.cosine_scale:
+        head.get_layer("cosine_logits").set_weights([array_head.kernel])
+    else:
+        head.get_layer("logits").set_weights([array_head.kernel, array_head.bias])
+    return head
+
+
 def refit_head(
     old_head, gallery, settings: Settings, epochs: int = 30, drop: int | None = None, tune_stack_epochs: int = 3
 ):

@@ -22,20 +22,21 @@ from typing import Literal
 import numpy as np
 
 # FastAPI reads the endpoints' annotations (strings, with the __future__ import) from this module's globals.
-from fastapi import FastAPI, File, HTTPException, Query, Request, Security, UploadFile
+from fastapi import FastAPI, File, HTTPException, Query, Security, UploadFile
 from fastapi import Path as PathParam
 
 from pinsface.finding import PHOTO_DECODE_MIN_SIDE
 from pinsface.images import BadImage, load_scaled
 from pinsface.run import RunBusy
+from pinsface.serve.auth import allowed_hosts, default_key_file
 from pinsface.serve.batcher import InferenceWorker, QueueFull
+from pinsface.serve.limits import ConnectionCounts
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 # Formats a photo may come in. Pillow can open others (EPS, for one, runs Ghostscript): those are refused.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
-MAX_NAME_LENGTH = 100
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
@@ -44,18 +45,28 @@ CONTENT_SECURITY_POLICY = (
 
 @dataclass
 class ServeSettings:
-    api_key_file: str | None = None  # default: RUN_DIR/api_key, created on first start
-    auth: Literal["write", "all"] = "write"  # which endpoints need the key: state-changing ones, or every one
+    api_key_file: str | None = None  # default: pinsface.serve.auth.default_key_file(), created on first start
+    auth: Literal["write", "all"] = "all"  # which endpoints need the key: every one, or ("write", --public-read)
+    # the state-changing ones
     max_upload_mb: float = 10.0  # per file
     max_request_mb: float = 50.0  # per request, all files together
     max_files: int = 32  # per request
     max_pixels: int = 40_000_000  # per photo, read from its header before it is decoded
+    max_request_pixels: int = 100_000_000  # all the photos of one request together; past it 413
     max_pending: int = 256  # images queued or being named; past it requests get 503 + Retry-After
     max_batch: int = 32  # images per shared detector/embedder batch
     max_wait_ms: float = 10.0  # how long a batch waits for more requests
     max_requests: int = 256  # requests in progress (health excepted); past it 503 + Retry-After
     max_pending_mb: float = 1024.0  # uploaded bytes held in memory by requests in progress; past it 503
     retry_after_s: int = 1
+    bind_host: str = "127.0.0.1"  # the address served: a Host header may name it (pinsface.serve.auth)
+    allowed_hosts: tuple[str, ...] = ()  # more host names a Host header may name
+    max_connections_per_client: int = 64  # open connections per client address; past it 429 and closed
+    max_connections: int = 1024  # open connections in all
+    header_timeout_s: float = 10.0  # a request's headers must all arrive within this
+    body_grace_s: float = 10.0  # a request's body may take this long, plus a second per min_body_rate_kb
+    min_body_rate_kb: float = 64.0  # KB/s a body must average after the grace
+    body_idle_s: float = 10.0  # the longest pause within a body
 
 
 class ApiError(HTTPException):
@@ -113,25 +124,26 @@ def sniff(data: bytes, max_pixels: int) -> int:
 
 
 def clean_name(name: str) -> str:
-    """An identity name from a URL: trimmed, NFC, no control characters, at most ``MAX_NAME_LENGTH``."""
+    """An identity name from a URL: trimmed and NFC, then checked by the one name rule
+    (``pinsface.dataset.name_problem``)."""
+    from pinsface.dataset import name_problem
+
     name = unicodedata.normalize("NFC", name).strip()
-    if not name:
-        raise ApiError(422, "invalid_name", "the name is empty")
-    if len(name) > MAX_NAME_LENGTH:
-        raise ApiError(422, "invalid_name", f"the name is longer than {MAX_NAME_LENGTH} characters")
-    if any(unicodedata.category(ch).startswith("C") for ch in name) or "/" in name or "\\" in name:
-        raise ApiError(422, "invalid_name", "the name contains control characters or slashes")
+    problem = name_problem(name)
+    if problem:
+        raise ApiError(422, "invalid_name", problem)
     return name
 
 
 def cluster_summary(recognizer, name: str, n_new: int) -> dict:
     """How one identity's faces lie: each face's distance to the identity's mean face and a 2-D projection
     (PCA) of its faces with the nearest other identities' mean faces; the last ``n_new`` training faces are new."""
-    from pinsface.dataset import identity_key
     from pinsface.gallery import face_vectors
 
     g = recognizer.gallery
-    index = [identity_key(label) for label in g.labels].index(identity_key(name))
+    index = g.find(name)
+    if index < 0:  # nothing was added (every photo was enrolled before, under another name)
+        return {"faces": [], "neighbours": [], "threshold_distance": round(float(g.threshold_distance), 4)}
     train = face_vectors(g.embeddings, g.flips)[g.owner == index]
     val = face_vectors(g.val_embeddings, g.val_flips)[g.val_owner == index]
     mine = np.concatenate([train, val]).astype(np.float64)
@@ -202,8 +214,10 @@ class _Metrics:
 
 
 class _Guard:
-    """ASGI middleware, outermost: counts and times requests, refuses bodies over the request cap (413) and
-    requests without the right API key (401/403) before anything reads their body."""
+    """ASGI middleware, outermost: checks the Host header, counts and times requests, refuses bodies over the
+    request cap (413, chunked ones included) and requests without the right API key (401/403) before anything
+    reads their body; times the body (408 when it comes too slowly, ``limits.BodyClock``), refuses a multipart
+    body cut short (400), and adds the security headers to every response."""
 
     def __init__(self, app, state):
         self.app = app
@@ -218,6 +232,69 @@ class _Guard:
         # Naming faces changes nothing; every other method than a read does.
         return scope["method"] not in ("GET", "HEAD", "OPTIONS") and path != "/v1/identify"
 
+    def _admit(self, scope, headers: dict) -> None:
+        """Raise the ApiError that refuses a request from its headers alone, if any."""
+        from pinsface.serve.auth import host_of
+
+        settings = self.state.settings
+        if host_of(headers.get(b"host")) not in self.state.allowed_hosts:
+            raise ApiError(400, "host_not_allowed", "the Host header names a host this server does not answer for")
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.state.request_limit):
+            raise ApiError(413, "request_too_large", f"the request is over {settings.max_request_mb:g} MB")
+        if self._needs_key(scope):
+            given = headers.get(b"x-api-key")
+            if given is None:
+                raise ApiError(401, "missing_api_key", "this endpoint needs an API key in the X-API-Key header")
+            if not hmac.compare_digest(given, self.state.api_key.encode("utf-8")):
+                raise ApiError(403, "invalid_api_key", "the API key is not valid")
+
+    def _body_reader(self, scope, receive, headers: dict, refused: list):
+        """``receive`` with the request cap, the body's clock and the multipart end check. The ApiError it
+        raises is also put in ``refused``: the form parser turns any error into its own 400, which the guard
+        replaces with it."""
+        import asyncio
+
+        from pinsface.serve.limits import BodyClock, BodyTooSlow
+
+        settings, limit = self.state.settings, self.state.request_limit
+        clock = BodyClock(settings.min_body_rate_kb * 1024, settings.body_grace_s, settings.body_idle_s)
+        kind, _, params = headers.get(b"content-type", b"").partition(b";")
+        boundary = (
+            params.strip().removeprefix(b"boundary=").strip(b'"') if kind.strip() == b"multipart/form-data" else b""
+        )
+        state = {"done": False, "tail": b""}
+
+        async def receive_wrapper():
+            try:
+                return await checked_receive()
+            except ApiError as exc:
+                refused.append(exc)
+                raise
+
+        async def checked_receive():
+            if state["done"]:  # the body is in: what follows is a disconnect, waited for without a clock
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), clock.wait_for_next())
+            except (BodyTooSlow, TimeoutError) as exc:
+                self.state.counts.timed_out += 1
+                raise ApiError(408, "request_timeout", "the request body came too slowly") from exc
+            if message["type"] != "http.request":
+                return message
+            body = message.get("body", b"")
+            clock.received += len(body)
+            if clock.received > limit:
+                raise ApiError(413, "request_too_large", f"the request is over {settings.max_request_mb:g} MB")
+            state["tail"] = (state["tail"] + body)[-(len(boundary) + 16) :]
+            if not message.get("more_body", False):
+                state["done"] = True
+                if boundary and b"--" + boundary + b"--" not in state["tail"]:
+                    raise ApiError(400, "truncated_body", "the multipart body ends before its closing boundary")
+            return message
+
+        return receive_wrapper
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
@@ -225,27 +302,26 @@ class _Guard:
         started = time.perf_counter()
         status = {"code": 500, "sent": False}
 
+        refused: list[ApiError] = []  # the body's refusal, answered in place of the app's response
+
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status["code"], status["sent"] = message["status"], True
+                message["headers"] = _with_security_headers(message.get("headers") or [], scope["path"])
             await send(message)
 
-        limit = int(state.settings.max_request_mb * 1024 * 1024)
-        received = 0
-
-        async def receive_wrapper():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise ApiError(
-                        413, "request_too_large", f"the request is over {state.settings.max_request_mb:g} MB"
-                    )
-            return message
+        async def app_send(message):
+            if refused and message["type"] == "http.response.start":
+                status["replaced"] = True
+                exc = refused[0]
+                state.metrics.errors.labels(exc.code).inc()
+                return await _json_response(exc)(scope, receive, send_wrapper)
+            if not status.get("replaced"):
+                await send_wrapper(message)
 
         counted = False
         try:
+            headers = dict(scope["headers"])
             if scope["path"] != "/v1/health":  # health answers even when everything else is refused
                 if state.in_flight >= state.settings.max_requests:
                     raise ApiError(
@@ -256,17 +332,8 @@ class _Guard:
                     )
                 state.in_flight += 1
                 counted = True
-            headers = dict(scope["headers"])
-            length = headers.get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > limit):
-                raise ApiError(413, "request_too_large", f"the request is over {state.settings.max_request_mb:g} MB")
-            if self._needs_key(scope):
-                given = headers.get(b"x-api-key")
-                if given is None:
-                    raise ApiError(401, "missing_api_key", "this endpoint needs an API key in the X-API-Key header")
-                if not hmac.compare_digest(given, state.api_key.encode("utf-8")):
-                    raise ApiError(403, "invalid_api_key", "the API key is not valid")
-            await self.app(scope, receive_wrapper, send_wrapper)
+            self._admit(scope, headers)
+            await self.app(scope, self._body_reader(scope, receive, headers, refused), app_send)
         except ApiError as exc:
             if status["sent"]:
                 raise
@@ -279,6 +346,25 @@ class _Guard:
             name = getattr(route, "path", None) or ("/static" if scope["path"].startswith("/static/") else "unmatched")
             state.metrics.requests.labels(scope["method"], name, str(status["code"])).inc()
             state.metrics.latency.labels(name).observe(time.perf_counter() - started)
+
+
+SECURITY_HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+)
+
+
+def _with_security_headers(headers, path: str) -> list:
+    """``headers`` (ASGI pairs) with the security headers added where the response has not set them."""
+    out = list(headers)
+    present = {name.lower() for name, _ in out}
+    extra = list(SECURITY_HEADERS)
+    if not path.startswith("/docs"):  # Swagger UI runs inline script
+        extra.append((b"content-security-policy", CONTENT_SECURITY_POLICY.encode()))
+    out += [(name, value) for name, value in extra if name not in present]
+    return out
 
 
 def _json_response(exc: ApiError):
@@ -314,6 +400,7 @@ def create_app(
     ``settings.api_key_file`` (created there when missing; default RUN_DIR/api_key) unless ``api_key`` is given."""
     from contextlib import asynccontextmanager
 
+    import anyio.from_thread
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, HTMLResponse, Response
     from fastapi.security import APIKeyHeader
@@ -331,7 +418,13 @@ def create_app(
         recognizer = Recognizer.load(run_dir)
     run_dir = Path(recognizer.run_dir)
     if api_key is None:
-        api_key = load_or_create_key(Path(settings.api_key_file) if settings.api_key_file else run_dir / "api_key")
+        api_key = load_or_create_key(Path(settings.api_key_file) if settings.api_key_file else default_key_file())
+        if (run_dir / "api_key").exists() and not settings.api_key_file:
+            log.warning(
+                "%s is no longer read (a copy of the run would carry it): the key is in %s; delete the old one",
+                run_dir / "api_key",
+                default_key_file(),
+            )
     max_file = int(settings.max_upload_mb * 1024 * 1024)
 
     class State:
@@ -341,6 +434,9 @@ def create_app(
     state.settings, state.api_key, state.metrics = settings, api_key, _Metrics()
     state.started = time.time()
     state.in_flight = 0
+    state.allowed_hosts = allowed_hosts(settings.bind_host, settings.allowed_hosts)
+    state.request_limit = int(settings.max_request_mb * 1024 * 1024)
+    state.counts = ConnectionCounts(settings.max_connections_per_client, settings.max_connections)
 
     def snapshot(rec) -> None:
         """What /v1/health and /v1/identities read, taken on the worker thread after each change."""
@@ -377,6 +473,8 @@ def create_app(
         # again; what requests allocate is collected as before.
         gc.collect()
         gc.freeze()
+        if getattr(app.state, "announce", None):
+            print(app.state.announce, flush=True)
         yield
         worker.stop()
 
@@ -428,15 +526,6 @@ def create_app(
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return api_error(ApiError(500, "internal_error", f"unexpected error: {type(exc).__name__}"))
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
-        if not request.url.path.startswith("/docs"):
-            response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
-        return response
-
     state.bytes_held = 0
     max_held = int(settings.max_pending_mb * 1024 * 1024)
 
@@ -481,6 +570,17 @@ def create_app(
         return ApiError(
             503, "busy", f"the server is busy: {exc}; retry later", headers={"Retry-After": str(settings.retry_after_s)}
         )
+
+    def pixel_budget(pixels: list[int]) -> None:
+        """One request's photos may not decode to more than ``max_request_pixels`` together (a few huge PNGs
+        within every size cap would otherwise hold gigabytes while they are decoded)."""
+        if sum(pixels) > settings.max_request_pixels:
+            raise ApiError(
+                413,
+                "too_many_pixels",
+                f"the photos hold {sum(pixels) / 1e6:.0f} megapixels together; at most "
+                f"{settings.max_request_pixels / 1e6:.0f} per request",
+            )
 
     def check(uploads: list[tuple[str, bytes]]) -> list[int | BadImage]:
         out = []
@@ -537,6 +637,7 @@ def create_app(
 
     async def identify_uploads(uploads, top_k, threshold, min_probability) -> dict:
         checked = await run_in_threadpool(check, uploads)
+        pixel_budget([c for c in checked if not isinstance(c, BadImage)])
         good = [(i, data) for i, ((_, data), c) in enumerate(zip(uploads, checked)) if not isinstance(c, BadImage)]
         results: list = [None] * len(uploads)
         for i, c in enumerate(checked):
@@ -545,7 +646,7 @@ def create_app(
         if good:
             try:
                 named = await worker.identify(
-                    [data for _, data in good], sum(checked[i] for i, _ in good), top_k, threshold, min_probability
+                    [data for _, data in good], [checked[i] for i, _ in good], top_k, threshold, min_probability
                 )
             except QueueFull as exc:
                 raise busy(exc) from exc
@@ -579,9 +680,15 @@ def create_app(
         def check_all():
             # Every photo must decode, or the request is refused before any work; decoded as the recogniser
             # decodes it (a large photo at reduced scale), which then decodes the bytes again.
+            pixels = []
             for file_name, data in uploads:
                 try:
-                    sniff(data, settings.max_pixels)
+                    pixels.append(sniff(data, settings.max_pixels))
+                except BadImage as exc:
+                    raise ApiError(422, "bad_image", f"{file_name}: {exc}", reason=exc.reason, file=file_name) from exc
+            pixel_budget(pixels)
+            for file_name, data in uploads:
+                try:
                     load_scaled(data, settings.max_pixels, PHOTO_DECODE_MIN_SIDE)
                 except BadImage as exc:
                     raise ApiError(422, "bad_image", f"{file_name}: {exc}", reason=exc.reason, file=file_name) from exc
@@ -589,51 +696,77 @@ def create_app(
         await run_in_threadpool(check_all)
         photos = [data for _, data in uploads]
 
-        def enroll_and_save(rec):
+        def find_faces(images):
+            # Detection and embedding run on the detection thread, between detection batches and beside
+            # naming; the rest of the enrolment (imprinting and saving) runs here while naming goes on.
+            return anyio.from_thread.run(worker.run, lambda rec: rec.faces_for_enrolment(images), False)
+
+        def enroll_and_save():
             try:
-                summary = rec.enroll(name, photos)
+                summary = recognizer.enroll(name, photos, find_faces=find_faces)
             except ValueError as exc:
                 raise ApiError(422, "no_face", str(exc)) from exc
             except RunBusy as exc:
                 raise run_busy(exc) from exc
+            finally:
+                snapshot(recognizer)
             summary.pop("skipped", None)
-            summary["cluster"] = cluster_summary(rec, summary["identity"], summary["faces_used"])
+            summary["cluster"] = cluster_summary(recognizer, summary["identity"], summary["faces_used"])
             summary["faces"] = len(summary["cluster"]["faces"])
             return summary
 
         try:
-            return await worker.run(enroll_and_save)
+            return await run_in_threadpool(enroll_and_save)
         except QueueFull as exc:
             raise busy(exc) from exc
 
     @app.delete("/v1/identities/{name}", tags=["identities"], dependencies=write_key)
     async def forget(name: str = PathParam(..., description="the person's name")):
-        """Forget a person: their faces leave the gallery and the head is refitted. Saved before the response."""
+        """Forget a person: their faces leave the gallery and their column the head. Saved before the response."""
         name = clean_name(name)
 
-        def forget_and_save(rec):
-            from pinsface.dataset import identity_key
-
-            if identity_key(name) not in [identity_key(label) for label in rec.labels]:
+        def forget_and_save():
+            if recognizer.gallery.find(name) < 0:
                 raise ApiError(404, "unknown_identity", f"{name!r} is not known to this run")
-            if len(rec.labels) <= 2:
+            if len(recognizer.labels) <= 2:
                 raise ApiError(409, "too_few_identities", "a run must keep at least two identities")
             try:
-                return rec.forget(name)
+                return recognizer.forget(name)
             except RunBusy as exc:
                 raise run_busy(exc) from exc
+            except ValueError as exc:  # forgotten meanwhile by another request
+                raise ApiError(404, "unknown_identity", str(exc)) from exc
+            finally:
+                snapshot(recognizer)
 
-        try:
-            return await worker.run(forget_and_save)
-        except QueueFull as exc:
-            raise busy(exc) from exc
+        return await run_in_threadpool(forget_and_save)
 
+    @app.head("/v1/health", include_in_schema=False, dependencies=read_key)
     @app.get("/v1/health", tags=["service"], dependencies=read_key)
     async def health():
-        """Answered on the event loop from figures the worker keeps current: never waits for inference."""
+        """Answered on the event loop from figures the worker keeps current: never waits for inference.
+        ``status`` is "saturated" while new work would be refused (requests, images, memory or connections
+        at their caps); ``load`` says which."""
         s = recognizer.settings
+        connections = state.counts.snapshot()
+        load = {
+            "requests_in_progress": state.in_flight,
+            "max_requests": settings.max_requests,
+            "pending_images": worker.pending,
+            "max_pending": settings.max_pending,
+            "upload_mb_held": round(state.bytes_held / 2**20, 1),
+            "max_pending_mb": settings.max_pending_mb,
+            "connections": connections,
+        }
+        saturated = (
+            state.in_flight >= settings.max_requests
+            or worker.pending >= settings.max_pending
+            or state.bytes_held >= settings.max_pending_mb * 2**20
+            or connections["open"] >= connections["max_open"]
+        )
         return {
-            "status": "ok",
+            "status": "saturated" if saturated else "ok",
+            "load": load,
             "version": pinsface.__version__,
             "model": {"kind": s.model, "backbone": s.backbone, "run": run_dir.name},
             "identities": len(state.identities),
@@ -666,14 +799,34 @@ def serve(
     settings: ServeSettings | None = None,
     log_level: str = "info",
 ) -> None:
-    """Load the run once and serve it with uvicorn until interrupted."""
+    """Load the run once and serve it with uvicorn until interrupted; print its URL once it is ready."""
+    import dataclasses
+
     import uvicorn
 
+    from pinsface.serve.auth import exposure_warning
+    from pinsface.serve.limits import guarded_protocol
+
+    settings = dataclasses.replace(settings or ServeSettings(), bind_host=host)
+    if warning := exposure_warning(host, settings.auth):
+        log.warning("%s", warning)
     app = create_app(run_dir, settings)
+    shown = f"[{host}]" if ":" in host else host
+    app.state.announce = (
+        f"pinsface serve: http://{shown}:{port}/ (the API key is in {settings.api_key_file or default_key_file()})"
+    )
+    state = app.state.pinsface
     # One process: the recogniser's enrolled state lives in it (more processes would each hold their own).
     # Keep-alive a little longer than uvicorn's 5 s, so busy clients rarely reuse a connection as it closes.
     uvicorn.run(
-        app, host=host, port=port, log_level=log_level, workers=1, timeout_graceful_shutdown=10, timeout_keep_alive=30
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        workers=1,
+        timeout_graceful_shutdown=10,
+        timeout_keep_alive=30,
+        http=guarded_protocol(state.counts, settings.header_timeout_s),
     )
 
 

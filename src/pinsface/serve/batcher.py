@@ -1,11 +1,17 @@
-"""The Recognizer's work for the server: identify requests are gathered into shared batches, enrol/forget run
-alone.
+"""The Recognizer's work for the server: identify requests are gathered into shared batches; calls that need
+the recogniser to themselves run alone.
 
-The Recognizer is not thread-safe, so every call into it goes through ``InferenceWorker``, on two threads: one
-finds the faces of each batch (``Recognizer.detect_batch``, the detector alone) and runs enrol/forget, the
-other names the faces found (``Recognizer.name_batch``, the backbone and the gallery). So the next batch is
-detected while this one is named, and an exclusive call waits until naming is idle. Requests waiting are
-bounded (in images): past the bound ``submit`` raises ``QueueFull`` at once instead of letting memory grow.
+The Recognizer's detection and naming go through ``InferenceWorker``, on two threads: one finds the faces of
+each batch (``Recognizer.detect_batch``, the detector alone) and runs calls (``run``), the other names the faces
+found (``Recognizer.name_batch``, the backbone and the gallery). So the next batch is detected while this one is
+named. An exclusive call waits until naming is idle; a call that only finds and embeds faces (enrolment's) runs
+beside naming. Enrolment and forgetting themselves change the recogniser's state on copies and swap it in one
+step under its own lock (``Recognizer.enroll_faces``), outside this worker. Requests waiting are bounded (in
+images): past the bound ``submit`` raises ``QueueFull`` at once instead of letting memory grow.
+
+Queueing is fair between requests: a request's photos are queued in parts of ``fair_share`` images, and the
+next batch starts with the earliest part of the lowest rank (a request's first part, then second ...). So a
+request of one photo waits for at most the batch under way, however many photos another request sent.
 """
 
 from __future__ import annotations
@@ -34,6 +40,11 @@ class _Job:
     options: tuple = ()  # identify: (top_k, threshold, min_probability); only equal options share a batch
     call: Callable[[Any], Any] | None = None  # exclusive: fn(recognizer)
     queued_at: float = 0.0
+    part: int = 0  # identify: which part of its request (see the module on fair queueing)
+    exclusive: bool = True  # a call: with nothing being named meanwhile
+
+    def rank(self) -> tuple[int, float]:
+        return self.part, self.queued_at
 
 
 class InferenceWorker:
@@ -48,6 +59,7 @@ class InferenceWorker:
         max_wait: float = 0.01,
         max_pending: int = 256,
         max_batch_pixels: int = 200_000_000,
+        fair_share: int = 4,
         on_batch: Callable[[int, float], None] | None = None,
         on_change: Callable[[Any], None] | None = None,
     ):
@@ -56,6 +68,7 @@ class InferenceWorker:
         self.max_wait = max_wait
         self.max_pending = max_pending
         self.max_batch_pixels = max_batch_pixels
+        self.fair_share = max(1, fair_share)
         self.on_batch = on_batch  # (images, seconds) after each identify batch, from the worker thread
         self.on_change = on_change  # (recognizer) after each exclusive call, from the worker thread
         self._jobs: collections.deque[_Job] = collections.deque()
@@ -85,31 +98,53 @@ class InferenceWorker:
         self._namer.join(timeout)
 
     async def identify(
-        self, images: list[bytes], pixels: int, top_k: int, threshold: float | None, min_probability: float | None
+        self,
+        images: list[bytes],
+        pixels: list[int],
+        top_k: int,
+        threshold: float | None,
+        min_probability: float | None,
     ) -> list:
-        """``ImageResult``s for ``images`` (encoded bytes), computed in a batch shared with other requests."""
-        return await self._submit(
-            _Job(None, None, len(images), images=images, pixels=pixels, options=(top_k, threshold, min_probability))
-        )
+        """``ImageResult``s for ``images`` (encoded bytes; ``pixels``: each one's decoded size), computed in
+        batches shared with other requests, in parts of ``fair_share`` images."""
+        n = self.fair_share
+        parts = [
+            _Job(
+                None,
+                None,
+                len(images[lo : lo + n]),
+                images=images[lo : lo + n],
+                pixels=sum(pixels[lo : lo + n]),
+                options=(top_k, threshold, min_probability),
+                part=k,
+            )
+            for k, lo in enumerate(range(0, len(images), n))
+        ]
+        results = await self._submit(parts)
+        return [result for part in results for result in part]
 
-    async def run(self, call: Callable[[Any], Any]) -> Any:
-        """``call(recognizer)`` alone on the worker thread (enrol, forget, save, reading the gallery)."""
-        return await self._submit(_Job(None, None, 1, call=call))
+    async def run(self, call: Callable[[Any], Any], exclusive: bool = True) -> Any:
+        """``call(recognizer)`` on the detection thread: alone (``exclusive``), or beside the naming of the
+        batch before, as a batch's detection runs (a call that only finds and embeds faces, as enrolment's)."""
+        return (await self._submit([_Job(None, None, 1, call=call, exclusive=exclusive)]))[0]
 
-    async def _submit(self, job: _Job) -> Any:
-        job.loop = asyncio.get_running_loop()
-        job.future = job.loop.create_future()
-        job.queued_at = time.perf_counter()
+    async def _submit(self, jobs: list[_Job]) -> list:
+        """Queue ``jobs`` (the parts of one request) together, or none of them: their results, in order."""
+        loop = asyncio.get_running_loop()
+        weight = sum(job.weight for job in jobs)
         with self._cond:
             if self._stopping:
                 raise QueueFull("the server is stopping")
-            if self._pending + job.weight > self.max_pending:
+            if self._pending + weight > self.max_pending:
                 raise QueueFull(f"{self._pending} images are already waiting (limit {self.max_pending})")
-            self._pending += job.weight
-            self._jobs.append(job)
+            self._pending += weight
+            now = time.perf_counter()
+            for job in jobs:
+                job.loop, job.future, job.queued_at = loop, loop.create_future(), now
+                self._jobs.append(job)
             self._cond.notify()
         # Shielded: a client that disconnects does not cancel work the batch has already counted on.
-        return await asyncio.shield(job.future)
+        return list(await asyncio.shield(asyncio.gather(*(job.future for job in jobs))))
 
     def _take(self) -> list[_Job] | None:
         """The next exclusive job alone, or identify jobs with equal options gathered for up to max_wait."""
@@ -118,7 +153,8 @@ class InferenceWorker:
                 self._cond.wait()
             if self._stopping and not self._jobs:
                 return None
-            first = self._jobs.popleft()
+            first = min(self._jobs, key=_Job.rank)
+            self._jobs.remove(first)
             if first.call is not None:
                 return [first]
             batch, images, pixels = [first], first.weight, first.pixels
@@ -127,7 +163,7 @@ class InferenceWorker:
                 fits = next(
                     (
                         j
-                        for j in self._jobs
+                        for j in sorted(self._jobs, key=_Job.rank)
                         if j.call is None and j.options == first.options and images + j.weight <= self.max_batch
                     ),
                     None,
@@ -152,7 +188,8 @@ class InferenceWorker:
             handed_on = False
             try:
                 if batch[0].call is not None:
-                    self._naming.join()  # alone: nothing is being named meanwhile
+                    if batch[0].exclusive:
+                        self._naming.join()  # alone: nothing is being named meanwhile
                     try:
                         results = [batch[0].call(self.recognizer)]
                     finally:  # even a failed call may have changed the recognizer

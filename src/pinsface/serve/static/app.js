@@ -30,16 +30,21 @@ function say(message, isError = false) {
 }
 
 // --- API key: asked for once, when the server wants it, and kept for this tab only (sessionStorage).
+// Requests refused at the same time (the health line and the people list, at load) share one prompt.
+let keyPrompt = null;
+
 function askKey(why) {
+  if (keyPrompt) return keyPrompt;
   const dialog = $("key-dialog");
   $("key-why").textContent = why;
   $("key-input").value = "";
-  return new Promise((resolve) => {
+  keyPrompt = new Promise((resolve) => {
     const done = (value) => {
       $("key-form").onsubmit = null;
       $("key-cancel").onclick = null;
       dialog.onclose = null;
       if (dialog.open) dialog.close();
+      keyPrompt = null;
       resolve(value);
     };
     $("key-form").onsubmit = (event) => { event.preventDefault(); done($("key-input").value.trim() || null); };
@@ -48,20 +53,41 @@ function askKey(why) {
     dialog.showModal();
     $("key-input").focus();
   });
+  return keyPrompt;
 }
 
-async function api(method, url, body) {
+// One request, by XMLHttpRequest: unlike fetch it reports how much of an upload has been sent.
+function send(method, url, body, headers, onUpload) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open(method, url);
+    for (const [name, value] of Object.entries(headers)) xhr.setRequestHeader(name, value);
+    if (onUpload) {
+      xhr.upload.onprogress = (e) => { if (e.lengthComputable) onUpload(e.loaded, e.total); };
+      xhr.upload.onload = () => onUpload(1, 1);
+    }
+    xhr.onload = () => {
+      let data = null;
+      try { data = JSON.parse(xhr.responseText); } catch (e) { data = { code: "bad_response", message: xhr.statusText }; }
+      resolve({ status: xhr.status, ok: xhr.status >= 200 && xhr.status < 300, data,
+                retryAfter: xhr.getResponseHeader("Retry-After") });
+    };
+    xhr.onerror = () => reject(new Error("the server could not be reached"));
+    xhr.send(body);
+  });
+}
+
+async function api(method, url, body, onUpload) {
   for (let attempt = 0; attempt < 3; attempt++) {
     const headers = {};
     const key = sessionStorage.getItem(KEY);
     if (key) headers["X-API-Key"] = key;
-    const response = await fetch(url, { method, body, headers });
-    let data = null;
-    try { data = await response.json(); } catch (e) { data = { code: "bad_response", message: response.statusText }; }
+    const response = await send(method, url, body, headers, onUpload);
     if (response.status === 401 || response.status === 403) {
+      if (sessionStorage.getItem(KEY) !== key) continue;  // another request got the key meanwhile
       sessionStorage.removeItem(KEY);
       const why = response.status === 401
-        ? "This action needs the server's API key (see the server's api_key file). It is kept for this tab only."
+        ? "This server needs its API key (pinsface serve prints where it is kept). It is kept for this tab only."
         : "That API key was not accepted. Enter the server's API key.";
       const entered = await askKey(why);
       if (!entered) throw new Error("cancelled: no API key given");
@@ -69,10 +95,10 @@ async function api(method, url, body) {
       continue;
     }
     if (!response.ok) {
-      const wait = response.headers.get("Retry-After");
-      throw new Error(`${data.message || response.statusText}${wait ? ` (retry in ${wait} s)` : ""}`);
+      const data = response.data;
+      throw new Error(`${data.message || response.status}${response.retryAfter ? ` (retry in ${response.retryAfter} s)` : ""}`);
     }
-    return data;
+    return response.data;
   }
   throw new Error("the API key was not accepted");
 }
@@ -222,9 +248,20 @@ async function enrol(event) {
   for (const f of files) form.append("files", f, f.name);
   const button = $("enrol-submit");
   button.disabled = true;
-  say(`Enrolling ${name} from ${files.length} photo(s)… this takes a few seconds.`);
+  const bar = $("enrol-progress");
+  const megabytes = (files.reduce((n, f) => n + f.size, 0) / 1048576).toFixed(1);
+  bar.hidden = false;
+  bar.value = 0;
+  say(`Uploading ${files.length} photo(s) of ${name} (${megabytes} MB)…`);
+  const uploaded = (sent, total) => {
+    bar.value = sent / total;
+    if (sent >= total) {
+      bar.removeAttribute("value");  // indeterminate: the server is at work, for how long it cannot say
+      say(`Finding ${name}'s face in ${files.length} photo(s)…`);
+    }
+  };
   try {
-    const s = await api("POST", `/v1/identities/${encodeURIComponent(name)}/faces`, form);
+    const s = await api("POST", `/v1/identities/${encodeURIComponent(name)}/faces`, form, uploaded);
     const out = $("enrol-result");
     out.dataset.identity = s.identity;
     const newFaces = s.cluster.faces.filter((f) => f.new);
@@ -235,11 +272,16 @@ async function enrol(event) {
         `face(s); ${s.identities} people known.` }),
       el("div", { class: "thumbs" }, ...files.map((f) => el("img", { src: URL.createObjectURL(f), alt: f.name }))),
       el("p", { class: "muted", text: `How ${s.identity}'s faces cluster: filled dots are the new faces, rings ` +
-        `earlier ones, grey squares the nearest other people. New faces lie ${fmt(Math.min(...dists))}–` +
-        `${fmt(Math.max(...dists))} from ${s.identity}'s mean face; the naming threshold is ` +
-        `${fmt(s.cluster.threshold_distance)}.` }),
+        "earlier ones, grey squares the nearest other people." + (dists.length ? ` New faces lie ` +
+        `${fmt(Math.min(...dists))}–${fmt(Math.max(...dists))} from ${s.identity}'s mean face; the naming ` +
+        `threshold is ${fmt(s.cluster.threshold_distance)}.` : "") }),
       clusterPlot(s.cluster, s.identity),
     );
+    if (s.duplicates.length) {
+      out.append(el("p", { class: "muted", text: `${s.duplicates.length} photo(s) were enrolled before and ` +
+        "were not added again." }));
+    }
+    for (const w of s.warnings) out.prepend(el("p", { class: "warning", role: "alert", text: w.message }));
     say(`Enrolled ${s.identity}.`);
     $("enrol-form").reset();
     await Promise.all([refreshPeople(), refreshHealth()]);
@@ -248,6 +290,7 @@ async function enrol(event) {
     say(`Could not enrol ${name}: ${e.message}`, true);
   } finally {
     button.disabled = false;
+    bar.hidden = true;
   }
 }
 
