@@ -7,7 +7,7 @@ DATA   ?=
 OUT    ?= runs/latest
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint docs bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -m "not slow"
+
+docs: $(STAMP)
+	$(BIN)/python scripts/cli_docs.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -194,7 +194,7 @@ def verify(image_a: ImageLike, image_b: ImageLike, threshold: float | None = Non
     Raises ``NoFaceError`` when a photo has no face, ``BadImage`` when it cannot be read.
 
     >>> pinsface.verify("a.jpg", "b.jpg")
-    Verification(same=True, distance=0.3812, threshold=0.6)
+    Verification(same=True, distance=0.3812, threshold=0.625)
     """
     limit = VERIFY_THRESHOLD if threshold is None else float(threshold)
     d = distance(_subject_descriptor(image_a, "first"), _subject_descriptor(image_b, "second"))
