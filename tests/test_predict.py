@@ -252,3 +252,15 @@ def test_the_next_batches_are_worked_on_while_this_one_is_handled(depth):
             release.set()
             got.append((item, result))
     assert got == [(0, 0), (1, 10), (2, 20)]  # in order; the failure surfaces where its item is reached
+
+
+def test_predict_exits_1_when_every_input_failed_and_with_strict_when_any_did(recognizer, pins_dir, tmp_path, capsys):
+    good = sorted((pins_dir / "pins_Bill Gates").glob("*.jpg"))[0]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff not a jpeg")
+    run = str(recognizer.run_dir)
+    assert main(["predict", run, str(good), str(bad), "--json", "--no-progress"]) == 0
+    assert main(["predict", run, str(good), str(bad), "--json", "--strict", "--no-progress"]) == 1
+    assert main(["predict", run, str(bad), "--json", "--no-progress"]) == 1
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["error"] is not None for r in records] == [False, True, False, True, True]
