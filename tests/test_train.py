@@ -93,13 +93,11 @@ def test_pixels_mlp_trains_and_saves(tmp_path, small_dataset, detector):
     assert 0.0 <= result["val_top1"] <= 1.0
 
 
-def test_unknown_model_name_is_refused(tmp_path, small_dataset, detector):
-    from pinsface.pipeline import train
-    from pinsface.prepare import prepare
+def test_unknown_model_name_is_refused_before_any_work():
+    from pinsface.errors import SettingsError
 
-    prepared = prepare(small_dataset, tmp_path / "cache", progress=False, detector=detector)
-    with pytest.raises(ValueError, match="unknown model"):
-        train(out_dir=tmp_path / "run", settings=Settings(model="resnet"), progress=False, prepared=prepared)
+    with pytest.raises(SettingsError, match="model must be one of embedding, pixels-mlp, not 'resnet'"):
+        Settings(model="resnet")
 
 
 def test_mixup_blends_inputs_and_labels_alike_and_is_repeatable():
