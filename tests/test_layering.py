@@ -59,6 +59,7 @@ def test_lower_stages_never_import_higher_ones():
         "pinsface.evaluate",
         "pinsface.pipeline",
         "pinsface.predict",
+        "pinsface.library_db",
         "pinsface.cli",
     ]
     graph = imports()
