@@ -373,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, default=1, help="server processes (only 1 is supported)")
     p.set_defaults(func=_serve)
+    from pinsface.cli_library import add_library_commands
+
+    add_library_commands(sub)
     return parser
 
 

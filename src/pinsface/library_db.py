@@ -293,7 +293,7 @@ class LibraryDB:
         """Faces with their photo, box (x1, y1, x2, y2), cluster and person (a name, or None)."""
         sql = (
             "SELECT f.id, p.path, f.x1, f.y1, f.x2, f.y2, f.score, a.cluster_id,"
-            " COALESCE(pa.name, pc.name), a.source, a.distance, a.probability, f.gone, p.width, p.height"
+            " COALESCE(pa.name, pc.name), a.source, a.distance, a.probability, f.gone, p.width, p.height, f.landmarks"
             " FROM faces f JOIN photos p ON p.id = f.photo_id"
             " LEFT JOIN assignments a ON a.face_id = f.id"
             " LEFT JOIN clusters c ON c.id = a.cluster_id"
@@ -311,7 +311,9 @@ class LibraryDB:
         out = []
         for r in self.rows(sql + " ORDER BY p.path, f.idx", params):
             values = (int(r[0]), r[1], [float(v) for v in r[2:6]], float(r[6]), r[7], r[8], r[9], r[10], r[11])
-            out.append(dict(zip(keys, (*values, bool(r[12]), (r[13], r[14])))))
+            face = dict(zip(keys, (*values, bool(r[12]), (r[13], r[14]))))
+            face["landmarks"] = unblob(r[15], (5, 2)).tolist()
+            out.append(face)
         return out
 
     def descriptors(self, face_ids: list[int]) -> np.ndarray:
@@ -325,3 +327,145 @@ class LibraryDB:
                 if blob is not None:
                     out[position[int(fid)]] = unblob(blob)
         return out
+
+    # -- people and assignments ------------------------------------------------------------------------------
+
+    def person_id(self, name: str, create: bool = True) -> int | None:
+        """The id of the person called ``name``, added if new (``create``), else None when there is none."""
+        if create:
+            self.execute("INSERT INTO people (name) VALUES (?) ON CONFLICT (name) DO NOTHING", (name,))
+        rows = self.rows("SELECT id FROM people WHERE name = ?", (name,))
+        return int(rows[0][0]) if rows else None
+
+    def assign_named(self, face_ids: list[int], named: list[dict]) -> int:
+        """Faces named by a run's Recognizer (``identity`` a name or None for unknown, with its ``distance``
+        and ``probability``); faces that already have an assignment keep it. Returns how many got a name."""
+        count = 0
+        with self.transaction():
+            for fid, n in zip(face_ids, named):
+                pid = self.person_id(n["identity"]) if n["identity"] else None
+                self.execute(
+                    "INSERT INTO assignments (face_id, person_id, source, distance, probability)"
+                    " VALUES (?, ?, 'run', ?, ?) ON CONFLICT (face_id) DO NOTHING",
+                    (fid, pid, n["distance"], n["probability"]),
+                )
+                count += pid is not None
+        return count
+
+    # -- clusters --------------------------------------------------------------------------------------------
+
+    def cluster_state(self) -> dict[str, np.ndarray]:
+        """Live faces for clustering: ids, cluster (-1 for none) and whether clustering may place them (no name
+        given by a person or a run, not unassigned by a person)."""
+        rows = self.rows(
+            "SELECT f.id, a.cluster_id, a.person_id, a.source FROM faces f"
+            " LEFT JOIN assignments a ON a.face_id = f.id WHERE f.gone = 0 AND f.descriptor IS NOT NULL ORDER BY f.id"
+        )
+        return {
+            "face_ids": np.array([r[0] for r in rows], np.int64),
+            "cluster_ids": np.array([-1 if r[1] is None else r[1] for r in rows], np.int64),
+            "movable": np.array([r[2] is None and r[3] in (None, "cluster", "run") for r in rows], bool),
+        }
+
+    def store_clusters(self, moves: list[tuple[int, int]], groups: list[list[int]]) -> int:
+        """Put faces into existing clusters (face id, cluster id) and new groups into new clusters, in one
+        transaction; the number of clusters made."""
+        upsert = (
+            "INSERT INTO assignments (face_id, cluster_id, source) VALUES (?, ?, 'cluster')"
+            " ON CONFLICT (face_id) DO UPDATE SET cluster_id = excluded.cluster_id"
+        )
+        with self.transaction():
+            self.executemany(upsert, moves)
+            for group in groups:
+                cid = self.insert_id("INSERT INTO clusters (person_id) VALUES (NULL)", ())
+                self.executemany(upsert, [(fid, cid) for fid in group])
+        return len(groups)
+
+    def cluster_count(self) -> int:
+        return int(
+            self.rows(
+                "SELECT COUNT(DISTINCT a.cluster_id) FROM assignments a JOIN faces f ON f.id = a.face_id"
+                " WHERE f.gone = 0 AND a.cluster_id IS NOT NULL"
+            )[0][0]
+        )
+
+    # -- naming ----------------------------------------------------------------------------------------------
+
+    def _cluster_exists(self, cluster_id: int) -> None:
+        if not self.rows("SELECT id FROM clusters WHERE id = ?", (cluster_id,)):
+            raise ValueError(f"no cluster {cluster_id} in the library")
+
+    def name_cluster(self, cluster_id: int, name: str) -> int:
+        """Give a cluster a person's name (clusters given one name are that person's together); the person id."""
+        with self.transaction():
+            self._cluster_exists(cluster_id)
+            pid = self.person_id(name)
+            self.execute("UPDATE clusters SET person_id = ? WHERE id = ?", (pid, cluster_id))
+        return pid
+
+    def merge_clusters(self, into: int, other: int) -> None:
+        """Move every face of cluster ``other`` into ``into``, which keeps its name (or takes ``other``'s)."""
+        with self.transaction():
+            self._cluster_exists(into)
+            self._cluster_exists(other)
+            self.execute(
+                "UPDATE clusters SET person_id = COALESCE(person_id, (SELECT person_id FROM clusters WHERE id = ?))"
+                " WHERE id = ?",
+                (other, into),
+            )
+            self.execute("UPDATE assignments SET cluster_id = ? WHERE cluster_id = ?", (into, other))
+            self.execute("DELETE FROM clusters WHERE id = ?", (other,))
+
+    def split_face(self, face_id: int, name: str | None = None) -> int:
+        """Take one face out of its cluster into a new one of its own (named ``name``), which clustering never
+        changes; the new cluster's id."""
+        with self.transaction():
+            if not self.rows("SELECT id FROM faces WHERE id = ?", (face_id,)):
+                raise ValueError(f"no face {face_id} in the library")
+            pid = self.person_id(name) if name else None
+            cid = self.insert_id("INSERT INTO clusters (person_id) VALUES (?)", (pid,))
+            self.execute(
+                "INSERT INTO assignments (face_id, cluster_id, source) VALUES (?, ?, 'name') ON CONFLICT (face_id)"
+                " DO UPDATE SET cluster_id = excluded.cluster_id, person_id = NULL, source = 'name'",
+                (face_id, cid),
+            )
+        return cid
+
+    def unassign(self, face_id: int) -> None:
+        """Take a face out of its cluster and name; clustering leaves it alone from then on."""
+        with self.transaction():
+            self.execute(
+                "INSERT INTO assignments (face_id, source) VALUES (?, 'unassigned') ON CONFLICT (face_id)"
+                " DO UPDATE SET cluster_id = NULL, person_id = NULL, source = 'unassigned'",
+                (face_id,),
+            )
+
+    def faces_of(self, name: str) -> list[int]:
+        """Ids of the live faces named ``name`` (by their cluster, a person or a run)."""
+        rows = self.rows(
+            "SELECT f.id FROM faces f JOIN assignments a ON a.face_id = f.id"
+            " LEFT JOIN clusters c ON c.id = a.cluster_id"
+            " JOIN people p ON p.id = COALESCE(a.person_id, c.person_id) WHERE p.name = ? AND f.gone = 0 ORDER BY f.id",
+            (name,),
+        )
+        return [int(r[0]) for r in rows]
+
+    def forget_person(self, name: str) -> int:
+        """Remove a person: their faces' descriptors are erased, their names and clusters dropped (the faces stay,
+        unassigned, so clustering never brings them back). Returns the faces affected."""
+        faces = self.faces_of(name)
+        with self.transaction():
+            pid = self.person_id(name, create=False)
+            if pid is None:
+                raise ValueError(f"{name!r} is not in the library")
+            for fid in faces:
+                self.execute("UPDATE faces SET descriptor = NULL WHERE id = ?", (fid,))
+                self.execute(
+                    "UPDATE assignments SET cluster_id = NULL, person_id = NULL, source = 'unassigned',"
+                    " distance = NULL, probability = NULL WHERE face_id = ?",
+                    (fid,),
+                )
+            self.execute("UPDATE assignments SET person_id = NULL WHERE person_id = ?", (pid,))
+            self.execute("UPDATE clusters SET person_id = NULL WHERE person_id = ?", (pid,))
+            self.execute("DELETE FROM people WHERE id = ?", (pid,))
+        return len(faces)

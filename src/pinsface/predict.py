@@ -301,15 +301,36 @@ class Recognizer:
         min_probability: float | None,
     ) -> list[list[Face]]:
         """The faces of each image named, from their aligned ``chips``."""
-        from pinsface.scoring import head_probabilities, identity_scores, match_faces, match_nearest, nearest_identities
-
         crops = [chip for image_chips in chips for chip in image_chips]
         owners = [(i, face) for i, faces in enumerate(detections) for face in faces]
         out: list[list[Face]] = [[] for _ in chips]
         if not crops:
             return out
-        state = self._state  # one consistent state for the whole batch, even if enrolment swaps it meanwhile
         emb, emb_flip = self.embed(np.stack(crops))
+        for (i, face), named in zip(owners, self.name_embeddings(emb, emb_flip, top_k, threshold, min_probability)):
+            out[i].append(
+                Face(
+                    box=[round(float(v), 2) for v in face.box],
+                    detector_confidence=round(face.confidence, 4),
+                    landmarks=[[round(float(a), 2), round(float(b), 2)] for a, b in face.landmarks],
+                    **named,
+                )
+            )
+        return out
+
+    def name_embeddings(
+        self,
+        emb: np.ndarray,
+        emb_flip: np.ndarray,
+        top_k: int = 3,
+        threshold: float | None = None,
+        min_probability: float | None = None,
+    ) -> list[dict]:
+        """Faces' identities from their embeddings and their mirror images' (``embed``): per face, the ``Face``
+        fields other than box and landmarks."""
+        from pinsface.scoring import head_probabilities, identity_scores, match_faces, match_nearest, nearest_identities
+
+        state = self._state  # one consistent state for the whole batch, even if enrolment swaps it meanwhile
         p_min = state.gallery.threshold_probability if min_probability is None else min_probability
         d_max = state.gallery.threshold_distance if threshold is None else threshold
         if self.mode == "gallery":
@@ -325,23 +346,19 @@ class Recognizer:
         def rounded(value: float | None) -> float | None:
             return None if value is None else round(value, 4)
 
-        for (i, face), m in zip(owners, matches):
-            out[i].append(
-                Face(
-                    box=[round(float(v), 2) for v in face.box],
-                    detector_confidence=round(face.confidence, 4),
-                    landmarks=[[round(float(a), 2), round(float(b), 2)] for a, b in face.landmarks],
-                    identity=labels[m.best] if m.accepted else None,
-                    probability=rounded(m.probability),
-                    distance=round(m.distance, 4),
-                    best_match=labels[m.best],
-                    alternatives=[
-                        {"identity": labels[k], "probability": rounded(p), "distance": round(d, 4)}
-                        for k, p, d in m.alternatives
-                    ],
-                )
-            )
-        return out
+        return [
+            {
+                "identity": labels[m.best] if m.accepted else None,
+                "probability": rounded(m.probability),
+                "distance": round(m.distance, 4),
+                "best_match": labels[m.best],
+                "alternatives": [
+                    {"identity": labels[k], "probability": rounded(p), "distance": round(d, 4)}
+                    for k, p, d in m.alternatives
+                ],
+            }
+            for m in matches
+        ]
 
     def faces_for_enrolment(self, images: list) -> tuple[np.ndarray, np.ndarray, int, list[dict]]:
         """(embeddings, mirror embeddings, faces used, skipped files) of the subject's face in each photo."""
@@ -377,6 +394,15 @@ class Recognizer:
         emb, emb_flip, used, skipped = self.faces_for_enrolment(images)
         if not used:
             raise ValueError(f"no usable face in the {len(images)} photo(s) given for {name!r}")
+        summary = self.enroll_embeddings(name, emb, emb_flip, epochs, save)
+        summary.update({"photos": len(images), "faces_used": used, "skipped": skipped})
+        return summary
+
+    def enroll_embeddings(self, name: str, emb: np.ndarray, emb_flip: np.ndarray, epochs: int = 30, save: bool = True):
+        """``enroll`` from faces already embedded (``embed``: the faces and their mirror images)."""
+        from pinsface.dataset import check_identity_name
+
+        name = check_identity_name(name)
 
         def change(gallery, head):
             from pinsface.train import refit_head
@@ -387,9 +413,7 @@ class Recognizer:
                 return None, summary
             return refit_head(head, gallery, self.settings, epochs), summary
 
-        summary = self._update(change, save)
-        summary.update({"photos": len(images), "faces_used": used, "skipped": skipped})
-        return summary
+        return self._update(change, save)
 
     def forget(self, name: str, epochs: int = 30, save: bool = True) -> dict:
         """Remove a person; the head is refitted on the remaining enrolled faces."""

@@ -53,7 +53,7 @@ def usable_status(settings) -> set[str]:
     return {*FACE_STATUSES, "no_face"} if settings.no_face_fallback else set(FACE_STATUSES)
 
 
-def _hash_file(path: Path) -> tuple[str | None, str | None]:
+def hash_file(path: Path) -> tuple[str | None, str | None]:
     """(content hash, None) or (None, skip reason) for one file; never raises."""
     try:
         return content_hash(read_bytes(path)), None
@@ -161,7 +161,7 @@ def prepare(
     pool = ThreadPoolExecutor(4)
     # Files are hashed a few hundred per task: one task per file cost more in futures than the hashing itself.
     parts = [dataset.items[lo : lo + 256] for lo in range(0, n, 256)]
-    hashed = pool.map(lambda part: [_hash_file(dataset.path(it)) for it in part], parts)
+    hashed = pool.map(lambda part: [hash_file(dataset.path(it)) for it in part], parts)
     for i, (digest, reason) in enumerate(result for part in hashed for result in part):
         if reason:
             status[i] = reason

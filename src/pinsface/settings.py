@@ -40,9 +40,16 @@ class FaceSettings:
     aligned_size: int = 150
     box_size: int = 100
     max_pixels: int = 50_000_000
+    # A photo library (``pinsface index``): keep every face, scan every photo down to the smallest face, and cut
+    # each face's chip, rather than choose one subject per photo. Left out of the version when off, so turning
+    # it on selects a cache of its own and leaves the existing ones where they are.
+    every_face: bool = False
 
     def version(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True)
+        values = asdict(self)
+        if not values["every_face"]:
+            del values["every_face"]
+        text = json.dumps(values, sort_keys=True)
         return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
     @classmethod
