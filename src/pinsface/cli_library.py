@@ -18,7 +18,13 @@ def _index(args) -> int:
 
     settings = Settings(cache_dir=args.cache or "")
     summary = index_library(
-        args.library, args.db, run_dir=args.run, engine=args.engine, settings=settings, progress=not args.json
+        args.library,
+        args.db,
+        run_dir=args.run,
+        engine=args.engine,
+        settings=settings,
+        progress=not args.json,
+        chunk=args.chunk,
     )
     if args.json:
         print(json.dumps(summary))
@@ -162,6 +168,7 @@ def add_library_commands(sub) -> None:
     p.add_argument("--run", help="a trained run: name the faces it knows (others stay unknown)")
     p.add_argument("--engine", choices=("local", "ray"), default="local", help="detect here or on a Ray cluster")
     p.add_argument("--cache", help="cache folder (default: $PINSFACE_CACHE or ~/.cache/pinsface)")
+    p.add_argument("--chunk", type=int, default=128, metavar="N", help="photos detected and stored together")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_index)
 

@@ -27,6 +27,8 @@ from pinsface.settings import Settings
 
 # Photos whose faces are cut again from cached detections (see _from_cache) per embedding batch.
 CACHED_BATCH = 64
+# Photos detected, embedded and stored together: an index that is stopped loses at most the chunk in hand.
+INDEX_CHUNK = 128
 
 
 class _Describer:
@@ -165,6 +167,7 @@ def index_library(
     detector=None,
     address: str | None = None,
     workers: int | None = None,
+    chunk: int = INDEX_CHUNK,
 ) -> dict:
     """Index every face under ``library`` into the database at ``db_url``; a summary of what changed."""
     start = time.perf_counter()
@@ -193,6 +196,7 @@ def index_library(
                 address=address,
                 workers=workers,
                 on_records=store.records,
+                chunk_images=chunk,
             )
             _from_cache(store, prepared, first, face_settings)
             for digest, found, status in zip(first, prepared.hashes, prepared.status):

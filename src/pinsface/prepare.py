@@ -137,9 +137,11 @@ def prepare(
     embed=None,
     workers: int | None = None,
     on_records=None,
+    chunk_images: int = CHUNK_IMAGES,
 ) -> Prepared:
     """Detect and crop every image of ``data_dir`` that the cache does not have yet. ``on_records``, if given,
-    is called with each chunk of new face records once it is in the cache (the local engine's).
+    is called with each chunk (``chunk_images``) of new face records once it is in the cache (the local
+    engine's).
 
     ``engine="ray"`` does that work on a Ray cluster (``address``, else a local instance with ``workers`` CPUs),
     and embeds the faces too with the backbone of ``embed`` (a ``Settings``), see ``pinsface.ray_engine``."""
@@ -185,7 +187,7 @@ def prepare(
             embed,
             address,
             workers,
-            chunk_images=CHUNK_IMAGES,
+            chunk_images=chunk_images,
             detect_batch_size=batch_size,
         )
         for j, (reason, detail) in ray_report.pop("errors").items():
@@ -214,9 +216,9 @@ def prepare(
         hashes[i] = None
         skipped_files.append({"path": dataset.items[i].rel, "reason": error.reason, "detail": error.detail})
 
-    for lo in range(0, len(local), CHUNK_IMAGES):
+    for lo in range(0, len(local), chunk_images):
         chunk = []
-        for i in local[lo : lo + CHUNK_IMAGES]:
+        for i in local[lo : lo + chunk_images]:
             if hashes[i] in scheduled:
                 bar.update(1)
             else:
