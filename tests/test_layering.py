@@ -63,6 +63,7 @@ def test_lower_stages_never_import_higher_ones():
         "pinsface.library_index",
         "pinsface.library_cluster",
         "pinsface.library_sheet",
+        "pinsface.library_export",
         "pinsface.cli_library",
         "pinsface.cli",
     ]

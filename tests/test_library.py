@@ -203,3 +203,23 @@ def test_deleted_photo_faces_are_marked_gone(library, library_url, tmp_path):
     with LibraryDB.open(library_url) as db:
         gone = [f for f in db.face_list(live_only=False) if f["gone"]]
         assert [Path(f["source"]).name for f in gone] == [victim.name]
+
+
+def test_train_from_named_people_then_enrol_and_forget(library, library_url, tmp_path):
+    cache = tmp_path / "cache"
+    run("index", library, "--db", library_url, "--cache", cache)
+    lines = [json.loads(x) for x in run("cluster", "--db", library_url, "--json").splitlines()]
+    for folder, name in (("pins_Bill Gates", "Bill"), ("pins_Brie Larson", "Brie")):
+        clusters = Counter(x["cluster"] for x in lines if f"/{folder}/" in x["source"])
+        top, *rest = [c for c, _ in clusters.most_common()]
+        run("name", top, name, "--db", library_url, *(["--merge", *rest] if rest else []))
+    out = tmp_path / "run"
+    text = run("train", "--db", library_url, "--out", out, "--cache", cache, "--epochs", 3, "--no-progress")
+    assert "2 named people" in text
+    assert json.loads((out / "labels.json").read_text()) == ["Bill", "Brie"]
+    evans = Counter(x["cluster"] for x in lines if "/pins_Chris Evans/" in x["source"]).most_common(1)[0][0]
+    assert "enrolled 'Chris'" in run("name", evans, "Chris", "--db", library_url, "--run", out)
+    assert "Chris" in json.loads((out / "labels.json").read_text())
+    assert "descriptor(s) erased" in run("forget", "--db", library_url, "--name", "Chris")
+    with LibraryDB.open(library_url) as db:
+        assert db.faces_of("Chris") == [] and db.person_id("Chris", create=False) is None

@@ -1,4 +1,5 @@
-"""The photo library's commands: ``index``, ``cluster``, ``name``, ``find``, ``people`` and ``forget --db``.
+"""The photo library's commands: ``index``, ``cluster``, ``name``, ``find``, ``people``, ``train --db`` and
+``forget --db``.
 
 ``add_library_commands`` adds them to ``pinsface``'s parser (``cli.build_parser``)."""
 
@@ -159,6 +160,35 @@ def _forget_with_db(forget):
     return run
 
 
+def _train_with_db(train):
+    def run(args) -> int:
+        if args.db:
+            from pinsface.library_db import LibraryDB
+            from pinsface.library_export import export_named_faces
+
+            if args.data_dir:
+                raise ValueError("give a data folder or --db, not both")
+            args.data_dir = str(args.out).rstrip("/\\") + ".faces"
+            with LibraryDB.open(args.db) as db:
+                counts = export_named_faces(db.face_list(), args.data_dir)
+            print(f"{len(counts)} named people, {sum(counts.values())} faces, as a dataset in {args.data_dir}")
+        return train(args)
+
+    return run
+
+
+def _extend(sub, command: str, help_text: str, wrap) -> None:
+    """Add ``--db`` to an existing command, its positional folder made optional, its handler wrapped."""
+    p = sub.choices.get(command)
+    if p is None:
+        return
+    p.add_argument("--db", help=help_text)
+    for action in p._actions:
+        if action.dest in ("run_dir", "data_dir"):
+            action.nargs = "?"
+    p.set_defaults(func=wrap(p.get_default("func")))
+
+
 def add_library_commands(sub) -> None:
     """Add the library commands to ``pinsface``'s subparsers, and ``--db`` to ``forget``."""
     db_help = "library database: a SQLite file, or postgresql://user@host/db"
@@ -200,10 +230,5 @@ def add_library_commands(sub) -> None:
     p.add_argument("--per-row", type=int, default=12, help="thumbnails shown per person or cluster")
     p.set_defaults(func=_people)
 
-    forget = sub.choices.get("forget")
-    if forget is not None:
-        forget.add_argument("--db", help="also erase the person's faces from this library database")
-        for action in forget._actions:
-            if action.dest == "run_dir":
-                action.nargs = "?"
-        forget.set_defaults(func=_forget_with_db(forget.get_default("func")))
+    _extend(sub, "forget", "also erase the person's faces from this library database", _forget_with_db)
+    _extend(sub, "train", "train from the people named in this library database", _train_with_db)

@@ -15,11 +15,9 @@ THUMB = 96
 THUMB_DECODE_SIDE = 1000
 
 
-def thumbnail(source: str, box: list[float], size: int = THUMB) -> str | None:
-    """A data URI of the face in ``box`` (x1, y1, x2, y2, full-resolution pixels) with a margin, or None when
-    the photo can no longer be read."""
-    from PIL import Image
-
+def face_crop(source: str, box: list[float], margin: float = 0.25) -> np.ndarray | None:
+    """The face in ``box`` (x1, y1, x2, y2, full-resolution pixels) with ``margin`` of its size on each side,
+    as RGB pixels, or None when the photo can no longer be read."""
     from pinsface.images import BadImage, load_scaled
 
     try:
@@ -27,14 +25,21 @@ def thumbnail(source: str, box: list[float], size: int = THUMB) -> str | None:
     except BadImage:
         return None
     (x1, y1), (x2, y2) = view.from_full(np.asarray(box, float).reshape(2, 2))
-    pad = 0.25 * max(x2 - x1, y2 - y1)
+    pad = margin * max(x2 - x1, y2 - y1)
     h, w = view.pixels.shape[:2]
     crop = view.pixels[int(max(0, y1 - pad)) : int(min(h, y2 + pad)), int(max(0, x1 - pad)) : int(min(w, x2 + pad))]
-    if crop.size == 0:
+    return crop if crop.size else None
+
+
+def thumbnail(source: str, box: list[float], size: int = THUMB) -> str | None:
+    """A data URI of the face in ``box`` with a margin (``face_crop``), or None when it cannot be read."""
+    from PIL import Image
+
+    crop = face_crop(source, box)
+    if crop is None:
         return None
-    image = Image.fromarray(crop).resize((size, size))
     buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=85)
+    Image.fromarray(crop).resize((size, size)).save(buffer, "JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
