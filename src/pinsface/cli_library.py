@@ -61,6 +61,16 @@ def _cluster(args) -> int:
 def _name(args) -> int:
     from pinsface.library_db import LibraryDB
 
+    words = list(args.words)
+    args.cluster = args.name = None
+    if args.split is None and args.unassign is None and words:
+        try:
+            args.cluster = int(words.pop(0))
+        except ValueError as exc:
+            raise ValueError(f"CLUSTER must be a cluster number, not {exc}") from exc
+    if len(words) > 1:
+        raise ValueError("give one name (quote a name with spaces)")
+    args.name = words[0] if words else None
     with LibraryDB.open(args.db) as db:
         if args.unassign is not None:
             db.unassign(args.unassign)
@@ -208,8 +218,12 @@ def add_library_commands(sub) -> None:
     p.set_defaults(func=_cluster)
 
     p = sub.add_parser("name", help="name a cluster; merge clusters, split off or unassign a face")
-    p.add_argument("cluster", type=int, nargs="?", help="the cluster to name (see cluster --json / people)")
-    p.add_argument("name", nargs="?", help="the person's name")
+    p.add_argument(
+        "words",
+        nargs="*",
+        metavar="[CLUSTER] [NAME]",
+        help="the cluster (see cluster --json / people) and the person's name; with --split, only the name",
+    )
     p.add_argument("--db", required=True, help=db_help)
     p.add_argument("--merge", type=int, nargs="+", metavar="CLUSTER", help="move these clusters' faces into it")
     p.add_argument("--split", type=int, metavar="FACE", help="take this face out into a cluster of its own")
