@@ -137,11 +137,11 @@ def prepare(
     embed=None,
     workers: int | None = None,
     on_records=None,
-    chunk_images: int = CHUNK_IMAGES,
+    chunk_images: int | None = None,
 ) -> Prepared:
     """Detect and crop every image of ``data_dir`` that the cache does not have yet. ``on_records``, if given,
-    is called with each chunk (``chunk_images``) of new face records once it is in the cache (the local
-    engine's).
+    is called with each chunk (``chunk_images``, default ``CHUNK_IMAGES``) of new face records once it is in
+    the cache (the local engine's).
 
     ``engine="ray"`` does that work on a Ray cluster (``address``, else a local instance with ``workers`` CPUs),
     and embeds the faces too with the backbone of ``embed`` (a ``Settings``), see ``pinsface.ray_engine``."""
@@ -151,6 +151,7 @@ def prepare(
     from pinsface.dataset import default_data_dir
 
     start = time.perf_counter()
+    chunk_images = chunk_images or CHUNK_IMAGES
     settings = settings or FaceSettings()
     dataset = dataset or scan_dataset(data_dir if data_dir else default_data_dir())
     cache = FaceCache(cache_dir or default_cache_dir(), settings.version())
