@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,serve,ray]'
+	$(BIN)/python -m pip install -q -e '.[test,serve,ray,library]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,6 +23,9 @@ run: $(STAMP)
 test: $(STAMP)
 	@# The browser test drives Debian's chromium (never a downloaded browser): install it where apt-get can.
 	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || (apt-get update && apt-get install -y chromium)
+	@# The library tests start a real PostgreSQL server (Debian's postgresql, initdb and pg_ctl).
+	test -x /usr/lib/postgresql/15/bin/initdb || command -v initdb >/dev/null || ! command -v apt-get >/dev/null \
+		|| (apt-get update && apt-get install -y postgresql)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -m "not slow"

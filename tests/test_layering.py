@@ -64,6 +64,12 @@ def test_lower_stages_never_import_higher_ones():
         "pinsface.evaluate",
         "pinsface.pipeline",
         "pinsface.predict",
+        "pinsface.library_db",
+        "pinsface.library_index",
+        "pinsface.library_cluster",
+        "pinsface.library_sheet",
+        "pinsface.library_export",
+        "pinsface.cli_library",
         "pinsface.cli",
     ]
     graph = imports()

@@ -584,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_commands(sub, parents)
     _add_people_commands(sub, parents)
     _add_serve_command(sub, parents)
+    from pinsface.cli_library import add_library_commands
+
+    add_library_commands(sub, parents)
     return parser
 
 

@@ -146,23 +146,29 @@ def with_candidates(record: dict, path: Path, settings: FaceSettings) -> dict:
     """``record`` (a held photo's, made elsewhere: a Ray worker's) with its candidates' crops cut again from
     the file, for the second pass. Raises ``BadImage`` if the file can no longer be read."""
     faces = record_faces(record)
-    shape = tuple(int(v) for v in record["image_shape"])
-    order = candidate_order(faces, shape)
+    order = candidate_order(faces, tuple(int(v) for v in record["image_shape"]))
+    return {**record, "candidates": crops_again(faces, order, path, settings)}
+
+
+def crops_again(faces: list, order: list[int], path: Path, settings: FaceSettings) -> dict:
+    """{k: (aligned chip, box crop)} of faces ``order`` (full-resolution ``Face``s found before) cut again from
+    the file, decoded as the detector's pass decodes it. Raises ``BadImage`` if it can no longer be read."""
     decoded = decode_file(path, settings)
     if isinstance(decoded, BadImage):
         raise decoded
     view, data = decoded
     wanted = [faces[k].size for k in order]
-    if not crop_scale_ok(view, wanted):
+    if wanted and not crop_scale_ok(view, wanted):
         view = refine_view(data, view, wanted, settings.max_pixels)
-    return {**record, "candidates": {k: face_crops(view, faces[k].landmarks, faces[k].box, settings) for k in order}}
+    return {k: face_crops(view, faces[k].landmarks, faces[k].box, settings) for k in order}
 
 
 def image_records(detector, batch, hashes, settings: FaceSettings, held: dict) -> tuple[list[dict], list]:
     """Detect faces in one decoded batch and make each image's record. Returns (records, [(i, BadImage)]).
 
     Photos with several faces whose subject a second pass may settle are put in ``held`` (hash -> record
-    with each candidate's crops) instead of being returned."""
+    with each candidate's crops) instead of being returned. With ``settings.every_face`` every photo is scanned
+    down to its smallest face, none is held, and each record has the aligned chip of every face (``chips``)."""
     good = [(i, view, data) for i, (view, data) in ((i, r) for i, r in batch if not isinstance(r, BadImage))]
     errors = [(i, r) for i, r in batch if isinstance(r, BadImage)]
     images = [view.pixels for _, view, _ in good]
@@ -170,6 +176,8 @@ def image_records(detector, batch, hashes, settings: FaceSettings, held: dict) -
     # Coarse to fine: a photo is scanned down to the smallest size only when the coarse scan found no face large
     # enough that any face it could miss is too small to be the subject.
     coarse = [max(m, COARSE_FACE_FRACTION * min(image.shape[:2])) for m, image in zip(min_sizes, images)]
+    if settings.every_face:
+        coarse = min_sizes
     found = detect_each(detector, images, min_sizes, coarse)
     found = retry_tight_crops(detector, images, found, min_sizes, settings, [view.full_size for _, view, _ in good])
     records = []
@@ -181,13 +189,15 @@ def image_records(detector, batch, hashes, settings: FaceSettings, held: dict) -
             faces = [to_full_face(face, view) for face in detected]
             chosen, status = choose_subject(faces, view.full_size, settings)
             wanted = [faces[chosen].size] if chosen >= 0 else []
-            multi = is_held(faces, status, view.full_size, settings)
+            multi = is_held(faces, status, view.full_size, settings) and not settings.every_face
             order = candidate_order(faces, view.full_size) if multi else []
-            if multi:
-                wanted = [faces[k].size for k in order]
+            if multi or settings.every_face:
+                wanted = [faces[k].size for k in (order if multi else range(len(faces)))]
             if wanted and not crop_scale_ok(view, wanted):
                 view = refine_view(data, view, wanted, settings.max_pixels)
             record = face_record(view.pixels, faces, settings, hashes[i], view, chosen, status)
+            if settings.every_face:
+                record["chips"] = [face_crops(view, f.landmarks, f.box, settings)[0] for f in faces]
             if multi:
                 record["candidates"] = {
                     int(k): face_crops(view, faces[k].landmarks, faces[k].box, settings) for k in order

@@ -254,31 +254,66 @@ class Recognizer:
         out: list[list[Face]] = [[] for _ in chips]
         if not crops:
             return out
-        state = self._state  # one consistent state for the whole batch, even if enrolment swaps it meanwhile
         emb, emb_flip = self.embed(np.stack(crops))
+        for (i, face), named in zip(owners, self.name_embeddings(emb, emb_flip, top_k, threshold, min_probability)):
+            out[i].append(
+                Face(
+                    box=[round(float(v), 2) for v in face.box],
+                    detector_confidence=round(face.confidence, 4),
+                    landmarks=[[round(float(a), 2), round(float(b), 2)] for a, b in face.landmarks],
+                    **named,
+                )
+            )
+        return out
+
+    def name_embeddings(
+        self,
+        emb: np.ndarray,
+        emb_flip: np.ndarray,
+        top_k: int = 3,
+        threshold: float | None = None,
+        min_probability: float | None = None,
+    ) -> list[dict]:
+        """Faces' identities from their embeddings and their mirror images' (``embed``): per face, the ``Face``
+        fields other than box and landmarks."""
+        state = self._state  # one consistent state for the whole batch, even if enrolment swaps it meanwhile
         matches = self.match(emb, emb_flip, top_k, threshold, min_probability, state)
         labels = state.labels
 
         def rounded(value: float | None) -> float | None:
             return None if value is None else round(value, 4)
 
-        for (i, face), m in zip(owners, matches):
-            out[i].append(
-                Face(
-                    box=[round(float(v), 2) for v in face.box],
-                    detector_confidence=round(face.confidence, 4),
-                    landmarks=[[round(float(a), 2), round(float(b), 2)] for a, b in face.landmarks],
-                    identity=labels[m.best] if m.accepted else None,
-                    probability=rounded(m.probability),
-                    distance=round(m.distance, 4),
-                    best_match=labels[m.best],
-                    alternatives=[
-                        {"identity": labels[k], "probability": rounded(p), "distance": round(d, 4)}
-                        for k, p, d in m.alternatives
-                    ],
-                )
-            )
-        return out
+        return [
+            {
+                "identity": labels[m.best] if m.accepted else None,
+                "probability": rounded(m.probability),
+                "distance": round(m.distance, 4),
+                "best_match": labels[m.best],
+                "alternatives": [
+                    {"identity": labels[k], "probability": rounded(p), "distance": round(d, 4)}
+                    for k, p, d in m.alternatives
+                ],
+            }
+            for m in matches
+        ]
+        labels = state.labels
+
+        def rounded(value: float | None) -> float | None:
+            return None if value is None else round(value, 4)
+
+        return [
+            {
+                "identity": labels[m.best] if m.accepted else None,
+                "probability": rounded(m.probability),
+                "distance": round(m.distance, 4),
+                "best_match": labels[m.best],
+                "alternatives": [
+                    {"identity": labels[k], "probability": rounded(p), "distance": round(d, 4)}
+                    for k, p, d in m.alternatives
+                ],
+            }
+            for m in matches
+        ]
 
     def match(
         self,

@@ -53,7 +53,7 @@ def usable_status(settings) -> set[str]:
     return {*FACE_STATUSES, "no_face"} if settings.no_face_fallback else set(FACE_STATUSES)
 
 
-def _hash_file(path: Path) -> tuple[str | None, str | None]:
+def hash_file(path: Path) -> tuple[str | None, str | None]:
     """(content hash, None) or (None, skip reason) for one file; never raises."""
     try:
         return content_hash(read_bytes(path)), None
@@ -137,9 +137,11 @@ def prepare(
     embed=None,
     workers: int | None = None,
     on_records=None,
+    chunk_images: int | None = None,
 ) -> Prepared:
     """Detect and crop every image of ``data_dir`` that the cache does not have yet. ``on_records``, if given,
-    is called with each chunk of new face records once it is in the cache (the local engine's).
+    is called with each chunk (``chunk_images``, default ``CHUNK_IMAGES``) of new face records once it is in
+    the cache (the local engine's).
 
     ``engine="ray"`` does that work on a Ray cluster (``address``, else a local instance with ``workers`` CPUs),
     and embeds the faces too with the backbone of ``embed`` (a ``Settings``), see ``pinsface.ray_engine``."""
@@ -149,6 +151,7 @@ def prepare(
     from pinsface.dataset import default_data_dir
 
     start = time.perf_counter()
+    chunk_images = chunk_images or CHUNK_IMAGES
     settings = settings or FaceSettings()
     dataset = dataset or scan_dataset(data_dir if data_dir else default_data_dir())
     cache = FaceCache(cache_dir or default_cache_dir(), settings.version())
@@ -161,7 +164,7 @@ def prepare(
     pool = ThreadPoolExecutor(4)
     # Files are hashed a few hundred per task: one task per file cost more in futures than the hashing itself.
     parts = [dataset.items[lo : lo + 256] for lo in range(0, n, 256)]
-    hashed = pool.map(lambda part: [_hash_file(dataset.path(it)) for it in part], parts)
+    hashed = pool.map(lambda part: [hash_file(dataset.path(it)) for it in part], parts)
     for i, (digest, reason) in enumerate(result for part in hashed for result in part):
         if reason:
             status[i] = reason
@@ -185,7 +188,7 @@ def prepare(
             embed,
             address,
             workers,
-            chunk_images=CHUNK_IMAGES,
+            chunk_images=chunk_images,
             detect_batch_size=batch_size,
         )
         for j, (reason, detail) in ray_report.pop("errors").items():
@@ -214,9 +217,9 @@ def prepare(
         hashes[i] = None
         skipped_files.append({"path": dataset.items[i].rel, "reason": error.reason, "detail": error.detail})
 
-    for lo in range(0, len(local), CHUNK_IMAGES):
+    for lo in range(0, len(local), chunk_images):
         chunk = []
-        for i in local[lo : lo + CHUNK_IMAGES]:
+        for i in local[lo : lo + chunk_images]:
             if hashes[i] in scheduled:
                 bar.update(1)
             else:

@@ -96,6 +96,10 @@ class FaceSettings:
     aligned_size: int = 150
     box_size: int = 100
     max_pixels: int = 50_000_000
+    # A photo library (``pinsface index``): keep every face, scan every photo down to the smallest face, and cut
+    # each face's chip, rather than choose one subject per photo. Left out of the version when off, so turning
+    # it on selects a cache of its own and leaves the existing ones where they are.
+    every_face: bool = False
 
     def __post_init__(self):
         _whole(self, "min_face_size", 1)
@@ -122,7 +126,10 @@ class FaceSettings:
         _whole(self, "max_pixels", 1)
 
     def version(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True)
+        values = asdict(self)
+        if not values["every_face"]:
+            del values["every_face"]
+        text = json.dumps(values, sort_keys=True)
         return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
     @classmethod

@@ -1,0 +1,203 @@
+"""Clustering methods for `pinsface cluster`, on the same descriptors: one table per library.
+
+    nice -n 10 python bench/cluster.py [--data PINS] [--tail 3000] [--scale 100000 1000000]
+
+Descriptors: the 128-d embeddings pinsface caches for the shared Pins photos (the face `prepare` chose in each,
+from the cache: nothing is recomputed), as `pinsface index` stores them. The truth is each
+photo's folder, hidden from the methods.
+
+- "test split": the run split's test photos as one unlabelled library.
+- "long tail": the test split plus --tail synthetic people with 1-3 faces each, drawn around the real
+  descriptors as bench/gallery_scale.py draws its galleries (between- and within-person spread fitted to them).
+
+Per method: BCubed precision, recall and F1, pairwise F1, clusters found, wall and CPU seconds. Chinese whispers
+needs dlib (the `peers` extra: dlib-bin); without it that row is skipped with a message. Average linkage holds
+all pairwise distances and is skipped above 20,000 faces. With --scale, pinsface's method alone on synthetic
+libraries of those sizes (10 faces a person): wall, CPU and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def bcubed(labels: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """BCubed precision and recall: per face, the share of its cluster in its person, and of its person in its
+    cluster, averaged over faces."""
+    _, t = np.unique(truth, return_inverse=True)
+    _, c = np.unique(labels, return_inverse=True)
+    pair = c.astype(np.int64) * (t.max() + 1) + t
+    _, pair_idx, pair_n = np.unique(pair, return_inverse=True, return_counts=True)
+    joint = pair_n[pair_idx]
+    return float(np.mean(joint / np.bincount(c)[c])), float(np.mean(joint / np.bincount(t)[t]))
+
+
+def pairwise_f1(labels: np.ndarray, truth: np.ndarray) -> float:
+    """F1 over pairs of faces: a pair is predicted together when in one cluster, truly together in one person."""
+    _, t = np.unique(truth, return_inverse=True)
+    _, c = np.unique(labels, return_inverse=True)
+    _, joint = np.unique(c.astype(np.int64) * (t.max() + 1) + t, return_counts=True)
+    pairs = lambda n: float(np.sum(n * (n - 1) / 2))  # noqa: E731
+    both, predicted, true = pairs(joint), pairs(np.bincount(c)), pairs(np.bincount(t))
+    return 2 * both / (predicted + true) if predicted + true else 1.0
+
+
+def with_singletons(labels: np.ndarray) -> np.ndarray:
+    """Noise (-1) as one cluster per face, as the library shows unclustered faces."""
+    labels = np.array(labels, dtype=np.int64)
+    noise = labels < 0
+    labels[noise] = labels.max(initial=-1) + 1 + np.arange(noise.sum())
+    return labels
+
+
+def chinese_whispers(x: np.ndarray) -> np.ndarray | str:
+    try:
+        import dlib
+    except ImportError:
+        return "skipped: dlib is not installed (pip install 'pinsface[peers]')"
+    vectors = [dlib.vector(v.astype(float).tolist()) for v in x]
+    return np.array(dlib.chinese_whispers_clustering(vectors, 0.5))
+
+
+def dbscan(x: np.ndarray) -> np.ndarray:
+    from sklearn.cluster import DBSCAN
+
+    return with_singletons(DBSCAN(eps=0.5, min_samples=3).fit_predict(x))
+
+
+def hdbscan(x: np.ndarray) -> np.ndarray:
+    from sklearn.cluster import HDBSCAN
+
+    return with_singletons(HDBSCAN(min_cluster_size=2).fit_predict(x))
+
+
+def average_linkage(x: np.ndarray) -> np.ndarray | str:
+    if len(x) > 20_000:
+        return "skipped: holds every pairwise distance (over 20,000 faces)"
+    from sklearn.cluster import AgglomerativeClustering
+
+    model = AgglomerativeClustering(n_clusters=None, distance_threshold=0.6, linkage="average")
+    return model.fit_predict(x)
+
+
+def pinsface_method(x: np.ndarray) -> np.ndarray:
+    from pinsface.library_cluster import mean_pair_linkage
+
+    return mean_pair_linkage(x)
+
+
+METHODS = {
+    "Chinese whispers 0.5 (dlib)": chinese_whispers,
+    "DBSCAN eps 0.5, min 3": dbscan,
+    "HDBSCAN min cluster 2": hdbscan,
+    "average linkage 0.6": average_linkage,
+    "pinsface (mean-pair linkage, kNN graph)": pinsface_method,
+}
+
+
+def table(name: str, x: np.ndarray, truth: np.ndarray, methods=METHODS) -> None:
+    print(f"\n{name}: {len(x):,} faces of {len(np.unique(truth)):,} people")
+    print("| method | BCubed P | BCubed R | BCubed F1 | pairwise F1 | clusters | wall s | CPU s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, fn in methods.items():
+        t, c = time.perf_counter(), time.process_time()
+        out = fn(x)
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        if isinstance(out, str):
+            print(f"| {label} | {out} | | | | | | |")
+            continue
+        p, r = bcubed(out, truth)
+        f1 = 2 * p * r / (p + r)
+        n = len(np.unique(out))
+        pf1 = pairwise_f1(out, truth)
+        print(f"| {label} | {p:.4f} | {r:.4f} | {f1:.4f} | {pf1:.4f} | {n:,} | {wall:.2f} | {cpu:.2f} |")
+        sys.stdout.flush()
+
+
+def test_split(data) -> tuple[np.ndarray, np.ndarray]:
+    """Cached descriptors and folder labels of the run split's test photos."""
+    from pinsface.cache import default_cache_dir
+    from pinsface.dataset import default_data_dir, scan_dataset, split_dataset
+    from pinsface.embeddings import run_embedding_cache
+    from pinsface.prepare import prepare
+    from pinsface.settings import Settings
+
+    settings = Settings()
+    dataset = scan_dataset(data or default_data_dir())
+    prepared = prepare(dataset=dataset, cache_dir=default_cache_dir(), settings=settings.faces, progress=False)
+    split = split_dataset(dataset, settings.seed, settings.test_fraction, settings.val_fraction)
+    index, emb, _ = run_embedding_cache(settings, default_cache_dir()).load()
+    rows, owner = [], []
+    for i, item in enumerate(dataset.items):
+        h = prepared.hashes[i]
+        if split.assignment[item.rel] == "test" and h in index and prepared.status[i] != "ambiguous":
+            rows.append(index[h])
+            owner.append(dataset.identities.index(item.identity))
+    if not rows:
+        sys.exit("no cached embeddings for the test split: run `pinsface run` (or prepare and train) first")
+    return emb[np.array(rows)].astype(np.float32), np.array(owner)
+
+
+def synthetic(x: np.ndarray, owner: np.ndarray, people: int, per: int, rng, vary: bool) -> tuple:
+    """Synthetic people around the real descriptors (bench/gallery_scale.py's generator, on their directions,
+    then given lengths drawn from theirs): ``per`` faces each, or with ``vary`` 1 to ``per``."""
+    import gallery_scale as gs
+
+    norms = np.linalg.norm(x, axis=1)
+    x = gs.unit(x)
+    gs.SHAPE[:] = gs.shape_of(x, owner)
+    mean = x.mean(0)
+    s_b, s_w = gs.fit_spread(mean, gs.stats(x, owner, rng), rng)
+    _, vectors, who = gs.synthesise(people, mean, s_b, s_w, rng, per=per)
+    if vary:
+        keep = np.tile(np.arange(per), people) < np.repeat(rng.integers(1, per + 1, people), per)
+        vectors, who = vectors[keep], who[keep]
+    vectors *= rng.choice(norms, len(vectors)).astype(np.float32)[:, None]
+    return vectors.astype(np.float32), who
+
+
+def rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None, help="the Pins folder (default: as pinsface finds it)")
+    parser.add_argument("--tail", type=int, default=3000, help="synthetic people with 1-3 faces in the long tail")
+    parser.add_argument("--scale", type=int, nargs="*", default=[], help="faces in synthetic libraries to time")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rng = np.random.default_rng(args.seed)
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes share these CPUs)")
+    x, owner = test_split(args.data)
+    table("test split as one library", x, owner)
+    tail, tail_owner = synthetic(x, owner, args.tail, 3, rng, vary=True)
+    table(
+        f"long tail (test split + {args.tail:,} synthetic people with 1-3 faces)",
+        np.concatenate([x, tail]),
+        np.concatenate([owner, tail_owner + owner.max() + 1]),
+    )
+    for n in args.scale:
+        big, who = synthetic(x, owner, n // 10, 10, rng, vary=False)
+        t, c = time.perf_counter(), time.process_time()
+        labels = pinsface_method(big)
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        p, r = bcubed(labels, who)
+        print(
+            f"\n{n:,} synthetic faces ({n // 10:,} people): pinsface's method {wall:.1f} s wall, {cpu:.1f} CPU s, "
+            f"BCubed P {p:.4f} R {r:.4f}, peak RSS {rss_gb():.2f} GB",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

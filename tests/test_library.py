@@ -1,0 +1,228 @@
+"""The photo library end to end on SQLite and a real PostgreSQL server: index real Pins photos (every face),
+cluster, name, find, the contact sheet; and index's reliability under SIGKILL, two processes and deletions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pinsface.library_cluster import cluster_library, mean_pair_linkage
+from pinsface.library_db import LibraryDB
+from tests import postgres
+from tests.conftest import copy_identities
+
+postgres_server, library_url = postgres.postgres_server, postgres.library_url
+PEOPLE = ["pins_Bill Gates", "pins_Brie Larson", "pins_Chris Evans"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, pins_dir) -> Path:
+    """Real Pins photos of three people in nested folders, one group photo of two of them, and a bad file."""
+    root = tmp_path_factory.mktemp("lib") / "photos"
+    copy_identities(root / "2019" / "trip", PEOPLE, 6)
+    faces = [sorted((pins_dir / p).glob("*.jpg"))[10] for p in PEOPLE[:2]]
+    group = Image.new("RGB", (900, 500), (120, 130, 140))
+    for k, f in enumerate(faces):
+        group.paste(Image.open(f).convert("RGB").resize((300, 370)), (60 + 480 * k, 60))
+    group.save(root / "group.jpg", quality=92)
+    (root / "notes.jpg").write_bytes(b"not a photo")
+    return root
+
+
+def pinsface(*args, env=None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pinsface.cli", *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def run(*args, **kw) -> str:
+    proc = pinsface(*args, **kw)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    return out.decode()
+
+
+def faces_of(url: str) -> Counter:
+    """(photo, face position, rounded box) of every live face, counted: each must be there once."""
+    with LibraryDB.open(url) as db:
+        return Counter((Path(f["source"]).name, tuple(round(v) for v in f["box"])) for f in db.face_list())
+
+
+def test_index_cluster_name_find(library, library_url, tmp_path, pins_dir):
+    cache = tmp_path / "cache"
+    summary = json.loads(run("index", library, "--db", library_url, "--cache", cache, "--json").splitlines()[-1])
+    assert summary["photos"] == 20 and summary["skipped"] == {"not_an_image": 1}
+    faces = faces_of(library_url)
+    assert set(faces.values()) == {1}
+    group = [k for k in faces if k[0] == "group.jpg"]
+    assert len(group) == 2, "every face of the group photo, not only a subject"
+    assert sum(faces.values()) >= 19
+    again = json.loads(run("index", library, "--db", library_url, "--cache", cache, "--json").splitlines()[-1])
+    assert again["read"] == 0 and again["faces_added"] == 0 and again["unchanged"] == 20
+
+    lines = [json.loads(x) for x in run("cluster", "--db", library_url, "--json").splitlines()]
+    assert {tuple(sorted(x)) for x in lines} == {("box", "cluster", "person", "source")}
+    by_folder = {}
+    for x in lines:
+        person = Path(x["source"]).parent.name
+        if person.startswith("pins_"):
+            by_folder.setdefault(x["cluster"], Counter())[person] += 1
+    mixed = [c for c, people in by_folder.items() if len(people) > 1]
+    assert not mixed, f"clusters holding two people: {by_folder}"
+    bill = Counter(x["cluster"] for x in lines if "Bill Gates" in x["source"] and "group" not in x["source"])
+    biggest, _ = bill.most_common(1)[0]
+    others = [c for c in bill if c != biggest]
+    run("name", biggest, "Bill Gates", "--db", library_url, *(["--merge", *others] if others else []))
+    found = run("find", "Bill Gates", "--db", library_url, "--json").splitlines()
+    sources = {json.loads(x)["source"] for x in found}
+    assert {Path(s).name for s in sources} >= {p.name for p in (library / "2019/trip/pins_Bill Gates").iterdir()}
+
+    # A new photo joins the named cluster without re-clustering, and the name stays.
+    extra = sorted((pins_dir / "pins_Bill Gates").glob("*.jpg"))
+    shutil.copy(extra[40], library / "2019" / "new_bill.jpg")
+    try:
+        run("index", library, "--db", library_url, "--cache", cache)
+        report = run("cluster", "--db", library_url)
+        assert "1 new" in report
+        lines = [json.loads(x) for x in run("cluster", "--db", library_url, "--json").splitlines()]
+        new = [x for x in lines if x["source"].endswith("new_bill.jpg")]
+        assert new[0]["person"] == "Bill Gates" and new[0]["cluster"] == biggest
+    finally:
+        (library / "2019" / "new_bill.jpg").unlink()
+
+    sheet = tmp_path / "people.html"
+    run("people", "--db", library_url, "--html", sheet)
+    text = sheet.read_text()
+    assert "Bill Gates" in text and text.count("data:image/jpeg;base64,") >= 19 and "http" not in text
+
+
+def test_split_unassign_merge_and_forget(library_url):
+    with LibraryDB.open(library_url) as db:
+        rng = np.random.default_rng(0)
+        from pinsface.library_db import FaceRow
+
+        for k in range(6):
+            d = f"{k:032d}"
+            centre = np.eye(128, dtype=np.float32)[k // 3]
+            db.store_photo(
+                f"/p/{k}.jpg",
+                d,
+                1,
+                1.0,
+                (10, 10),
+                [
+                    FaceRow(
+                        d, 0, (0, 0, 5, 5), 0.9, rng.random((5, 2)), centre + 0.01 * rng.random(128).astype(np.float32)
+                    )
+                ],
+            )
+        assert cluster_library(db)["new_clusters"] == 2
+        faces = db.face_list()
+        a, b = faces[0]["cluster"], faces[3]["cluster"]
+        db.name_cluster(a, "Ann")
+        db.merge_clusters(a, b)
+        assert {f["person"] for f in db.face_list()} == {"Ann"}
+        db.split_face(faces[5]["id"], "Bob")
+        db.unassign(faces[4]["id"])
+        cluster_library(db)  # leaves a person's choices alone
+        people = [f["person"] for f in db.face_list()]
+        assert people == ["Ann", "Ann", "Ann", "Ann", None, "Bob"]
+        assert db.forget_person("Ann") == 4
+        assert db.descriptors([f["id"] for f in faces[:4]]).any() is np.False_
+        cluster_library(db)
+        assert [f["person"] for f in db.face_list()] == [None, None, None, None, None, "Bob"]
+
+
+def test_mean_pair_linkage_keeps_strangers_apart():
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((40, 128)).astype(np.float32)
+    centres *= 1.5 / np.linalg.norm(centres, axis=1, keepdims=True)
+    owner = np.repeat(np.arange(40), 5)
+    x = centres[owner] + 0.02 * rng.standard_normal((200, 128)).astype(np.float32)
+    labels = mean_pair_linkage(x)
+    assert len(np.unique(labels)) == 40
+    assert all(len(np.unique(owner[labels == c])) == 1 for c in np.unique(labels))
+
+
+def _wait_for_faces(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        with LibraryDB.open(url) as db:
+            if db.face_total() > 0:
+                return
+        time.sleep(0.05)
+
+
+def test_sigkill_then_rerun_gives_the_faces_of_one_run(library, library_url, tmp_path, postgres_server):
+    reference = postgres.new_database(postgres_server) if library_url.startswith("postgresql") else tmp_path / "ref.db"
+    # Small chunks, so the kill lands between two stored ones; the reference detects in the same batches
+    # (MTCNN pads a batch's images to one size, which moves a box by a pixel or two).
+    run("index", library, "--db", reference, "--cache", tmp_path / "ref-cache", "--chunk", 2)
+    proc = pinsface("index", library, "--db", library_url, "--cache", tmp_path / "cache", "--chunk", 2)
+    _wait_for_faces(library_url, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    run("index", library, "--db", library_url, "--cache", tmp_path / "cache")
+    assert faces_of(library_url) == faces_of(reference)
+
+
+def test_two_index_processes_store_each_face_once(library, library_url, tmp_path):
+    procs = [pinsface("index", library, "--db", library_url, "--cache", tmp_path / f"cache{k}") for k in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err.decode()[-2000:]
+    faces = faces_of(library_url)
+    assert set(faces.values()) == {1} and sum(faces.values()) >= 19
+
+
+def test_deleted_photo_faces_are_marked_gone(library, library_url, tmp_path):
+    copy = tmp_path / "photos"
+    shutil.copytree(library, copy)
+    run("index", copy, "--db", library_url, "--cache", tmp_path / "cache")
+    before = faces_of(library_url)
+    victim = next((copy / "2019/trip/pins_Brie Larson").iterdir())
+    victim.unlink()
+    out = json.loads(run("index", copy, "--db", library_url, "--cache", tmp_path / "cache", "--json").splitlines()[-1])
+    assert out["gone"] == 1
+    after = faces_of(library_url)
+    assert sum(before.values()) - sum(after.values()) == 1
+    assert victim.name not in {k[0] for k in after}
+    with LibraryDB.open(library_url) as db:
+        gone = [f for f in db.face_list(live_only=False) if f["gone"]]
+        assert [Path(f["source"]).name for f in gone] == [victim.name]
+
+
+def test_train_from_named_people_then_enrol_and_forget(library, library_url, tmp_path):
+    cache = tmp_path / "cache"
+    run("index", library, "--db", library_url, "--cache", cache)
+    lines = [json.loads(x) for x in run("cluster", "--db", library_url, "--json").splitlines()]
+    for folder, name in (("pins_Bill Gates", "Bill"), ("pins_Brie Larson", "Brie")):
+        clusters = Counter(x["cluster"] for x in lines if f"/{folder}/" in x["source"])
+        top, *rest = [c for c, _ in clusters.most_common()]
+        run("name", top, name, "--db", library_url, *(["--merge", *rest] if rest else []))
+    out = tmp_path / "run"
+    text = run("train", "--db", library_url, "--out", out, "--cache", cache, "--epochs", 3, "--no-progress")
+    assert "2 named people" in text
+    assert json.loads((out / "labels.json").read_text()) == ["Bill", "Brie"]
+    evans = Counter(x["cluster"] for x in lines if "/pins_Chris Evans/" in x["source"]).most_common(1)[0][0]
+    assert "enrolled 'Chris'" in run("name", evans, "Chris", "--db", library_url, "--run", out)
+    from pinsface.predict import Recognizer
+
+    assert "Chris" in Recognizer.load(out).labels
+    assert "descriptor(s) erased" in run("forget", "--db", library_url, "--name", "Chris")
+    with LibraryDB.open(library_url) as db:
+        assert db.faces_of("Chris") == [] and db.person_id("Chris", create=False) is None
