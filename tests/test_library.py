@@ -176,7 +176,7 @@ def test_sigkill_then_rerun_gives_the_faces_of_one_run(library, library_url, tmp
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    run("index", library, "--db", library_url, "--cache", tmp_path / "cache")
+    run("index", library, "--db", library_url, "--cache", tmp_path / "cache", "--chunk", 2)
     assert faces_of(library_url) == faces_of(reference)
 
 
