@@ -25,6 +25,8 @@ from pathlib import Path
 import lz4.frame
 import numpy as np
 
+from pinsface.faces import STATUSES  # stored as each status's index there
+
 log = logging.getLogger(__name__)
 
 FORMAT = 3
@@ -37,8 +39,6 @@ MAX_HEADER_BYTES = 1 << 20
 HASH_DTYPE = np.dtype("S32")
 # Columns with one row per detected face rather than per image, grouped by the ``n_faces`` column.
 PER_FACE = ("boxes", "scores", "landmarks")
-# What each image's status is stored as: its position here. Append only, so old chunks keep their meaning.
-STATUSES = ("ok", "no_face", "small_face", "subject", "ambiguous", "no_face_photo")
 LOCK_TIMEOUT_SECONDS = 600.0
 STALE_TEMP_SECONDS = 3600.0
 
