@@ -95,8 +95,9 @@ class Decoded:
         return ((np.asarray(points, np.float64) + 0.5) * np.array([sx, sy]) - 0.5).astype(np.float32)
 
 
-def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Identify ``data`` and check its header (format, pixel count, shape) without decoding the pixels."""
+def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Identify ``data`` as one of ``FORMATS`` and check its pixel count against ``max_pixels`` from the header
+    only: a decompression bomb is refused here, undecoded."""
     if not data:
         raise BadImage("empty_file")
     with warnings.catch_warnings():
@@ -106,12 +107,20 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise BadImage("too_large", str(exc)) from exc
         except UnidentifiedImageError as exc:
-            raise BadImage("not_an_image", "not a recognised image format") from exc
+            raise BadImage("not_an_image", f"not a {', '.join(FORMATS)} image") from exc
         except (OSError, SyntaxError, ValueError, TypeError, struct_error, EOFError) as exc:
             raise BadImage("unreadable", str(exc)) from exc
     width, height = image.size
     if width * height > max_pixels:
+        image.close()
         raise BadImage("too_large", f"{width}x{height} pixels is over the cap of {max_pixels}")
+    return image
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Identify ``data`` and check its header (format, pixel count, shape) without decoding the pixels."""
+    image = read_header(data, max_pixels)
+    width, height = image.size
     if min(width, height) < MIN_SIDE:
         raise BadImage("too_small", f"{width}x{height} pixels: no face fits")
     return image

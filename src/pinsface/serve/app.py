@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import gc
 import hmac
-import io
 import logging
 import os
 import secrets
 import time
 import unicodedata
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,7 +24,7 @@ from fastapi import FastAPI, File, HTTPException, Query, Security, UploadFile
 from fastapi import Path as PathParam
 
 from pinsface.finding import PHOTO_DECODE_MIN_SIDE
-from pinsface.images import BadImage, load_scaled
+from pinsface.images import FORMATS, BadImage, load_scaled, read_header
 from pinsface.run import RunBusy
 from pinsface.serve.auth import allowed_hosts, default_key_file
 from pinsface.serve.batcher import InferenceWorker, QueueFull
@@ -35,8 +33,6 @@ from pinsface.serve.limits import ConnectionCounts
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-# Formats a photo may come in. Pillow can open others (EPS, for one, runs Ghostscript): those are refused.
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
@@ -102,24 +98,9 @@ def load_or_create_key(path: Path) -> str:
 
 def sniff(data: bytes, max_pixels: int) -> int:
     """The pixel count of an encoded photo, read from its header only; ``BadImage`` for a non-image, a format
-    not in ``IMAGE_FORMATS`` or a photo over ``max_pixels`` (a decompression bomb is refused here, undecoded)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise BadImage("empty_file")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-                width, height = image.size
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise BadImage("too_large", str(exc)) from exc
-        except UnidentifiedImageError as exc:
-            raise BadImage("not_an_image", "not a JPEG, PNG, WebP, BMP, GIF or TIFF image") from exc
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise BadImage("unreadable", str(exc)) from exc
-    if width * height > max_pixels:
-        raise BadImage("too_large", f"{width}x{height} pixels is over the cap of {max_pixels}")
+    not in ``images.FORMATS`` or a photo over ``max_pixels`` (see ``images.read_header``)."""
+    with read_header(data, max_pixels) as image:
+        width, height = image.size
     return width * height
 
 
@@ -591,7 +572,7 @@ def create_app(
                 out.append(exc)
         return out
 
-    files_param = File(..., description="one or more photos (JPEG, PNG, WebP, BMP, GIF, TIFF)")
+    files_param = File(..., description=f"one or more photos ({', '.join(FORMATS)})")
 
     @app.get("/", include_in_schema=False)
     async def page():
