@@ -23,12 +23,12 @@ import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Security, UploadFile
 from fastapi import Path as PathParam
 
-from pinsface.finding import PHOTO_DECODE_MIN_SIDE
 from pinsface.images import FORMATS, BadImage, load_scaled, read_header
 from pinsface.run import RunBusy
 from pinsface.serve.auth import allowed_hosts, default_key_file
 from pinsface.serve.batcher import InferenceWorker, QueueFull
 from pinsface.serve.limits import ConnectionCounts
+from pinsface.settings import DECODE_MIN_SIDE, SERVE_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class ServeSettings:
     max_upload_mb: float = 10.0  # per file
     max_request_mb: float = 50.0  # per request, all files together
     max_files: int = 32  # per request
-    max_pixels: int = 40_000_000  # per photo, read from its header before it is decoded
+    max_pixels: int = SERVE_MAX_PIXELS  # per photo, read from its header before it is decoded
     max_request_pixels: int = 100_000_000  # all the photos of one request together; past it 413
     max_pending: int = 256  # images queued or being named; past it requests get 503 + Retry-After
     max_batch: int = 32  # images per shared detector/embedder batch
@@ -670,7 +670,7 @@ def create_app(
             pixel_budget(pixels)
             for file_name, data in uploads:
                 try:
-                    load_scaled(data, settings.max_pixels, PHOTO_DECODE_MIN_SIDE)
+                    load_scaled(data, settings.max_pixels, DECODE_MIN_SIDE)
                 except BadImage as exc:
                     raise ApiError(422, "bad_image", f"{file_name}: {exc}", reason=exc.reason, file=file_name) from exc
 
