@@ -25,7 +25,7 @@ test: $(STAMP)
 	command -v chromium >/dev/null || ! command -v apt-get >/dev/null || (apt-get update && apt-get install -y chromium)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q
 
 docs: $(STAMP)
 	$(BIN)/python scripts/cli_docs.py

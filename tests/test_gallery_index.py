@@ -8,8 +8,8 @@ import pytest
 
 from pinsface.cli import main
 from pinsface.evaluate import evaluate
-from pinsface.face_index import FaceIndex
-from pinsface.gallery import Gallery, face_vectors
+from pinsface.face_index import FaceIndex, face_vectors
+from pinsface.gallery import Gallery
 from pinsface.predict import Recognizer
 from pinsface.scoring import GALLERY_MODE_ABOVE, gallery_scores, nearest_identities, resolve_mode
 

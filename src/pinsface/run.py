@@ -129,9 +129,6 @@ class Run:
     def checkpoint_dir(self) -> Path:
         return self.path / "checkpoints"
 
-    def exists(self) -> bool:
-        return (self.path / CONFIG).is_file()
-
     def create(self) -> Run:
         self.path.mkdir(parents=True, exist_ok=True)
         return self

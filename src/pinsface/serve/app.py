@@ -119,7 +119,7 @@ def clean_name(name: str) -> str:
 def cluster_summary(recognizer, name: str, n_new: int) -> dict:
     """How one identity's faces lie: each face's distance to the identity's mean face and a 2-D projection
     (PCA) of its faces with the nearest other identities' mean faces; the last ``n_new`` training faces are new."""
-    from pinsface.gallery import face_vectors
+    from pinsface.face_index import face_vectors
 
     g = recognizer.gallery
     index = g.find(name)
