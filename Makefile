@@ -28,7 +28,7 @@ test: $(STAMP)
 		|| (apt-get update && apt-get install -y postgresql)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q
 
 docs: $(STAMP)
 	$(BIN)/python scripts/cli_docs.py

@@ -135,9 +135,9 @@ def reduced_and_full_chips(data: bytes, detector, settings) -> list[np.ndarray] 
     """Three chips of the first face in ``data``: as prepare cuts it (reduced-scale decoding, its own
     landmarks), from that same view with the full-size decoding's landmarks, and from the full-size decoding
     alone. None where either decoding finds no face."""
-    from pinsface.face_records import DECODE_MIN_SIDE
     from pinsface.faces import align_face, crop_scale_ok, face_crops, min_subject_size, refine_view, to_full_face
     from pinsface.images import decode_scaled, load_image
+    from pinsface.settings import DECODE_MIN_SIDE
 
     view = decode_scaled(data, settings.max_pixels, DECODE_MIN_SIDE)
     full = load_image(data)

@@ -133,6 +133,22 @@ def _encoded(fmt: str) -> bytes:
 VALID = {fmt: _encoded(fmt) for fmt in ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")}
 
 
+def test_the_server_opens_exactly_the_formats_prepare_reads():
+    from pinsface.images import FORMATS
+    from pinsface.serve.app import sniff
+
+    assert set(VALID) == set(FORMATS)
+    for fmt, data in VALID.items():
+        assert sniff(data, 4_000_000) == 40 * 56, fmt
+        assert decode_image(data).shape == (40, 56, 3), fmt
+    for data in (EPS, b"", b"P6 not really"):
+        with pytest.raises(BadImage) as server:
+            sniff(data, 4_000_000)
+        with pytest.raises(BadImage) as files:
+            decode_image(data)
+        assert server.value.reason == files.value.reason
+
+
 def _check_decodes_or_names_a_reason(data: bytes) -> None:
     try:
         image = decode_image(data, max_pixels=4_000_000)

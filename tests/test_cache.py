@@ -162,8 +162,32 @@ def test_two_preparers_on_one_cache_both_finish_and_keep_each_image_once(tmp_pat
     assert all(s["faces_found"] + s["no_face"] == 24 for s in summaries)
 
 
-def test_every_status_the_faces_stage_gives_has_a_stored_code():
+def test_each_status_is_stored_as_its_index_in_the_one_list(tmp_path):
     from pinsface import cache, faces
 
-    assert set(faces.STATUSES) <= set(cache.STATUSES)
-    assert cache.STATUSES[:2] == ("ok", "no_face")  # codes already on disk keep their meaning
+    assert cache.STATUSES is faces.STATUSES
+    assert faces.STATUSES[:2] == ("ok", "no_face")  # codes already on disk keep their meaning
+    store = FaceCache(tmp_path / "cache", FaceSettings().version())
+    records = [
+        {
+            "hash": f"{i:032x}",
+            "status": status,
+            "n_faces": 0,
+            "chosen": -1,
+            "image_shape": np.array([8, 8, 3]),
+            "fallback": False,
+            "boxes": np.zeros((0, 4), np.float32),
+            "scores": np.zeros(0, np.float32),
+            "landmarks": np.zeros((0, 5, 2), np.float32),
+            "aligned": np.zeros((4, 4, 3), np.uint8),
+            "box": np.zeros((4, 4, 3), np.uint8),
+        }
+        for i, status in enumerate(faces.STATUSES)
+    ]
+    store.write(records)
+    [path] = store.store.chunk_paths()
+    stored = cache.read_chunk_columns(path, {"hash", "status"})
+    codes = dict(zip(stored["hash"].astype(str), stored["status"].tolist(), strict=True))
+    assert [codes[r["hash"]] for r in records] == list(range(len(faces.STATUSES)))
+    table = store.load()
+    assert [str(table.columns["status"][table.index[r["hash"]]]) for r in records] == list(faces.STATUSES)

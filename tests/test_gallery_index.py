@@ -8,8 +8,8 @@ import pytest
 
 from pinsface.cli import main
 from pinsface.evaluate import evaluate
-from pinsface.face_index import FaceIndex
-from pinsface.gallery import Gallery, face_vectors
+from pinsface.face_index import FaceIndex, face_vectors
+from pinsface.gallery import Gallery
 from pinsface.predict import Recognizer
 from pinsface.scoring import GALLERY_MODE_ABOVE, gallery_scores, nearest_identities, resolve_mode
 
@@ -220,3 +220,17 @@ def test_report_samples_carry_the_distance_in_gallery_mode(small_run):
     head_probs, _ = score_images(state.model, settings, prepared, items, gallery=state.gallery, mode="head")
     head_correct, _ = sample_faces(settings, labels, prepared, items, y, head_probs, usable, split, prepared)
     assert all(0 <= s["confidence"] <= 1 and "distance" not in s for s in head_correct)
+
+
+def test_exact_scores_and_the_index_take_the_same_number_of_neighbours():
+    from pinsface.face_index import knn_counts, knn_distances, neighbours_scored
+
+    sizes = [1, 9, 10, 25, 49, 50, 51, 300]
+    owner = np.repeat(np.arange(len(sizes)), sizes)
+    # Distances 1, 2, 3... within each identity: the mean of the kk nearest is (kk + 1) / 2.
+    d = np.concatenate([np.arange(1, n + 1, dtype=np.float32) for n in sizes])[None, :]
+    taken = knn_distances(d, owner, len(sizes), k=5)[0] * 2 - 1
+    expected = [1, 1, 1, 2, 4, 5, 5, 5]
+    assert taken.tolist() == expected
+    assert knn_counts(owner, len(sizes), 5).tolist() == expected
+    assert [int(neighbours_scored(n, 5)) for n in sizes] == expected

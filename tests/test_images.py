@@ -61,3 +61,15 @@ def test_arrays_and_bytes_are_accepted(corpus):
     assert load_image(from_path[..., 0]).shape == from_path.shape
     with pytest.raises(BadImage):
         load_image(np.zeros((4, 4, 7), np.uint8))
+
+
+def test_the_decode_caps_are_the_ones_named_in_settings():
+    import inspect
+
+    from pinsface import finding, images, settings
+    from pinsface.serve.app import ServeSettings
+
+    assert settings.FaceSettings().max_pixels == settings.MAX_PIXELS
+    assert ServeSettings().max_pixels == settings.SERVE_MAX_PIXELS
+    assert inspect.signature(images.decode_scaled).parameters["max_pixels"].default == settings.MAX_PIXELS
+    assert finding.PHOTO_DECODE_MIN_SIDE == settings.DECODE_MIN_SIDE  # finding.py keeps its own name for now

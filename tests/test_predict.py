@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from pinsface.cli import main
-from pinsface.gallery import Gallery, calibrate_thresholds, knn_distances
+from pinsface.face_index import knn_distances
+from pinsface.gallery import Gallery, calibrate_thresholds
 from pinsface.images import load_image
 from pinsface.predict import Recognizer, expand_inputs
 from tests.badinput import BAD, SOURCE, make_bad_corpus

@@ -236,7 +236,7 @@ def test_a_large_gallerys_index_is_saved_checked_and_reused(run_copy, pins_dir, 
     """Above FLAT_LIMIT faces (lowered here to the small run's size) the FAISS index is saved with the state,
     with its sha256 in the manifest; a load reuses it, and a damaged or missing one is rebuilt, not fatal."""
     from pinsface import face_index
-    from pinsface.gallery import face_vectors
+    from pinsface.face_index import face_vectors
 
     monkeypatch.setattr(face_index, "FLAT_LIMIT", 0)
     manifest = json.loads((run_copy / "manifest.json").read_text())

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import struct
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,9 @@ from pathlib import Path
 
 import lz4.frame
 import numpy as np
+
+from pinsface.faces import STATUSES  # stored as each status's index there
+from pinsface.files import atomic_write, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +39,7 @@ MAX_HEADER_BYTES = 1 << 20
 HASH_DTYPE = np.dtype("S32")
 # Columns with one row per detected face rather than per image, grouped by the ``n_faces`` column.
 PER_FACE = ("boxes", "scores", "landmarks")
-# What each image's status is stored as: its position here. Append only, so old chunks keep their meaning.
-STATUSES = ("ok", "no_face", "small_face", "subject", "ambiguous", "no_face_photo")
 LOCK_TIMEOUT_SECONDS = 600.0
-STALE_TEMP_SECONDS = 3600.0
 
 
 class ChunkError(ValueError):
@@ -244,7 +243,7 @@ class ChunkStore:
 
         self.folder.mkdir(parents=True, exist_ok=True)
         with FileLock(self.folder / ".write.lock", timeout=LOCK_TIMEOUT_SECONDS):
-            self._remove_stale_temporaries()
+            remove_stale_temporaries(self.folder, ".chunk-*.tmp*")
             present = self.known()
             hashes = [h.decode("ascii") if isinstance(h, bytes) else str(h) for h in columns["hash"]]
             fresh = np.array([h not in present for h in hashes], dtype=bool)
@@ -257,22 +256,9 @@ class ChunkStore:
             columns = {**columns, "hash": np.array(hashes, dtype=HASH_DTYPE)}
             # The row count in the name lets readers size their output before loading anything.
             name = f"chunk-{uuid.uuid4().hex}-n{n}{SUFFIX}"
-            tmp = self.folder / f".{name}.{os.getpid()}.tmp"
-            tmp.write_bytes(encode_chunk(columns))
-            os.replace(tmp, self.folder / name)
+            atomic_write(self.folder / name, encode_chunk(columns))
             self._hashes[name] = hashes
             return self.folder / name
-
-    def _remove_stale_temporaries(self) -> None:
-        """Temporary files of writers that died. Only old ones: a young one may belong to a writer of an older
-        pinsface that does not take the lock."""
-        now = time.time()
-        for tmp in self.folder.glob(".chunk-*.tmp"):
-            try:
-                if now - tmp.stat().st_mtime > STALE_TEMP_SECONDS:
-                    tmp.unlink()
-            except FileNotFoundError:
-                pass
 
     def paths_holding(self, wanted: set[str] | None) -> list[Path]:
         """The chunks that hold any of ``wanted`` (every chunk for None), found from their hash columns alone."""

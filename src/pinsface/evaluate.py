@@ -57,7 +57,7 @@ def class_similarity(model, settings: Settings, gallery=None) -> np.ndarray:
     """How alike the model finds each pair of identities: cosine similarity of their mean face descriptors
     (centred on the mean of all) for embedding runs, else of their output-layer weight vectors."""
     if gallery is not None:
-        from pinsface.gallery import unit
+        from pinsface.face_index import unit
 
         centroids = gallery.centroids
         c = unit(centroids - centroids.mean(0))

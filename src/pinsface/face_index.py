@@ -1,7 +1,7 @@
 """Nearest-face search for the gallery on a FAISS index, and the k-nearest-faces distances built on it.
 
 ``pinsface.gallery`` scores a face against an identity by the mean distance to that identity's ``kk`` nearest
-faces (``knn_distances``: ``kk`` is ``knn``, or one per 10 faces for an identity with fewer than ``10 * knn``).
+faces (``knn_distances``; ``kk`` is ``neighbours_scored``: ``knn``, or fewer for an identity with few faces).
 Computing that for every identity means comparing the face with every gallery face. Here a FAISS index
 returns the face's ``k`` nearest gallery faces instead, and only the identities among them are scored:
 
@@ -46,9 +46,15 @@ def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(d, out=d)
 
 
+def neighbours_scored(faces, k: int):
+    """How many nearest faces an identity with ``faces`` gallery faces (an int, or an array of counts) is scored
+    on: ``k``, or one per 10 faces for an identity with fewer than 10k, at least one."""
+    return np.minimum(k, np.maximum(1, np.asarray(faces) // 10))
+
+
 def knn_distances(d: np.ndarray, owner: np.ndarray, n_identities: int, k: int = KNN) -> np.ndarray:
     """(queries, identities): the mean of each identity's smallest entries in the rows of ``d`` (query x gallery
-    face): its ``k`` nearest faces, or one per 10 faces for an identity with fewer than 10k, at least one.
+    face): its ``neighbours_scored`` nearest faces.
     Infinite entries (excluded faces) are skipped.
 
     The fewer faces an identity has, the farther its k-th nearest lies. For someone enrolled from 10 photos,
@@ -62,7 +68,7 @@ def knn_distances(d: np.ndarray, owner: np.ndarray, n_identities: int, k: int = 
         lo, hi = bounds[c], bounds[c + 1]
         if hi == lo:
             continue
-        kk = min(k, max(1, (hi - lo) // 10))
+        kk = int(neighbours_scored(hi - lo, k))
         nearest = np.partition(d[:, lo:hi], kk - 1, axis=1)[:, :kk]
         finite = np.isfinite(nearest)
         count = finite.sum(1)
@@ -96,9 +102,8 @@ IMPOSTOR_TRIALS = 100_000
 
 
 def knn_counts(owner: np.ndarray, n_identities: int, knn: int) -> np.ndarray:
-    """How many nearest faces each identity is scored on (see ``pinsface.gallery.knn_distances``)."""
-    counts = np.bincount(owner, minlength=n_identities)
-    return np.minimum(knn, np.maximum(1, counts // 10)).astype(np.int64)
+    """How many nearest faces each identity is scored on (see ``neighbours_scored``)."""
+    return neighbours_scored(np.bincount(owner, minlength=n_identities), knn).astype(np.int64)
 
 
 def ivf_lists(n: int) -> int:

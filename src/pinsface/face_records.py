@@ -25,7 +25,7 @@ from pinsface.faces import (
     to_full_face,
 )
 from pinsface.images import BadImage, decode_scaled, read_bytes
-from pinsface.settings import FaceSettings
+from pinsface.settings import DECODE_MIN_SIDE, FaceSettings
 
 
 def face_record(
@@ -70,9 +70,6 @@ def face_record(
 
 # Decoded pixels held at once for one detector batch (bytes of RGB): a batch of large photos is split to fit.
 BATCH_BYTES = 100_000_000
-# Each image is decoded at a scale whose shorter side is at least this (or in full): enough for detection and,
-# in 12-megapixel photos, for chips of faces down to a few percent of the frame without a second decode.
-DECODE_MIN_SIDE = 1000
 # Photos are scanned coarse to fine (FaceDetector.detect's coarse_sizes): first for faces from this fraction of
 # the shorter side.
 COARSE_FACE_FRACTION = 0.05

@@ -476,10 +476,11 @@ def choose_face(faces: list[Face], image_shape: tuple[int, ...]) -> int:
     return min(candidates, key=off_centre)
 
 
-# What became of an image in a person's folder. Stored in the face cache, which maps them to codes in this
-# order: new ones go at the end. The FACE_STATUSES have a chosen face and train; "no_face" images are crop-like
-# and are aligned with the mean landmarks when Settings.no_face_fallback is on; the rest are left out.
-STATUSES = ("ok", "small_face", "subject", "ambiguous", "no_face", "no_face_photo")
+# What became of an image in a person's folder. The face cache stores each as its index here, so this order is
+# fixed: new statuses go at the end, never in between. The FACE_STATUSES have a chosen face and train; "no_face"
+# images are crop-like and are aligned with the mean landmarks when Settings.no_face_fallback is on; the rest
+# are left out.
+STATUSES = ("ok", "no_face", "small_face", "subject", "ambiguous", "no_face_photo")
 FACE_STATUSES = ("ok", "small_face", "subject")
 # One face under this fraction of the image's shorter side is a "small_face".
 SMALL_FACE_FRACTION = 0.2

@@ -24,10 +24,10 @@ from pinsface.faces import (
     to_full_face,
 )
 from pinsface.images import BadImage, Decoded, load_scaled
-from pinsface.settings import FaceSettings
+from pinsface.settings import DECODE_MIN_SIDE, FaceSettings
 
 # Photos are decoded for naming at a scale whose shorter side is at least this (JPEG DCT scaling).
-PHOTO_DECODE_MIN_SIDE = 1000
+PHOTO_DECODE_MIN_SIDE = DECODE_MIN_SIDE
 # Faces are named down to this fraction of a photo's shorter side (and FaceSettings.min_face_size pixels).
 # MTCNN's time grows with the square of the smallest face's share of the photo (docs/benchmarks.md).
 PHOTO_MIN_FACE_FRACTION = 0.025

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pinsface.face_index import KNN, face_vectors, knn_distances, pairwise_distances, unit  # noqa: F401
+from pinsface.face_index import KNN, face_vectors, knn_distances, pairwise_distances
 
 PROBABILITY_KEEP = 0.995
 
@@ -458,14 +458,6 @@ def calibrate_thresholds(
         "threshold_distance": t_d,
     }
     return t_p, t_d, report
-
-
-def build_gallery(
-    labels, train_emb, train_flip, train_y, val_emb, val_flip, val_y, head, target_far: float = 0.07
-) -> Gallery:
-    gallery = new_gallery(labels, train_emb, train_flip, train_y, val_emb, val_flip, val_y)
-    gallery.calibrate(head, target_far)
-    return gallery
 
 
 def new_gallery(labels, train_emb, train_flip, train_y, val_emb, val_flip, val_y) -> Gallery:

@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pinsface.errors import BadImage
+from pinsface.settings import MAX_PIXELS
 
-DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 # No face of the smallest size pinsface looks for fits in a thinner image.
 MIN_SIDE = 20
@@ -95,8 +95,9 @@ class Decoded:
         return ((np.asarray(points, np.float64) + 0.5) * np.array([sx, sy]) - 0.5).astype(np.float32)
 
 
-def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Identify ``data`` and check its header (format, pixel count, shape) without decoding the pixels."""
+def read_header(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Identify ``data`` as one of ``FORMATS`` and check its pixel count against ``max_pixels`` from the header
+    only: a decompression bomb is refused here, undecoded."""
     if not data:
         raise BadImage("empty_file")
     with warnings.catch_warnings():
@@ -106,12 +107,20 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise BadImage("too_large", str(exc)) from exc
         except UnidentifiedImageError as exc:
-            raise BadImage("not_an_image", "not a recognised image format") from exc
+            raise BadImage("not_an_image", f"not a {', '.join(FORMATS)} image") from exc
         except (OSError, SyntaxError, ValueError, TypeError, struct_error, EOFError) as exc:
             raise BadImage("unreadable", str(exc)) from exc
     width, height = image.size
     if width * height > max_pixels:
+        image.close()
         raise BadImage("too_large", f"{width}x{height} pixels is over the cap of {max_pixels}")
+    return image
+
+
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Identify ``data`` and check its header (format, pixel count, shape) without decoding the pixels."""
+    image = read_header(data, max_pixels)
+    width, height = image.size
     if min(width, height) < MIN_SIDE:
         raise BadImage("too_small", f"{width}x{height} pixels: no face fits")
     return image
@@ -124,12 +133,12 @@ def _orientation(image: Image.Image) -> int:
         return 1
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> np.ndarray:
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, min_side: int | None = None) -> np.ndarray:
     """Bytes -> (H, W, 3) uint8 RGB with EXIF orientation applied (see ``decode_scaled`` for ``min_side``)."""
     return decode_scaled(data, max_pixels, min_side).pixels
 
 
-def decode_scaled(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> Decoded:
+def decode_scaled(data: bytes, max_pixels: int = MAX_PIXELS, min_side: int | None = None) -> Decoded:
     """Decode ``data``; with ``min_side``, a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps
     its shorter side at least ``min_side`` pixels, at a fraction of the time and memory of a full decode."""
     image = open_image(data, max_pixels)
@@ -232,13 +241,13 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
 
 
-def load_image(source: str | os.PathLike | bytes | np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image(source: str | os.PathLike | bytes | np.ndarray, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """A path, encoded bytes or an array -> (H, W, 3) uint8 RGB. Raises ``BadImage``."""
     return load_scaled(source, max_pixels).pixels
 
 
 def load_scaled(
-    source: str | os.PathLike | bytes | np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+    source: str | os.PathLike | bytes | np.ndarray, max_pixels: int = MAX_PIXELS, min_side: int | None = None
 ) -> Decoded:
     """Like ``load_image``, possibly at a reduced scale (``decode_scaled``). Raises ``BadImage``."""
     if isinstance(source, np.ndarray):

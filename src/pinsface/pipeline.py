@@ -48,7 +48,7 @@ def split_arrays(prepared: Prepared, split: Split, labels: list[str], settings: 
 
 def validation_distances(emb: dict, y: dict, n_classes: int, knn: int) -> np.ndarray:
     """Each validation face's k-nearest-faces distance to each identity, among the training faces alone."""
-    from pinsface.gallery import face_vectors, knn_distances, pairwise_distances
+    from pinsface.face_index import face_vectors, knn_distances, pairwise_distances
 
     d = pairwise_distances(face_vectors(*emb["val"]).astype(np.float32), face_vectors(*emb["train"]).astype(np.float32))
     return knn_distances(d, y["train"], n_classes, knn)

@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +29,7 @@ import numpy as np
 from pinsface import __version__
 from pinsface.dataset import Split
 from pinsface.errors import BusyError, RunFolderError
+from pinsface.files import atomic_write, remove_stale_temporaries
 from pinsface.settings import VERSION_KEY, Settings
 
 MANIFEST = "manifest.json"
@@ -50,7 +51,6 @@ STATE_FILES = {
 MAX_DELTAS = 64
 # How long a writer waits for another to finish; PINSFACE_LOCK_TIMEOUT overrides it.
 LOCK_TIMEOUT_SECONDS = 120.0
-STALE_TEMP_SECONDS = 3600.0
 # Runs saved before config.json recorded the version.
 UNVERSIONED = "0.1.0"
 
@@ -79,23 +79,6 @@ class RunState:
 
 def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` fills a temporary file beside ``path`` (same suffix, e.g. ``.keras``), then it is renamed over it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def sha256_of(path: Path) -> str:
@@ -146,9 +129,6 @@ class Run:
     def checkpoint_dir(self) -> Path:
         return self.path / "checkpoints"
 
-    def exists(self) -> bool:
-        return (self.path / CONFIG).is_file()
-
     def create(self) -> Run:
         self.path.mkdir(parents=True, exist_ok=True)
         return self
@@ -177,17 +157,10 @@ class Run:
         try:
             if self._lock.lock_counter == 1:
                 owner.write_text(str(os.getpid()), encoding="utf-8")
-                self._remove_stale_temporaries()
+                remove_stale_temporaries(self.path, ".*.tmp*")
             yield self
         finally:
             self._lock.release()
-
-    def _remove_stale_temporaries(self) -> None:
-        now = time.time()
-        for tmp in self.path.glob(".*.tmp*"):
-            with contextlib.suppress(FileNotFoundError):
-                if now - tmp.stat().st_mtime > STALE_TEMP_SECONDS:
-                    tmp.unlink()
 
     # --- what training writes once --------------------------------------------------------------------------
     def settings(self) -> Settings:
@@ -220,7 +193,7 @@ class Run:
         return str(data.get(VERSION_KEY, UNVERSIONED))
 
     def save_settings(self, settings: Settings) -> None:
-        atomic_write_text(self.path / CONFIG, _json_text({VERSION_KEY: __version__, **settings.to_dict()}))
+        atomic_write(self.path / CONFIG, _json_text({VERSION_KEY: __version__, **settings.to_dict()}))
 
     def split(self) -> Split:
         return Split.load(self.path / SPLIT)
@@ -233,14 +206,14 @@ class Run:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
     def save_history(self, history: dict) -> None:
-        atomic_write_text(self.path / HISTORY, _json_text(history))
+        atomic_write(self.path / HISTORY, _json_text(history))
 
     def prepare_summary(self) -> dict:
         path = self.path / PREPARE_SUMMARY
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
     def save_prepare_summary(self, summary: dict) -> None:
-        atomic_write_text(self.path / PREPARE_SUMMARY, _json_text(summary))
+        atomic_write(self.path / PREPARE_SUMMARY, _json_text(summary))
 
     def start_log(self) -> None:
         self.log_path.write_text("", encoding="utf-8")
@@ -460,7 +433,7 @@ class Run:
                 names["model"] = previous["files"]["model"]
             else:
                 atomic_write(self.path / names["model"], lambda tmp: model.save(tmp))
-            atomic_write_text(self.path / names["labels"], _json_text(list(labels)))
+            atomic_write(self.path / names["labels"], _json_text(list(labels)))
             if head is not None:
                 atomic_write(self.path / names["head"], lambda tmp: self._save_head(tmp, head))
             else:
@@ -487,8 +460,7 @@ class Run:
                 "index": index_entry,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
-            atomic_write_text(self.path / MANIFEST, _json_text(manifest))
-            self._fsync_folder()
+            atomic_write(self.path / MANIFEST, _json_text(manifest))
             in_use = {*names.values(), *deltas, *((previous or {}).get("files") or {}).values()}
             in_use.update((previous or {}).get("deltas") or [])
             self._remove_generations_before(generation - 1, in_use)
@@ -512,14 +484,6 @@ class Run:
             "faces": face_index.n,
             "validation": list(face_index.validation),
         }
-
-    def _fsync_folder(self) -> None:
-        with contextlib.suppress(OSError):
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
     def _remove_generations_before(self, keep_from: int, in_use: set) -> None:
         """Old generations' files, except those ``in_use``: the current and previous manifests' (the previous

@@ -21,6 +21,14 @@ MONITORS = ("val_loss", "val_accuracy")
 # A run's config.json also records the pinsface version that wrote it (see pinsface.run): not a setting.
 VERSION_KEY = "pinsface_version"
 
+# Caps on decoding, each named here alone. A photo with more pixels than this, read from its header, is refused
+# undecoded (FaceSettings.max_pixels and pinsface.images' default); the server's cap per uploaded photo is lower.
+MAX_PIXELS = 50_000_000
+SERVE_MAX_PIXELS = 40_000_000
+# Large JPEGs are decoded at a (DCT) scale whose shorter side is at least this, or in full: enough for
+# detection and, in 12-megapixel photos, for chips of faces down to a few percent of the frame.
+DECODE_MIN_SIDE = 1000
+
 # Where dlib's get_face_chip(size=150, padding=0.25) puts the 5 landmarks MTCNN gives:
 # left eye, right eye, nose tip, left mouth corner, right mouth corner (image left/right).
 FACE_TEMPLATE_150 = ((47.12, 44.94), (100.30, 45.30), (74.45, 77.99), (47.83, 99.54), (99.48, 99.31))
@@ -95,7 +103,7 @@ class FaceSettings:
     fallback_landmarks: tuple[tuple[float, float], ...] = PINS_MEDIAN_LANDMARKS
     aligned_size: int = 150
     box_size: int = 100
-    max_pixels: int = 50_000_000
+    max_pixels: int = MAX_PIXELS
     # A photo library (``pinsface index``): keep every face, scan every photo down to the smallest face, and cut
     # each face's chip, rather than choose one subject per photo. Left out of the version when off, so turning
     # it on selects a cache of its own and leaves the existing ones where they are.

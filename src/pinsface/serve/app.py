@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import gc
 import hmac
-import io
 import logging
 import os
 import secrets
 import time
 import unicodedata
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,18 +23,16 @@ import numpy as np
 from fastapi import FastAPI, File, HTTPException, Query, Security, UploadFile
 from fastapi import Path as PathParam
 
-from pinsface.finding import PHOTO_DECODE_MIN_SIDE
-from pinsface.images import BadImage, load_scaled
+from pinsface.images import FORMATS, BadImage, load_scaled, read_header
 from pinsface.run import RunBusy
 from pinsface.serve.auth import allowed_hosts, default_key_file
 from pinsface.serve.batcher import InferenceWorker, QueueFull
 from pinsface.serve.limits import ConnectionCounts
+from pinsface.settings import DECODE_MIN_SIDE, SERVE_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
-# Formats a photo may come in. Pillow can open others (EPS, for one, runs Ghostscript): those are refused.
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
@@ -51,7 +47,7 @@ class ServeSettings:
     max_upload_mb: float = 10.0  # per file
     max_request_mb: float = 50.0  # per request, all files together
     max_files: int = 32  # per request
-    max_pixels: int = 40_000_000  # per photo, read from its header before it is decoded
+    max_pixels: int = SERVE_MAX_PIXELS  # per photo, read from its header before it is decoded
     max_request_pixels: int = 100_000_000  # all the photos of one request together; past it 413
     max_pending: int = 256  # images queued or being named; past it requests get 503 + Retry-After
     max_batch: int = 32  # images per shared detector/embedder batch
@@ -102,24 +98,9 @@ def load_or_create_key(path: Path) -> str:
 
 def sniff(data: bytes, max_pixels: int) -> int:
     """The pixel count of an encoded photo, read from its header only; ``BadImage`` for a non-image, a format
-    not in ``IMAGE_FORMATS`` or a photo over ``max_pixels`` (a decompression bomb is refused here, undecoded)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise BadImage("empty_file")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-                width, height = image.size
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise BadImage("too_large", str(exc)) from exc
-        except UnidentifiedImageError as exc:
-            raise BadImage("not_an_image", "not a JPEG, PNG, WebP, BMP, GIF or TIFF image") from exc
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise BadImage("unreadable", str(exc)) from exc
-    if width * height > max_pixels:
-        raise BadImage("too_large", f"{width}x{height} pixels is over the cap of {max_pixels}")
+    not in ``images.FORMATS`` or a photo over ``max_pixels`` (see ``images.read_header``)."""
+    with read_header(data, max_pixels) as image:
+        width, height = image.size
     return width * height
 
 
@@ -138,7 +119,7 @@ def clean_name(name: str) -> str:
 def cluster_summary(recognizer, name: str, n_new: int) -> dict:
     """How one identity's faces lie: each face's distance to the identity's mean face and a 2-D projection
     (PCA) of its faces with the nearest other identities' mean faces; the last ``n_new`` training faces are new."""
-    from pinsface.gallery import face_vectors
+    from pinsface.face_index import face_vectors
 
     g = recognizer.gallery
     index = g.find(name)
@@ -591,7 +572,7 @@ def create_app(
                 out.append(exc)
         return out
 
-    files_param = File(..., description="one or more photos (JPEG, PNG, WebP, BMP, GIF, TIFF)")
+    files_param = File(..., description=f"one or more photos ({', '.join(FORMATS)})")
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -689,7 +670,7 @@ def create_app(
             pixel_budget(pixels)
             for file_name, data in uploads:
                 try:
-                    load_scaled(data, settings.max_pixels, PHOTO_DECODE_MIN_SIDE)
+                    load_scaled(data, settings.max_pixels, DECODE_MIN_SIDE)
                 except BadImage as exc:
                     raise ApiError(422, "bad_image", f"{file_name}: {exc}", reason=exc.reason, file=file_name) from exc
 
