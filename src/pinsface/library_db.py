@@ -195,10 +195,11 @@ class LibraryDB:
 
     def migrate(self) -> None:
         """Bring the schema to ``SCHEMA_VERSION``; refuse a database from a newer pinsface."""
-        self.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
         with self.transaction():
             if self.kind == "postgresql":
                 self.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
+            # Inside the lock: two processes creating the table at once collide even with IF NOT EXISTS.
+            self.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             found = self.version()
             if found > SCHEMA_VERSION:
                 raise LibraryDBError(

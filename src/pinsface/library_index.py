@@ -74,12 +74,15 @@ class _Store:
     def records(self, records: list[dict]) -> None:
         """Face records with the chips of every face (``prepare``'s ``on_records``)."""
         records = [r for r in records if r["hash"] in self.new and r["hash"] not in self.done]
-        chips = [c for r in records for c in r["chips"]]
+        self.store_described(records, [c for r in records for c in r["chips"]], [len(r["chips"]) for r in records])
+
+    def store_described(self, records: list[dict], chips: list[np.ndarray], counts: list[int]) -> None:
+        """Embed (and name) the chips of these photos in one batch, then store each photo with its ``counts``
+        faces."""
         descriptors, named = self.describe(np.stack(chips) if chips else np.zeros((0, 150, 150, 3), np.uint8))
         at = 0
-        for r in records:
-            k = len(r["chips"])
-            self.photo(r, descriptors[at : at + k], named[at : at + k] if named is not None else None)
+        for record, k in zip(records, counts):
+            self.photo(record, descriptors[at : at + k], named[at : at + k] if named is not None else None)
             at += k
 
     def photo(self, record: dict, descriptors: np.ndarray, named: list[dict] | None) -> None:
@@ -117,12 +120,7 @@ def _from_cache(store: _Store, prepared, paths: dict[str, Path], settings) -> No
                 continue
             records.append(record)
             chips.extend(cut[k][0] for k in range(len(faces)))
-        descriptors, named = store.describe(np.stack(chips) if chips else np.zeros((0, 150, 150, 3), np.uint8))
-        at = 0
-        for record in records:
-            k = len(record["boxes"])
-            store.photo(record, descriptors[at : at + k], named[at : at + k] if named is not None else None)
-            at += k
+        store.store_described(records, chips, [len(record["boxes"]) for record in records])
 
 
 def _changes(db: LibraryDB, root: Path, files: list[str], store: _Store) -> list[tuple[str, int, float]]:

@@ -296,24 +296,6 @@ class Recognizer:
             }
             for m in matches
         ]
-        labels = state.labels
-
-        def rounded(value: float | None) -> float | None:
-            return None if value is None else round(value, 4)
-
-        return [
-            {
-                "identity": labels[m.best] if m.accepted else None,
-                "probability": rounded(m.probability),
-                "distance": round(m.distance, 4),
-                "best_match": labels[m.best],
-                "alternatives": [
-                    {"identity": labels[k], "probability": rounded(p), "distance": round(d, 4)}
-                    for k, p, d in m.alternatives
-                ],
-            }
-            for m in matches
-        ]
 
     def match(
         self,
