@@ -6,7 +6,7 @@ import pytest
 
 import pinsface.layers  # noqa: F401
 from pinsface.dataset import Split
-from pinsface.embeddings import run_embedding_cache
+from pinsface.embeddings import Embedder, run_embedding_cache
 from pinsface.models import build_head, build_pixels_mlp
 from pinsface.settings import Settings
 from pinsface.train import mix_batch
@@ -55,8 +55,14 @@ def test_saved_model_is_the_whole_network_and_matches_the_cached_path(small_run,
     rows = [index[h] for h in hashes]
     head = model.get_layer("head")
     cached = (head.predict(emb[rows], verbose=0) + head.predict(emb_flip[rows], verbose=0)) / 2
-    # The cache holds bfloat16 embeddings where the CPU computes them natively; the saved model runs float32.
-    assert np.allclose(full, cached, atol=5e-3)
+    # The same path in float32, as the saved model runs: it must agree to rounding.
+    embedder = Embedder(model.get_layer(settings.backbone), precision="float32")
+    e32, f32 = embedder.both_views(x.astype(np.uint8))
+    assert np.allclose(full, (head.predict(e32, verbose=0) + head.predict(f32, verbose=0)) / 2, atol=1e-4)
+    # The cache holds bfloat16 embeddings where the CPU computes them natively: the same answers, and
+    # probabilities within bfloat16's rounding (a face between two people moves most).
+    assert np.array_equal(full.argmax(1), cached.argmax(1))
+    assert np.allclose(full, cached, atol=2e-2)
     assert np.allclose(full.sum(1), 1.0, atol=1e-4)
     # Augmentation is inactive at inference: two calls agree exactly.
     assert np.array_equal(model.predict(x[:4], verbose=0), model.predict(x[:4], verbose=0))
