@@ -41,6 +41,7 @@ def test_no_module_imports_one_that_imports_it_back():
 def test_lower_stages_never_import_higher_ones():
     order = [
         "pinsface.errors",
+        "pinsface.console",
         "pinsface.files",
         "pinsface.settings",
         "pinsface.clock",

@@ -21,8 +21,9 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _progress(args) -> bool:
-    """Progress bars only on a terminal, and never with --no-progress."""
-    return not getattr(args, "no_progress", False) and sys.stderr.isatty()
+    from pinsface.console import show_progress
+
+    return show_progress(getattr(args, "no_progress", False))
 
 
 def _print_json(value) -> None:

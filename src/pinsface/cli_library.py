@@ -14,6 +14,7 @@ def _box(face: dict) -> list[float]:
 
 
 def _index(args) -> int:
+    from pinsface.console import show_progress
     from pinsface.library_index import index_library
     from pinsface.settings import Settings
 
@@ -24,7 +25,7 @@ def _index(args) -> int:
         run_dir=args.run,
         engine=args.engine,
         settings=settings,
-        progress=not args.json,
+        progress=show_progress(args.json),
         chunk=args.chunk,
     )
     if args.json:
