@@ -245,8 +245,7 @@ class Settings:
         _choice(self, "backbone", BACKBONES)
         for name in ("epochs", "batch_size", "early_stopping_patience", "lr_patience", "embed_batch_size"):
             _whole(self, name, 1)
-        for name in ("detect_batch_size",):
-            _whole(self, name, 1)
+        _whole(self, "detect_batch_size", 1)
         for name in ("augment_views", "fine_tune_epochs"):
             _whole(self, name, 0)
         for name in ("learning_rate", "fine_tune_learning_rate", "cosine_scale"):
