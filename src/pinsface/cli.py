@@ -354,9 +354,11 @@ def _json_option(p, what: str = "print the result as JSON") -> None:
 
 
 def _mode_option(p) -> None:
+    from pinsface.settings import MODES
+
     p.add_argument(
         "--mode",
-        choices=("auto", "head", "gallery"),
+        choices=MODES,
         help="name faces with the head (checked by the gallery) or with the gallery alone "
         "(no head; default auto: gallery for large galleries)",
     )
