@@ -311,6 +311,7 @@ class Recognizer:
             checked_probabilities,
             head_probabilities,
             identity_scores,
+            keep_trained_answers,
             match_faces,
             match_nearest,
             nearest_identities,
@@ -326,8 +327,10 @@ class Recognizer:
             return match_nearest(*nearest, d_max, top_k)
         probs, dists = head_probabilities(state.head, emb, emb_flip), g.distances(emb, emb_flip)
         scores = identity_scores(probs, dists, g.knn_weight, g.knn_tau)
-        probs = checked_probabilities(state.head, emb, emb_flip, probs, g.trained_mask())
-        return match_faces(probs, dists, p_min, d_max, top_k, scores=scores)
+        trained = g.trained_mask()
+        checked = checked_probabilities(state.head, emb, emb_flip, probs, trained)
+        matches = match_faces(checked, dists, p_min, d_max, top_k, scores=scores)
+        return keep_trained_answers(matches, checked, dists, p_min, d_max, trained, top_k, (g.knn_weight, g.knn_tau))
 
     def faces_for_enrolment(self, images: list) -> tuple[np.ndarray, np.ndarray, int, list[dict], list[int]]:
         """(embeddings, mirror embeddings, faces used, skipped files, which images gave the faces) of the

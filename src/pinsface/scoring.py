@@ -177,6 +177,38 @@ def match_faces(
     return out
 
 
+def keep_trained_answers(
+    matches: list[Match],
+    checked: np.ndarray,
+    dists: np.ndarray,
+    min_probability: float | np.ndarray,
+    max_distance: float,
+    trained: np.ndarray,
+    top_k: int = 3,
+    blend: tuple[float, float] = (0.0, 1.0),
+) -> list[Match]:
+    """``matches`` (from ``match_faces`` over everyone), where a face whose best identity was enrolled after
+    training gets the answer the trained identities alone give it, unless that enrolled person is named and
+    nearer in the gallery than the trained identity the head would have named. Imprinted columns are not
+    calibrated against the trained ones; this way enrolling someone can change a face's answer only to them,
+    and only for a face that looks more like their photos. ``checked``: ``checked_probabilities``;
+    ``blend``: the gallery's (knn_weight, knn_tau)."""
+    rows = [k for k, m in enumerate(matches) if not trained[m.best]]
+    if not rows or not trained.any():
+        return matches
+    cols = np.flatnonzero(trained)
+    p, d = checked[np.ix_(rows, cols)], dists[np.ix_(rows, cols)]
+    per_identity = np.broadcast_to(np.asarray(min_probability, np.float32), (len(trained),))[cols]
+    out = list(matches)
+    for k, alone in zip(rows, match_faces(p, d, per_identity, max_distance, top_k, identity_scores(p, d, *blend))):
+        if matches[k].accepted and matches[k].distance <= alone.distance:
+            continue
+        others = [a for a in matches[k].alternatives if a[0] != cols[alone.best]]
+        first = (int(cols[alone.best]), alone.probability, alone.distance)
+        out[k] = Match(first[0], alone.probability, alone.distance, alone.accepted, [first, *others][:top_k])
+    return out
+
+
 def match_nearest(ids: np.ndarray, dists: np.ndarray, max_distance: float, top_k: int = 3) -> list[Match]:
     """Gallery mode: per face (rows of ``nearest_identities``), its nearest identity, named when close enough."""
     out = []
