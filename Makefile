@@ -1,13 +1,15 @@
 # make run  : prepare, train and evaluate on the dataset (DATA=folder, default: $PINSFACE_DATA or ../shared)
 # make test : the fast test suite
+# make test-floor : the same suite on the lowest versions pyproject.toml allows (uv's lowest-direct resolution)
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?=
 OUT    ?= runs/latest
 STAMP  := $(VENV)/.installed
+FLOOR  ?= .venv-floor
 
-.PHONY: install run test lint docs bench clean
+.PHONY: install run test test-floor lint docs bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +32,16 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
+test-floor: $(STAMP)
+	@# Every direct dependency at the lowest version its range allows (their own dependencies at the newest):
+	@# a floor in pyproject.toml that nothing was tested on is a guess.
+	$(BIN)/python -m pip install -q 'uv>=0.9,<1'
+	rm -rf $(FLOOR)
+	$(BIN)/uv venv -q --python $(BIN)/python $(FLOOR)
+	$(BIN)/uv pip install -q --python $(FLOOR)/bin/python --resolution lowest-direct -e '.[test,serve,ray,library]'
+	$(BIN)/uv pip list -q --python $(FLOOR)/bin/python > $(FLOOR)/versions.txt
+	$(FLOOR)/bin/python -m pytest -q -p no:cacheprovider
+
 docs: $(STAMP)
 	$(BIN)/python scripts/cli_docs.py
 
@@ -42,4 +54,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/accuracy.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(FLOOR) runs .pytest_cache

@@ -92,7 +92,7 @@ def test_enroll_a_new_person_then_forget(recognizer, pins_dir):
     assert summary["new_identity"] and summary["identities"] == 7 and summary["faces_used"] >= 9
     after = [faces[0] for faces in names([str(p) for p in others]) if faces]
     assert np.mean([who == "Ben Affleck" for who in after]) >= 0.8
-    # Enrolling someone changes no answer for a trained person's photos that are not closer to theirs.
+    # Enrolling someone changes no answer for a trained person's photos, which are nearer to their own.
     assert names(bill) == bill_before
     recognizer.save()
     reloaded = Recognizer.load(recognizer.run_dir)
@@ -103,19 +103,19 @@ def test_enroll_a_new_person_then_forget(recognizer, pins_dir):
         reloaded.forget("Nobody Atall")
 
 
-def test_an_enrolled_person_takes_a_face_only_when_named_and_nearer_than_the_trained_answer():
+def test_an_enrolled_person_takes_a_face_only_when_named_and_nearer_than_a_named_trained_answer():
     from pinsface.scoring import keep_trained_answers, match_faces
 
     trained = np.array([True, True, False])  # two trained identities, one enrolled since
-    checked = np.array([[0.5, 0.1, 0.9], [0.8, 0.1, 0.9], [0.8, 0.1, 0.9], [0.2, 0.7, 0.1]], np.float32)
-    dists = np.array([[0.3, 0.9, 0.4], [0.3, 0.9, 0.7], [0.5, 0.9, 0.4], [0.9, 0.3, 0.2]], np.float32)
+    checked = np.array([[0.5, 0.1, 0.9], [0.8, 0.1, 0.9], [0.8, 0.1, 0.9], [0.8, 0.1, 0.9], [0.2, 0.7, 0.1]])
+    dists = np.array([[0.3, 0.9, 0.4], [0.3, 0.9, 0.7], [0.3, 0.9, 0.4], [0.5, 0.9, 0.4], [0.9, 0.3, 0.2]])
     p_min = np.array([0.6, 0.6, 0.0], np.float32)
     matches = keep_trained_answers(match_faces(checked, dists, p_min, 0.6), checked, dists, p_min, 0.6, trained)
-    got = [(m.best, m.accepted) for m in matches]
-    # 0: the enrolled person is named but farther than trained 0 (not named: p 0.5): the trained answer stands.
-    # 1: the enrolled person is too far to be named: trained 0 answers. 2: named and nearer: the enrolled
-    # person. 3: a trained identity ranked first is never second-guessed.
-    assert got == [(0, False), (0, True), (2, True), (1, True)]
+    # The enrolled person ranks first in rows 0-3. 0: named, and the trained answer would be unknown: named.
+    # 1: too far to be named: the trained answer, not "unknown". 2: named, but trained 0 is named and nearer:
+    # trained 0. 3: named and nearer than trained 0: the enrolled person. 4: a trained identity ranked first
+    # is never second-guessed.
+    assert [(m.best, m.accepted) for m in matches] == [(2, True), (0, True), (0, True), (2, True), (1, True)]
     assert [a[0] for a in matches[1].alternatives] == [0, 2, 1]
 
 

@@ -187,12 +187,13 @@ def keep_trained_answers(
     top_k: int = 3,
     blend: tuple[float, float] = (0.0, 1.0),
 ) -> list[Match]:
-    """``matches`` (from ``match_faces`` over everyone), where a face whose best identity was enrolled after
-    training gets the answer the trained identities alone give it, unless that enrolled person is named and
-    nearer in the gallery than the trained identity the head would have named. Imprinted columns are not
-    calibrated against the trained ones; this way enrolling someone can change a face's answer only to them,
-    and only for a face that looks more like their photos. ``checked``: ``checked_probabilities``;
-    ``blend``: the gallery's (knn_weight, knn_tau)."""
+    """``matches`` (from ``match_faces`` over everyone), with the answer the trained identities alone give a
+    face that ranks someone enrolled since training first, unless that person is named and either the trained
+    answer is not, or the face is nearer to the enrolled person's photos in the gallery. Imprinted columns are
+    not calibrated against the trained ones: without this a column that ranks first on a trained person's
+    photo turns it into "unknown", or into the new person. So enrolling someone changes a face's answer only
+    to them, and takes a face from a trained person only on the gallery's evidence.
+    ``checked``: ``checked_probabilities``; ``blend``: the gallery's (knn_weight, knn_tau)."""
     rows = [k for k, m in enumerate(matches) if not trained[m.best]]
     if not rows or not trained.any():
         return matches
@@ -201,7 +202,7 @@ def keep_trained_answers(
     per_identity = np.broadcast_to(np.asarray(min_probability, np.float32), (len(trained),))[cols]
     out = list(matches)
     for k, alone in zip(rows, match_faces(p, d, per_identity, max_distance, top_k, identity_scores(p, d, *blend))):
-        if matches[k].accepted and matches[k].distance <= alone.distance:
+        if matches[k].accepted and (not alone.accepted or matches[k].distance < alone.distance):
             continue
         others = [a for a in matches[k].alternatives if a[0] != cols[alone.best]]
         first = (int(cols[alone.best]), alone.probability, alone.distance)
