@@ -77,9 +77,10 @@ def knn_distances(d: np.ndarray, owner: np.ndarray, n_identities: int, k: int = 
     return out
 
 
-# Faces up to which the index is exact. Exact search costs CPU in proportion to the gallery (bench/gallery_scale.py):
-# up to about twice this size it still answers batches at the README's target rate on 2 cores; an inverted file
-# above it. Only the inverted file is worth saving with a run: a flat index is built by copying the faces.
+# Faces up to which the index is exact. Exact search costs CPU in proportion to the gallery (bench/gallery_scale.py,
+# figures in docs/benchmarks.md): up to about twice this size it still answers batches at the target rate on 2
+# cores; an inverted file above it. Only the inverted file is worth saving with a run: a flat index is built by
+# copying the faces.
 FLAT_LIMIT = 50_000
 # Inverted lists: about 4 sqrt(n), a power of two, with at least IVF_MIN_PER_LIST faces each to train on.
 IVF_MIN_PER_LIST = 39
@@ -87,7 +88,7 @@ IVF_TRAIN_PER_LIST = 32  # k-means sees at most this many faces per list: traini
 IVF_TRAIN_ITERATIONS = 10
 IVF_PQ_BLOCKS = 64  # product-code sub-vectors (2 dimensions each, 4 bits): 32 bytes a face
 # The share of the lists searched per query, and the candidates re-ranked exactly per neighbour asked for:
-# recall against exact search and CPU per query both grow with them (bench/gallery_scale.py, README).
+# recall against exact search and CPU per query both grow with them (bench/gallery_scale.py, docs/benchmarks.md).
 IVF_PROBE_SHARE = 1 / 8
 IVF_PROBE_MIN = 8
 RERANK = 16

@@ -16,7 +16,7 @@ distances. The head's probability for a stranger cannot be simulated that way, s
 the face's own identity. So the probability threshold is set on the genuine side only: it keeps
 ``PROBABILITY_KEEP`` of the validation faces the head names correctly, and rejects faces the head hesitates on.
 
-On 95 Pins identities with 10 strangers (bench/openset.py, figures in the README), at equal stranger
+On 95 Pins identities with 10 strangers (bench/openset.py, figures in docs/benchmarks.md), at equal stranger
 rejection the k-nearest distance names more known faces than the distance to the identity's centroid did, and
 the probability threshold then rejects a few more strangers for very few known faces.
 """

@@ -19,7 +19,7 @@ from pinsface.prepare import Prepared, usable_status
 from pinsface.settings import MODES, Settings
 
 # Identities above which "auto" means gallery mode. On the shared data (105 identities) the head names more
-# test faces than the gallery (README, bench/openset.py), while refitting it on enrolment costs time in
+# test faces than the gallery (docs/benchmarks.md, bench/openset.py), while refitting it on enrolment costs time in
 # proportion to the enrolled faces: at this size a refit would already take minutes.
 GALLERY_MODE_ABOVE = 1000
 

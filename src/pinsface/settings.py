@@ -172,13 +172,13 @@ class Settings:
     model: str = "embedding"
     backbone: str = "dlib-resnet-v1"
     # The embedding head's epochs at most (early stopping usually ends it sooner): each epoch sees every
-    # training face once, as the embedding of the crop or of its mirror image, drawn at random (README,
+    # training face once, as the embedding of the crop or of its mirror image, drawn at random (docs/benchmarks.md,
     # `pinsface train`).
     epochs: int = 60
     batch_size: int = 256
     learning_rate: float = 1e-3
     hidden_units: tuple[int, ...] = (512, 256, 128)
-    # Chosen on validation top-1 among 0.1, 0.2, 0.3 and 0.5 (README).
+    # Chosen on validation top-1 among 0.1, 0.2, 0.3 and 0.5 (docs/benchmarks.md).
     dropout: float = 0.1
     weight_decay: float = 1e-4
     # Gaussian noise on the (unit-norm x sqrt(dim)) embedding while training the head: cheap augmentation.
@@ -188,11 +188,11 @@ class Settings:
     cosine_scale: float = 16.0
     class_weights: bool = False
     # Mixup of embedding pairs while training the embedding head: Beta(alpha, alpha) mixing weights, 0 is off.
-    # Chosen on validation top-1 over several seeds against 0.4 and none (README).
+    # Chosen on validation top-1 over several seeds against 0.4 and none (docs/benchmarks.md).
     mixup: float = 1.0
     # Extra random flip/zoom/rotation views per training face pushed through the backbone (embedding model).
     # Off: on the shared data they gained nothing over the cached mirror images, at the cost of a backbone pass
-    # per view (README).
+    # per view (docs/benchmarks.md).
     augment_views: int = 0
     augment_flip: bool = True
     augment_zoom: float = 0.1
@@ -204,7 +204,7 @@ class Settings:
     lr_patience: int = 3
     # "plateau" (ReduceLROnPlateau) or "cosine" (a half cosine over the epochs). Cosine over fewer epochs was
     # as accurate on the shared data and faster, but its fixed length left the head of a small folder short of
-    # training, and enrolment builds on that head (README).
+    # training, and enrolment builds on that head (docs/benchmarks.md).
     lr_schedule: str = "plateau"
     fine_tune: bool = False
     fine_tune_from: str = "conv256_1"
@@ -214,7 +214,7 @@ class Settings:
     embedding_key: str = ""
     test_time_flip: bool = True
     # Target false-accept rate of the calibrated "unknown" threshold, as simulated on the gallery's own faces
-    # (see pinsface.gallery). Chosen with bench/openset.py, known people against strangers (README); the
+    # (see pinsface.gallery). Chosen with bench/openset.py, known people against strangers (docs/benchmarks.md); the
     # simulation overstates the real stranger accept rate.
     target_far: float = 0.07
     embed_batch_size: int = 64
@@ -225,7 +225,7 @@ class Settings:
     # "train+val": once early stopping on the validation split has chosen the epoch count, the saved head is
     # trained again on the training and validation faces together, for that many epochs at the same learning
     # rates. The test split is never trained on, so the report's test figures describe the saved model. Off by
-    # default: it named more known test faces but fewer photos of people enrolled later (README).
+    # default: it named more known test faces but fewer photos of people enrolled later (docs/benchmarks.md).
     final_fit: str = "none"
     # Rank identities by the head's probabilities blended with the gallery's nearest-faces distances, with the
     # blend's weight chosen on validation (pinsface.scoring.identity_scores); off: the head alone.
