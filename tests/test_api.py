@@ -126,21 +126,22 @@ def test_cli_describe_and_verify(pins_dir, tmp_path, capsys):
     assert main(["--version"]) == 0 and capsys.readouterr().out.strip() == f"pinsface {pinsface.__version__}"
 
 
-def test_ctrl_c_exits_130_with_one_line_and_no_traceback(pins_dir):
+def test_ctrl_c_exits_130_with_one_line_and_no_traceback(pins_dir, tmp_path):
     files = [str(p) for p in photos(pins_dir, "pins_Adriana Lima", 60)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [PINSFACE, "describe", *files, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
+    # Output to files, not pipes: a pipe nobody reads would block the child once it is full.
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen([PINSFACE, "describe", *files, "--json"], stdout=stdout, stderr=stderr, env=env)
     try:
-        first = proc.stdout.readline()  # the models are loaded and it is working
-        assert first.startswith("{"), proc.stderr.read()
+        deadline = time.monotonic() + 300
+        while not out.read_text().startswith("{") and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)  # until the models are loaded and it is working
+        assert out.read_text().startswith("{") and proc.poll() is None, err.read_text()
         proc.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        err = proc.stderr.read()
-        assert proc.returncode == 130, err
-        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("pinsface: interrupted")
+        proc.wait(60)
+        assert proc.returncode == 130, err.read_text()
+        lines = err.read_text().strip().splitlines()
+        assert "Traceback" not in err.read_text() and lines[-1].startswith("pinsface: interrupted")
     finally:
         proc.kill()

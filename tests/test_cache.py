@@ -2,7 +2,6 @@
 
 import os
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from pinsface.cache import FaceCache
 from pinsface.prepare import prepare
 from pinsface.settings import FaceSettings
 from tests.conftest import copy_identities
+from tests.processes import finish, start
 
 
 def blank_image(path: Path) -> Path:
@@ -148,10 +148,8 @@ def test_two_preparers_on_one_cache_both_finish_and_keep_each_image_once(tmp_pat
         "--batch-size",
         "4",
     ]
-    procs = [
-        subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
-    ]
-    outs = [p.communicate(timeout=300) for p in procs]
+    procs = [start(cmd, env=env) for _ in range(2)]
+    outs = [finish(p, timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
     store = FaceCache(cache, FaceSettings().version()).store
     hashes = [h for path in store.chunk_paths() for h in store.hashes(path)]

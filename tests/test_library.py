@@ -21,6 +21,7 @@ from pinsface.library_cluster import cluster_library, mean_pair_linkage
 from pinsface.library_db import LibraryDB
 from tests import postgres
 from tests.conftest import copy_identities
+from tests.processes import finish, start
 
 postgres_server, library_url = postgres.postgres_server, postgres.library_url
 PEOPLE = ["pins_Bill Gates", "pins_Brie Larson", "pins_Chris Evans"]
@@ -43,16 +44,14 @@ def library(tmp_path_factory, pins_dir) -> Path:
 
 def pinsface(*args, env=None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
-    return subprocess.Popen(
-        [sys.executable, "-m", "pinsface.cli", *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    return start([sys.executable, "-m", "pinsface.cli", *map(str, args)], env=env)
 
 
 def run(*args, **kw) -> str:
     proc = pinsface(*args, **kw)
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err.decode()[-3000:]
-    return out.decode()
+    out, err = finish(proc, timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return out
 
 
 def faces_of(url: str) -> Counter:
@@ -174,7 +173,7 @@ def test_sigkill_then_rerun_gives_the_faces_of_one_run(library, library_url, tmp
     proc = pinsface("index", library, "--db", library_url, "--cache", tmp_path / "cache", "--chunk", 2)
     _wait_for_faces(library_url, proc)
     proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
+    finish(proc, timeout=60)
     assert proc.returncode == -signal.SIGKILL
     run("index", library, "--db", library_url, "--cache", tmp_path / "cache", "--chunk", 2)
     assert faces_of(library_url) == faces_of(reference)
@@ -183,8 +182,8 @@ def test_sigkill_then_rerun_gives_the_faces_of_one_run(library, library_url, tmp
 def test_two_index_processes_store_each_face_once(library, library_url, tmp_path):
     procs = [pinsface("index", library, "--db", library_url, "--cache", tmp_path / f"cache{k}") for k in range(2)]
     for p in procs:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err.decode()[-2000:]
+        _, err = finish(p, timeout=600)
+        assert p.returncode == 0, err[-2000:]
     faces = faces_of(library_url)
     assert set(faces.values()) == {1} and sum(faces.values()) >= 19
 

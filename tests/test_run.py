@@ -14,6 +14,7 @@ import pytest
 
 from pinsface.predict import Recognizer
 from pinsface.run import Run, RunError
+from tests.processes import finish, start
 
 PINSFACE = str(Path(sys.executable).parent / "pinsface")
 NEWCOMERS = {"Ben Affleck": "pins_Ben Affleck", "Avril Lavigne": "pins_Avril Lavigne"}
@@ -82,7 +83,7 @@ def test_a_save_killed_at_any_point_leaves_the_old_state_or_the_new_one(run_copy
         folders[point] = tmp_path / point
         shutil.copytree(run_copy, folders[point])
     procs = {
-        point: subprocess.Popen(
+        point: start(
             [
                 sys.executable,
                 "-c",
@@ -92,15 +93,12 @@ def test_a_save_killed_at_any_point_leaves_the_old_state_or_the_new_one(run_copy
                 "--name",
                 "Ben Affleck",
                 *photos(pins_dir, "Ben Affleck"),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            ]
         )
         for point in points
     }
     for point, proc in procs.items():
-        _, err = proc.communicate(timeout=600)
+        _, err = finish(proc, timeout=600)
         assert proc.returncode == -9, f"{point}: exit {proc.returncode}: {err[-2000:]}"
         labels = assert_consistent(folders[point], before)
         assert ("Ben Affleck" in labels) == points[point], point
@@ -116,15 +114,10 @@ def test_a_save_killed_at_any_point_leaves_the_old_state_or_the_new_one(run_copy
 def test_two_enrolments_at_once_keep_both_people(run_copy, pins_dir):
     before = Recognizer.load(run_copy).labels
     procs = {
-        name: subprocess.Popen(
-            [PINSFACE, "enroll", str(run_copy), "--name", name, *photos(pins_dir, name)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name in NEWCOMERS
+        name: start([PINSFACE, "enroll", str(run_copy), "--name", name, *photos(pins_dir, name)]) for name in NEWCOMERS
     }
-    outcome = {name: (proc.wait(timeout=600), proc.stderr.read()) for name, proc in procs.items()}
+    errors = {name: finish(proc, timeout=600)[1] for name, proc in procs.items()}
+    outcome = {name: (proc.returncode, errors[name]) for name, proc in procs.items()}
     refused = [name for name, (code, err) in outcome.items() if code != 0]
     for name in refused:
         assert "run folder is busy (pid" in outcome[name][1], outcome[name][1]
