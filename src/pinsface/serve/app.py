@@ -136,4 +136,5 @@ def serve(
     )
 
 
+# load_or_create_key and sniff still import from here, where they were before the split.
 __all__ = ["ServeSettings", "create_app", "serve", "load_or_create_key", "sniff"]
