@@ -78,57 +78,63 @@ def guarded_protocol(counts: ConnectionCounts, header_timeout: float):
     """uvicorn's h11 protocol class with the caps of ``counts`` and a deadline for headers."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class GuardedH11Protocol(H11Protocol):
-        _peer: str | None = None
-        _header_timer = None
+    attributes = {"_counts": counts, "_header_timeout": header_timeout}
+    return type("GuardedH11Protocol", (_Guarded, H11Protocol), attributes)
 
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            peer = self.client[0] if self.client else "unknown"
-            if not counts.admit(peer):
-                transport.write(_TOO_MANY)
-                transport.close()
-                return
-            self._peer = peer
-            self._start_header_clock()
 
-        def _start_header_clock(self) -> None:
-            if self._header_timer is None:
-                self._header_timer = self.loop.call_later(header_timeout, self._headers_too_slow)
+class _Guarded:
+    """What ``guarded_protocol`` adds to uvicorn's h11 protocol (the class after this one in the MRO)."""
 
-        def _stop_header_clock(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
+    _counts: ConnectionCounts
+    _header_timeout: float
+    _peer: str | None = None
+    _header_timer = None
 
-        def _headers_too_slow(self) -> None:
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        peer = self.client[0] if self.client else "unknown"
+        if not self._counts.admit(peer):
+            transport.write(_TOO_MANY)
+            transport.close()
+            return
+        self._peer = peer
+        self._start_header_clock()
+
+    def _start_header_clock(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self._header_timeout, self._headers_too_slow)
+
+    def _stop_header_clock(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
             self._header_timer = None
-            if self.cycle is None or self.cycle.response_complete:  # no request under way: headers late
-                counts.timed_out += 1
-                if not self.transport.is_closing():
-                    self.transport.write(_TIMEOUT)
-                    self.transport.close()
 
-        def data_received(self, data: bytes) -> None:
-            idle = self.cycle is None or self.cycle.response_complete
-            if idle:
-                self._start_header_clock()
-            super().data_received(data)
-            if self.cycle is not None and not self.cycle.response_complete:
-                self._stop_header_clock()
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.cycle is None or self.cycle.response_complete:  # no request under way: headers late
+            self._counts.timed_out += 1
+            if not self.transport.is_closing():
+                self.transport.write(_TIMEOUT)
+                self.transport.close()
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._stop_header_clock()  # uvicorn's keep-alive timeout takes over until the next byte
-
-        def connection_lost(self, exc) -> None:
+    def data_received(self, data: bytes) -> None:
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle:
+            self._start_header_clock()
+        super().data_received(data)
+        if self.cycle is not None and not self.cycle.response_complete:
             self._stop_header_clock()
-            if self._peer is not None:
-                counts.release(self._peer)
-                self._peer = None
-            super().connection_lost(exc)
 
-    return GuardedH11Protocol
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._stop_header_clock()  # uvicorn's keep-alive timeout takes over until the next byte
+
+    def connection_lost(self, exc) -> None:
+        self._stop_header_clock()
+        if self._peer is not None:
+            self._counts.release(self._peer)
+            self._peer = None
+        super().connection_lost(exc)
 
 
 class BodyTooSlow(Exception):
