@@ -28,7 +28,6 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 PINS = Path(os.environ.get("PINSFACE_SHARED", REPO.parent / "shared")) / "data" / "pins" / "105_classes_pins_dataset"
 
 PREPARE = r"""
@@ -110,7 +109,7 @@ def child(code: str, *args: str) -> dict:
 
 def build_photos(root: Path, photos: int, identities: int) -> dict:
     """The photo folder and, per file, where its face was pasted (kept in truth.json beside it)."""
-    from tests.photos import phone_photo, pins_faces
+    from pinsface.testing.photos import phone_photo, pins_faces
 
     truth_path = root / "truth.json"
     if truth_path.exists():
@@ -184,7 +183,7 @@ def bench_groups(args) -> None:
     from pinsface.faces import FaceDetector
     from pinsface.prepare import prepare
     from pinsface.settings import FaceSettings
-    from tests.photos import build_groups, chosen_is
+    from pinsface.testing.photos import build_groups, chosen_is
 
     people = sorted(p.name for p in PINS.iterdir() if p.is_dir())
     subjects, others = people[: args.subjects], people[args.subjects : args.subjects + 30]
@@ -235,7 +234,7 @@ def bench_crops(args) -> None:
     from pinsface.embeddings import Embedder
     from pinsface.faces import FaceDetector
     from pinsface.settings import FaceSettings
-    from tests.photos import enlarged_original, reduced_and_full_chips
+    from pinsface.testing.photos import enlarged_original, reduced_and_full_chips
 
     settings = FaceSettings()
     detector, embed = FaceDetector(settings), Embedder(get_backbone())

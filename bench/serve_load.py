@@ -36,8 +36,6 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PINS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pins" / "105_classes_pins_dataset"
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # tests.badinput: the same awkward files the tests use
 
 IN_PROCESS = """
 import json, statistics, sys, time
@@ -86,7 +84,7 @@ def pick_photos(n: int, seed: int = 0) -> list[Path]:
 
 
 def hostile_files(source: Path, folder: Path, max_upload_mb: float) -> list[tuple[str, bytes]]:
-    from tests.badinput import make_bad_corpus
+    from pinsface.testing.badinput import make_bad_corpus
 
     bad = make_bad_corpus(folder, source)
     out = [(p.name, p.read_bytes()) for p in sorted(bad.iterdir()) if p.is_file() and not p.is_symlink()]
@@ -463,7 +461,7 @@ def main() -> int:
 
     import shutil
 
-    from tests.serving import free_port, wait_healthy
+    from pinsface.testing.servers import free_port, wait_healthy
 
     paths = pick_photos(args.photos)
     photos = [p.read_bytes() for p in paths]

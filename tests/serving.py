@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import httpx
+from pinsface.testing.servers import free_port, wait_healthy  # noqa: F401  (the tests import them from here)
 
 API_KEY = "test-key-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def copy_run(run_dir: Path, dest: Path) -> Path:
@@ -72,23 +65,6 @@ def start_process(run_dir: Path, port: int, *args: str, log: Path) -> subprocess
             stderr=subprocess.STDOUT,
             env=env,
         )
-
-
-def wait_healthy(
-    url: str, process: subprocess.Popen | None = None, headers: dict | None = None, timeout: float = 180
-) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}")
-        try:
-            r = httpx.get(f"{url}/v1/health", headers=headers, timeout=5)
-            if r.status_code == 200:
-                return r.json()
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not become healthy in {timeout} s")
 
 
 def uploads(paths, field: str = "files") -> list:

@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from pinsface.images import BadImage, load_image
-from tests.badinput import BAD, SOURCE, make_bad_corpus
+from pinsface.testing.badinput import BAD, SOURCE, make_bad_corpus
 
 
 @pytest.fixture(scope="module")

@@ -86,8 +86,18 @@ def test_lower_stages_never_import_higher_ones():
         "pinsface.serve",
         "pinsface.cli_library",
         "pinsface.cli",
+        "pinsface.testing.servers",
+        "pinsface.testing.badinput",
+        "pinsface.testing.photos",
+        "pinsface.testing",
     ]
     graph = imports()
     rank = {name: i for i, name in enumerate(order)}
     upward = [(a, b) for a in order for b in graph.get(a, ()) if b in rank and rank[b] > rank[a]]
     assert upward == []
+    # The testing builders serve the tests and bench/ only: nothing in pinsface imports them.
+    assert [
+        a
+        for a, deps in graph.items()
+        if not a.startswith("pinsface.testing") and any(b.startswith("pinsface.testing") for b in deps)
+    ] == []

@@ -11,7 +11,7 @@ from pinsface.faces import STATUSES, Face, choose_subject, min_subject_size
 from pinsface.images import decode_scaled, load_image
 from pinsface.prepare import prepare, usable_status
 from pinsface.settings import FaceSettings, Settings
-from tests.photos import build_groups, chosen_is, phone_photo, pins_faces
+from pinsface.testing.photos import build_groups, chosen_is, phone_photo, pins_faces
 
 PEOPLE = ["pins_Adriana Lima", "pins_Bill Gates", "pins_Chris Evans"]
 
@@ -148,7 +148,7 @@ def test_reduced_decoding_gives_pillows_pixels_and_reports_truncation(monkeypatc
 def test_crops_from_reduced_decoding_match_full_size_decoding(originals_dir, detector, backbone):
     """Descriptor distance between chips cut by prepare (reduced-scale decoding) and from full-size decoding."""
     from pinsface.embeddings import Embedder
-    from tests.photos import enlarged_original, reduced_and_full_chips
+    from pinsface.testing.photos import enlarged_original, reduced_and_full_chips
 
     settings = FaceSettings()
     embed = Embedder(backbone)
@@ -194,7 +194,7 @@ def test_decoding_holds_a_bounded_batch(tmp_path, monkeypatch):
 
 
 def _canvas_with_faces(pins_dir, faces: list[tuple[str, int, tuple[int, int]]]) -> tuple[np.ndarray, list]:
-    from tests.photos import background, paste
+    from pinsface.testing.photos import background, paste
 
     canvas = background(2000, 1500, 3)
     pasted = [paste(canvas, pins_faces(pins_dir, person)[2], size, centre, person) for person, size, centre in faces]

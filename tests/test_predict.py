@@ -10,7 +10,7 @@ from pinsface.face_index import knn_distances
 from pinsface.gallery import Gallery, calibrate_thresholds
 from pinsface.images import load_image
 from pinsface.predict import Recognizer, expand_inputs
-from tests.badinput import BAD, SOURCE, make_bad_corpus
+from pinsface.testing.badinput import BAD, SOURCE, make_bad_corpus
 
 STRANGERS = ["pins_Ben Affleck", "pins_Avril Lavigne", "pins_Andy Samberg", "pins_Alvaro Morte"]
 
@@ -64,7 +64,7 @@ def test_no_face_and_bad_files_do_not_stop_a_batch(recognizer, pins_dir, tmp_pat
 
 
 def test_identify_and_enroll_decode_phone_photos_at_reduced_scale(recognizer, pins_dir, tmp_path, monkeypatch):
-    from tests.photos import chosen_is, phone_photo, record_decodes
+    from pinsface.testing.photos import chosen_is, phone_photo, record_decodes
 
     data, pasted = phone_photo(unseen(pins_dir, "pins_Adriana Lima", 1)[0], "Adriana Lima", seed=5, size=(4000, 3000))
     path = tmp_path / "phone.jpg"

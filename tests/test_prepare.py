@@ -10,7 +10,7 @@ from pinsface.cache import FaceCache
 from pinsface.cli import main
 from pinsface.prepare import prepare
 from pinsface.settings import FaceSettings
-from tests.badinput import BAD, ODD, SOURCE, make_bad_corpus
+from pinsface.testing.badinput import BAD, ODD, SOURCE, make_bad_corpus
 from tests.conftest import copy_identities
 
 IDS = ["pins_Adriana Lima", "pins_Bill Gates", "pins_Chris Evans"]

@@ -149,7 +149,7 @@ def test_open_set_evaluation_prepares_the_strangers_on_ray(local_ray, small_run,
 
 
 def test_ray_engine_runs_the_second_pass_like_the_local_engine(local_ray, pins_dir, tmp_path, detector):
-    from tests.photos import build_groups
+    from pinsface.testing.photos import build_groups
 
     others = sorted(d.name for d in pins_dir.iterdir())[10:30]
     truth = build_groups(pins_dir, tmp_path / "data", ["pins_Bill Gates"], others, references=6, groups=4, seed=3)

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from pinsface.predict import Face, ImageResult
-from tests.badinput import SOURCE, make_bad_corpus
+from pinsface.testing.badinput import SOURCE, make_bad_corpus
 from tests.serving import API_KEY, ThreadServer, copy_run, free_port, start_process, uploads, wait_healthy
 
 KEY = {"X-API-Key": API_KEY}
@@ -338,7 +338,7 @@ def test_trained_labels_are_saved_and_default_to_every_label(small_run, tmp_path
 def test_enrolment_decodes_phone_photos_at_reduced_scale(server, pins_dir, monkeypatch):
     """Enrolment uploads are checked and used as `predict` decodes them: a 12-megapixel photo at reduced scale,
     never in full."""
-    from tests.photos import phone_photo, record_decodes
+    from pinsface.testing.photos import phone_photo, record_decodes
 
     decoded = record_decodes(monkeypatch)
     sources = photos(pins_dir, "pins_Alvaro Morte", 2, start=10)
