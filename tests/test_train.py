@@ -201,7 +201,7 @@ def test_final_refit_replays_the_chosen_epochs_on_training_and_validation_faces(
 
 def test_each_step_trains_on_one_view_of_each_face(tmp_path):
     from pinsface.models import build_head
-    from pinsface.train import fit
+    from pinsface.train import Examples, Plan, TrainLog, fit
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(4), 64)
@@ -211,7 +211,8 @@ def test_each_step_trains_on_one_view_of_each_face(tmp_path):
 
     def training_accuracy(views: np.ndarray) -> float:
         head = build_head(4, settings)
-        history = fit(head, views, y, clean, y, settings, tmp_path / "log", tmp_path, "head", 8, 3e-3, progress=False)
+        log = TrainLog(tmp_path / "log", tmp_path)
+        history = fit(head, Examples(views, y, clean, y), Plan("head", 8, 3e-3), settings=settings, log=log)
         assert history["val_accuracy"][-1] == 1.0  # the clean views taught it every identity
         return history["accuracy"][-1]
 

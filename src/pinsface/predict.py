@@ -409,7 +409,7 @@ class Recognizer:
                 self._state = self.run.load_state(self.settings)
             gallery = self._state.gallery.copy()
             dim = gallery.embeddings.shape[1]
-            keras_head = refit_head(to_keras_head(self.head, self.settings, dim), gallery, self.settings, epochs)
+            keras_head = refit_head(to_keras_head(self.head, self.settings, dim), gallery, self.settings, epochs=epochs)
             gallery.calibrate(keras_head)
             model = build_embedding_model(self.model.get_layer(self.settings.backbone), keras_head, self.settings)
             state = RunState(

@@ -6,6 +6,7 @@ fitted goes back to it, except the per-epoch log lines and best-epoch checkpoint
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,52 +69,85 @@ def lr_schedule(settings: Settings, lr: float, epochs: int):
     raise ValueError(f"lr_schedule must be 'plateau' or 'cosine', not {settings.lr_schedule!r}")
 
 
-def fit(
-    model,
-    x,
-    y,
-    xv,
-    yv,
-    settings: Settings,
-    log_path: Path,
-    checkpoint_dir: Path,
-    stage: str,
-    epochs: int,
-    lr: float,
-    class_weight=None,
-    progress: bool = True,
-    mixup: float = 0.0,
-    lr_trajectory: list[float] | None = None,
-) -> dict:
-    """Train ``model`` on (x, y) with early stopping and the LR schedule, validating on (xv, yv); returns the
-    stage's history. The best epoch's weights are restored at the end.
-
-    With ``lr_trajectory`` (the learning rate of each epoch of an earlier fit) it is a replay instead: exactly
-    those epochs at those rates, no early stopping, the last epoch kept. That is the final refit on more data,
-    whose validation faces are part of its training data and so cannot pick an epoch.
+@dataclass(frozen=True)
+class Examples:
+    """What a fit learns from, (``x``, ``y``), and what it is validated on, (``x_val``, ``y_val``).
 
     ``x`` is (examples, dim), or (examples, views, dim) for several views of each example (a face's embedding
-    and its mirror image's): then each step takes one view of each example, drawn at random.
+    and its mirror image's): then each step takes one view of each example, drawn at random."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one fit trains: its name in the logs and checkpoints, at most ``epochs`` epochs from
+    ``learning_rate``, optional class weights and mixup.
+
+    With ``replay`` (the learning rate of each epoch of an earlier fit) it is a replay instead: exactly those
+    epochs at those rates, no early stopping, the last epoch kept. That is the final refit on more data, whose
+    validation faces are part of its training data and so cannot pick an epoch."""
+
+    stage: str
+    epochs: int
+    learning_rate: float
+    class_weight: dict[int, float] | None = None
+    mixup: float = 0.0
+    replay: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class TrainLog:
+    """Where a fit writes: one line per epoch into ``path`` (and, with ``echo``, onto the terminal), and its
+    best epoch's weights into ``checkpoints``."""
+
+    path: Path
+    checkpoints: Path
+    echo: bool = False
+
+
+def fit(model, examples: Examples, plan: Plan, *, settings: Settings, log: TrainLog) -> dict:
+    """Train ``model`` on the examples with early stopping and the LR schedule (or replay ``plan.replay``);
+    returns the stage's history. The best epoch's weights are restored at the end.
 
     Each epoch is one compiled call: shuffling, mixup, every step and the metrics run inside one graph, because
     the head's steps are so cheap that per-step and per-batch overhead (Keras's loop, tf.data) cost several
     times the arithmetic. The epochs are driven by Keras's own callbacks, as ``Model.fit`` would."""
     import keras
-    import tensorflow as tf
 
     keras.utils.set_random_seed(settings.seed)
-    n_classes = model.output_shape[-1]
     model.compile(
-        optimizer=keras.optimizers.AdamW(lr, weight_decay=settings.weight_decay),
+        optimizer=keras.optimizers.AdamW(plan.learning_rate, weight_decay=settings.weight_decay),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing),
     )
-    optimizer, loss_fn = model.optimizer, model.loss
-    ckpt = Path(checkpoint_dir) / f"{stage}.weights.h5"
+    callbacks, epochs = _callbacks(model, plan, settings, log)
+    train_epoch = _epoch_trainer(model, examples, plan, settings)
+    validate = _validator(model, examples)
+    hist = _run_epochs(model, callbacks, epochs, train_epoch, validate)
+    best = _best_epoch(hist, settings.monitor, replayed=bool(plan.replay))
+    return {
+        "stage": plan.stage,
+        "epochs_run": len(hist.get("loss", [])),
+        "best_epoch": best + 1,
+        "mixup": plan.mixup,
+        **hist,
+    }
+
+
+def _callbacks(model, plan: Plan, settings: Settings, log: TrainLog):
+    """The Keras callbacks that drive a fit's epochs, and how many epochs it runs at most."""
+    import keras
+
+    ckpt = Path(log.checkpoints) / f"{plan.stage}.weights.h5"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    if lr_trajectory:
-        epochs = len(lr_trajectory)
+    epochs = plan.epochs
+    if plan.replay:
+        epochs = len(plan.replay)
         control = [
-            keras.callbacks.LearningRateScheduler(lambda epoch: float(lr_trajectory[epoch])),
+            keras.callbacks.LearningRateScheduler(lambda epoch: float(plan.replay[epoch])),
             keras.callbacks.ModelCheckpoint(str(ckpt), save_weights_only=True),
         ]
     else:
@@ -124,24 +158,31 @@ def fit(
                 min_delta=settings.min_delta,
                 restore_best_weights=True,
             ),
-            lr_schedule(settings, lr, epochs),
+            lr_schedule(settings, plan.learning_rate, epochs),
             keras.callbacks.ModelCheckpoint(
                 str(ckpt), monitor=settings.monitor, save_best_only=True, save_weights_only=True
             ),
         ]
-    callbacks = keras.callbacks.CallbackList([epoch_log(log_path, stage, progress), *control], model=model)
+    callbacks = keras.callbacks.CallbackList([epoch_log(log.path, plan.stage, log.echo), *control], model=model)
+    return callbacks, epochs
 
-    x = tf.convert_to_tensor(np.asarray(x, np.float32))
+
+def _epoch_trainer(model, examples: Examples, plan: Plan, settings: Settings):
+    """One epoch of training as one compiled call of the epoch's number; it returns the epoch's mean loss and
+    accuracy. The model must be compiled."""
+    import tensorflow as tf
+
+    n_classes = model.output_shape[-1]
+    optimizer, loss_fn = model.optimizer, model.loss
+    x = tf.convert_to_tensor(np.asarray(examples.x, np.float32))
     views = x.shape[1] if x.shape.rank == 3 else 0
-    targets = tf.one_hot(tf.convert_to_tensor(y, tf.int32), n_classes)
+    targets = tf.one_hot(tf.convert_to_tensor(examples.y, tf.int32), n_classes)
     weights = (
         tf.ones([n_classes])
-        if class_weight is None
-        else tf.constant([class_weight.get(k, 1.0) for k in range(n_classes)], tf.float32)
+        if plan.class_weight is None
+        else tf.constant([plan.class_weight.get(k, 1.0) for k in range(n_classes)], tf.float32)
     )
-    xv = tf.convert_to_tensor(np.asarray(xv, np.float32))
-    val_targets = tf.one_hot(tf.convert_to_tensor(yv, tf.int32), n_classes)
-    batch, seed, n = settings.batch_size, settings.seed, len(y)
+    batch, seed, n, mixup = settings.batch_size, settings.seed, len(examples.y), plan.mixup
     steps = -(-n // batch)
     variables = model.trainable_variables
     optimizer.build(variables)  # its slots made now, or the first call would trace the epoch twice
@@ -170,22 +211,41 @@ def fit(
             total_correct += tf.reduce_sum(tf.cast(tf.argmax(probs, 1) == tf.argmax(yb, 1), tf.float32))
         return total_loss / n, total_correct / n
 
+    return train_epoch
+
+
+def _validator(model, examples: Examples):
+    """The validation loss and accuracy, as one compiled call."""
+    import tensorflow as tf
+
+    n_classes, loss_fn, y_val = model.output_shape[-1], model.loss, examples.y_val
+    x_val = tf.convert_to_tensor(np.asarray(examples.x_val, np.float32))
+    val_targets = tf.one_hot(tf.convert_to_tensor(y_val, tf.int32), n_classes)
+
     @tf.function(reduce_retracing=True)
     def validate():
         probs = (
-            tf.concat([model(xv[lo : lo + 4096], training=False) for lo in range(0, len(yv), 4096)], 0)
-            if len(yv)
+            tf.concat([model(x_val[lo : lo + 4096], training=False) for lo in range(0, len(y_val), 4096)], 0)
+            if len(y_val)
             else tf.zeros([0, n_classes])
         )
         accuracy = tf.reduce_mean(tf.cast(tf.argmax(probs, 1) == tf.argmax(val_targets, 1), tf.float32))
         return loss_fn(val_targets, probs), accuracy
+
+    return validate
+
+
+def _run_epochs(model, callbacks, epochs: int, train_epoch, validate) -> dict[str, list[float]]:
+    """Up to ``epochs`` epochs, as Keras's callbacks direct (early stopping ends it); each epoch's figures."""
+    import keras
+    import tensorflow as tf
 
     hist: dict[str, list[float]] = {}
     model.stop_training = False
     callbacks.on_train_begin()
     for epoch in range(epochs):
         callbacks.on_epoch_begin(epoch)
-        rate = float(keras.ops.convert_to_numpy(optimizer.learning_rate))  # before the schedule changes it
+        rate = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))  # before the schedule changes it
         loss, accuracy = train_epoch(tf.constant(epoch))
         val_loss, val_accuracy = validate()
         logs = {
@@ -201,14 +261,15 @@ def fit(
         if model.stop_training:
             break
     callbacks.on_train_end()
-    series = hist.get(settings.monitor)
-    if lr_trajectory:
-        best = len(hist.get("loss", [])) - 1
-    elif series:
-        best = int(np.argmax(series)) if "acc" in settings.monitor else int(np.argmin(series))
-    else:
-        best = len(hist.get("loss", [])) - 1
-    return {"stage": stage, "epochs_run": len(hist.get("loss", [])), "best_epoch": best + 1, "mixup": mixup, **hist}
+    return hist
+
+
+def _best_epoch(hist: dict[str, list[float]], monitor: str, replayed: bool) -> int:
+    """The epoch (from 0) whose weights the fit kept: the best by ``monitor``, or the last of a replay."""
+    series = hist.get(monitor)
+    if replayed or not series:
+        return len(hist.get("loss", [])) - 1
+    return int(np.argmax(series)) if "acc" in monitor else int(np.argmin(series))
 
 
 # Training faces from which each step takes one view of each face (``fit`` with (faces, views, dim)) rather
@@ -257,19 +318,11 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def fine_tune(
-    backbone,
-    head,
-    crops: dict[str, np.ndarray],
-    y: dict[str, np.ndarray],
-    settings: Settings,
-    log_path: Path,
-    checkpoint_dir: Path,
-    progress: bool,
-) -> dict:
+def fine_tune(backbone, head, crops: Examples, *, settings: Settings, log: TrainLog) -> dict:
     """Unfreeze the backbone from block ``settings.fine_tune_from`` up and train it with the head, at a low
-    learning rate. The frozen lower part runs once per crop (and mirror image); its activations are the
-    training inputs, so each epoch only costs the top blocks."""
+    learning rate, on the aligned ``crops`` of the training and validation faces. The frozen lower part runs
+    once per crop (and mirror image); its activations are the training inputs, so each epoch only costs the
+    top blocks."""
     import keras
 
     from pinsface.embeddings import Embedder
@@ -278,29 +331,19 @@ def fine_tune(
     lower = keras.Model(backbone.input, mid, name="frozen_lower")
     upper = keras.Model(mid, backbone.output, name="tuned_upper")
     embed_lower = Embedder(lower, settings.embed_batch_size)
-    x_train = np.concatenate([embed_lower(crops["train"]), embed_lower(crops["train"], flip=True)])
-    y_train = np.concatenate([y["train"], y["train"]])
-    x_val = embed_lower(crops["val"])
+    activations = Examples(
+        x=np.concatenate([embed_lower(crops.x), embed_lower(crops.x, flip=True)]),
+        y=np.concatenate([crops.y, crops.y]),
+        x_val=embed_lower(crops.x_val),
+        y_val=crops.y_val,
+    )
     backbone.trainable = True
     for layer in backbone.layers:
         layer.trainable = layer in upper.layers
     inputs = keras.Input(mid.shape[1:], name="lower_activations")
     model = keras.Model(inputs, head(upper(inputs)), name="fine_tune")
-    history = fit(
-        model,
-        x_train,
-        y_train,
-        x_val,
-        y["val"],
-        settings,
-        log_path,
-        checkpoint_dir,
-        "fine-tune",
-        settings.fine_tune_epochs,
-        settings.fine_tune_learning_rate,
-        None,
-        progress,
-    )
+    plan = Plan("fine-tune", settings.fine_tune_epochs, settings.fine_tune_learning_rate)
+    history = fit(model, activations, plan, settings=settings, log=log)
     backbone.trainable = False
     return history
 
@@ -322,7 +365,7 @@ def to_keras_head(array_head, settings: Settings, input_dim: int):
 
 
 def refit_head(
-    old_head, gallery, settings: Settings, epochs: int = 30, drop: int | None = None, tune_stack_epochs: int = 3
+    old_head, gallery, settings: Settings, *, epochs: int = 30, drop: int | None = None, tune_stack_epochs: int = 3
 ):
     """A head for the gallery's identities after enrolling (or, with ``drop``, forgetting) someone.
 
@@ -332,66 +375,99 @@ def refit_head(
     apart (see the README for what each step gains)."""
     import keras
 
-    from pinsface.models import build_head
-
     # Seeded: the same gallery gives the same head, whatever the process did before.
     keras.utils.set_random_seed(settings.seed)
     n = len(gallery.labels)
-    head = build_head(n, settings, gallery.embeddings.shape[1])
-    for layer in head.layers:
-        if layer.weights and layer.name != "cosine_logits":
-            layer.set_weights(old_head.get_layer(layer.name).get_weights())
-            layer.trainable = False
+    head = _head_with_frozen_stack(old_head, n, settings, gallery.embeddings.shape[1])
     features = keras.Model(head.input, head.get_layer("cosine_logits").input)
     x = np.concatenate([gallery.embeddings, gallery.flips])
     y = np.concatenate([gallery.owner, gallery.owner])
     h = features.predict(x, batch_size=2048, verbose=0)
+    out_layer = head.get_layer("cosine_logits")
+    out_layer.set_weights([_imprinted_output(old_head, h, y, n, drop)])
+    if drop is None and epochs:
+        _train_output_layer(out_layer, h, y, settings, epochs)
+        if tune_stack_epochs:
+            _tune_whole_head(head, x, y, settings, tune_stack_epochs)
+    return head
+
+
+# The batch of the refit's training, and the optimizer steps its output layer takes at least, however few faces
+# are enrolled.
+REFIT_BATCH = 256
+REFIT_MIN_STEPS = 300
+
+
+def _head_with_frozen_stack(old_head, n_classes: int, settings: Settings, input_dim: int):
+    """A head for ``n_classes`` identities whose dense stack is ``old_head``'s, frozen; the output layer is left
+    to the caller."""
+    from pinsface.models import build_head
+
+    head = build_head(n_classes, settings, input_dim)
+    for layer in head.layers:
+        if layer.weights and layer.name != "cosine_logits":
+            layer.set_weights(old_head.get_layer(layer.name).get_weights())
+            layer.trainable = False
+    return head
+
+
+def _imprinted_output(old_head, h: np.ndarray, y: np.ndarray, n_classes: int, drop: int | None) -> np.ndarray:
+    """The output layer's weights: ``old_head``'s columns (less column ``drop``), then one per new identity,
+    imprinted from its faces' features ``h``."""
     old_w = old_head.get_layer("cosine_logits").get_weights()[0]
     if drop is not None and drop < old_w.shape[1]:  # an identity enrolled in gallery mode has no column
         old_w = np.delete(old_w, drop, axis=1)
-    w = np.zeros((old_w.shape[0], n), np.float32)
+    w = np.zeros((old_w.shape[0], n_classes), np.float32)
     w[:, : old_w.shape[1]] = old_w
     # ReLU features share one big common direction: imprint the new identity with its features' offset from
     # the mean of everyone's, or it would look like everybody.
-    for k in range(old_w.shape[1], n):
+    for k in range(old_w.shape[1], n_classes):
         direction = h[y == k].mean(0) - h.mean(0)
         w[:, k] = direction / max(np.linalg.norm(direction), 1e-12) * np.linalg.norm(old_w, axis=0).mean()
-    out_layer = head.get_layer("cosine_logits")
-    out_layer.set_weights([w])
-    if drop is None and epochs:
-        inputs = keras.Input(h.shape[1:])
-        probe = keras.Model(inputs, keras.layers.Softmax()(out_layer(inputs)))
-        weights = class_weight(y, n)
-        probe.compile(
-            optimizer=keras.optimizers.Adam(1e-3),
-            loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing),
-        )
-        # At least a few hundred steps, however few faces are enrolled.
-        batch = 256
-        epochs = max(epochs, int(np.ceil(300 / np.ceil(len(h) / batch))))
-        probe.fit(
-            h,
-            keras.utils.to_categorical(y, n),
-            epochs=epochs,
-            batch_size=batch,
-            verbose=0,
-            class_weight=weights,
-            shuffle=True,
-        )
-        if tune_stack_epochs:
-            for layer in head.layers:
-                layer.trainable = True
-            head.compile(
-                optimizer=keras.optimizers.Adam(3e-4),
-                loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing),
-            )
-            head.fit(
-                x,
-                keras.utils.to_categorical(y, n),
-                epochs=tune_stack_epochs,
-                batch_size=batch,
-                verbose=0,
-                class_weight=weights,
-                shuffle=True,
-            )
-    return head
+    return w
+
+
+def _train_output_layer(out_layer, h: np.ndarray, y: np.ndarray, settings: Settings, epochs: int):
+    """Train the output layer alone on the faces' features ``h``."""
+    import keras
+
+    inputs = keras.Input(h.shape[1:])
+    probe = keras.Model(inputs, keras.layers.Softmax()(out_layer(inputs)))
+    n_classes = probe.output_shape[-1]
+    probe.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing),
+    )
+    epochs = max(epochs, int(np.ceil(REFIT_MIN_STEPS / np.ceil(len(h) / REFIT_BATCH))))
+    probe.fit(
+        h,
+        keras.utils.to_categorical(y, n_classes),
+        epochs=epochs,
+        batch_size=REFIT_BATCH,
+        verbose=0,
+        class_weight=class_weight(y, n_classes),
+        shuffle=True,
+    )
+
+
+def _tune_whole_head(head, x: np.ndarray, y: np.ndarray, settings: Settings, epochs: int):
+    """Train every layer of the head a little, at a low learning rate, on the faces' embeddings ``x``."""
+    import keras
+
+    n_classes = head.output_shape[-1]
+
+    for layer in head.layers:
+        layer.trainable = True
+    head.compile(
+        optimizer=keras.optimizers.Adam(3e-4),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing),
+    )
+    head.fit(
+        x,
+        keras.utils.to_categorical(y, n_classes),
+        epochs=epochs,
+        batch_size=REFIT_BATCH,
+        verbose=0,
+        class_weight=class_weight(y, n_classes),
+        shuffle=True,
+    )
