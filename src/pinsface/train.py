@@ -364,15 +364,13 @@ def to_keras_head(array_head, settings: Settings, input_dim: int):
     return head
 
 
-def refit_head(
-    old_head, gallery, settings: Settings, *, epochs: int = 30, drop: int | None = None, tune_stack_epochs: int = 3
-):
-    """A head for the gallery's identities after enrolling (or, with ``drop``, forgetting) someone.
+def refit_head(old_head, gallery, settings: Settings, *, epochs: int = 30, tune_stack_epochs: int = 3):
+    """A head for all of the gallery's identities, those enrolled since training included (``pinsface refit``).
 
     The dense stack is kept, known identities keep their output weights, a new identity starts from the mean of
     its faces' features (imprinting); the output layer trains on every enrolled face and its mirror image, then
     the whole head for ``tune_stack_epochs`` at a low learning rate, so its features can also tell the new face
-    apart (see the README for what each step gains)."""
+    apart."""
     import keras
 
     # Seeded: the same gallery gives the same head, whatever the process did before.
@@ -384,8 +382,8 @@ def refit_head(
     y = np.concatenate([gallery.owner, gallery.owner])
     h = features.predict(x, batch_size=2048, verbose=0)
     out_layer = head.get_layer("cosine_logits")
-    out_layer.set_weights([_imprinted_output(old_head, h, y, n, drop)])
-    if drop is None and epochs:
+    out_layer.set_weights([_imprinted_output(old_head, h, y, n)])
+    if epochs:
         _train_output_layer(out_layer, h, y, settings, epochs)
         if tune_stack_epochs:
             _tune_whole_head(head, x, y, settings, tune_stack_epochs)
@@ -411,12 +409,10 @@ def _head_with_frozen_stack(old_head, n_classes: int, settings: Settings, input_
     return head
 
 
-def _imprinted_output(old_head, h: np.ndarray, y: np.ndarray, n_classes: int, drop: int | None) -> np.ndarray:
-    """The output layer's weights: ``old_head``'s columns (less column ``drop``), then one per new identity,
-    imprinted from its faces' features ``h``."""
+def _imprinted_output(old_head, h: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
+    """The output layer's weights: ``old_head``'s columns, then one per new identity, imprinted from its faces'
+    features ``h``."""
     old_w = old_head.get_layer("cosine_logits").get_weights()[0]
-    if drop is not None and drop < old_w.shape[1]:  # an identity enrolled in gallery mode has no column
-        old_w = np.delete(old_w, drop, axis=1)
     w = np.zeros((old_w.shape[0], n_classes), np.float32)
     w[:, : old_w.shape[1]] = old_w
     # ReLU features share one big common direction: imprint the new identity with its features' offset from
