@@ -355,8 +355,8 @@ def sample_faces(
     hit, miss = _pick_samples(rng, usable & (pred == y), usable, conf, n_correct=n_correct, n_incorrect=n_incorrect)
     queries = {k: (prepared.hashes[items[k]], labels[pred[k]]) for k in miss if usable[k]}
     nearest = _nearest_training_faces(settings, prepared, training, split, queries)
-    shown = [k for k in [*hit, *miss] if usable[k]]
-    crops, neighbours = _sample_crops(prepared, [prepared.hashes[items[k]] for k in shown], nearest, training)
+    shown_faces = [prepared.hashes[items[k]] for k in [*hit, *miss] if usable[k]]
+    crops, neighbours = _sample_crops(prepared, shown_faces, nearest, training)
 
     def score(k) -> dict:
         if mode == "gallery":
