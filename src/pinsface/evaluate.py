@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +74,76 @@ def class_similarity(model, settings: Settings, gallery=None) -> np.ndarray:
     return w.T @ w
 
 
+@dataclass
+class Evaluation:
+    """What one evaluation scored, as the figures and the report need it."""
+
+    run: Run
+    settings: Settings
+    model: object
+    gallery: object  # the run's gallery (embedding runs), else None
+    labels: list[str]
+    split: Split
+    prepared: Prepared  # holds the images scored...
+    items: np.ndarray  # ...at these positions
+    y: np.ndarray  # each image's true identity, an index into labels
+    probs: np.ndarray  # each image's scores, one column per identity
+    usable: np.ndarray  # whether the image had a face to score
+    training: Prepared | None  # the run's training images, where at hand
+
+
+def _label_index(labels: list[str]) -> dict[str, int]:
+    """Each identity's key (``dataset.identity_key``) to its index in ``labels``."""
+    return {identity_key(name): i for i, name in enumerate(labels)}
+
+
+def _test_items(prepared: Prepared, split: Split) -> np.ndarray:
+    """The positions in ``prepared`` of the run's test images."""
+    test = set(split.files("test"))
+    return np.array([i for i, it in enumerate(prepared.dataset.items) if it.rel in test], dtype=np.int64)
+
+
+def _images_to_score(
+    settings: Settings, split: Split, labels: list[str], *, data, prepared: Prepared | None, where: dict
+) -> tuple[Prepared, np.ndarray, dict[str, int], Prepared | None]:
+    """The images to score: the run's test split, or those of folder ``data`` whose identity the run knows.
+    Returns them (prepared, positions), the folders of ``data`` the run does not know (with their image counts),
+    and the training images where at hand. ``where``: how prepare runs (progress, engine, address)."""
+    if data is None:
+        if prepared is None:
+            prepared = prepare_for_run(settings, **where)
+        return prepared, _test_items(prepared, split), {}, prepared
+    label_of = _label_index(labels)
+    dataset = scan_dataset(data)
+    prepared = prepare_for_run(settings, dataset.root, dataset=dataset, **where)
+    counts = dataset.counts()
+    unknown_folders = {name: counts[name] for name in dataset.identities if identity_key(name) not in label_of}
+    for name, count in unknown_folders.items():
+        log.warning("identity %r (%d images) is not known to this run: reported, not scored", name, count)
+    items = np.array(
+        [i for i, it in enumerate(prepared.dataset.items) if identity_key(it.identity) in label_of], dtype=np.int64
+    )
+    return prepared, items, unknown_folders, None
+
+
+def _what_was_scored(settings: Settings, data, prepared: Prepared, unknown_folders: dict, mode: str) -> dict:
+    """The metrics' description of what was scored and by which model."""
+    about = {
+        "unknown_identities": unknown_folders,
+        "data": str(prepared.dataset.root) if data is not None else "the run's test split",
+        "model": settings.model,
+    }
+    if settings.model == "embedding":
+        about["saved_model"] = (
+            "the saved head, refitted on the training and validation faces after early stopping "
+            "chose its epochs; the test images were held out of both"
+            if settings.final_fit == "train+val"
+            else "the saved head, trained on the training faces; the test images were held out"
+        )
+    about["mode"] = mode
+    return about
+
+
 def evaluate(
     run_dir: str | Path,
     data: str | Path | None = None,
@@ -91,86 +163,43 @@ def evaluate(
     from pinsface.scoring import resolve_mode
 
     clock = StageClock()
-    t0 = clock.mark()
+    started = clock.mark()
     run = Run(run_dir)
     settings = run.settings()
     state = run.load_state(settings, model=model is None)
     labels, model = state.labels, model if model is not None else state.model
     out = Path(out) if out else run.report_dir
     out.mkdir(parents=True, exist_ok=True)
-    label_of = {identity_key(name): i for i, name in enumerate(labels)}
     split = run.split()
-
-    training = None
-    if data is None:
-        if prepared is None:
-            prepared = prepare_for_run(settings, progress=progress, engine=engine, address=address)
-        training = prepared
-        test = set(split.files("test"))
-        items = np.array([i for i, it in enumerate(prepared.dataset.items) if it.rel in test], dtype=np.int64)
-        unknown_folders: dict[str, int] = {}
-    else:
-        dataset = scan_dataset(data)
-        prepared = prepare_for_run(
-            settings, dataset.root, dataset=dataset, progress=progress, engine=engine, address=address
-        )
-        counts = dataset.counts()
-        unknown_folders = {name: counts[name] for name in dataset.identities if identity_key(name) not in label_of}
-        for name, count in unknown_folders.items():
-            log.warning("identity %r (%d images) is not known to this run: reported, not scored", name, count)
-        items = np.array(
-            [i for i, it in enumerate(prepared.dataset.items) if identity_key(it.identity) in label_of], dtype=np.int64
-        )
+    where = {"progress": progress, "engine": engine, "address": address}
+    prepared, items, unknown_folders, training = _images_to_score(
+        settings, split, labels, data=data, prepared=prepared, where=where
+    )
+    label_of = _label_index(labels)
     y = np.array([label_of[identity_key(prepared.dataset.items[i].identity)] for i in items], dtype=np.int64)
-    t1 = clock.mark()
-    clock.record("prepare", t0)
+    scoring = clock.mark()
+    clock.record("prepare", started)
     mode = resolve_mode(mode or settings.mode, len(labels)) if settings.model == "embedding" else "head"
     head = state.head if model is state.model else None  # a model given by the caller brings its own head
     probs, usable = score_images(
         model, settings, prepared, items, progress, gallery=state.gallery, mode=mode, head=head
     )
-    clock.record("score", t1)
-    status = [prepared.status[i] for i in items]
-    metrics = compute_metrics(probs, usable, y, labels, status)
-    metrics["unknown_identities"] = unknown_folders
-    metrics["data"] = str(prepared.dataset.root) if data is not None else "the run's test split"
-    metrics["model"] = settings.model
-    if settings.model == "embedding":
-        metrics["saved_model"] = (
-            "the saved head, refitted on the training and validation faces after early stopping "
-            "chose its epochs; the test images were held out of both"
-            if settings.final_fit == "train+val"
-            else "the saved head, trained on the training faces; the test images were held out"
-        )
-    metrics["mode"] = mode
-    metrics["seconds"], metrics["cpu_share"] = clock.seconds, clock.cpu_share
+    clock.record("score", scoring)
+    metrics = compute_metrics(probs, usable, y, labels, [prepared.status[i] for i in items])
+    metrics.update(_what_was_scored(settings, data, prepared, unknown_folders, mode))
+    metrics["seconds"], metrics["cpu_share"] = clock.seconds, clock.cpu_share  # filled in as the stages end
     write_reports(out, metrics, labels)
-    pred = np.where(usable, np.argmax(probs, 1), -1)
-    confusions = write_top_confusions(out / "top_confusions.csv", y, pred, labels)
+    confusions = write_top_confusions(out / "top_confusions.csv", y, np.where(usable, np.argmax(probs, 1), -1), labels)
     if figures:
-        t3 = clock.mark()
+        drawing = clock.mark()
         if training is None and settings.data_dir and Path(settings.data_dir).is_dir():
             training = prepare_for_run(settings, progress=progress)
-        write_figures(
-            out,
-            run,
-            settings,
-            model,
-            state.gallery,
-            labels,
-            prepared,
-            items,
-            y,
-            probs,
-            usable,
-            split,
-            training,
-            confusions,
-            metrics,
-            compare,
+        scored = Evaluation(
+            run, settings, model, state.gallery, labels, split, prepared, items, y, probs, usable, training
         )
-        clock.record("figures", t3)
-    clock.record("total", t0)
+        write_figures(out, scored, confusions, metrics, compare)
+        clock.record("figures", drawing)
+    clock.record("total", started)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return metrics
 
@@ -196,55 +225,69 @@ def write_top_confusions(
     return [(t, p, c) for t, p, c, _ in rows if p != "(no face)"]
 
 
-def write_figures(
-    out: Path,
-    run: Run,
-    settings: Settings,
-    model,
-    gallery,
-    labels: list[str],
-    prepared: Prepared,
-    items: np.ndarray,
-    y: np.ndarray,
-    probs: np.ndarray,
-    usable: np.ndarray,
-    split: Split,
-    training: Prepared | None,
-    confusions,
-    metrics: dict,
-    compare,
-) -> None:
-    from sklearn.metrics import confusion_matrix
-
+def write_figures(out: Path, scored: Evaluation, confusions, metrics: dict, compare) -> None:
+    """Draw the figures of ``scored`` into ``out`` and write ``report.html`` with them; adds the written
+    insights to ``metrics``. ``compare``: a second run to set beside this one, or None."""
     from pinsface import plots, report
 
-    history = run.history()
+    history = scored.run.history()
     figures = []
     if history.get("stages"):
         figures.append((plots.plot_curves(history, out / "curves.png"), "Training curves"))
-    pred = np.argmax(probs, 1)
-    cm = confusion_matrix(y[usable], pred[usable], labels=list(range(len(labels))))
-    confused = ((cm + cm.T) > 0) & ~np.eye(len(cm), dtype=bool)
-    # Any confused pair is pulled together too, so the errors cluster near the diagonal.
-    similarity = np.clip(class_similarity(model, settings, gallery) + 0.8 * confused, -1, 1)
-    order = plots.cluster_order(similarity)
-    _, block = plots.plot_confusion(cm, labels, order, out / "confusion_matrix.png")
     figures.append(
         (
-            out / "confusion_matrix.png",
+            _confusion_figure(out / "confusion_matrix.png", scored),
             "Confusion matrix (row-normalised, clustered), with the most-confused block enlarged",
         )
     )
+    figures += _sample_figures(out, scored, mode=metrics.get("mode", "head"))
+    compare_info = _compare_info(compare) if compare else None
+    dataset_stats = _dataset_stats(scored.run, scored.training)
+    timings = {f"train: {k}": v for k, v in history.get("timings_seconds", {}).items()}
+    timings.update({f"evaluate: {k}": v for k, v in metrics["seconds"].items()})
+    lines = report.insights(metrics, confusions, _training_counts(scored), compare_info)
+    metrics["insights"] = lines
+    report.write_html(out / "report.html", metrics, scored.settings.to_dict(), dataset_stats, timings, figures, lines)
+
+
+def _confusion_figure(path: Path, scored: Evaluation) -> Path:
+    """The confusion matrix of the faces scored, its identities ordered so that alike ones sit together."""
+    from sklearn.metrics import confusion_matrix
+
+    from pinsface import plots
+
+    pred = np.argmax(scored.probs, 1)
+    usable = scored.usable
+    cm = confusion_matrix(scored.y[usable], pred[usable], labels=list(range(len(scored.labels))))
+    confused = ((cm + cm.T) > 0) & ~np.eye(len(cm), dtype=bool)
+    # Any confused pair is pulled together too, so the errors cluster near the diagonal.
+    similarity = np.clip(class_similarity(scored.model, scored.settings, scored.gallery) + 0.8 * confused, -1, 1)
+    order = plots.cluster_order(similarity)
+    plots.plot_confusion(cm, scored.labels, order, path)
+    return path
+
+
+def _sample_figures(out: Path, scored: Evaluation, mode: str) -> list[tuple[Path, str]]:
+    """Two sheets of sample faces, hits and misses, with their captions."""
+    from pinsface import plots
+
     correct, incorrect = sample_faces(
-        settings, labels, prepared, items, y, probs, usable, split, training, mode=metrics.get("mode", "head")
+        scored.settings,
+        scored.labels,
+        scored.prepared,
+        scored.items,
+        scored.y,
+        scored.probs,
+        scored.usable,
+        scored.split,
+        scored.training,
+        mode=mode,
     )
-    figures.append(
+    return [
         (
             plots.plot_samples(correct, out / "samples_correct.png", "Correctly named faces"),
             "Sample hits: aligned face crops with true and predicted identity",
-        )
-    )
-    figures.append(
+        ),
         (
             plots.plot_samples(
                 incorrect,
@@ -252,21 +295,18 @@ def write_figures(
                 "Misses, each beside the nearest training face of the identity predicted",
             ),
             "Sample misses and, beside each, the training face that fooled the model",
-        )
-    )
-    train_counts = {}
-    if training is not None:
-        from collections import Counter
+        ),
+    ]
 
-        train_set = set(split.files("train"))
-        train_counts = Counter(it.identity for it in training.dataset.items if it.rel in train_set)
-    compare_info = _compare_info(compare) if compare else None
-    dataset_stats = _dataset_stats(run, training)
-    timings = {f"train: {k}": v for k, v in history.get("timings_seconds", {}).items()}
-    timings.update({f"evaluate: {k}": v for k, v in metrics["seconds"].items()})
-    lines = report.insights(metrics, confusions, train_counts, compare_info)
-    metrics["insights"] = lines
-    report.write_html(out / "report.html", metrics, settings.to_dict(), dataset_stats, timings, figures, lines)
+
+def _training_counts(scored: Evaluation) -> dict[str, int]:
+    """Each identity's number of training images (empty where the training images are not at hand)."""
+    from collections import Counter
+
+    if scored.training is None:
+        return {}
+    train_set = set(scored.split.files("train"))
+    return Counter(it.identity for it in scored.training.dataset.items if it.rel in train_set)
 
 
 def _compare_info(compare) -> dict:
@@ -309,85 +349,108 @@ def sample_faces(
     """Picked hits and misses with their crops; misses get the nearest training face of the predicted identity.
     Each carries the head's probability (``confidence``) or, in gallery mode, where ``probs`` holds minus the
     distance (``pinsface.scoring.gallery_scores``), the ``distance`` instead."""
-    from pinsface.images import BadImage, load_image
-
-    rng = np.random.default_rng(settings.seed)
     pred = np.argmax(probs, 1)
     conf = probs.max(1)
-    hit = np.flatnonzero(usable & (pred == y))
-    miss = np.flatnonzero(~usable | (pred != y))
-    hit = np.sort(rng.choice(hit, min(n_correct, len(hit)), replace=False)) if len(hit) else hit
-    # Confident misses first (the instructive ones), and a few without a face, so both kinds show.
-    no_face = [k for k in miss if not usable[k]][: n_incorrect // 3]
-    miss = sorted([k for k in miss if usable[k]], key=lambda k: -conf[k])[: n_incorrect - len(no_face)] + no_face
-    nearest = _nearest_training_faces(settings, labels, prepared, items, miss, pred, usable, split, training)
-    # One pass over the cache for every crop shown (the two datasets share one cache, or a hash is simply absent).
-    wanted = [prepared.hashes[items[k]] for k in [*hit, *miss] if usable[k]] + list(nearest.values())
-    faces = prepared.cache.load(wanted, crops=("aligned",)) if wanted else None
-    if training is not None and training.cache.root != prepared.cache.root and nearest:
-        neighbour_faces = training.cache.load(list(nearest.values()), crops=("aligned",))
-    else:
-        neighbour_faces = faces
-
-    def crop(k):
-        return faces.columns["aligned"][faces.index[prepared.hashes[items[k]]]]
-
-    neighbours = {
-        k: neighbour_faces.columns["aligned"][neighbour_faces.index[h]]
-        for k, h in nearest.items()
-        if h in neighbour_faces.index
-    }
+    rng = np.random.default_rng(settings.seed)
+    hit, miss = _pick_samples(rng, usable & (pred == y), usable, conf, n_correct=n_correct, n_incorrect=n_incorrect)
+    queries = {k: (prepared.hashes[items[k]], labels[pred[k]]) for k in miss if usable[k]}
+    nearest = _nearest_training_faces(settings, prepared, training, split, queries)
+    shown_faces = [prepared.hashes[items[k]] for k in [*hit, *miss] if usable[k]]
+    crops, neighbours = _sample_crops(prepared, shown_faces, nearest, training)
 
     def score(k) -> dict:
         if mode == "gallery":
             return {"confidence": None, "distance": -float(conf[k])}
         return {"confidence": float(conf[k])}
 
+    def crop(k):
+        return crops[prepared.hashes[items[k]]]
+
     correct = [{"image": crop(k), "true": labels[y[k]], "pred": labels[pred[k]], **score(k)} for k in hit]
     incorrect = []
     for k in miss:
-        true = labels[y[k]]
         if not usable[k]:
-            try:
-                image = load_image(prepared.dataset.path(prepared.dataset.items[items[k]]))
-            except BadImage:
-                image = None
-            status = prepared.status[items[k]]
-            note = {
-                "no_face": "no face found",
-                "no_face_photo": "no face found",
-                "ambiguous": "several faces, none clearly the subject",
-            }.get(status, f"unreadable: {status}")
-            incorrect.append(
-                {
-                    "image": image,
-                    "true": true,
-                    "pred": None,
-                    "confidence": None if mode == "gallery" else 0.0,
-                    "note": note,
-                    "neighbour": None,
-                }
-            )
-        else:
-            fallback = prepared.status[items[k]] == "no_face"
-            incorrect.append(
-                {
-                    "image": crop(k),
-                    "true": true,
-                    "pred": labels[pred[k]],
-                    **score(k),
-                    "neighbour": neighbours.get(k),
-                    "note": "no face found:\nmean-landmark crop" if fallback else None,
-                }
-            )
+            incorrect.append(_unscored_miss(prepared, items[k], labels[y[k]], mode))
+            continue
+        fallback = prepared.status[items[k]] == "no_face"
+        incorrect.append(
+            {
+                "image": crop(k),
+                "true": labels[y[k]],
+                "pred": labels[pred[k]],
+                **score(k),
+                "neighbour": neighbours.get(k),
+                "note": "no face found:\nmean-landmark crop" if fallback else None,
+            }
+        )
     return correct, incorrect
 
 
-def _nearest_training_faces(settings, labels, prepared, items, miss, pred, usable, split, training) -> dict:
-    """For each miss with a face: the hash of the training face of the predicted identity that is nearest, in
-    embedding space where the embeddings are cached (embedding runs), else in the pixels of the grayscale box
-    crop."""
-    queries = [k for k in miss if usable[k]]
+def _pick_samples(
+    rng: np.random.Generator, named_right: np.ndarray, usable: np.ndarray, conf: np.ndarray, *, n_correct, n_incorrect
+) -> tuple[np.ndarray, list]:
+    """The images to show: hits drawn at random, and the most confident misses with a few that had no face."""
+    hit = np.flatnonzero(named_right)
+    miss = np.flatnonzero(~named_right)
+    hit = np.sort(rng.choice(hit, min(n_correct, len(hit)), replace=False)) if len(hit) else hit
+    # Confident misses first (the instructive ones), and a few without a face, so both kinds show.
+    no_face = [k for k in miss if not usable[k]][: n_incorrect // 3]
+    miss = sorted([k for k in miss if usable[k]], key=lambda k: -conf[k])[: n_incorrect - len(no_face)] + no_face
+    return hit, miss
+
+
+def _sample_crops(
+    prepared: Prepared, shown: list[str], nearest: dict, training: Prepared | None
+) -> tuple[dict[str, np.ndarray], dict]:
+    """The aligned crops of the faces ``shown`` (by hash), and of each miss's nearest training face (``nearest``:
+    miss -> hash), read in one pass over the cache: the two datasets share one cache, or a hash is simply absent."""
+    wanted = shown + list(nearest.values())
+    faces = prepared.cache.load(wanted, crops=("aligned",)) if wanted else None
+    if training is not None and training.cache.root != prepared.cache.root and nearest:
+        neighbour_faces = training.cache.load(list(nearest.values()), crops=("aligned",))
+    else:
+        neighbour_faces = faces
+    crops = {h: faces.columns["aligned"][faces.index[h]] for h in shown}
+    neighbours = {
+        k: neighbour_faces.columns["aligned"][neighbour_faces.index[h]]
+        for k, h in nearest.items()
+        if h in neighbour_faces.index
+    }
+    return crops, neighbours
+
+
+# Why a miss had no face to score, by its status; any other status is a reason the file could not be read.
+UNSCORED_NOTES = {
+    "no_face": "no face found",
+    "no_face_photo": "no face found",
+    "ambiguous": "several faces, none clearly the subject",
+}
+
+
+def _unscored_miss(prepared: Prepared, item: int, true: str, mode: str) -> dict:
+    """A miss with no face to score: the whole photo (None if it cannot be read), and why."""
+    from pinsface.images import BadImage, load_image
+
+    try:
+        image = load_image(prepared.dataset.path(prepared.dataset.items[item]))
+    except BadImage:
+        image = None
+    status = prepared.status[item]
+    return {
+        "image": image,
+        "true": true,
+        "pred": None,
+        "confidence": None if mode == "gallery" else 0.0,
+        "note": UNSCORED_NOTES.get(status, f"unreadable: {status}"),
+        "neighbour": None,
+    }
+
+
+def _nearest_training_faces(
+    settings: Settings, prepared: Prepared, training: Prepared | None, split: Split, queries: dict
+) -> dict:
+    """For each miss with a face (``queries``: miss -> its face's hash and the identity predicted): the hash of the
+    training face of the predicted identity that is nearest (``_face_vectors``)."""
     if training is None or not queries:
         return {}
     train_set = set(split.files("train"))
@@ -396,27 +459,10 @@ def _nearest_training_faces(settings, labels, prepared, items, miss, pred, usabl
     for i, it in enumerate(training.dataset.items):
         if it.rel in train_set and training.status[i] in ok:
             by_identity.setdefault(identity_key(it.identity), []).append(training.hashes[i])
-    query_hashes = [prepared.hashes[items[k]] for k in queries]
-    pools = [by_identity.get(identity_key(labels[pred[k]]), []) for k in queries]
+    query_hashes = [digest for digest, _ in queries.values()]
+    pools = [by_identity.get(identity_key(name), []) for _, name in queries.values()]
     candidates = sorted({h for pool in pools for h in pool})
-    index, emb, _ = run_embedding_cache(settings, prepared.cache.root).load(query_hashes + candidates)
-    if any(h not in index for h in query_hashes + candidates):
-        table = training.cache.load(candidates, crops=("box",))
-        queries_table = prepared.cache.load(query_hashes, crops=("box",))
-        index = {
-            **{h: ("c", i) for h, i in table.index.items()},
-            **{h: ("q", i) for h, i in queries_table.index.items()},
-        }
-
-        def vector(h):
-            where, i = index[h]
-            source = table if where == "c" else queries_table
-            return source.columns["box"][i].astype(np.float32).ravel()
-    else:
-
-        def vector(h):
-            return emb[index[h]]
-
+    index, vector = _face_vectors(settings, prepared, training, query_hashes, candidates)
     result = {}
     for k, qh, pool in zip(queries, query_hashes, pools):
         pool = [h for h in pool if h in index]
@@ -425,6 +471,21 @@ def _nearest_training_faces(settings, labels, prepared, items, miss, pred, usabl
         d = np.linalg.norm(np.stack([vector(h) for h in pool]) - vector(qh), axis=1)
         result[k] = pool[int(np.argmin(d))]
     return result
+
+
+def _face_vectors(settings: Settings, prepared: Prepared, training: Prepared, query_hashes: list, candidates: list):
+    """What faces are compared by: their embeddings where all are cached (embedding runs), else the pixels of their
+    grayscale box crops. Returns the hashes that have one, and a function from hash to vector."""
+    index, emb, _ = run_embedding_cache(settings, prepared.cache.root).load(query_hashes + candidates)
+    if all(h in index for h in query_hashes + candidates):
+        return index, lambda h: emb[index[h]]
+    table = training.cache.load(candidates, crops=("box",))
+    queries_table = prepared.cache.load(query_hashes, crops=("box",))
+    boxes = {
+        **{h: (table, i) for h, i in table.index.items()},
+        **{h: (queries_table, i) for h, i in queries_table.index.items()},
+    }
+    return boxes, lambda h: boxes[h][0].columns["box"][boxes[h][1]].astype(np.float32).ravel()
 
 
 def write_reports(out: Path, metrics: dict, labels: list[str]) -> None:
@@ -459,6 +520,67 @@ def write_reports(out: Path, metrics: dict, labels: list[str]) -> None:
         writer.writerow(["weighted avg", *(f"{v:.6f}" for v in weighted), int(support.sum())])
 
 
+@dataclass
+class _Answers:
+    """The run's answers for a set of images: which had a face, and for each of those the identity named, the
+    head's probability for it and the face's distance to that identity in the gallery."""
+
+    usable: np.ndarray
+    pred: np.ndarray
+    probability: np.ndarray
+    distance: np.ndarray
+
+
+def _answers(
+    prepared: Prepared, items: np.ndarray, *, settings: Settings, state, embedder, mode: str, progress
+) -> _Answers:
+    """What the run (``state``: its head and gallery) answers for the images ``items`` of ``prepared``."""
+    from pinsface.embeddings import ensure_embeddings
+    from pinsface.scoring import head_probabilities, identity_scores, nearest_identities
+
+    ok = usable_status(settings)
+    usable = np.array([prepared.status[i] in ok for i in items], dtype=bool)
+    hashes = [prepared.hashes[i] for i in items[usable]]
+    cache = run_embedding_cache(settings, prepared.cache.root)
+    emb, flip = ensure_embeddings(hashes, prepared.cache, cache, embedder, progress=progress)
+    gallery = state.gallery
+    if mode == "gallery":  # no head: every face passes the probability check
+        ids, near = nearest_identities(gallery, emb, flip, 1)
+        return _Answers(usable, ids[:, 0], np.ones(len(ids), np.float32), near[:, 0])
+    probs = head_probabilities(state.head, emb, flip)
+    dists = gallery.distances(emb, flip)
+    pred = np.argmax(identity_scores(probs, dists, gallery.knn_weight, gallery.knn_tau), 1)
+    rows = np.arange(len(pred))
+    return _Answers(usable, pred, probs[rows, pred], dists[rows, pred])
+
+
+def _open_set_rates(
+    known: _Answers,
+    known_true: np.ndarray,
+    strangers: _Answers,
+    threshold_probability: float,
+    threshold_distance: float,
+) -> tuple[float, float]:
+    """At these thresholds: the share of strangers rejected, and of known test images accepted and named right."""
+    from pinsface.scoring import accepted
+
+    named = accepted(known.probability, known.distance, threshold_probability, threshold_distance)
+    known_ok = np.sum((known.pred == known_true) & named) / max(len(known.usable), 1)
+    # A stranger with no detectable face is never named: that counts as rejected.
+    strangers_named = accepted(strangers.probability, strangers.distance, threshold_probability, threshold_distance)
+    rejected = 1.0 - np.sum(strangers_named) / max(len(strangers.usable), 1)
+    return float(rejected), float(known_ok)
+
+
+def _prepare_strangers(settings: Settings, unknown, label_of: dict[str, int], where: dict) -> Prepared:
+    """The images of folder ``unknown``, prepared; refused if it holds anyone the run knows."""
+    strangers = scan_dataset(unknown)
+    clash = [name for name in strangers.identities if identity_key(name) in label_of]
+    if clash:
+        raise ValueError(f"--unknown must hold people the run does not know; it knows: {', '.join(clash)}")
+    return prepare_for_run(settings, strangers.root, dataset=strangers, **where)
+
+
 def evaluate_open_set(
     run_dir: str | Path,
     unknown: str | Path,
@@ -473,78 +595,45 @@ def evaluate_open_set(
     faces are still accepted and named correctly, and the trade-off curve between the two. ``engine`` and
     ``address``: where faces not yet cached are prepared (``pinsface.prepare.prepare``)."""
     from pinsface import plots
-    from pinsface.scoring import accepted, head_probabilities, identity_scores
+    from pinsface.scoring import resolve_mode
 
     run = Run(run_dir)
     settings = run.settings()
     if settings.model != "embedding":
         raise ValueError("open-set evaluation needs an embedding run (with a calibrated gallery)")
-    from pinsface.scoring import nearest_identities, resolve_mode
-
     state = run.load_state(settings)
-    model, gallery = state.model, state.gallery
+    gallery = state.gallery
     mode = resolve_mode(mode or settings.mode, len(gallery.labels))
     out = Path(out) if out else run.report_dir
     out.mkdir(parents=True, exist_ok=True)
+    where = {"progress": progress, "engine": engine, "address": address}
     if prepared is None:
-        prepared = prepare_for_run(settings, progress=progress, engine=engine, address=address)
-    test = set(run.split().files("test"))
-    label_of = {identity_key(name): i for i, name in enumerate(gallery.labels)}
-    known_items = np.array([i for i, it in enumerate(prepared.dataset.items) if it.rel in test], dtype=np.int64)
-    strangers_ds = scan_dataset(unknown)
-    clash = [name for name in strangers_ds.identities if identity_key(name) in label_of]
-    if clash:
-        raise ValueError(f"--unknown must hold people the run does not know; it knows: {', '.join(clash)}")
-    strangers = prepare_for_run(
-        settings, strangers_ds.root, dataset=strangers_ds, progress=progress, engine=engine, address=address
+        prepared = prepare_for_run(settings, **where)
+    known_items = _test_items(prepared, run.split())
+    label_of = _label_index(gallery.labels)
+    strangers = _prepare_strangers(settings, unknown, label_of, where)
+    embedder = run_embedder(settings, state.model.get_layer(settings.backbone))
+    answer = partial(_answers, settings=settings, state=state, embedder=embedder, mode=mode, progress=progress)
+    known = answer(prepared, known_items)
+    known_true = np.array(
+        [label_of.get(identity_key(prepared.dataset.items[i].identity), -1) for i in known_items[known.usable]]
     )
-
-    from pinsface.embeddings import ensure_embeddings
-
-    embedder = run_embedder(settings, model.get_layer(settings.backbone))
-
-    def scores(prep: Prepared, items: np.ndarray):
-        ok = usable_status(settings)
-        usable = np.array([prep.status[i] in ok for i in items], dtype=bool)
-        hashes = [prep.hashes[i] for i in items[usable]]
-        cache = run_embedding_cache(settings, prep.cache.root)
-        emb, flip = ensure_embeddings(hashes, prep.cache, cache, embedder, progress=progress)
-        if mode == "gallery":  # no head: every face passes the probability check
-            ids, near = nearest_identities(gallery, emb, flip, 1)
-            return usable, ids[:, 0], np.ones(len(ids), np.float32), near[:, 0]
-        probs = head_probabilities(state.head, emb, flip)
-        dists = gallery.distances(emb, flip)
-        pred = np.argmax(identity_scores(probs, dists, gallery.knn_weight, gallery.knn_tau), 1)
-        rows = np.arange(len(pred))
-        return usable, pred, probs[rows, pred], dists[rows, pred]
-
-    k_usable, k_pred, k_p, k_d = scores(prepared, known_items)
-    k_true = np.array(
-        [label_of.get(identity_key(prepared.dataset.items[i].identity), -1) for i in known_items[k_usable]]
-    )
-    s_items = np.arange(len(strangers.dataset.items))
-    s_usable, _, s_p, s_d = scores(strangers, s_items)
-    n_known, n_strangers = len(known_items), len(s_items)
-
-    def rates(t_p: float, t_d: float) -> tuple[float, float]:
-        known_ok = np.sum((k_pred == k_true) & accepted(k_p, k_d, t_p, t_d)) / max(n_known, 1)
-        # A stranger with no detectable face is never named: that counts as rejected.
-        rejected = 1.0 - np.sum(accepted(s_p, s_d, t_p, t_d)) / max(n_strangers, 1)
-        return float(rejected), float(known_ok)
-
-    t_p, t_d = (gallery.threshold_probability if mode == "head" else 0.0), gallery.threshold_distance
-    rejected, known_ok = rates(t_p, t_d)
-    curve = [rates(t_p, d) for d in np.linspace(0.0, 1.0, 1001)]
-    curve_p = [rates(p, t_d) for p in np.linspace(0.0, 1.0, 101)]
+    stranger_answers = answer(strangers, np.arange(len(strangers.dataset.items)))
+    rates = partial(_open_set_rates, known, known_true, stranger_answers)
+    threshold_probability = gallery.threshold_probability if mode == "head" else 0.0
+    threshold_distance = gallery.threshold_distance
+    rejected, known_ok = rates(threshold_probability, threshold_distance)
+    curve = [rates(threshold_probability, d) for d in np.linspace(0.0, 1.0, 1001)]
+    curve_p = [rates(p, threshold_distance) for p in np.linspace(0.0, 1.0, 101)]
     result = {
-        "unknown_dir": str(strangers_ds.root),
-        "n_strangers": n_strangers,
-        "n_strangers_with_face": int(s_usable.sum()),
-        "n_known_test_images": n_known,
+        "unknown_dir": str(strangers.dataset.root),
+        "n_strangers": len(strangers.dataset.items),
+        "n_strangers_with_face": int(stranger_answers.usable.sum()),
+        "n_known_test_images": len(known_items),
         "strangers_rejected": rejected,
         "known_accepted_and_correct": known_ok,
-        "threshold_probability": t_p,
-        "threshold_distance": t_d,
+        "threshold_probability": threshold_probability,
+        "threshold_distance": threshold_distance,
         "target_far": gallery.target_far,
         "calibration": gallery.calibration,
         "mode": mode,

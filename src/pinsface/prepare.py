@@ -124,6 +124,207 @@ def second_pass(
     return dict(counts)
 
 
+@dataclass
+class _ImageOutcomes:
+    """Where prepare stands with each image of ``dataset``: its content hash (None once skipped) and status, the
+    files skipped, the images the cache does not have yet (``todo``), how many it had (``from_cache``), and the
+    number of faces found in each image (``n_faces``, once read back from the cache)."""
+
+    dataset: Dataset
+    hashes: list[str | None]
+    status: list[str]
+    skipped_files: list[dict]
+    todo: list[int]
+    from_cache: int
+    n_faces: Counter = field(default_factory=Counter)
+
+    def skip(self, i: int, reason: str, detail) -> None:
+        """Image ``i`` gives no face: record why, in its status and in ``skipped_files``."""
+        self.status[i], self.hashes[i] = reason, None
+        self.skipped_files.append({"path": self.dataset.items[i].rel, "reason": reason, "detail": detail})
+
+
+def _hash_images(dataset: Dataset, known, pool: ThreadPoolExecutor) -> _ImageOutcomes:
+    """Hash every file of ``dataset``: unreadable ones are skipped, the others not in ``known`` are to do."""
+    n = len(dataset.items)
+    hashes: list[str | None] = [None] * n
+    status: list[str] = [""] * n
+    skipped_files: list[dict] = []
+    todo: list[int] = []
+    # Files are hashed a few hundred per task: one task per file cost more in futures than the hashing itself.
+    parts = [dataset.items[lo : lo + 256] for lo in range(0, n, 256)]
+    hashed = pool.map(lambda part: [hash_file(dataset.path(it)) for it in part], parts)
+    for i, (digest, reason) in enumerate(result for part in hashed for result in part):
+        if reason:
+            status[i] = reason
+            skipped_files.append({"path": dataset.items[i].rel, "reason": reason})
+            continue
+        hashes[i] = digest
+        if digest not in known:
+            todo.append(i)
+    from_cache = n - len(todo) - len(skipped_files)
+    return _ImageOutcomes(dataset, hashes, status, skipped_files, todo, from_cache)
+
+
+def _detect_on_ray(
+    outcomes: _ImageOutcomes,
+    cache: FaceCache,
+    settings: FaceSettings,
+    *,
+    embed,
+    address,
+    workers,
+    chunk_images,
+    batch_size,
+) -> tuple[dict, dict[str, tuple[int, dict]]]:
+    """Detect (and embed) the images still to do on a Ray cluster (``pinsface.ray_engine``). Returns its report and
+    the photos with several faces, held for the second pass."""
+    from pinsface.ray_engine import prepare_on_ray
+
+    dataset, hashes, todo = outcomes.dataset, outcomes.hashes, outcomes.todo
+    ray_report = prepare_on_ray(
+        [os.path.abspath(dataset.path(dataset.items[i])) for i in todo],
+        [hashes[i] for i in todo],
+        cache,
+        settings,
+        embed,
+        address,
+        workers,
+        chunk_images=chunk_images,
+        detect_batch_size=batch_size,
+    )
+    for j, (reason, detail) in ray_report.pop("errors").items():
+        outcomes.skip(todo[j], reason, detail)
+    # Photos with several faces: their candidates' crops are cut again here (the workers send back the faces, not
+    # the crops), and the second pass chooses among them as for the local engine.
+    held: dict[str, tuple[int, dict]] = {}
+    position = {hashes[i]: i for i in todo if hashes[i]}
+    for digest, record in ray_report.pop("held").items():
+        i = position[digest]
+        try:
+            held[digest] = (i, with_candidates(record, dataset.path(dataset.items[i]), settings))
+        except BadImage:  # changed since the worker read it: keep the subject rule's choice
+            cache.write([record])
+    return ray_report, held
+
+
+def _detect_locally(
+    local: list[int],
+    outcomes: _ImageOutcomes,
+    cache: FaceCache,
+    settings: FaceSettings,
+    *,
+    pool: ThreadPoolExecutor,
+    detector: FaceDetector | None,
+    held: dict,
+    batch_size: int,
+    chunk_images: int,
+    progress: bool,
+    on_records,
+) -> None:
+    """Detect and crop the images ``local`` here, a chunk at a time, each chunk written to the cache (and passed to
+    ``on_records``); photos with several faces go into ``held`` for the second pass."""
+    from tqdm import tqdm
+
+    dataset, hashes = outcomes.dataset, outcomes.hashes
+    bar = tqdm(total=len(local), desc="faces", unit="img", disable=not progress, leave=False)
+    detector = detector if (detector or not local) else FaceDetector(settings)
+    scheduled: set[str] = set()
+    for lo in range(0, len(local), chunk_images):
+        chunk = []
+        for i in local[lo : lo + chunk_images]:
+            if hashes[i] in scheduled:
+                bar.update(1)
+            else:
+                scheduled.add(hashes[i])
+                chunk.append(i)
+        records = []
+        batches = decoded_batches(pool, [(i, dataset.path(dataset.items[i])) for i in chunk], batch_size, settings)
+        # DETECT_THREADS batches are detected at once: while one is in numpy and OpenCV (holding the GIL, on one
+        # core), another is in MTCNN's networks, and both cores stay busy. ``held`` is filled from each thread.
+        work = partial(image_records, detector, hashes=hashes, settings=settings, held=held)
+        for batch, (made, errors) in ahead(batches, work, DETECT_THREADS):
+            records.extend(made)
+            for i, error in errors:
+                outcomes.skip(i, error.reason, error.detail)
+            bar.update(len(batch))
+        cache.write(records)
+        if on_records is not None:
+            on_records(records)
+    bar.close()
+
+
+def _choose_held_subjects(
+    outcomes: _ImageOutcomes, held: dict[str, tuple[int, dict]], cache: FaceCache, settings: FaceSettings
+) -> dict:
+    """Run the second pass over the held multi-face photos and write their records; returns its counts."""
+    hashes, status = outcomes.hashes, outcomes.status
+    table = cache.load([h for h in hashes if h], crops=())
+    for i, record in held.values():
+        status[i] = record["status"]
+    for i, digest in enumerate(hashes):
+        row = table.index.get(digest) if digest else None
+        if row is not None:
+            status[i] = str(table.columns["status"][row])
+    subject_pass = second_pass(held, outcomes.dataset, hashes, status, cache, settings)
+    cache.write([{k: v for k, v in record.items() if k != "candidates"} for _, record in held.values()])
+    return subject_pass
+
+
+def _read_outcomes(outcomes: _ImageOutcomes, cache: FaceCache) -> None:
+    """Read each image's status and number of faces back from the cache."""
+    table = cache.load([h for h in outcomes.hashes if h], crops=())
+    for i, digest in enumerate(outcomes.hashes):
+        if digest is None:
+            continue
+        row = table.index.get(digest)
+        if row is None:  # written by this run but its chunk vanished: say so rather than guess
+            outcomes.status[i] = "unreadable"
+            continue
+        outcomes.status[i] = str(table.columns["status"][row])
+        outcomes.n_faces[i] = int(table.columns["n_faces"][row])
+
+
+def _summary(
+    outcomes: _ImageOutcomes,
+    cache: FaceCache,
+    subject_pass: dict,
+    *,
+    seconds: float,
+    engine: str,
+    ray_report: dict | None,
+) -> dict:
+    """What prepare did, as ``pinsface prepare`` prints it (``format_summary``) and runs keep it."""
+    dataset, n = outcomes.dataset, len(outcomes.dataset.items)
+    skipped = Counter(f["reason"] for f in outcomes.skipped_files)
+    counts = Counter(s for s in outcomes.status if s in STATUSES)
+    summary = {
+        "data_dir": str(dataset.root),
+        "identities": len(dataset.identities),
+        "images": n,
+        "faces_found": sum(counts[s] for s in FACE_STATUSES),
+        "no_face": counts["no_face"] + counts["no_face_photo"],
+        "outcomes": {s: counts[s] for s in STATUSES},
+        "ambiguous": counts["ambiguous"],
+        "subject_pass": subject_pass,
+        "skipped": dict(skipped),
+        "skipped_files": outcomes.skipped_files,
+        "multi_face": sum(1 for c in outcomes.n_faces.values() if c > 1),
+        "ignored_files": dict(dataset.ignored),
+        "empty_folders": dataset.empty_folders,
+        "cache_corrupt_chunks": list(cache.corrupt),
+        "cache_outdated_chunks": list(cache.outdated),
+        "seconds": round(seconds, 3),
+        "images_per_second": round(n / seconds, 1) if seconds > 0 else None,
+        "from_cache": outcomes.from_cache,
+        "processed": len(outcomes.todo),
+        "engine": engine,
+    }
+    if ray_report is not None:
+        summary["ray"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in ray_report.items()}
+    return summary
+
+
 def prepare(
     data_dir=None,
     cache_dir=None,
@@ -145,152 +346,40 @@ def prepare(
 
     ``engine="ray"`` does that work on a Ray cluster (``address``, else a local instance with ``workers`` CPUs),
     and embeds the faces too with the backbone of ``embed`` (a ``Settings``), see ``pinsface.ray_engine``."""
-    from tqdm import tqdm
-
     from pinsface.cache import default_cache_dir
     from pinsface.dataset import default_data_dir
 
+    if engine not in ("local", "ray"):
+        raise ValueError(f"engine must be local or ray, not {engine!r}")
     start = time.perf_counter()
-    chunk_images = chunk_images or CHUNK_IMAGES
+    sizes = {"batch_size": batch_size, "chunk_images": chunk_images or CHUNK_IMAGES}
     settings = settings or FaceSettings()
     dataset = dataset or scan_dataset(data_dir if data_dir else default_data_dir())
     cache = FaceCache(cache_dir or default_cache_dir(), settings.version())
-    known = cache.known()
-    n = len(dataset.items)
-    hashes: list[str | None] = [None] * n
-    status: list[str] = [""] * n
-    skipped_files: list[dict] = []
-    todo: list[int] = []
-    pool = ThreadPoolExecutor(4)
-    # Files are hashed a few hundred per task: one task per file cost more in futures than the hashing itself.
-    parts = [dataset.items[lo : lo + 256] for lo in range(0, n, 256)]
-    hashed = pool.map(lambda part: [hash_file(dataset.path(it)) for it in part], parts)
-    for i, (digest, reason) in enumerate(result for part in hashed for result in part):
-        if reason:
-            status[i] = reason
-            skipped_files.append({"path": dataset.items[i].rel, "reason": reason})
-            continue
-        hashes[i] = digest
-        if digest not in known:
-            todo.append(i)
-    from_cache = n - len(todo) - len(skipped_files)
-    if engine not in ("local", "ray"):
-        raise ValueError(f"engine must be local or ray, not {engine!r}")
-    ray_report = None
-    if engine == "ray" and todo:
-        from pinsface.ray_engine import prepare_on_ray
-
-        ray_report = prepare_on_ray(
-            [os.path.abspath(dataset.path(dataset.items[i])) for i in todo],
-            [hashes[i] for i in todo],
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = _hash_images(dataset, cache.known(), pool)
+        ray_report, held = None, {}
+        if engine == "ray" and outcomes.todo:
+            ray_report, held = _detect_on_ray(
+                outcomes, cache, settings, embed=embed, address=address, workers=workers, **sizes
+            )
+        _detect_locally(
+            outcomes.todo if engine == "local" else [],
+            outcomes,
             cache,
             settings,
-            embed,
-            address,
-            workers,
-            chunk_images=chunk_images,
-            detect_batch_size=batch_size,
+            pool=pool,
+            detector=detector,
+            held=held,
+            progress=progress,
+            on_records=on_records,
+            **sizes,
         )
-        for j, (reason, detail) in ray_report.pop("errors").items():
-            i = todo[j]
-            status[i], hashes[i] = reason, None
-            skipped_files.append({"path": dataset.items[i].rel, "reason": reason, "detail": detail})
-    held: dict[str, tuple[int, dict]] = {}
-    if ray_report is not None:
-        # Photos with several faces: their candidates' crops are cut again here (the workers send back the
-        # faces, not the crops), and the second pass below chooses among them as for the local engine.
-        position = {hashes[i]: i for i in todo if hashes[i]}
-        for digest, record in ray_report.pop("held").items():
-            i = position[digest]
-            try:
-                held[digest] = (i, with_candidates(record, dataset.path(dataset.items[i]), settings))
-            except BadImage:  # changed since the worker read it: keep the subject rule's choice
-                cache.write([record])
-    local = todo if engine == "local" else []
-
-    bar = tqdm(total=len(local), desc="faces", unit="img", disable=not progress, leave=False)
-    detector = detector if (detector or not local) else FaceDetector(settings)
-    scheduled: set[str] = set()
-
-    def skip(i: int, error: BadImage) -> None:
-        status[i] = error.reason
-        hashes[i] = None
-        skipped_files.append({"path": dataset.items[i].rel, "reason": error.reason, "detail": error.detail})
-
-    for lo in range(0, len(local), chunk_images):
-        chunk = []
-        for i in local[lo : lo + chunk_images]:
-            if hashes[i] in scheduled:
-                bar.update(1)
-            else:
-                scheduled.add(hashes[i])
-                chunk.append(i)
-        records = []
-        batches = decoded_batches(pool, [(i, dataset.path(dataset.items[i])) for i in chunk], batch_size, settings)
-        # DETECT_THREADS batches are detected at once: while one is in numpy and OpenCV (holding the GIL, on one
-        # core), another is in MTCNN's networks, and both cores stay busy. ``held`` is filled from each thread.
-        work = partial(image_records, detector, hashes=hashes, settings=settings, held=held)
-        for batch, (made, errors) in ahead(batches, work, DETECT_THREADS):
-            records.extend(made)
-            for i, error in errors:
-                skip(i, error)
-            bar.update(len(batch))
-        cache.write(records)
-        if on_records is not None:
-            on_records(records)
-    bar.close()
-    pool.shutdown()
-
-    table = cache.load([h for h in hashes if h], crops=())
-    subject_pass = {}
-    if held:
-        for i, record in held.values():
-            status[i] = record["status"]
-        for i, digest in enumerate(hashes):
-            row = table.index.get(digest) if digest else None
-            if row is not None:
-                status[i] = str(table.columns["status"][row])
-        subject_pass = second_pass(held, dataset, hashes, status, cache, settings)
-        cache.write([{k: v for k, v in record.items() if k != "candidates"} for _, record in held.values()])
-        table = cache.load([h for h in hashes if h], crops=())
-    n_faces = Counter()
-    for i, digest in enumerate(hashes):
-        if digest is None:
-            continue
-        row = table.index.get(digest)
-        if row is None:  # written by this run but its chunk vanished: say so rather than guess
-            status[i] = "unreadable"
-            continue
-        status[i] = str(table.columns["status"][row])
-        n_faces[i] = int(table.columns["n_faces"][row])
+    subject_pass = _choose_held_subjects(outcomes, held, cache, settings) if held else {}
+    _read_outcomes(outcomes, cache)
     seconds = time.perf_counter() - start
-    skipped = Counter(f["reason"] for f in skipped_files)
-    outcomes = Counter(s for s in status if s in STATUSES)
-    summary = {
-        "data_dir": str(dataset.root),
-        "identities": len(dataset.identities),
-        "images": n,
-        "faces_found": sum(outcomes[s] for s in FACE_STATUSES),
-        "no_face": outcomes["no_face"] + outcomes["no_face_photo"],
-        "outcomes": {s: outcomes[s] for s in STATUSES},
-        "ambiguous": outcomes["ambiguous"],
-        "subject_pass": subject_pass,
-        "skipped": dict(skipped),
-        "skipped_files": skipped_files,
-        "multi_face": sum(1 for c in n_faces.values() if c > 1),
-        "ignored_files": dict(dataset.ignored),
-        "empty_folders": dataset.empty_folders,
-        "cache_corrupt_chunks": list(cache.corrupt),
-        "cache_outdated_chunks": list(cache.outdated),
-        "seconds": round(seconds, 3),
-        "images_per_second": round(n / seconds, 1) if seconds > 0 else None,
-        "from_cache": from_cache,
-        "processed": len(todo),
-        "engine": engine,
-    }
-    if ray_report is not None:
-        summary["ray"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in ray_report.items()}
-    return Prepared(dataset, hashes, status, cache, summary)
+    summary = _summary(outcomes, cache, subject_pass, seconds=seconds, engine=engine, ray_report=ray_report)
+    return Prepared(dataset, outcomes.hashes, outcomes.status, cache, summary)
 
 
 def prepare_for_run(

@@ -36,8 +36,28 @@ def insights(
     out = []
     if metrics.get("saved_model"):
         out.append(f"These figures describe {html.escape(metrics['saved_model'])}.")
-    per = metrics["per_identity"]
-    scored = [(name, v) for name, v in per.items() if v["support"] > 0]
+    scored = [(name, v) for name, v in metrics["per_identity"].items() if v["support"] > 0]
+    out.append(_hardest_identities(scored, confusions))
+    if confusions:
+        pairs = "; ".join(f"{html.escape(t)} &rarr; {html.escape(p)} ({c})" for t, p, c in confusions[:5])
+        out.append(f"Most frequent confusions (true &rarr; predicted): {pairs}.")
+    out.append(_error_sources(metrics))
+    if train_counts:
+        names = [n for n, _ in scored if n in train_counts]
+        if len(names) >= 8:
+            out.append(_class_size_effect(names, metrics["per_identity"], train_counts))
+    if compare:
+        diff = metrics["top1"] - compare["top1"]
+        out.append(
+            f"Compared with <b>{html.escape(compare['name'])}</b> ({html.escape(compare['model'])}): top-1 "
+            f"{_pct(metrics['top1'])} vs {_pct(compare['top1'])} ({100 * diff:+.2f} points), macro-F1 "
+            f"{metrics['macro_f1']:.4f} vs {compare['macro_f1']:.4f}."
+        )
+    return out
+
+
+def _hardest_identities(scored: list[tuple[str, dict]], confusions: list[tuple[str, str, int]]) -> str:
+    """The five identities with the lowest F1, each with whom it is most often taken for."""
     hardest = sorted(scored, key=lambda kv: (kv[1]["f1"], kv[0]))[:5]
     worst_with = {}
     for true, pred, count in confusions:
@@ -48,51 +68,44 @@ def insights(
         if name in worst_with:
             extra = f", most often taken for <b>{html.escape(worst_with[name][0])}</b> ({worst_with[name][1]}x)"
         items.append(f"<b>{html.escape(name)}</b> (F1 {v['f1']:.3f}, recall {v['recall']:.3f}{extra})")
-    out.append("Hardest identities: " + "; ".join(items) + ".")
-    if confusions:
-        pairs = "; ".join(f"{html.escape(t)} &rarr; {html.escape(p)} ({c})" for t, p, c in confusions[:5])
-        out.append(f"Most frequent confusions (true &rarr; predicted): {pairs}.")
+    return "Hardest identities: " + "; ".join(items) + "."
+
+
+def _error_sources(metrics: dict) -> str:
+    """How many errors come from detection (no face scored) and how many from recognition."""
     errors = metrics["n_images"] - round(metrics["top1"] * metrics["n_images"])
+    if not errors:
+        return "No errors on this set."
     unscored = metrics["n_images"] - metrics["n_scored"]
     recognition = errors - unscored
-    if errors:
-        out.append(
-            f"Of {errors} errors, {unscored} come from detection (no face could be scored, "
-            f"{metrics['n_no_face']} images had no face found by MTCNN, "
-            f"{metrics.get('n_no_face_scored_by_fallback', 0)} of those were aligned by the mean-landmark fallback "
-            f"and scored) and {recognition} from recognition (a face was scored but named wrongly). "
-            f"Accuracy over scored faces alone is {_pct(metrics['top1_over_faces'])}."
-        )
+    return (
+        f"Of {errors} errors, {unscored} come from detection (no face could be scored, "
+        f"{metrics['n_no_face']} images had no face found by MTCNN, "
+        f"{metrics.get('n_no_face_scored_by_fallback', 0)} of those were aligned by the mean-landmark fallback "
+        f"and scored) and {recognition} from recognition (a face was scored but named wrongly). "
+        f"Accuracy over scored faces alone is {_pct(metrics['top1_over_faces'])}."
+    )
+
+
+def _class_size_effect(names: list[str], per_identity: dict, train_counts: dict[str, int]) -> str:
+    """Whether identities with more training images are recognised better: recall of the smallest and largest
+    quarters, and the correlation of training-set size with recall."""
+    counts = np.array([train_counts[n] for n in names], dtype=float)
+    recall = np.array([per_identity[n]["recall"] for n in names])
+    q1, q3 = np.quantile(counts, [0.25, 0.75])
+    small, large = recall[counts <= q1].mean(), recall[counts >= q3].mean()
+    corr = float(np.corrcoef(counts, recall)[0, 1]) if counts.std() > 0 and recall.std() > 0 else 0.0
+    if corr > 0.2:
+        verdict = "Larger classes do somewhat better."
+    elif abs(corr) <= 0.2:
+        verdict = "Class size has little effect on recall."
     else:
-        out.append("No errors on this set.")
-    if train_counts:
-        names = [n for n, _ in scored if n in train_counts]
-        if len(names) >= 8:
-            counts = np.array([train_counts[n] for n in names], dtype=float)
-            recall = np.array([per[n]["recall"] for n in names])
-            q1, q3 = np.quantile(counts, [0.25, 0.75])
-            small, large = recall[counts <= q1].mean(), recall[counts >= q3].mean()
-            corr = float(np.corrcoef(counts, recall)[0, 1]) if counts.std() > 0 and recall.std() > 0 else 0.0
-            out.append(
-                f"Class size: identities with at most {q1:.0f} training images have mean recall {_pct(small)}, "
-                f"those with at least {q3:.0f} have {_pct(large)} (correlation of training-set size with recall: "
-                f"{corr:+.2f}). "
-                + (
-                    "Larger classes do somewhat better."
-                    if corr > 0.2
-                    else "Class size has little effect on recall."
-                    if abs(corr) <= 0.2
-                    else "Smaller classes do better here."
-                )
-            )
-    if compare:
-        diff = metrics["top1"] - compare["top1"]
-        out.append(
-            f"Compared with <b>{html.escape(compare['name'])}</b> ({html.escape(compare['model'])}): top-1 "
-            f"{_pct(metrics['top1'])} vs {_pct(compare['top1'])} ({100 * diff:+.2f} points), macro-F1 "
-            f"{metrics['macro_f1']:.4f} vs {compare['macro_f1']:.4f}."
-        )
-    return out
+        verdict = "Smaller classes do better here."
+    return (
+        f"Class size: identities with at most {q1:.0f} training images have mean recall {_pct(small)}, "
+        f"those with at least {q3:.0f} have {_pct(large)} (correlation of training-set size with recall: "
+        f"{corr:+.2f}). " + verdict
+    )
 
 
 TABLE_SCRIPT = """
@@ -135,23 +148,20 @@ li { margin: .35rem 0; }
 """
 
 
-def write_html(
-    path: Path,
-    metrics: dict,
-    settings: dict,
-    dataset_stats: dict,
-    timings: dict,
-    figures: list[tuple[Path, str]],
-    insight_lines: list[str],
-) -> Path:
-    per = metrics["per_identity"]
+def _identity_rows(per_identity: dict) -> str:
+    """The classification table's rows, one per identity by name, each number with its sort value."""
     rows = []
-    for name, v in sorted(per.items()):
+    for name, v in sorted(per_identity.items()):
         rows.append(
             f"<tr><td>{html.escape(name)}</td>"
             + "".join(f'<td class="n" data-v="{v[k]}">{v[k]:.4f}</td>' for k in ("precision", "recall", "f1"))
             + f'<td class="n" data-v="{v["support"]}">{v["support"]}</td></tr>'
         )
+    return "".join(rows)
+
+
+def _cards(metrics: dict) -> str:
+    """The headline figures, one card each."""
     cards = [
         ("top-1", _pct(metrics["top1"])),
         ("top-5", _pct(metrics["top5"])),
@@ -161,18 +171,36 @@ def write_html(
         ("unreadable", str(metrics["n_unreadable"])),
         ("top-1 over scored faces", _pct(metrics["top1_over_faces"])),
     ]
+    return "".join(f'<div class="card">{html.escape(k)}<b>{html.escape(v)}</b></div>' for k, v in cards)
+
+
+def _unknown_identities(metrics: dict) -> str:
+    """A paragraph naming the folders of identities the run does not know, or nothing."""
+    unknown = metrics.get("unknown_identities") or {}
+    if not unknown:
+        return ""
+    return (
+        "<p><b>Identities this run does not know</b> (reported, not scored): "
+        + ", ".join(f"{html.escape(k)} ({v} images)" for k, v in unknown.items())
+        + "</p>"
+    )
+
+
+def write_html(
+    path: Path,
+    metrics: dict,
+    settings: dict,
+    dataset_stats: dict,
+    timings: dict,
+    figures: list[tuple[Path, str]],
+    insight_lines: list[str],
+) -> Path:
+    """Write the evaluation page to ``path``: headline figures, insights, dataset, timings, ``figures`` (embedded),
+    the sortable classification table and the run's settings."""
     stats_rows = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{html.escape(_stat(v))}</td></tr>" for k, v in dataset_stats.items()
     )
     timing_rows = "".join(f"<tr><td>{html.escape(k)}</td><td class='n'>{v:.1f} s</td></tr>" for k, v in timings.items())
-    unknown = metrics.get("unknown_identities") or {}
-    unknown_html = ""
-    if unknown:
-        unknown_html = (
-            "<p><b>Identities this run does not know</b> (reported, not scored): "
-            + ", ".join(f"{html.escape(k)} ({v} images)" for k, v in unknown.items())
-            + "</p>"
-        )
     config_text = html.escape(json.dumps(settings, indent=1, ensure_ascii=False))
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>pinsface evaluation</title>
@@ -182,9 +210,9 @@ def write_html(
 <div class="headline">Top-1 accuracy <b>{_pct(metrics["top1"])}</b> on {metrics["n_images"]} images of
 {html.escape(str(metrics.get("data", "the test split")))} &mdash; model <b>{html.escape(settings.get("model", "?"))}</b>
 </div>
-<div class="cards">{"".join(f'<div class="card">{html.escape(k)}<b>{html.escape(v)}</b></div>' for k, v in cards)}</div>
+<div class="cards">{_cards(metrics)}</div>
 <p>Accuracy counts every image: one where no face was found or that could not be read is an error.</p>
-{unknown_html}
+{_unknown_identities(metrics)}
 <h2>Insights</h2>
 <ul>{"".join(f"<li>{line}</li>" for line in insight_lines)}</ul>
 <h2>Dataset</h2><table>{stats_rows}</table>
@@ -197,7 +225,7 @@ def write_html(
 <th onclick="sortTable(0,false)">identity &#x2195;</th><th onclick="sortTable(1,true)">precision &#x2195;</th>
 <th onclick="sortTable(2,true)">recall &#x2195;</th><th onclick="sortTable(3,true)">F1 &#x2195;</th>
 <th onclick="sortTable(4,true)">support &#x2195;</th></tr></thead>
-<tbody>{"".join(rows)}</tbody></table></div>
+<tbody>{_identity_rows(metrics["per_identity"])}</tbody></table></div>
 <p>Macro average: precision {metrics["macro_precision"]:.4f}, recall {metrics["macro_recall"]:.4f},
 F1 {metrics["macro_f1"]:.4f}.</p>
 <h2>Run settings</h2>
