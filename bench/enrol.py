@@ -46,7 +46,7 @@ def held_embeddings(run_dir: Path, held: Path) -> dict[str, tuple[np.ndarray, np
     from pinsface.dataset import scan_dataset
     from pinsface.embeddings import ensure_embeddings, run_embedder, run_embedding_cache
     from pinsface.prepare import prepare_for_run, usable_status
-    from pinsface.run import Run
+    from pinsface.runfolder import Run
 
     run = Run(run_dir)
     settings = run.settings()

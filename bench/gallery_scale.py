@@ -146,7 +146,7 @@ def run_size(n_faces: int, mean, s_b, s_w, rng, args) -> list[str]:
     """Prints the figures for one size; returns the targets missed (checked at 10^6 faces only)."""
     from pinsface import face_index as fi
     from pinsface.gallery import Gallery
-    from pinsface.run import sha256_of
+    from pinsface.runfolder import sha256_of
     from pinsface.scoring import calibrate_distance
 
     n_ids = n_faces // FACES_PER_IDENTITY

@@ -34,7 +34,7 @@ def main() -> None:
     from pinsface.evaluate import evaluate, evaluate_open_set
     from pinsface.pipeline import train
     from pinsface.predict import Recognizer
-    from pinsface.run import Run
+    from pinsface.runfolder import Run
     from pinsface.scoring import head_probabilities
     from pinsface.settings import Settings
 

@@ -198,7 +198,7 @@ def test_report_samples_carry_the_distance_in_gallery_mode(small_run):
     """The sample plots label gallery-mode faces with their distance, not minus it as a 'confidence'."""
     from pinsface.dataset import identity_key
     from pinsface.evaluate import sample_faces
-    from pinsface.run import Run
+    from pinsface.runfolder import Run
     from pinsface.scoring import score_images
 
     run_dir, result = small_run

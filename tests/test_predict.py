@@ -238,7 +238,7 @@ def test_the_blend_of_head_and_nearest_faces_is_chosen_on_validation():
 
 
 def test_a_trained_run_stores_its_blend_and_names_with_it(small_run):
-    from pinsface.run import Run
+    from pinsface.runfolder import Run
 
     gallery = Run(small_run[0]).load_state().gallery
     assert gallery.knn_weight in (0.0, 0.25, 0.5, 0.75) and gallery.knn_tau > 0

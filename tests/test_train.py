@@ -7,9 +7,9 @@ import pytest
 import pinsface.layers  # noqa: F401
 from pinsface.dataset import Split
 from pinsface.embeddings import Embedder, run_embedding_cache
+from pinsface.fitting import mix_batch
 from pinsface.models import build_head, build_pixels_mlp
 from pinsface.settings import Settings
-from pinsface.train import mix_batch
 
 
 def test_run_folder_has_every_artifact(small_run):
@@ -132,7 +132,7 @@ def test_mixup_and_class_weights_do_not_combine(tmp_path, small_dataset):
 
 
 def test_learning_rate_schedules():
-    from pinsface.train import lr_schedule
+    from pinsface.fitting import lr_schedule
 
     cosine = lr_schedule(Settings(lr_schedule="cosine"), 1e-3, 10)
     assert cosine.schedule(0) == pytest.approx(1e-3) and cosine.schedule(9) == pytest.approx(1e-6)
@@ -180,7 +180,7 @@ def test_fine_tuning_changes_the_top_blocks_and_re_embeds_the_gallery(tmp_path, 
 
 def test_final_refit_replays_the_chosen_epochs_on_training_and_validation_faces(tmp_path, small_run):
     from pinsface.pipeline import train
-    from pinsface.run import Run
+    from pinsface.runfolder import Run
 
     settings = Settings(epochs=12, test_fraction=0.25, val_fraction=0.25, final_fit="train+val")
     train(out_dir=tmp_path / "run", settings=settings, progress=False, prepared=small_run[1]["prepared"])
@@ -200,8 +200,8 @@ def test_final_refit_replays_the_chosen_epochs_on_training_and_validation_faces(
 
 
 def test_each_step_trains_on_one_view_of_each_face(tmp_path):
+    from pinsface.fitting import Examples, Plan, TrainLog, fit
     from pinsface.models import build_head
-    from pinsface.train import Examples, Plan, TrainLog, fit
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(4), 64)
@@ -222,7 +222,7 @@ def test_each_step_trains_on_one_view_of_each_face(tmp_path):
 
 
 def test_a_small_folder_trains_the_head_for_enough_steps():
-    from pinsface.train import MIN_HEAD_STEPS, head_epochs
+    from pinsface.fitting import MIN_HEAD_STEPS, head_epochs
 
     settings = Settings(epochs=10)
     assert head_epochs(settings, 10_000) == 10  # plenty of steps an epoch: the settings' epochs

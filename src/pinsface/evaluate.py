@@ -14,7 +14,7 @@ from pinsface.clock import StageClock
 from pinsface.dataset import Split, identity_key, scan_dataset
 from pinsface.embeddings import run_embedder, run_embedding_cache
 from pinsface.prepare import Prepared, prepare_for_run, usable_status
-from pinsface.run import Run
+from pinsface.runfolder import Run
 from pinsface.scoring import score_images, topk_correct
 from pinsface.settings import Settings
 

@@ -17,7 +17,7 @@ exact search measured by bench/gallery_scale.py. Faces are added in place (enrol
 the lists and codebooks it was trained with and files each new face under its nearest list.
 
 An index can be written to a file and read back (``write``, ``FaceIndex(..., saved=data)``); the run folder
-decides when (``pinsface.run``). FAISS's reader is C++ and trusts its input: callers hand it only bytes whose
+decides when (``pinsface.runfolder``). FAISS's reader is C++ and trusts its input: callers hand it only bytes whose
 checksum they recorded when writing them.
 """
 

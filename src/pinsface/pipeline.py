@@ -20,10 +20,10 @@ import numpy as np
 
 from pinsface.clock import StageClock
 from pinsface.dataset import Split, split_dataset
+from pinsface.fitting import Examples, Plan, TrainLog
 from pinsface.prepare import Prepared, prepare_for_run, usable_status
-from pinsface.run import Run
+from pinsface.runfolder import Run
 from pinsface.settings import Settings
-from pinsface.train import Examples, Plan, TrainLog
 
 if TYPE_CHECKING:
     import keras
@@ -251,7 +251,7 @@ class HeadExamples:
 
 def head_examples_stage(job: Job, embedded: Embedded, faces: SplitFaces) -> HeadExamples:
     """The views of each training face: its embedding, its mirror image's, and any augmented ones."""
-    from pinsface.train import VIEW_SAMPLING_FROM, augmented_embeddings
+    from pinsface.fitting import VIEW_SAMPLING_FROM, augmented_embeddings
 
     settings, (emb, emb_flip) = job.settings, embedded.vectors["train"]
     with job.timed("augment"):
@@ -299,7 +299,7 @@ def gallery_stage(job: Job, embedded: Embedded, faces: SplitFaces) -> GallerySta
 
 @dataclass(frozen=True)
 class FittedHead:
-    """A trained head and its fit's history (``pinsface.train.fit``)."""
+    """A trained head and its fit's history (``pinsface.fitting.fit``)."""
 
     head: keras.Model
     history: dict
@@ -307,8 +307,8 @@ class FittedHead:
 
 def fit_head_stage(job: Job, examples: HeadExamples, embedded: Embedded, faces: SplitFaces) -> FittedHead:
     """Train the head on the training faces' views, early-stopped on the validation faces."""
+    from pinsface.fitting import class_weight, fit, head_epochs
     from pinsface.models import build_head
-    from pinsface.train import class_weight, fit, head_epochs
 
     settings = job.settings
     with job.timed("train_head"):
@@ -330,8 +330,8 @@ def final_refit_stage(
 ) -> FittedHead:
     """A new head trained on the training and validation faces together, replaying the epochs and learning
     rates that early stopping chose for ``chosen``."""
+    from pinsface.fitting import fit
     from pinsface.models import build_head
-    from pinsface.train import fit
 
     settings, val, y_val = job.settings, embedded.vectors["val"], faces.y["val"]
     with job.timed("final_fit"):
@@ -360,7 +360,7 @@ class Tuned:
 
 def fine_tune_stage(job: Job, head: keras.Model, embedded: Embedded, faces: SplitFaces) -> Tuned:
     """Train the backbone's top blocks with ``head`` (both changed in place)."""
-    from pinsface.train import fine_tune, weights_fingerprint
+    from pinsface.fitting import fine_tune, weights_fingerprint
 
     settings, y = job.settings, faces.y
     with job.timed("fine_tune"):
@@ -465,8 +465,8 @@ def train_embedding_model(job: Job, ready: Ready, faces: SplitFaces) -> Trained:
 
 def train_pixels_mlp(job: Job, ready: Ready, faces: SplitFaces) -> Trained:
     """The brief's baseline network, trained on the faces' grayscale box crops."""
+    from pinsface.fitting import class_weight, fit
     from pinsface.models import build_pixels_mlp
-    from pinsface.train import class_weight, fit
 
     settings, hashes, y = job.settings, faces.hashes, faces.y
     with job.timed("train"):

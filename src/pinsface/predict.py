@@ -20,7 +20,7 @@ from pinsface.ahead import ahead
 from pinsface.errors import BadImage
 from pinsface.faces import FaceDetector, choose_face
 from pinsface.finding import display_name, find_faces
-from pinsface.run import Run, RunState
+from pinsface.runfolder import Run, RunState
 from pinsface.settings import Settings
 
 
@@ -133,7 +133,7 @@ class Recognizer:
 
     @property
     def generation(self) -> int:
-        """The saved state this recogniser holds (see ``pinsface.run``)."""
+        """The saved state this recogniser holds (see ``pinsface.runfolder``)."""
         return self._state.generation
 
     @property
@@ -401,8 +401,8 @@ class Recognizer:
     def refit(self, epochs: int = 30, save: bool = True) -> dict:
         """Train the head's output layer (and tune its stack) on every enrolled face, then recalibrate both
         thresholds and save a whole new generation. Slow: ``pinsface refit`` runs it on demand."""
+        from pinsface.fitting import refit_head, to_keras_head
         from pinsface.models import build_embedding_model
-        from pinsface.train import refit_head, to_keras_head
 
         with self.run.lock() if save else contextlib.nullcontext():
             if save and self.run.generation() != self._state.generation:

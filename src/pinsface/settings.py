@@ -18,7 +18,7 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 LR_SCHEDULES = ("plateau", "cosine")
 FINAL_FITS = ("none", "train+val")
 MONITORS = ("val_loss", "val_accuracy")
-# A run's config.json also records the pinsface version that wrote it (see pinsface.run): not a setting.
+# A run's config.json also records the pinsface version that wrote it (see pinsface.runfolder): not a setting.
 VERSION_KEY = "pinsface_version"
 
 # Caps on decoding, each named here alone. A photo with more pixels than this, read from its header, is refused

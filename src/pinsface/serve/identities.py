@@ -15,7 +15,7 @@ from fastapi import Path as PathParam
 from starlette.concurrency import run_in_threadpool
 
 from pinsface.images import BadImage, load_scaled
-from pinsface.run import RunBusy
+from pinsface.runfolder import RunBusy
 from pinsface.serve.batcher import QueueFull
 from pinsface.serve.errors import ApiError, queue_full, retry_later
 from pinsface.serve.state import ServerState, server_state

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pinsface.predict import Recognizer
-from pinsface.run import Run, RunError
+from pinsface.runfolder import Run, RunError
 from tests.processes import finish, start
 
 PINSFACE = str(Path(sys.executable).parent / "pinsface")
@@ -44,7 +44,7 @@ def assert_consistent(run_dir: Path, before: list[str]) -> list[str]:
 # Runs `pinsface enroll` in this process, SIGKILLing itself at one point of the save.
 KILLER = r"""
 import os, signal, sys
-import pinsface.run as run
+import pinsface.runfolder as run
 
 point = sys.argv[1]
 real = run.atomic_write
@@ -137,7 +137,7 @@ def test_a_second_writer_waits_then_says_the_folder_is_busy(run_copy, pins_dir):
         [
             sys.executable,
             "-c",
-            "import sys, time; from pinsface.run import Run\n"
+            "import sys, time; from pinsface.runfolder import Run\n"
             "with Run(sys.argv[1]).lock():\n    print('locked', flush=True); time.sleep(60)",
             str(run_copy),
         ],
@@ -265,7 +265,7 @@ def test_a_large_gallerys_index_is_saved_checked_and_reused(run_copy, pins_dir, 
     data = bytearray(index_file.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte: FAISS would read it without complaint
     index_file.write_bytes(bytes(data))
-    with caplog.at_level("WARNING", logger="pinsface.run"):
+    with caplog.at_level("WARNING", logger="pinsface.runfolder"):
         tampered = run.load_state(model=False).gallery
     assert [r.message for r in caplog.records if "sha256 differs" in r.message and "rebuilt" in r.message]
     assert tampered._face_index is None and tampered.face_index.source is None  # rebuilt from the faces
@@ -273,6 +273,6 @@ def test_a_large_gallerys_index_is_saved_checked_and_reused(run_copy, pins_dir, 
 
     caplog.clear()
     index_file.unlink()
-    with caplog.at_level("WARNING", logger="pinsface.run"):
+    with caplog.at_level("WARNING", logger="pinsface.runfolder"):
         assert run.load_state(model=False).gallery.face_index.source is None
     assert [r.message for r in caplog.records if "is missing" in r.message]
