@@ -35,8 +35,8 @@ def scale_pyramid(width, height, min_face_size, scale_factor, min_size=12):
 PNET_MIN_SIDE = 11
 # R-net and O-net run on calls of exactly this many patches (the last call padded): a patch's outputs then never
 # depend on how many others share its call (in their last bits they do with the call's size).
-RNET_CALL = 128
-ONET_CALL = 32
+RNET_CALL = 64
+ONET_CALL = 16
 
 
 def _run_fixed(net, patches, call: int) -> list[np.ndarray]:
