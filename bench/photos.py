@@ -285,8 +285,8 @@ def bench_stages(args) -> None:
 
         return wrapper
 
-    for stage, name in zip(detector._mtcnn.stages, ("P-net", "R-net", "O-net (with the refinement's)")):
-        stage._model = timed(name, stage._model)
+    for attribute, name in (("_pnet", "P-net"), ("_rnet", "R-net"), ("_onet", "O-net (with the refinement's)")):
+        setattr(detector, attribute, timed(name, getattr(detector, attribute)))
     faces._patches = timed("patch cutting", faces._patches)
     faces._Halvings.resized = timed("pyramid levels", faces._Halvings.resized)
     detector._refine_landmarks = timed("landmark refinement (all of it)", detector._refine_landmarks)

@@ -137,3 +137,151 @@ def test_only_crop_shaped_images_are_scanned_again(detector, pins_dir):
     assert retry_tight_crops(detector, [image], [[]], [40.0], FaceSettings(tight_crop_border=0)) == [[]]
     failed = RuntimeError("detector failed")
     assert retry_tight_crops(detector, [image], [failed], [40.0], settings) == [failed]
+
+
+def _as_720(image):
+    """An original shrunk to at most 720 px on its long side: what FaceDetector scans as mtcnn does."""
+    import cv2
+
+    f = 720 / max(image.shape[:2])
+    return cv2.resize(image, None, fx=f, fy=f, interpolation=cv2.INTER_AREA) if f < 1 else image
+
+
+def _nearest(rows, box):
+    return rows[np.argmin(np.abs(rows[:, 1:5] - box).sum(1))]
+
+
+def test_detections_equal_mtcnns_own(detector, pins_dir, originals):
+    """pinsface's networks and box arithmetic give mtcnn's own faces, image by image, where both count the
+    pyramid alike (mtcnn 1.0.0 miscounts it for some sizes: see faces.scale_pyramid)."""
+    from mtcnn import MTCNN
+    from mtcnn.utils.images import build_scale_pyramid
+
+    from pinsface.faces import PYRAMID_FACTOR, scale_pyramid
+
+    folders = sorted(p for p in pins_dir.iterdir() if p.is_dir())[::7]
+    images = [load_image(sorted(f.glob("*.jpg"))[3]) for f in folders] + [_as_720(im) for im in originals[1]]
+    reference = MTCNN()
+    compared = faces_compared = 0
+    for image in images:
+        h, w = image.shape[:2]
+        ours, theirs = scale_pyramid(w, h, 20, PYRAMID_FACTOR), build_scale_pyramid(w, h, 20, PYRAMID_FACTOR)
+        if len(ours) != len(theirs) or not np.allclose(ours, theirs):
+            continue
+        expected = np.asarray(reference.detect_faces(image, box_format="xyxy", output_type="numpy", min_face_size=20))
+        found = detector.detect([image])[0]
+        assert len(found) == len(expected)
+        for face in found:
+            row = _nearest(expected, face.box)
+            # Within float rounding: the same networks and steps, R-net and O-net run on calls of another size.
+            assert np.abs(face.box - row[1:5]).max() < 1e-3
+            assert np.abs(face.landmarks - np.stack([row[6:11], row[11:16]], axis=1)).max() < 1e-3
+            assert abs(face.confidence - row[5]) < 1e-5
+        compared += 1
+        faces_compared += len(found)
+    assert compared >= 0.9 * len(images) and faces_compared >= 60
+
+
+def test_networks_are_mtcnns(detector):
+    """The three Keras models give the outputs of mtcnn's own, to the last bit, on the same inputs."""
+    from mtcnn import MTCNN
+
+    rng = np.random.default_rng(0)
+    for ours, stage, shape in zip(
+        (detector._pnet, detector._rnet, detector._onet),
+        MTCNN().stages,
+        [(2, 57, 83, 3), (9, 24, 24, 3), (9, 48, 48, 3)],
+    ):
+        x = rng.uniform(-1, 1, shape).astype(np.float32)
+        for a, b in zip(ours(x), stage.model(x)):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def _companion_images(pins_dir, originals):
+    """Shared images of many sizes: Pins crops (one with its face cut by the frame), originals, two of one
+    shape, and an enlarged original that goes through the large-photo path."""
+    import cv2
+
+    paths, images = originals
+    folders = sorted(p for p in pins_dir.iterdir() if p.is_dir())
+    pins = [load_image(sorted(f.glob("*.jpg"))[5]) for f in folders[:40:8]] + [load_image(pins_dir / TIGHT_CROP)]
+    shapes = [im.shape for im in images]
+    twins = [im for im in images if shapes.count(im.shape) > 1][:2]
+    others = [images[k] for k in np.argsort([im.size for im in images])[-3:]]
+    big = cv2.resize(others[-1], None, fx=2.5, fy=2.5, interpolation=cv2.INTER_CUBIC)
+    return pins + twins + others + [big]
+
+
+def test_an_images_faces_do_not_depend_on_its_batch(detector, pins_dir, originals):
+    """Each image with its own smallest and coarse face sizes (as prepare gives them), detected alone, all in one
+    batch, and in batches with other companions, among them same-shape images scanned for other sizes: the same
+    faces, to the last bit."""
+    from pinsface.faces import detect_each, min_subject_size
+
+    settings = FaceSettings()
+    images = _companion_images(pins_dir, originals)
+    sizes = [min_subject_size(im.shape, settings) for im in images]
+    coarse = [max(m, 0.05 * min(im.shape[:2])) for m, im in zip(sizes, images)]
+    n = len(images)
+
+    def run(order, extra=()):
+        batch = [images[i] for i in order] + [im for im, _, _ in extra]
+        found = detect_each(
+            detector,
+            batch,
+            [sizes[i] for i in order] + [m for _, m, _ in extra],
+            [coarse[i] for i in order] + [c for *_, c in extra],
+        )
+        return dict(zip(order, found))
+
+    alone = {i: run([i])[i] for i in range(n)}
+    assert sum(1 for faces in alone.values() if faces) >= n - 2
+    # Same-shape companions scanned for other sizes (the Pins crops again, for all faces from 20 px).
+    strangers = [(im, 20.0, 20.0) for im in images[:3]]
+    rng = np.random.default_rng(1)
+    batches = [run(list(range(n))), run(list(range(n))[::-1], strangers)]
+    order = list(rng.permutation(n))
+    batches += [run([int(i) for i in order[k : k + 3]], strangers[k % 3 :]) for k in range(0, n, 3)]
+    for batch in batches:
+        for i, faces in batch.items():
+            assert len(faces) == len(alone[i])
+            for a, b in zip(faces, alone[i]):
+                assert np.array_equal(a.box, b.box) and np.array_equal(a.landmarks, b.landmarks)
+                assert a.confidence == b.confidence
+
+
+def test_prepares_chips_do_not_depend_on_the_batch(detector, pins_dir, tmp_path):
+    """prepare's records (boxes, landmarks, aligned chips) of shared images alone and among others."""
+    from pinsface.face_records import decode_file, image_records
+
+    settings = FaceSettings()
+    folders = sorted(p for p in pins_dir.iterdir() if p.is_dir())
+    paths = [sorted(f.glob("*.jpg"))[k] for f in folders[1:30:6] for k in (0, 9)] + [pins_dir / TIGHT_CROP]
+    decoded = [(i, decode_file(p, settings)) for i, p in enumerate(paths)]
+    hashes = [str(i) for i in range(len(paths))]
+
+    def records(batch):
+        made, errors = image_records(detector, batch, hashes, settings, {})
+        assert not errors
+        return {r["hash"]: r for r in made}
+
+    alone = {}
+    for item in decoded:
+        alone.update(records([item]))
+    together = records(decoded)
+    pairs = {}
+    for k in range(0, len(decoded), 2):
+        pairs.update(records(decoded[k : k + 2][::-1]))
+    for found in (together, pairs):
+        assert found.keys() == alone.keys()
+        for h, record in found.items():
+            for column in ("boxes", "landmarks", "scores", "aligned", "box", "chosen"):
+                assert np.array_equal(record[column], alone[h][column]), (paths[int(h)].name, column)
+
+
+def test_the_face_cache_key_follows_the_detectors_revision(monkeypatch):
+    import pinsface.settings as settings_module
+
+    before = FaceSettings().version()
+    monkeypatch.setattr(settings_module, "DETECTOR_REVISION", settings_module.DETECTOR_REVISION + 1)
+    assert FaceSettings().version() != before

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from pinsface.detector_boxes import above, landmarks_in_box, moved, proposals, suppress, to_square
 from pinsface.settings import FaceSettings
 
 
@@ -21,48 +22,47 @@ class Face:
         return float(min(self.box[2] - self.box[0], self.box[3] - self.box[1]))
 
 
-def _fixed_scale_pyramid(width, height, min_face_size, scale_factor, min_size=12):
-    # mtcnn 1.0.0 counts pyramid levels as if min_face_size were 12, so any larger minimum makes its
-    # last levels smaller than PNet's 12-px window and the whole batch fails. Count them correctly.
+def scale_pyramid(width, height, min_face_size, scale_factor, min_size=12):
+    """MTCNN's pyramid: the scales at which P-net's 12-px window sees faces from ``min_face_size`` pixels up to the
+    image's shorter side. (mtcnn 1.0.0 counts the levels as if the minimum were 12, so that for any larger one
+    its last levels are smaller than the window, and its whole batch fails.)"""
     m = min_size / min_face_size
     levels = int(np.floor(np.log(min_size / (min(width, height) * m)) / np.log(scale_factor))) + 1
     return m * scale_factor ** np.arange(max(levels, 1))
 
 
-def _standardize_batch_float32(images_raw, normalize=True, justification="center"):
-    # mtcnn 1.0.0 normalises the padded batch in float64 numpy, which TensorFlow then converts (a copy and a
-    # cast) at every pyramid level and stage. Normalising once into a float32 tensor gives the same values:
-    # (x - 127.5) / 128 is exact in float32 for 8-bit x.
-    import tensorflow as tf
-    from mtcnn.utils.images import pad_stack_np
+# The smallest pyramid level P-net gives a window on (its 12-px window, with the padding of its pooling).
+PNET_MIN_SIDE = 11
+# R-net and O-net run on calls of exactly this many patches (the last call padded): a patch's outputs then never
+# depend on how many others share its call (in their last bits they do with the call's size).
+RNET_CALL = 64
+ONET_CALL = 16
 
-    images, shapes, pad = pad_stack_np(images_raw, justification=justification)
-    if normalize:
-        images = tf.convert_to_tensor((images.astype(np.float32) - 127.5) / 128.0)
-    return images, shapes, pad
+
+def _run_fixed(net, patches, call: int) -> list[np.ndarray]:
+    """``net``'s outputs for ``patches`` (float32, normalised), run ``call`` patches at a time."""
+    patches = np.asarray(patches, dtype=np.float32)
+    parts = []
+    for k in range(0, max(len(patches), 1), call):
+        part = patches[k : k + call]
+        pad = np.zeros((call - len(part), *patches.shape[1:]), np.float32)
+        parts.append([np.asarray(t) for t in net(np.concatenate([part, pad]))])
+    return [np.concatenate(column)[: len(patches)] for column in zip(*parts)]
 
 
 class FaceDetector:
-    """Batched MTCNN. ``detect`` takes RGB uint8 images and returns every face in each."""
+    """Batched MTCNN (its networks: ``pinsface.detector_nets``). ``detect`` takes RGB uint8 images and returns
+    every face in each.
+
+    An image's faces do not depend on the other images in the call: images share a P-net call only when they
+    have the same shape and pyramid, R-net and O-net run on calls of a fixed size, and every sort and suppression
+    looks at one image's boxes (``pinsface.detector_boxes``)."""
 
     def __init__(self, settings: FaceSettings | None = None):
-        from pinsface._tf import import_tensorflow_quietly
-
-        import_tensorflow_quietly()
-        import mtcnn.mtcnn as mtcnn_module
-        import mtcnn.stages.stage_pnet as stage_pnet
-        from mtcnn import MTCNN
-
-        stage_pnet.build_scale_pyramid = _fixed_scale_pyramid
-        mtcnn_module.standarize_batch = _standardize_batch_float32
-        import tensorflow as tf
+        from pinsface.detector_nets import compiled_networks
 
         self.settings = settings or FaceSettings()
-        self._mtcnn = MTCNN(device="CPU:0")
-        # mtcnn calls its three networks eagerly, layer by layer; as graphs (one trace each, for any batch and
-        # size) the same networks give the same faces for about two thirds of the CPU time.
-        for stage in self._mtcnn.stages:
-            stage._model = tf.function(stage._model, input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+        self._pnet, self._rnet, self._onet = compiled_networks()
 
     def detect(
         self,
@@ -71,11 +71,11 @@ class FaceDetector:
         thresholds: tuple[float, float, float] | None = None,
         coarse_sizes: list[float] | None = None,
     ) -> list[list[Face]]:
-        """Faces per image, in its pixels. Same-shape images go through MTCNN together. Images that the old path
-        would shrink first (``detection_factor`` under 1: photos over 720 px on the long side) go through
-        ``_detect_large`` instead, which scans them no finer than the smallest wanted face needs; the rest (the
-        Pins crops among them) through mtcnn's own ``detect_faces``. ``thresholds`` override the settings'
-        three.
+        """Faces per image, in its pixels. Same-shape images with the same pyramid go through MTCNN together.
+        Images that the old path would shrink first (``detection_factor`` under 1: photos over 720 px on the long
+        side) go through ``_detect_large``, which scans them no finer than the smallest wanted face needs; the
+        rest (the Pins crops among them) through ``_small_faces``, MTCNN as mtcnn's own ``detect_faces`` runs
+        it. ``thresholds`` override the settings' three.
 
         ``coarse_sizes`` (per image, pixels) make the scan coarse to fine: an image is first scanned for faces of
         about that size and up, and down to its ``min_face_sizes`` only where that found no face
@@ -87,44 +87,20 @@ class FaceDetector:
         results: list[list[Face]] = [[] for _ in images]
         wanted = [max(s.min_face_size, min_face_sizes[i] if min_face_sizes else 0) for i in range(len(images))]
         coarse = [max(w, coarse_sizes[i]) if coarse_sizes else w for i, w in enumerate(wanted)]
-        groups: dict[tuple, list[int]] = {}
-        large: dict[tuple, list[int]] = {}
-        for i, image in enumerate(images):
-            h, w = image.shape[:2]
-            if detection_factor(h, w, wanted[i], s) < 1.0:
-                # The smallest face the old path could see in a shrunk copy: at least 12 px there.
-                floor = 12.0 * max(h, w) / s.detect_max_side
-                key = (image.shape, round(max(wanted[i], floor), 3), round(max(coarse[i], floor), 3))
-                large.setdefault(key, []).append(i)
-            elif min(h, w) >= 12:  # PNet's window: nothing smaller can hold a face
-                groups.setdefault(image.shape, []).append(i)
-        for (shape, min_face, coarse_face), indices in large.items():
+        groups = _same_pyramid_groups(images, wanted, coarse, s)
+        for (large, shape, min_face, coarse_face), indices in groups.items():
             # MTCNN's memory grows with the batch times the pixels PNet scans: bound it for any photo size.
             per_batch = max(1, int(DETECT_BATCH_PIXELS / (shape[0] * shape[1] * (12.0 / min_face) ** 2)))
             for k in range(0, len(indices), per_batch):
                 part = indices[k : k + per_batch]
-                rows = self._detect_large([images[i] for i in part], min_face, thresholds, coarse_face)
+                batch = [images[i] for i in part]
+                if large:
+                    rows = self._detect_large(batch, min_face, thresholds, coarse_face)
+                else:
+                    rows = self._small_faces(batch, min_face, thresholds)
                 self._collect(rows, part, min_face_sizes, results)
-        batches = []
-        for indices in groups.values():
-            min_face = max(12.0, min(coarse[i] for i in indices))
-            h, w = images[indices[0]].shape[:2]
-            # MTCNN's memory grows with the batch times the pixels PNet scans: bound it for any photo size.
-            per_batch = max(1, int(DETECT_BATCH_PIXELS / (h * w * (12.0 / min_face) ** 2)))
-            batches += [(indices[k : k + per_batch], min_face) for k in range(0, len(indices), per_batch)]
-        for indices, min_face in batches:
-            rows = self._mtcnn.detect_faces(
-                [images[i] for i in indices],
-                output_type="numpy",
-                box_format="xyxy",
-                min_face_size=min_face,
-                threshold_pnet=thresholds[0],
-                threshold_rnet=thresholds[1],
-                threshold_onet=thresholds[2],
-            )
-            self._collect(rows, indices, min_face_sizes, results)
         # Smaller images were scanned for their coarse size alone: scan again where that was not enough.
-        scanned = [i for indices, _ in batches for i in indices]
+        scanned = [i for (large, *_), indices in groups.items() if not large for i in indices]
         finer = [i for i in scanned if coarse[i] > wanted[i] and not _enough([f.size for f in results[i]], coarse[i])]
         if finer:
             again = self.detect([images[i] for i in finer], [wanted[i] for i in finer], thresholds)
@@ -134,17 +110,53 @@ class FaceDetector:
             faces.sort(key=lambda face: -face.confidence)
         return results
 
+    def _small_faces(self, batch: list[np.ndarray], min_face: float, thresholds: tuple) -> np.ndarray:
+        """MTCNN on same-shape images, as mtcnn's own ``detect_faces`` runs it on each alone (with the pyramid
+        of ``scale_pyramid``): final rows (image index, x1, y1, x2, y2, confidence, 5 landmark x, 5 landmark y),
+        boxes fitted to the image. The levels are area-resampled and the patches bilinearly cut from the whole
+        normalised image."""
+        import tensorflow as tf
+
+        images = _normalise(np.stack(batch))
+        h, w = batch[0].shape[:2]
+        found = []
+        for scale in scale_pyramid(w, h, min_face, PYRAMID_FACTOR):
+            size = np.asarray([h, w]) * scale
+            if size.astype(int).min() < PNET_MIN_SIDE:
+                continue
+            offsets, scores = self._pnet(tf.image.resize(images, size, method="area"))
+            found.append(
+                suppress(proposals(np.asarray(offsets), np.asarray(scores), thresholds[0], scale), 0.5, sort=False)
+            )
+        boxes = to_square(suppress(np.concatenate(found), 0.7)) if found else np.empty((0, 6))
+
+        def cut(rows: np.ndarray, side: int):
+            edges = rows[:, [2, 1, 4, 3]] / np.asarray([[h, w, h, w]])
+            return tf.image.crop_and_resize(images, edges, rows[:, 0].astype(int), (side, side))
+
+        if not len(boxes):
+            return np.empty((0, 16))
+        offsets, scores = _run_fixed(self._rnet, cut(boxes, 24), RNET_CALL)
+        boxes[:, 5] = scores[:, 1]
+        boxes = to_square(suppress(above(moved(boxes, offsets), thresholds[1]), 0.7))
+        if not len(boxes):
+            return np.empty((0, 16))
+        offsets, points, scores = _run_fixed(self._onet, cut(boxes, 48), ONET_CALL)
+        points = landmarks_in_box(points, boxes)
+        boxes[:, 5] = scores[:, 1]
+        boxes = suppress(above(np.concatenate([moved(boxes, offsets), points], axis=1), thresholds[2]), 0.7, "min")
+        boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, w - 1)  # as mtcnn's fit_to_image
+        boxes[:, [2, 4]] = np.clip(boxes[:, [2, 4]], 0, h - 1)
+        return boxes
+
     def _refine_landmarks(self, halvings: list[_Halvings], boxes: np.ndarray) -> np.ndarray:
         """Final MTCNN rows with their box and landmarks re-estimated: O-net run again on the face's own square
         and on slightly shifted and scaled copies of it, the results averaged, twice over. O-net's landmarks move
         with the exact patch it is given (by 1-2% of the face between two decodings of one photo, enough to move
         a descriptor by 0.1); the average is steadier, so chips match across decoding scales."""
-        from mtcnn.utils.bboxes import adjust_bboxes, resize_to_square
-
-        onet = self._mtcnn.stages[2]._model
         boxes = boxes.copy()
         for _ in range(REFINE_STEPS):
-            square = resize_to_square(boxes[:, :6])
+            square = to_square(boxes[:, :6])
             side = square[:, 3] - square[:, 1]
             variants = []
             for dx, dy, scale in _jitters(REFINE_JITTER):
@@ -155,12 +167,12 @@ class FaceDetector:
                 variants.append(v)
             allv = np.concatenate(variants)
             patches, cut = _patches(halvings, allv, 48)
-            offsets, points, _ = (np.asarray(t) for t in onet(_normalise(patches)))
+            offsets, points, _ = _run_fixed(self._onet, _normalise(patches), ONET_CALL)
             width, height = cut[:, 2:3] - cut[:, 0:1], cut[:, 3:4] - cut[:, 1:2]
             pts = np.concatenate([cut[:, 0:1] + width * points[:, :5], cut[:, 1:2] + height * points[:, 5:]], axis=1)
             k = len(variants)
             boxes[:, 6:16] = pts.reshape(k, len(boxes), 10).mean(0) - 0.5
-            boxes[:, 1:5] = adjust_bboxes(allv, offsets)[:, 1:5].reshape(k, len(boxes), 4).mean(0)
+            boxes[:, 1:5] = moved(allv, offsets)[:, 1:5].reshape(k, len(boxes), 4).mean(0)
         return boxes
 
     @staticmethod
@@ -175,8 +187,8 @@ class FaceDetector:
     def _detect_large(
         self, batch: list[np.ndarray], min_face: float, thresholds: tuple, coarse_face: float | None = None
     ) -> np.ndarray:
-        """MTCNN on same-shape large images, for faces of ``min_face`` pixels and up: rows as
-        ``MTCNN.detect_faces`` gives them (image index, box, confidence, 5 landmark x, 5 landmark y).
+        """MTCNN on same-shape large images, for faces of ``min_face`` pixels and up: rows as ``_small_faces``
+        gives them.
 
         Every network input is cut from the image at its own resolution and area-resampled (as the original
         MTCNN does), rather than sampled bilinearly from one shrunken copy: the pyramid comes from exact halvings
@@ -188,7 +200,7 @@ class FaceDetector:
         size the coarse levels see, and only for faces the coarse levels did not find."""
         halvings = [_Halvings(image) for image in batch]
         h, w = batch[0].shape[:2]
-        scales = [s for s in _fixed_scale_pyramid(w, h, min_face, PYRAMID_FACTOR) if min(w * s, h * s) >= 12]
+        scales = [s for s in scale_pyramid(w, h, min_face, PYRAMID_FACTOR) if min(w * s, h * s) >= 12]
         split = 0
         if coarse_face and coarse_face > min_face and len(scales) > 1:
             # Level k sees faces from min_face / PYRAMID_FACTOR**k pixels up; the coarse levels start at the last
@@ -214,60 +226,58 @@ class FaceDetector:
         """MTCNN's three stages over the pyramid levels ``scales`` of same-shape images: final rows with refined
         landmarks (see ``_detect_large``). Faces overlapping one of ``known`` (per image, rows found before) are
         left out."""
-        from mtcnn.utils.bboxes import (
-            adjust_bboxes,
-            generate_bounding_box,
-            pick_matches,
-            resize_to_square,
-            smart_nms_from_bboxes,
-            upscale_bboxes,
-        )
-
         none = np.empty((0, 16))
-        pnet, rnet, onet = (stage._model for stage in self._mtcnn.stages)
         h, w = halvings[0].levels[0].shape[:2]
-        n = len(halvings)
         found = []
         for scale in scales:
             size = (int(w * scale), int(h * scale))
-            level = np.stack([hv.resized(size) for hv in halvings])
-            reg, prob = pnet(_normalise(level))
-            boxes = generate_bounding_box(reg, prob, thresholds[0])
-            if len(boxes):
-                boxes = upscale_bboxes(boxes, np.full(n, scale))
-                found.append(smart_nms_from_bboxes(boxes, threshold=0.5, method="union", initial_sort=False))
-        if not found or not sum(len(b) for b in found):
-            return none
-        boxes = smart_nms_from_bboxes(np.concatenate(found), threshold=0.7, method="union", initial_sort=True)
-        boxes = resize_to_square(boxes)
-
-        offsets, scores = rnet(_normalise(_patches(halvings, boxes, 24)[0]))
-        boxes[:, -1] = np.asarray(scores)[:, -1]
-        boxes = pick_matches(adjust_bboxes(boxes, np.asarray(offsets)), score_threshold=thresholds[1])
+            offsets, scores = self._pnet(_normalise(np.stack([hv.resized(size) for hv in halvings])))
+            found.append(
+                suppress(proposals(np.asarray(offsets), np.asarray(scores), thresholds[0], scale), 0.5, sort=False)
+            )
+        boxes = to_square(suppress(np.concatenate(found), 0.7)) if found else np.empty((0, 6))
         if not len(boxes):
             return none
-        boxes = resize_to_square(smart_nms_from_bboxes(boxes, threshold=0.7, method="union", initial_sort=True))
-
+        offsets, scores = _run_fixed(self._rnet, _normalise(_patches(halvings, boxes, 24)[0]), RNET_CALL)
+        boxes[:, 5] = scores[:, 1]
+        boxes = to_square(suppress(above(moved(boxes, offsets), thresholds[1]), 0.7))
+        if not len(boxes):
+            return none
         patches, cut = _patches(halvings, boxes, 48)
-        offsets, points, scores = (np.asarray(t) for t in onet(_normalise(patches)))
+        offsets, points, scores = _run_fixed(self._onet, _normalise(patches), ONET_CALL)
         # Landmarks relative to the patch actually cut (``cut``: its edges in image pixels).
         width, height = cut[:, 2:3] - cut[:, 0:1], cut[:, 3:4] - cut[:, 1:2]
         points = np.concatenate([cut[:, 0:1] + width * points[:, :5], cut[:, 1:2] + height * points[:, 5:]], axis=1)
-        boxes[:, -1] = scores[:, -1]
-        boxes = adjust_bboxes(boxes, offsets)
-        boxes = np.concatenate([boxes, points - 0.5], axis=1)
-        boxes = pick_matches(boxes, scores_column=5, score_threshold=thresholds[2])
-        if not len(boxes):
-            return none
-        boxes = smart_nms_from_bboxes(boxes, threshold=0.7, method="min", initial_sort=True)
+        boxes[:, 5] = scores[:, 1]
+        boxes = suppress(
+            above(np.concatenate([moved(boxes, offsets), points - 0.5], axis=1), thresholds[2]), 0.7, "min"
+        )
         if known is not None:
             boxes = boxes[[not _overlaps(row[1:5], known[int(row[0])]) for row in boxes]]
-            if not len(boxes):
-                return none
+        if not len(boxes):
+            return none
         boxes = self._refine_landmarks(halvings, boxes)
         boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, w - 1)  # as MTCNN's fit_to_image
         boxes[:, [2, 4]] = np.clip(boxes[:, [2, 4]], 0, h - 1)
         return boxes
+
+
+def _same_pyramid_groups(images, wanted: list[float], coarse: list[float], settings: FaceSettings) -> dict:
+    """Image indices grouped by (large, shape, smallest face, coarse face): the images of a group have the same
+    pyramid and share P-net calls. Images too small for P-net's window are in none."""
+    groups: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        h, w = image.shape[:2]
+        if detection_factor(h, w, wanted[i], settings) < 1.0:
+            # The smallest face the old path could see in a shrunk copy: at least 12 px there.
+            floor = 12.0 * max(h, w) / settings.detect_max_side
+            key = (True, image.shape, round(max(wanted[i], floor), 3), round(max(coarse[i], floor), 3))
+        elif min(h, w) >= 12:  # PNet's window: nothing smaller can hold a face
+            key = (False, image.shape, max(12.0, coarse[i]), None)
+        else:
+            continue
+        groups.setdefault(key, []).append(i)
+    return groups
 
 
 # MTCNN's pyramid: each level this factor of the one before.

@@ -73,9 +73,9 @@ class FaceWorker:
         self.pid = os.getpid()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Each row is one chunk of the local engine's (``pinsface.prepare.CHUNK_IMAGES`` files): MTCNN's boxes
-        shift by a few pixels with what else is in its batch, so the chunk is decoded and detected in the
-        local engine's batches, which gives the local engine's faces. Returns one row per image."""
+        """Each row is one chunk of the local engine's (``pinsface.prepare.CHUNK_IMAGES`` files), decoded and
+        detected in the local engine's batches (an image's faces do not depend on its batch: see
+        ``pinsface.faces.FaceDetector``). Returns one row per image."""
         parts = []
         for paths, hashes, index in zip(batch["paths"], batch["hashes"], batch["index"]):
             start = time.process_time()

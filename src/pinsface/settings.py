@@ -29,6 +29,11 @@ SERVE_MAX_PIXELS = 40_000_000
 # detection and, in 12-megapixel photos, for chips of faces down to a few percent of the frame.
 DECODE_MIN_SIDE = 1000
 
+# The detector's revision, part of the face cache key (FaceSettings.version): raised whenever pinsface.faces'
+# FaceDetector gives other faces for the same images and settings, so that no cache of the old faces is reused.
+# 2: its own networks, and each image's faces independent of its batch companions.
+DETECTOR_REVISION = 2
+
 # Where dlib's get_face_chip(size=150, padding=0.25) puts the 5 landmarks MTCNN gives:
 # left eye, right eye, nose tip, left mouth corner, right mouth corner (image left/right).
 FACE_TEMPLATE_150 = ((47.12, 44.94), (100.30, 45.30), (74.45, 77.99), (47.83, 99.54), (99.48, 99.31))
@@ -137,6 +142,7 @@ class FaceSettings:
         values = asdict(self)
         if not values["every_face"]:
             del values["every_face"]
+        values["detector_revision"] = DETECTOR_REVISION
         text = json.dumps(values, sort_keys=True)
         return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
