@@ -285,3 +285,22 @@ def test_the_face_cache_key_follows_the_detectors_revision(monkeypatch):
     before = FaceSettings().version()
     monkeypatch.setattr(settings_module, "DETECTOR_REVISION", settings_module.DETECTOR_REVISION + 1)
     assert FaceSettings().version() != before
+
+
+def test_weight_files_other_than_mtcnns_own_are_never_unpickled(tmp_path, monkeypatch):
+    import shutil
+
+    import pinsface.detector_nets as nets
+
+    for name in ("pnet", "rnet", "onet"):
+        shutil.copy(nets.weights_folder() / f"{name}.lz4", tmp_path / f"{name}.lz4")
+    monkeypatch.setattr(nets, "weights_folder", lambda: tmp_path)
+    assert nets.build_network("pnet").count_params() > 0
+    # A pickle that would run code if loaded: refused by its checksum before anything is read from it.
+    (tmp_path / "pnet.lz4").write_bytes(b"cos\nsystem\n(S'touch " + str(tmp_path / "ran").encode() + b"'\ntR.")
+    with pytest.raises(nets.DetectorWeightsError, match="SHA-256"):
+        nets.build_network("pnet")
+    assert not (tmp_path / "ran").exists()
+    (tmp_path / "rnet.lz4").unlink()
+    with pytest.raises(nets.DetectorWeightsError, match="not found"):
+        nets.build_network("rnet")

@@ -93,15 +93,33 @@ WEIGHT_ORDER = {
 BUILDERS = {"pnet": _pnet, "rnet": _rnet, "onet": _onet}
 
 
+# The SHA-256 of the weight files of mtcnn 1.0.0 (the only 1.x release). They are joblib pickles: a pickle
+# can run code, so only these exact bytes, reviewed as part of that release, are ever unpickled.
+WEIGHT_SHA256 = {
+    "pnet": "ea6b0c3e685ebee3165326ad6484acc95f2ef78f1c94fbf40a55704fa989f7b5",
+    "rnet": "cb00e6460f3c98b0bfafaba3c0a0ded4bdf6e62cee7174d969e8670d7e757fee",
+    "onet": "94f6ea2f4cf985275ee958cdd762d17b6009348a4fb9d8c6be39ba73ffd22ca3",
+}
+
+
 def _weight_arrays(name: str) -> list:
-    """The arrays of ``<name>.lz4`` in the mtcnn package: a joblib file, read the way that package reads it
-    (the file is the package's own, installed with its code)."""
+    """The arrays of ``<name>.lz4`` in the mtcnn package (a joblib file, read the way that package reads it),
+    once its checksum is one pinsface knows."""
+    import hashlib
+    import io
+
     import joblib
 
     path = weights_folder() / f"{name}.lz4"
     if not path.is_file():
         raise DetectorWeightsError(f"{path} not found: this mtcnn version does not ship the weights pinsface reads")
-    arrays = joblib.load(path)
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != WEIGHT_SHA256[name]:
+        raise DetectorWeightsError(
+            f"{path} is not the file of mtcnn 1.0.0 (its SHA-256 differs): pinsface unpickles only known weights; "
+            "install mtcnn==1.0.0"
+        )
+    arrays = joblib.load(io.BytesIO(data))
     if not isinstance(arrays, list) or not all(isinstance(a, np.ndarray) for a in arrays):
         raise DetectorWeightsError(f"{path} does not hold a list of arrays")
     return arrays
