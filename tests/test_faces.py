@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from pinsface.faces import (
-    Face,
+    Detection,
     align_face,
     box_crop,
     choose_face,
@@ -73,7 +73,7 @@ def test_similarity_transform_recovers_a_known_transform():
 
 def test_choose_face_prefers_the_large_central_face():
     def face(x, y, size, conf=0.99):
-        return Face(np.array([x, y, x + size, y + size], np.float32), conf, np.zeros((5, 2), np.float32))
+        return Detection(np.array([x, y, x + size, y + size], np.float32), conf, np.zeros((5, 2), np.float32))
 
     faces = [face(0, 0, 60), face(70, 70, 80), face(200, 10, 30, conf=1.0)]
     assert choose_face(faces, (224, 224, 3)) == 1

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pinsface.cache import FaceCache
-from pinsface.faces import STATUSES, Face, choose_subject, min_subject_size
+from pinsface.faces import STATUSES, Detection, choose_subject, min_subject_size
 from pinsface.images import decode_scaled, load_image
 from pinsface.prepare import prepare, usable_status
 from pinsface.settings import FaceSettings, Settings
@@ -86,7 +86,7 @@ def test_group_photos_second_pass_picks_the_person_of_the_folder(tmp_path, pins_
 
 def test_choose_subject_outcomes():
     def face(x, y, size, conf=0.99):
-        return Face(np.array([x, y, x + size, y + size], np.float32), conf, np.zeros((5, 2), np.float32))
+        return Detection(np.array([x, y, x + size, y + size], np.float32), conf, np.zeros((5, 2), np.float32))
 
     shape = (3000, 4000, 3)
     assert choose_subject([face(1900, 1400, 300)], shape) == (0, "small_face")

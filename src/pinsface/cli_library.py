@@ -99,7 +99,7 @@ def _enrol(run_dir, name: str, faces: list[dict]) -> None:
     import numpy as np
 
     from pinsface.face_records import crops_again
-    from pinsface.faces import Face
+    from pinsface.faces import Detection
     from pinsface.images import BadImage
     from pinsface.predict import Recognizer
 
@@ -107,7 +107,7 @@ def _enrol(run_dir, name: str, faces: list[dict]) -> None:
     chips = []
     for f in faces:
         landmarks = np.asarray(f["landmarks"], np.float32)
-        face = Face(np.asarray(f["box"], np.float32), f["score"], landmarks)
+        face = Detection(np.asarray(f["box"], np.float32), f["score"], landmarks)
         try:
             chips.append(crops_again([face], [0], f["source"], recognizer.face_settings)[0][0])
         except BadImage as exc:

@@ -130,11 +130,11 @@ def candidate_order(faces, shape: tuple[int, ...]) -> list[int]:
 
 
 def record_faces(record: dict) -> list:
-    """The ``Face``s of a face record (full-resolution coordinates)."""
-    from pinsface.faces import Face
+    """The ``Detection``s of a face record (full-resolution coordinates)."""
+    from pinsface.faces import Detection
 
     return [
-        Face(box, float(score), landmarks)
+        Detection(box, float(score), landmarks)
         for box, score, landmarks in zip(record["boxes"], record["scores"], record["landmarks"])
     ]
 
@@ -148,7 +148,7 @@ def with_candidates(record: dict, path: Path, settings: FaceSettings) -> dict:
 
 
 def crops_again(faces: list, order: list[int], path: Path, settings: FaceSettings) -> dict:
-    """{k: (aligned chip, box crop)} of faces ``order`` (full-resolution ``Face``s found before) cut again from
+    """{k: (aligned chip, box crop)} of faces ``order`` (full-resolution ``Detection``s found before) cut again from
     the file, decoded as the detector's pass decodes it. Raises ``BadImage`` if it can no longer be read."""
     decoded = decode_file(path, settings)
     if isinstance(decoded, BadImage):

@@ -12,7 +12,10 @@ from pinsface.settings import FaceSettings
 
 
 @dataclass
-class Face:
+class Detection:
+    """One face as the detector found it. (What the public API returns is ``pinsface.DetectedFace``, and a named
+    face ``pinsface.Face``.)"""
+
     box: np.ndarray  # (4,) x1, y1, x2, y2 in image pixels
     confidence: float
     landmarks: np.ndarray  # (5, 2): left eye, right eye, nose, left mouth, right mouth
@@ -70,7 +73,7 @@ class FaceDetector:
         min_face_sizes: list[float] | None = None,
         thresholds: tuple[float, float, float] | None = None,
         coarse_sizes: list[float] | None = None,
-    ) -> list[list[Face]]:
+    ) -> list[list[Detection]]:
         """Faces per image, in its pixels. Same-shape images with the same pyramid go through MTCNN together.
         Images that the old path would shrink first (``detection_factor`` under 1: photos over 720 px on the long
         side) go through ``_detect_large``, which scans them no finer than the smallest wanted face needs; the
@@ -84,7 +87,7 @@ class FaceDetector:
         with the square of the smallest face's share of the image."""
         s = self.settings
         thresholds = thresholds or s.thresholds
-        results: list[list[Face]] = [[] for _ in images]
+        results: list[list[Detection]] = [[] for _ in images]
         wanted = [max(s.min_face_size, min_face_sizes[i] if min_face_sizes else 0) for i in range(len(images))]
         coarse = [max(w, coarse_sizes[i]) if coarse_sizes else w for i, w in enumerate(wanted)]
         groups = _same_pyramid_groups(images, wanted, coarse, s)
@@ -180,7 +183,7 @@ class FaceDetector:
         for row in np.asarray(rows).reshape(-1, 16):
             i = indices[int(row[0])]
             landmarks = np.stack([row[6:11], row[11:16]], axis=1).astype(np.float32)
-            face = Face(row[1:5].astype(np.float32), float(row[5]), landmarks)
+            face = Detection(row[1:5].astype(np.float32), float(row[5]), landmarks)
             if min_face_sizes is None or face.size >= min_face_sizes[i]:
                 results[i].append(face)
 
@@ -403,7 +406,7 @@ def detect_each(
     images: list[np.ndarray],
     min_face_sizes: list[float] | None = None,
     coarse_sizes: list[float] | None = None,
-) -> list[list[Face] | Exception]:
+) -> list[list[Detection] | Exception]:
     """``detector.detect`` that survives a failing image: if the batch raises, each image is retried alone and
     the one that fails gets its exception in place of its faces."""
     try:
@@ -413,7 +416,7 @@ def detect_each(
     except Exception as exc:  # noqa: BLE001
         if len(images) == 1:
             return [exc]
-    out: list[list[Face] | Exception] = []
+    out: list[list[Detection] | Exception] = []
     for i, image in enumerate(images):
         try:
             one = {"min_face_sizes": [min_face_sizes[i]] if min_face_sizes else None}
@@ -463,11 +466,11 @@ def retry_tight_crops(
             raise
         except Exception:  # noqa: BLE001  (the retry only adds to a result already in hand)
             continue
-        found[k] = [Face(f.box - pad, f.confidence, f.landmarks - pad) for f in faces]
+        found[k] = [Detection(f.box - pad, f.confidence, f.landmarks - pad) for f in faces]
     return found
 
 
-def choose_face(faces: list[Face], image_shape: tuple[int, ...]) -> int:
+def choose_face(faces: list[Detection], image_shape: tuple[int, ...]) -> int:
     """The subject of a portrait: among confident faces at least half the largest one's size, the most central."""
     if not faces:
         return -1
@@ -500,7 +503,7 @@ SUBJECT_MARGIN = 1.5
 CROP_FACE_FRACTION = 0.25
 
 
-def subject_scores(faces: list[Face], image_shape: tuple[int, ...]) -> np.ndarray:
+def subject_scores(faces: list[Detection], image_shape: tuple[int, ...]) -> np.ndarray:
     """How likely each face is the photo's subject: large, confident and central scores high."""
     h, w = image_shape[:2]
     scores = []
@@ -517,7 +520,7 @@ def is_crop_shaped(image_shape: tuple[int, ...], settings: FaceSettings) -> bool
     return max(h, w) <= settings.detect_max_side and 0.6 <= w / h <= 1.1
 
 
-def is_crop_like(faces: list[Face], image_shape: tuple[int, ...], settings: FaceSettings) -> bool:
+def is_crop_like(faces: list[Detection], image_shape: tuple[int, ...], settings: FaceSettings) -> bool:
     """Whether the image is a crop around one face rather than a photo of a scene."""
     if is_crop_shaped(image_shape, settings):
         return True
@@ -525,7 +528,7 @@ def is_crop_like(faces: list[Face], image_shape: tuple[int, ...], settings: Face
 
 
 def choose_subject(
-    faces: list[Face], image_shape: tuple[int, ...], settings: FaceSettings | None = None
+    faces: list[Detection], image_shape: tuple[int, ...], settings: FaceSettings | None = None
 ) -> tuple[int, str]:
     """(index of the subject's face or -1, one of ``STATUSES``) for an image in a person's folder.
 
@@ -624,10 +627,10 @@ def landmarks_box(landmarks: np.ndarray) -> np.ndarray:
 ALIGN_FACE_PX = 100
 
 
-def to_full_face(face: Face, view) -> Face:
+def to_full_face(face: Detection, view) -> Detection:
     """A face found in ``view.pixels`` (an ``images.Decoded``) in full-resolution coordinates."""
     corners = view.to_full(face.box.reshape(2, 2)).reshape(4)
-    return Face(corners.astype(np.float32), face.confidence, view.to_full(face.landmarks))
+    return Detection(corners.astype(np.float32), face.confidence, view.to_full(face.landmarks))
 
 
 def crop_scale_ok(view, face_sizes: list[float]) -> bool:

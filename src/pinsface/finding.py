@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pinsface.faces import (
-    Face,
+    Detection,
     align_face,
     crop_scale_ok,
     detect_each,
@@ -38,7 +38,7 @@ class FoundFaces:
     """What one source gave: its faces (full-resolution pixels) and their aligned chips, or an ``error``."""
 
     source: str  # the source's name for display: its path, or <bytes> / <ndarray>
-    faces: list[Face] = field(default_factory=list)
+    faces: list[Detection] = field(default_factory=list)
     chips: list[np.ndarray] = field(default_factory=list)
     full_size: tuple[int, int] = (0, 0)  # (height, width) of the photo as stored, orientation applied
     error: str | None = None  # a BadImage reason, or detector_error
@@ -93,12 +93,12 @@ def find_faces(detector, sources: list, settings: FaceSettings) -> list[FoundFac
     return found
 
 
-def chips(view: Decoded, faces: list[Face], settings: FaceSettings) -> list[np.ndarray]:
+def chips(view: Decoded, faces: list[Detection], settings: FaceSettings) -> list[np.ndarray]:
     """The aligned chip of each face (given in full-resolution pixels) in ``view``."""
     return [align_face(view.pixels, view.from_full(face.landmarks), settings) for face in faces]
 
 
-def fine_enough(source, view: Decoded, faces: list[Face], settings: FaceSettings) -> Decoded:
+def fine_enough(source, view: Decoded, faces: list[Detection], settings: FaceSettings) -> Decoded:
     """``view``, or ``source`` decoded again finer where a face is too small in it for a good chip."""
     sizes = [f.size for f in faces]
     if crop_scale_ok(view, sizes):
