@@ -106,14 +106,10 @@ def peak_rss_mb(pid: int) -> float:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
 
 
-@pytest.mark.xfail(
-    reason="issue 18's target (<= 50 MB for 50 enrolments) is not met reliably: the server's peak RSS still grows "
-    "by about 0.7 MB per enrolment and forget, 36-50 MB over the 50 (see the session's closing note)",
-    strict=False,
-)
 def test_fifty_enrolments_grow_the_servers_peak_memory_little(small_run, pins_dir, tmp_path):
     """Each enrolment of 2 new photos is followed by forgetting that person; after a few to warm up, 50 more
-    grow the server's peak RSS by at most 50 MB (imprinting builds no model)."""
+    grow the server's peak RSS by at most 50 MB (imprinting builds no model, and the detector's networks run on
+    batches of fixed sizes, so TensorFlow's per-shape caches stop growing)."""
     run = copy_run(small_run[0], tmp_path / "run")
     key_file = tmp_path / "key"
     key_file.write_text(API_KEY)
@@ -135,7 +131,9 @@ def test_fifty_enrolments_grow_the_servers_peak_memory_little(small_run, pins_di
         start = peak_rss_mb(process.pid)
         for k in range(5, 55):
             cycle(k)
-        assert peak_rss_mb(process.pid) - start <= 50
+        grown = peak_rss_mb(process.pid) - start
+        print(f"peak RSS grew {grown:.1f} MB over 50 enrolments and forgettings")
+        assert grown <= 50
         assert len(json.loads((run / "manifest.json").read_text())["deltas"]) <= 64
     finally:
         process.kill()
