@@ -1,0 +1,358 @@
+"""The People view's API (``pinsface serve RUN --db DB``): a photo library's clusters and people with face
+thumbnails; name a cluster (enrolling its faces into the served run), merge two, move or unassign one face; the
+photos of a person.
+
+``people_router(library, read_key, write_key, worker)`` gives the endpoints under ``/v1/library``; ``Library``
+holds the database (a few connections, each used by one request at a time) and the thumbnails made so far.
+Thumbnails are addressed by face or photo id: the path read is always the database's, never the client's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import queue
+import threading
+from collections import Counter, OrderedDict
+
+# FastAPI reads the endpoints' annotations (strings, with the __future__ import) from this module's globals.
+from fastapi import APIRouter, Query, Response
+from fastapi import Path as PathParam
+from pydantic import BaseModel, ConfigDict, Field
+
+from pinsface.serve.errors import ApiError
+from pinsface.serve.identities import clean_name
+
+POOL_SIZE = 4  # connections kept open; more requests at once open (and close) their own
+THUMB_CACHE_BYTES = 64 * 2**20  # thumbnails kept in memory, least recently used dropped first
+PHOTO_SIDE = 640  # a photo's thumbnail, longest side in pixels
+MAX_ID = 2**62
+MAX_GROUPS = 200  # groups (people and clusters) per page
+MAX_PER_GROUP = 48  # face ids listed per group
+MAX_PHOTOS = 200  # photos per search
+ENROL_MAX_FACES = 200  # faces of a named cluster enrolled into the run at once (the best detections)
+FACE_ID = PathParam(..., ge=1, le=MAX_ID, description="a face's id")
+CLUSTER_ID = PathParam(..., ge=1, le=MAX_ID, description="a cluster's id")
+PHOTO_ID = PathParam(..., ge=1, le=MAX_ID, description="a photo's id")
+CACHE_HEADERS = {"Cache-Control": "private, max-age=3600"}
+
+
+class NameBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., max_length=1000, description="the person's name")
+
+
+class MergeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    other: int = Field(..., ge=1, le=MAX_ID, description="the cluster whose faces move into this one")
+
+
+class MoveBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, max_length=1000, description="the person it goes to; none: a new cluster")
+
+
+class Library:
+    """The library database of a server: a small pool of connections and a cache of thumbnails. Opening it
+    checks the database (a bad path or a newer schema stops the server before it serves)."""
+
+    def __init__(self, url):
+        from pinsface.library_db import LibraryDB
+
+        self.url = str(url)
+        self._idle: queue.LifoQueue = queue.LifoQueue()
+        self._idle.put(LibraryDB.open(self.url))
+        self._thumbs: OrderedDict = OrderedDict()
+        self._thumb_bytes = 0
+        self._thumb_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def connection(self):
+        """A connection for this thread alone until the ``with`` ends; one that failed is closed, not reused."""
+        from pinsface.library_db import LibraryDB
+
+        try:
+            db = self._idle.get_nowait()
+        except queue.Empty:
+            db = LibraryDB.open(self.url)
+        try:
+            yield db
+        except (ValueError, ApiError):  # "no such cluster" and the like: the connection is fine
+            self._give_back(db)
+            raise
+        except BaseException:
+            db.close()
+            raise
+        self._give_back(db)
+
+    def _give_back(self, db) -> None:
+        if self._idle.qsize() < POOL_SIZE:
+            self._idle.put(db)
+        else:
+            db.close()
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
+
+    def thumbnail(self, key: tuple, make) -> bytes | None:
+        """The cached thumbnail ``key``, made by ``make()`` (None: the photo cannot be read) when missing."""
+        with self._thumb_lock:
+            if key in self._thumbs:
+                self._thumbs.move_to_end(key)
+                return self._thumbs[key]
+        data = make()
+        if data is None:
+            return None
+        with self._thumb_lock:
+            if key not in self._thumbs:
+                self._thumbs[key] = data
+                self._thumb_bytes += len(data)
+            while self._thumb_bytes > THUMB_CACHE_BYTES:
+                _, dropped = self._thumbs.popitem(last=False)
+                self._thumb_bytes -= len(dropped)
+        return data
+
+    def forget(self, names: list[str]) -> int | None:
+        """Erase the people called ``names`` from the library (``LibraryDB.forget_person``): faces erased, or
+        None when none of them is in it."""
+        erased = None
+        with self.connection() as db:
+            for name in dict.fromkeys(names):
+                if db.person_id(name, create=False) is not None:
+                    erased = (erased or 0) + db.forget_person(name)
+        return erased
+
+
+def forget_everywhere(library: Library | None, name: str, forget_run) -> dict:
+    """``DELETE /v1/identities/{name}``: ``forget_run()`` forgets the person in the run; with a library, they
+    are erased from it too (their descriptors and names), also when only the library knows them."""
+    if library is None:
+        return forget_run()
+    try:
+        summary = forget_run()
+    except ApiError as exc:
+        if exc.code != "unknown_identity":
+            raise
+        erased = library.forget([name])
+        if erased is None:
+            raise ApiError(
+                404, "unknown_identity", f"{name!r} is known neither to this run nor to the library"
+            ) from exc
+        return {"identity": name, "in_run": False, "library_faces_erased": erased}
+    summary["library_faces_erased"] = library.forget([name, summary.get("identity", name)]) or 0
+    return summary
+
+
+def _face_jpeg(library: Library, face_id: int) -> bytes:
+    from pinsface.library_sheet import thumbnail_jpeg
+
+    with library.connection() as db:
+        found = db.face_list([face_id])
+    if not found:
+        raise ApiError(404, "unknown_face", f"no face {face_id} in the library")
+    data = library.thumbnail(("face", face_id), lambda: thumbnail_jpeg(found[0]["source"], found[0]["box"]))
+    if data is None:
+        raise ApiError(404, "photo_unreadable", f"the photo of face {face_id} can no longer be read")
+    return data
+
+
+def _photo_jpeg(library: Library, photo_id: int) -> bytes:
+    with library.connection() as db:
+        photo = db.photo(photo_id)
+    if photo is None:
+        raise ApiError(404, "unknown_photo", f"no photo {photo_id} in the library")
+    data = library.thumbnail(("photo", photo_id, photo["hash"]), lambda: _scaled_photo(photo["source"]))
+    if data is None:
+        raise ApiError(404, "photo_unreadable", f"photo {photo_id} can no longer be read")
+    return data
+
+
+def _scaled_photo(source: str) -> bytes | None:
+    """The whole photo, at most ``PHOTO_SIDE`` pixels on its longest side, as JPEG; None if it cannot be read."""
+    from PIL import Image
+
+    from pinsface.images import BadImage, load_scaled
+    from pinsface.library_sheet import THUMB_DECODE_SIDE
+
+    try:
+        view = load_scaled(source, 50_000_000, min(PHOTO_SIDE, THUMB_DECODE_SIDE))
+    except BadImage:
+        return None
+    image = Image.fromarray(view.pixels)
+    image.thumbnail((PHOTO_SIDE, PHOTO_SIDE))
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def _groups(library: Library, limit: int, offset: int, per_group: int) -> dict:
+    """The People view's list: named people, then unnamed clusters (largest first), then the faces in none."""
+    from pinsface.library_sheet import groups
+
+    with library.connection() as db:
+        faces = db.face_groups()
+    grouped = groups(faces)  # the contact sheet's grouping: one rule for both
+    out = []
+    for _, members in grouped[offset : offset + limit]:
+        first = members[0]
+        clusters = [c for c, _ in Counter(f["cluster"] for f in members if f["cluster"] is not None).most_common()]
+        kind = "person" if first["person"] else "cluster" if first["cluster"] is not None else "unclustered"
+        out.append(
+            {
+                "kind": kind,
+                "name": first["person"],
+                "cluster": clusters[0] if clusters else None,
+                "clusters": clusters,
+                "faces": len(members),
+                "face_ids": [f["id"] for f in members[:per_group]],
+            }
+        )
+    kinds = Counter(
+        "person" if fs[0]["person"] else "cluster" if fs[0]["cluster"] is not None else "" for _, fs in grouped
+    )
+    return {
+        "faces": len(faces),
+        "people": kinds["person"],
+        "clusters": kinds["cluster"],
+        "total_groups": len(grouped),
+        "groups": out,
+    }
+
+
+def _unknown(exc: ValueError, code: str) -> ApiError:
+    return ApiError(404, code, str(exc))
+
+
+def _live_face(db, face_id: int) -> dict:
+    found = db.face_list([face_id])
+    if not found:
+        raise ApiError(404, "unknown_face", f"no face {face_id} in the library")
+    return found[0]
+
+
+def people_router(library: Library, read_key: list, write_key: list, worker=None, retry_after_s: int = 1) -> APIRouter:
+    """The People view's endpoints over ``library``; ``read_key`` and ``write_key`` are the server's security
+    dependencies. With ``worker`` (the server's ``InferenceWorker``), naming a cluster enrols its faces into
+    the served run."""
+    from starlette.concurrency import run_in_threadpool
+
+    router = APIRouter(prefix="/v1/library", tags=["library"])
+
+    @router.get("/people", dependencies=read_key)
+    def people(
+        limit: int = Query(50, ge=1, le=MAX_GROUPS, description="groups per page"),
+        offset: int = Query(0, ge=0, le=MAX_ID, description="groups skipped"),
+        per_group: int = Query(12, ge=0, le=MAX_PER_GROUP, description="face ids listed per group"),
+    ):
+        """Named people, then clusters without a name (largest first), then the faces in no cluster: each
+        with its face count, clusters and the ids of its first faces (thumbnails at ``faces/{id}/thumbnail``)."""
+        return _groups(library, limit, offset, per_group)
+
+    @router.get("/faces/{face_id}/thumbnail", dependencies=read_key, response_class=Response)
+    def face_thumbnail(face_id: int = FACE_ID):
+        """The face with a margin, a square JPEG cut from its photo on the server."""
+        return Response(_face_jpeg(library, face_id), media_type="image/jpeg", headers=CACHE_HEADERS)
+
+    @router.get("/photos/{photo_id}/thumbnail", dependencies=read_key, response_class=Response)
+    def photo_thumbnail(photo_id: int = PHOTO_ID):
+        """The whole photo, scaled down (JPEG); boxes from ``/photos`` are in the photo's full-size pixels."""
+        return Response(_photo_jpeg(library, photo_id), media_type="image/jpeg", headers=CACHE_HEADERS)
+
+    @router.get("/photos", dependencies=read_key)
+    def photos(
+        name: str = Query(..., max_length=1000, description="the person"),
+        with_: list[str] = Query([], alias="with", max_length=8, description="other people in the photo too"),
+        limit: int = Query(100, ge=1, le=MAX_PHOTOS),
+    ):
+        """The photos holding that person (and every ``with`` person), as ``pinsface find``: the photo's id,
+        path, size and the boxes (x1, y1, x2, y2) of those people's faces."""
+        names = [clean_name(n) for n in [name, *with_]]
+        with library.connection() as db:
+            found = db.find_photos(names)
+        for p in found:
+            p["size"] = list(p["size"])
+        return {"count": len(found), "photos": found[:limit]}
+
+    @router.post("/clusters/{cluster_id}/name", dependencies=write_key)
+    async def name_cluster(body: NameBody, cluster_id: int = CLUSTER_ID):
+        """Name a cluster (clusters given one name are that person's together). When the server has a run,
+        the cluster's faces are enrolled into it, as ``pinsface name --run`` does."""
+        name = clean_name(body.name)
+
+        def store():
+            with library.connection() as db:
+                try:
+                    db.name_cluster(cluster_id, name)
+                except ValueError as exc:
+                    raise _unknown(exc, "unknown_cluster") from exc
+                return [f for f in db.face_list() if f["cluster"] == cluster_id]
+
+        faces = await run_in_threadpool(store)
+        enrolled = await _enrol(worker, name, faces, retry_after_s) if worker is not None and faces else None
+        return {"cluster": cluster_id, "name": name, "faces": len(faces), "enrolled": enrolled}
+
+    @router.post("/clusters/{cluster_id}/merge", dependencies=write_key)
+    def merge(body: MergeBody, cluster_id: int = CLUSTER_ID):
+        """Move every face of cluster ``other`` into this one, which keeps its name (or takes the other's)."""
+        if body.other == cluster_id:
+            raise ApiError(422, "same_cluster", "a cluster cannot be merged into itself")
+        with library.connection() as db:
+            try:
+                db.merge_clusters(cluster_id, body.other)
+            except ValueError as exc:
+                raise _unknown(exc, "unknown_cluster") from exc
+        return {"cluster": cluster_id, "merged": body.other}
+
+    @router.post("/faces/{face_id}/move", dependencies=write_key)
+    def move(body: MoveBody, face_id: int = FACE_ID):
+        """Take one face out of its cluster into a new cluster of its own, given to the person ``name`` when
+        there is one; clustering never moves it again."""
+        name = clean_name(body.name) if body.name is not None else None
+        with library.connection() as db:
+            _live_face(db, face_id)
+            cluster = db.split_face(face_id, name)
+        return {"face": face_id, "cluster": cluster, "name": name}
+
+    @router.post("/faces/{face_id}/unassign", dependencies=write_key)
+    def unassign(face_id: int = FACE_ID):
+        """Take one face out of its cluster and name; clustering leaves it alone from then on."""
+        with library.connection() as db:
+            _live_face(db, face_id)
+            db.unassign(face_id)
+        return {"face": face_id, "cluster": None, "name": None}
+
+    return router
+
+
+async def _enrol(worker, name: str, faces: list[dict], retry_after_s: int) -> dict:
+    """Enrol a named cluster's faces into the served run: cut again from their photos here, embedded and
+    enrolled on the worker's thread beside naming (which then sees the new person)."""
+    from starlette.concurrency import run_in_threadpool
+
+    from pinsface.library_export import enrol_chips, face_chips
+    from pinsface.run import RunBusy
+    from pinsface.serve.batcher import QueueFull
+
+    settings = worker.recognizer.face_settings
+    chips, hashes, skipped = await run_in_threadpool(face_chips, faces, settings, ENROL_MAX_FACES)
+    if not chips:
+        return {"identity": name, "faces_used": 0, "already_enrolled": 0, "skipped": skipped}
+    try:
+        summary = await worker.run(lambda rec: enrol_chips(rec, name, chips, hashes), False)
+    except (QueueFull, RunBusy) as exc:
+        raise ApiError(
+            503,
+            "busy",
+            f"the cluster is named, but its faces could not be enrolled now ({exc}): name it again later",
+            headers={"Retry-After": str(retry_after_s)},
+        ) from exc
+    keep = ("identity", "new_identity", "faces_used", "already_enrolled", "identities", "warnings")
+    return {
+        **{k: summary[k] for k in keep if k in summary},
+        "skipped": skipped,
+        "left_out": max(0, len(faces) - ENROL_MAX_FACES),
+    }
