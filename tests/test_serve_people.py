@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import sqlite3
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -87,6 +88,16 @@ def clusters_by_person(url) -> dict[str, Counter]:
     return out
 
 
+def images_loaded(page, selector: str, timeout: float = 60) -> None:
+    """Wait until every image under ``selector`` has loaded (polled with evaluate: the page's CSP forbids the
+    eval that wait_for_function needs)."""
+    script = f"[...document.querySelectorAll({selector!r})].every(i => i.complete && i.naturalWidth > 0)"
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(script):
+        assert time.monotonic() < deadline, f"images under {selector} did not load"
+        time.sleep(0.1)
+
+
 def test_people_view_in_the_browser(small_run, template_db, browser, tmp_path):  # noqa: F811
     from playwright.sync_api import expect
 
@@ -116,9 +127,7 @@ def test_people_view_in_the_browser(small_run, template_db, browser, tmp_path): 
         expect(page.locator("#library-summary")).to_contain_text(f"{len(live)} faces")
         thumbs = page.locator("#library-groups .thumb img")
         expect(thumbs).to_have_count(len(live))
-        page.wait_for_function(
-            "[...document.querySelectorAll('#library-groups .thumb img')].every(i => i.complete && i.naturalWidth)"
-        )
+        images_loaded(page, "#library-groups .thumb img")
         page.locator("#library").scroll_into_view_if_needed()
         page.screenshot(path=shots / "1-clusters.png", full_page=True)
 
@@ -140,8 +149,10 @@ def test_people_view_in_the_browser(small_run, template_db, browser, tmp_path): 
         henry = clusters_by_person(db_path)["pins_Henry Cavil"].most_common(1)[0][0]
         henry_faces = [f["id"] for f in live if f["cluster"] == henry]
         moved = henry_faces[-1]
+        expect(page.locator("#face-actions")).to_be_hidden()
         page.get_by_role("button", name=f"Face {moved} (Cluster {henry})").click()
         expect(page.locator("#face-actions")).to_be_visible()
+        expect(page.locator("#face-selected")).to_have_text(f"Face {moved}:")
         page.screenshot(path=shots / "3-selected.png", full_page=True)
         page.get_by_role("button", name="Move to a new cluster").click()
         expect(page.locator("#status")).to_contain_text(f"Moved face {moved} to a new cluster")
@@ -150,6 +161,7 @@ def test_people_view_in_the_browser(small_run, template_db, browser, tmp_path): 
             assert new_cluster not in (None, henry)
             assert [f["id"] for f in db.face_list() if f["cluster"] == new_cluster] == [moved]
         expect(page.locator(f'li[data-cluster="{new_cluster}"] .thumb')).to_have_count(1)
+        expect(page.locator("#face-actions")).to_be_hidden()
 
         # 4. Merge that cluster back into Henry's.
         page.get_by_label(f"Merge cluster {new_cluster} into").select_option(str(henry))
@@ -188,11 +200,20 @@ def test_people_view_in_the_browser(small_run, template_db, browser, tmp_path): 
         expect(page.locator("#find-results .libbox")).to_have_count(sum(len(p["faces"]) for p in expected))
         shown = page.locator("#find-results figcaption").all_inner_texts()
         assert shown == [p["source"] for p in expected]
-        page.wait_for_function(
-            "[...document.querySelectorAll('#find-results img')].every(i => i.complete && i.naturalWidth)"
-        )
+        images_loaded(page, "#find-results img")
         page.locator("#find-results").scroll_into_view_if_needed()
         page.screenshot(path=shots / "6-found.png", full_page=True)
+
+        # A phone-width screen: the People view fits.
+        phone = browser.new_page(viewport={"width": 390, "height": 844})
+        phone.goto(server.url)
+        phone.locator("#key-input").fill(API_KEY)
+        phone.locator("#key-input").press("Enter")
+        expect(phone.locator("#library-groups > li").first).to_be_visible()
+        images_loaded(phone, "#library-groups .thumb img")
+        phone.locator("#library").scroll_into_view_if_needed()
+        assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+        phone.screenshot(path=shots / "7-phone.png")
         assert [e for e in errors if "401" not in e] == [] and sum("401" in e for e in errors) <= 2, errors
     print(f"screenshots: {shots}")
 

@@ -437,6 +437,7 @@ async function libraryAction(doing, method, url, body, done) {
   try {
     const s = await api(method, url, JSON.stringify(body), undefined, { "Content-Type": "application/json" });
     say(done(s));
+    if (library.selected !== null) selectFace(library.selected);  // the face has moved: nothing selected now
     await refreshLibrary();
     return s;
   } catch (e) {
@@ -460,7 +461,7 @@ function merge(into, other) {
 function moveFace(name) {
   const face = library.selected;
   return libraryAction(`Moving face ${face}…`, "POST", `${LIB}/faces/${face}/move`, { name: name || null },
-    (r) => `Moved face ${r.face} to ${r.name ? r.name : `a new cluster`} (cluster ${r.cluster}).`);
+    (r) => `Moved face ${r.face} to ${r.name || "a new cluster"} (cluster ${r.cluster}).`);
 }
 
 function unassignFace() {
