@@ -298,8 +298,11 @@ def test_bad_input_is_refused(small_run, template_db, tmp_path):
             check("POST", f"/faces/{face['id']}/move", 422, "invalid_name", json={"name": bad})
         check("GET", "/photos", 422, "invalid_name", params={"name": "a/b"})
         check("GET", "/photos", 422, "validation_error")
+        check("GET", "/photos", 422, "validation_error", params=[("name", "Ann")] + [("with", "Bob")] * 9)
+        check("GET", "/photos", 422, "validation_error", params={"name": "x" * 1001})
         check("GET", "/people", 422, "validation_error", params={"limit": 10_000})
 
+        assert httpx.get(f"{server.url}/v1/health", headers=KEY).json()["library"] is True
         r = httpx.get(f"{lib}/faces/{face['id']}/thumbnail", headers=KEY)
         assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg" and r.content[:2] == b"\xff\xd8"
         assert Image.open(io.BytesIO(r.content)).size == (96, 96)
