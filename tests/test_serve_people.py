@@ -204,6 +204,20 @@ def test_people_view_in_the_browser(small_run, template_db, browser, tmp_path): 
         page.locator("#find-results").scroll_into_view_if_needed()
         page.screenshot(path=shots / "6-found.png", full_page=True)
 
+        # 7. Forget Emma Watson from the run's list: she leaves the library too, and its view shows it.
+        page.get_by_role("button", name="Forget Emma Watson").click()
+        expect(page.locator("#confirm-text")).to_contain_text("photo library")
+        page.get_by_role("button", name="Forget", exact=True).click()
+        expect(page.locator("#status")).to_contain_text("Forgot Emma Watson", timeout=120_000)
+        person_cards = page.locator('#library-groups > li[data-kind="person"]')
+        expect(person_cards.filter(has_text="Emma Watson")).to_have_count(0)
+        expect(person_cards.filter(has_text="Dwayne Johnson")).to_have_count(1)
+        expect(page.locator("#find-count")).to_have_text("0 photo(s) of Emma Watson")  # the search shown again
+        expect(page.locator("#find-results figure")).to_have_count(0)
+        page.screenshot(path=shots / "7-forgotten.png", full_page=True)
+        with LibraryDB.open(db_path) as db:
+            assert db.faces_of("Emma Watson") == [] and not db.descriptors(named).any()
+
         # A phone-width screen: the People view fits.
         phone = browser.new_page(viewport={"width": 390, "height": 844})
         phone.goto(server.url)
@@ -213,7 +227,7 @@ def test_people_view_in_the_browser(small_run, template_db, browser, tmp_path): 
         images_loaded(phone, "#library-groups .thumb img")
         phone.locator("#library").scroll_into_view_if_needed()
         assert phone.evaluate("document.documentElement.scrollWidth") <= 390
-        phone.screenshot(path=shots / "7-phone.png")
+        phone.screenshot(path=shots / "8-phone.png")
         assert [e for e in errors if "401" not in e] == [] and sum("401" in e for e in errors) <= 2, errors
     print(f"screenshots: {shots}")
 

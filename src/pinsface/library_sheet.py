@@ -13,6 +13,7 @@ import numpy as np
 THUMB = 96
 # Photos decoded at most this long on the short side for thumbnails: enough for a 96-px face.
 THUMB_DECODE_SIDE = 1000
+THUMB_MAX_PIXELS = 50_000_000  # a photo over this (read from its header) gets no thumbnail
 
 
 def face_crop(source: str, box: list[float], margin: float = 0.25) -> np.ndarray | None:
@@ -21,7 +22,7 @@ def face_crop(source: str, box: list[float], margin: float = 0.25) -> np.ndarray
     from pinsface.images import BadImage, load_scaled
 
     try:
-        view = load_scaled(source, 50_000_000, THUMB_DECODE_SIDE)
+        view = load_scaled(source, THUMB_MAX_PIXELS, THUMB_DECODE_SIDE)
     except BadImage:
         return None
     (x1, y1), (x2, y2) = view.from_full(np.asarray(box, float).reshape(2, 2))

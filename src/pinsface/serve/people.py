@@ -176,10 +176,10 @@ def _scaled_photo(source: str) -> bytes | None:
     from PIL import Image
 
     from pinsface.images import BadImage, load_scaled
-    from pinsface.library_sheet import THUMB_DECODE_SIDE
+    from pinsface.library_sheet import THUMB_MAX_PIXELS
 
     try:
-        view = load_scaled(source, 50_000_000, min(PHOTO_SIDE, THUMB_DECODE_SIDE))
+        view = load_scaled(source, THUMB_MAX_PIXELS, PHOTO_SIDE)
     except BadImage:
         return None
     image = Image.fromarray(view.pixels)
@@ -187,6 +187,12 @@ def _scaled_photo(source: str) -> bytes | None:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, "JPEG", quality=85)
     return buffer.getvalue()
+
+
+def _kind(members: list[dict]) -> str:
+    """A group of ``library_sheet.groups``: a named "person", an unnamed "cluster", or the "unclustered" faces."""
+    first = members[0]
+    return "person" if first["person"] else "cluster" if first["cluster"] is not None else "unclustered"
 
 
 def _groups(library: Library, limit: int, offset: int, per_group: int) -> dict:
@@ -200,10 +206,9 @@ def _groups(library: Library, limit: int, offset: int, per_group: int) -> dict:
     for _, members in grouped[offset : offset + limit]:
         first = members[0]
         clusters = [c for c, _ in Counter(f["cluster"] for f in members if f["cluster"] is not None).most_common()]
-        kind = "person" if first["person"] else "cluster" if first["cluster"] is not None else "unclustered"
         out.append(
             {
-                "kind": kind,
+                "kind": _kind(members),
                 "name": first["person"],
                 "cluster": clusters[0] if clusters else None,
                 "clusters": clusters,
@@ -211,9 +216,7 @@ def _groups(library: Library, limit: int, offset: int, per_group: int) -> dict:
                 "face_ids": [f["id"] for f in members[:per_group]],
             }
         )
-    kinds = Counter(
-        "person" if fs[0]["person"] else "cluster" if fs[0]["cluster"] is not None else "" for _, fs in grouped
-    )
+    kinds = Counter(_kind(fs) for _, fs in grouped)
     return {
         "faces": len(faces),
         "people": kinds["person"],

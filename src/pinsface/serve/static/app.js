@@ -326,7 +326,8 @@ function confirmForget(p) {
   const dialog = $("confirm-dialog");
   $("confirm-title").textContent = `Forget ${p.name}?`;
   $("confirm-text").textContent = `${p.name}'s ${p.faces} faces are removed from the run and nobody will be ` +
-    "named as them any more. This cannot be undone.";
+    "named as them any more" + ($("library").hidden ? "" : "; in the photo library their faces lose their name " +
+    "and descriptors") + ". This cannot be undone.";
   dialog.returnValue = "cancel";
   return new Promise((resolve) => {
     dialog.addEventListener("close", () => resolve(dialog.returnValue === "confirm"), { once: true });
@@ -343,7 +344,7 @@ async function forget(p) {
     say(`Forgot ${s.identity}; ${s.identities} people known.`);
     const enrolled = $("enrol-result").dataset.identity;
     if (enrolled && enrolled.toLowerCase() === s.identity.toLowerCase()) $("enrol-result").replaceChildren();
-    await Promise.all([refreshPeople(), refreshHealth()]);
+    await Promise.all([refreshPeople(), refreshHealth(), $("library").hidden ? null : refreshLibrary()]);
     $("people-search").focus();
     renameShown(`Forgot ${s.identity}; named the photos again. `);
   } catch (e) {
@@ -430,6 +431,7 @@ async function refreshLibrary() {
   $("library-names").replaceChildren(...data.groups.filter((g) => g.kind === "person").map((g) => el("option", { value: g.name })));
   if (library.selected !== null && !data.groups.some((g) => g.face_ids.includes(library.selected))) selectFace(library.selected);
   $("library-groups").replaceChildren(...data.groups.map(groupCard));
+  if (library.lastFind) await showFound(...library.lastFind);
 }
 
 async function libraryAction(doing, method, url, body, done) {
@@ -470,9 +472,14 @@ function unassignFace() {
     (r) => `Face ${r.face} is in no cluster now.`);
 }
 
-async function findPhotos(event) {
+function findPhotos(event) {
   event.preventDefault();
-  const name = $("find-name").value.trim(), other = $("find-with").value.trim();
+  library.lastFind = [$("find-name").value.trim(), $("find-with").value.trim()];
+  return showFound(...library.lastFind);
+}
+
+// The photos of a person, shown again after every change to the library so that no stale answer stays up.
+async function showFound(name, other) {
   const query = new URLSearchParams({ name });
   if (other) query.append("with", other);
   try {
