@@ -252,7 +252,15 @@ def test_delete_erases_the_person_from_the_library(
         assert named.json()["enrolled"]["faces_used"] == named.json()["faces"] > 0
         with LibraryDB.open(library_url) as db:
             emma_faces = db.faces_of("Emma Watson")
+            together = db.find_photos(["Emma Watson", "Henry Cavill"])
         assert emma_faces
+        found = httpx.get(
+            f"{server.url}/v1/library/photos", params={"name": "Emma Watson", "with": "Henry Cavill"}, headers=KEY
+        ).json()
+        assert found["count"] == len(together) and [p["source"] for p in found["photos"]] == [
+            p["source"] for p in together
+        ]
+        assert all({f["person"] for f in p["faces"]} == {"Emma Watson", "Henry Cavill"} for p in found["photos"])
 
         r = httpx.delete(f"{server.url}/v1/identities/Emma Watson", headers=KEY, timeout=120)
         assert r.status_code == 200, r.text
