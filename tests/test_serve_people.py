@@ -17,9 +17,9 @@ from PIL import Image
 
 from pinsface.library_db import LibraryDB
 from pinsface.library_sheet import groups
+from pinsface.testing.photos import group_photo, pins_faces
 from tests import postgres
 from tests.conftest import copy_identities
-from tests.photos import group_photo, pins_faces
 from tests.serving import API_KEY, ThreadServer, copy_run
 from tests.test_serve_browser import browser  # noqa: F401  (the module's Chromium)
 

@@ -2,9 +2,10 @@
 thumbnails; name a cluster (enrolling its faces into the served run), merge two, move or unassign one face; the
 photos of a person.
 
-``people_router(library, read_key, write_key, worker)`` gives the endpoints under ``/v1/library``; ``Library``
-holds the database (a few connections, each used by one request at a time) and the thumbnails made so far.
-Thumbnails are addressed by face or photo id: the path read is always the database's, never the client's.
+``router`` holds the endpoints under ``/v1/library``, included by ``create_app`` with a library; ``Library``
+(``ServerState.library``) holds the database (a few connections, each used by one request at a time) and the
+thumbnails made so far. Thumbnails are addressed by face or photo id: the path read is always the database's,
+never the client's. Who needs the key is ``auth.needs_key``'s rule, as for every endpoint.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import threading
 from collections import Counter, OrderedDict
 
 # FastAPI reads the endpoints' annotations (strings, with the __future__ import) from this module's globals.
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Depends, Query, Response
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 
-from pinsface.serve.errors import ApiError
+from pinsface.serve.errors import ApiError, retry_later
 from pinsface.serve.identities import clean_name
+from pinsface.serve.state import ServerState, server_state
 
 POOL_SIZE = 4  # connections kept open; more requests at once open (and close) their own
 THUMB_CACHE_BYTES = 64 * 2**20  # thumbnails kept in memory, least recently used dropped first
@@ -126,25 +128,21 @@ class Library:
                     erased = (erased or 0) + db.forget_person(name)
         return erased
 
-
-def forget_everywhere(library: Library | None, name: str, forget_run) -> dict:
-    """``DELETE /v1/identities/{name}``: ``forget_run()`` forgets the person in the run; with a library, they
-    are erased from it too (their descriptors and names), also when only the library knows them."""
-    if library is None:
-        return forget_run()
-    try:
-        summary = forget_run()
-    except ApiError as exc:
-        if exc.code != "unknown_identity":
-            raise
-        erased = library.forget([name])
-        if erased is None:
-            raise ApiError(
-                404, "unknown_identity", f"{name!r} is known neither to this run nor to the library"
-            ) from exc
-        return {"identity": name, "in_run": False, "library_faces_erased": erased}
-    summary["library_faces_erased"] = library.forget([name, summary.get("identity", name)]) or 0
-    return summary
+    def forget_everywhere(self, name: str, forget_run) -> dict:
+        """``DELETE /v1/identities/{name}``: ``forget_run()`` forgets the person in the run, and they are erased
+        from the library too (their descriptors and names), also when only the library knows them."""
+        try:
+            summary = forget_run()
+        except ApiError as exc:
+            if exc.code != "unknown_identity":
+                raise
+            erased = self.forget([name])
+            if erased is None:
+                message = f"{name!r} is known neither to this run nor to the library"
+                raise ApiError(404, "unknown_identity", message) from exc
+            return {"identity": name, "in_run": False, "library_faces_erased": erased}
+        summary["library_faces_erased"] = self.forget([name, summary.get("identity", name)]) or 0
+        return summary
 
 
 def _face_jpeg(library: Library, face_id: int) -> bytes:
@@ -237,122 +235,127 @@ def _live_face(db, face_id: int) -> dict:
     return found[0]
 
 
-def people_router(library: Library, read_key: list, write_key: list, worker=None, retry_after_s: int = 1) -> APIRouter:
-    """The People view's endpoints over ``library``; ``read_key`` and ``write_key`` are the server's security
-    dependencies. With ``worker`` (the server's ``InferenceWorker``), naming a cluster enrols its faces into
-    the served run."""
+router = APIRouter(prefix="/v1/library", tags=["library"])
+
+
+def _library(state: ServerState) -> Library:
+    return state.library
+
+
+@router.get("/people")
+def people(
+    limit: int = Query(50, ge=1, le=MAX_GROUPS, description="groups per page"),
+    offset: int = Query(0, ge=0, le=MAX_ID, description="groups skipped"),
+    per_group: int = Query(12, ge=0, le=MAX_PER_GROUP, description="face ids listed per group"),
+    state: ServerState = Depends(server_state),
+):
+    """Named people, then clusters without a name (largest first), then the faces in no cluster: each with its
+    face count, clusters and the ids of its first faces (thumbnails at ``faces/{id}/thumbnail``)."""
+    return _groups(_library(state), limit, offset, per_group)
+
+
+@router.get("/faces/{face_id}/thumbnail", response_class=Response)
+def face_thumbnail(face_id: int = FACE_ID, state: ServerState = Depends(server_state)):
+    """The face with a margin, a square JPEG cut from its photo on the server."""
+    return Response(_face_jpeg(_library(state), face_id), media_type="image/jpeg", headers=CACHE_HEADERS)
+
+
+@router.get("/photos/{photo_id}/thumbnail", response_class=Response)
+def photo_thumbnail(photo_id: int = PHOTO_ID, state: ServerState = Depends(server_state)):
+    """The whole photo, scaled down (JPEG); boxes from ``/photos`` are in the photo's full-size pixels."""
+    return Response(_photo_jpeg(_library(state), photo_id), media_type="image/jpeg", headers=CACHE_HEADERS)
+
+
+@router.get("/photos")
+def photos(
+    name: str = Query(..., max_length=1000, description="the person"),
+    with_: list[str] = Query([], alias="with", max_length=8, description="other people in the photo too"),
+    limit: int = Query(100, ge=1, le=MAX_PHOTOS),
+    state: ServerState = Depends(server_state),
+):
+    """The photos holding that person (and every ``with`` person), as ``pinsface find``: the photo's id, path,
+    size and the boxes (x1, y1, x2, y2) of those people's faces."""
+    names = [clean_name(n) for n in [name, *with_]]
+    with _library(state).connection() as db:
+        found = db.find_photos(names)
+    for p in found:
+        p["size"] = list(p["size"])
+    return {"count": len(found), "photos": found[:limit]}
+
+
+@router.post("/clusters/{cluster_id}/name")
+async def name_cluster(body: NameBody, cluster_id: int = CLUSTER_ID, state: ServerState = Depends(server_state)):
+    """Name a cluster (clusters given one name are that person's together); its faces are enrolled into the
+    served run, as ``pinsface name --run`` does."""
     from starlette.concurrency import run_in_threadpool
 
-    router = APIRouter(prefix="/v1/library", tags=["library"])
+    name = clean_name(body.name)
 
-    @router.get("/people", dependencies=read_key)
-    def people(
-        limit: int = Query(50, ge=1, le=MAX_GROUPS, description="groups per page"),
-        offset: int = Query(0, ge=0, le=MAX_ID, description="groups skipped"),
-        per_group: int = Query(12, ge=0, le=MAX_PER_GROUP, description="face ids listed per group"),
-    ):
-        """Named people, then clusters without a name (largest first), then the faces in no cluster: each
-        with its face count, clusters and the ids of its first faces (thumbnails at ``faces/{id}/thumbnail``)."""
-        return _groups(library, limit, offset, per_group)
-
-    @router.get("/faces/{face_id}/thumbnail", dependencies=read_key, response_class=Response)
-    def face_thumbnail(face_id: int = FACE_ID):
-        """The face with a margin, a square JPEG cut from its photo on the server."""
-        return Response(_face_jpeg(library, face_id), media_type="image/jpeg", headers=CACHE_HEADERS)
-
-    @router.get("/photos/{photo_id}/thumbnail", dependencies=read_key, response_class=Response)
-    def photo_thumbnail(photo_id: int = PHOTO_ID):
-        """The whole photo, scaled down (JPEG); boxes from ``/photos`` are in the photo's full-size pixels."""
-        return Response(_photo_jpeg(library, photo_id), media_type="image/jpeg", headers=CACHE_HEADERS)
-
-    @router.get("/photos", dependencies=read_key)
-    def photos(
-        name: str = Query(..., max_length=1000, description="the person"),
-        with_: list[str] = Query([], alias="with", max_length=8, description="other people in the photo too"),
-        limit: int = Query(100, ge=1, le=MAX_PHOTOS),
-    ):
-        """The photos holding that person (and every ``with`` person), as ``pinsface find``: the photo's id,
-        path, size and the boxes (x1, y1, x2, y2) of those people's faces."""
-        names = [clean_name(n) for n in [name, *with_]]
-        with library.connection() as db:
-            found = db.find_photos(names)
-        for p in found:
-            p["size"] = list(p["size"])
-        return {"count": len(found), "photos": found[:limit]}
-
-    @router.post("/clusters/{cluster_id}/name", dependencies=write_key)
-    async def name_cluster(body: NameBody, cluster_id: int = CLUSTER_ID):
-        """Name a cluster (clusters given one name are that person's together). When the server has a run,
-        the cluster's faces are enrolled into it, as ``pinsface name --run`` does."""
-        name = clean_name(body.name)
-
-        def store():
-            with library.connection() as db:
-                try:
-                    db.name_cluster(cluster_id, name)
-                except ValueError as exc:
-                    raise _unknown(exc, "unknown_cluster") from exc
-                return [f for f in db.face_list() if f["cluster"] == cluster_id]
-
-        faces = await run_in_threadpool(store)
-        enrolled = await _enrol(worker, name, faces, retry_after_s) if worker is not None and faces else None
-        return {"cluster": cluster_id, "name": name, "faces": len(faces), "enrolled": enrolled}
-
-    @router.post("/clusters/{cluster_id}/merge", dependencies=write_key)
-    def merge(body: MergeBody, cluster_id: int = CLUSTER_ID):
-        """Move every face of cluster ``other`` into this one, which keeps its name (or takes the other's)."""
-        if body.other == cluster_id:
-            raise ApiError(422, "same_cluster", "a cluster cannot be merged into itself")
-        with library.connection() as db:
+    def store():
+        with _library(state).connection() as db:
             try:
-                db.merge_clusters(cluster_id, body.other)
+                db.name_cluster(cluster_id, name)
             except ValueError as exc:
                 raise _unknown(exc, "unknown_cluster") from exc
-        return {"cluster": cluster_id, "merged": body.other}
+            return [f for f in db.face_list() if f["cluster"] == cluster_id]
 
-    @router.post("/faces/{face_id}/move", dependencies=write_key)
-    def move(body: MoveBody, face_id: int = FACE_ID):
-        """Take one face out of its cluster into a new cluster of its own, given to the person ``name`` when
-        there is one; clustering never moves it again."""
-        name = clean_name(body.name) if body.name is not None else None
-        with library.connection() as db:
-            _live_face(db, face_id)
-            cluster = db.split_face(face_id, name)
-        return {"face": face_id, "cluster": cluster, "name": name}
-
-    @router.post("/faces/{face_id}/unassign", dependencies=write_key)
-    def unassign(face_id: int = FACE_ID):
-        """Take one face out of its cluster and name; clustering leaves it alone from then on."""
-        with library.connection() as db:
-            _live_face(db, face_id)
-            db.unassign(face_id)
-        return {"face": face_id, "cluster": None, "name": None}
-
-    return router
+    faces = await run_in_threadpool(store)
+    enrolled = await _enrol(state, name, faces) if faces else None
+    return {"cluster": cluster_id, "name": name, "faces": len(faces), "enrolled": enrolled}
 
 
-async def _enrol(worker, name: str, faces: list[dict], retry_after_s: int) -> dict:
+@router.post("/clusters/{cluster_id}/merge")
+def merge(body: MergeBody, cluster_id: int = CLUSTER_ID, state: ServerState = Depends(server_state)):
+    """Move every face of cluster ``other`` into this one, which keeps its name (or takes the other's)."""
+    if body.other == cluster_id:
+        raise ApiError(422, "same_cluster", "a cluster cannot be merged into itself")
+    with _library(state).connection() as db:
+        try:
+            db.merge_clusters(cluster_id, body.other)
+        except ValueError as exc:
+            raise _unknown(exc, "unknown_cluster") from exc
+    return {"cluster": cluster_id, "merged": body.other}
+
+
+@router.post("/faces/{face_id}/move")
+def move(body: MoveBody, face_id: int = FACE_ID, state: ServerState = Depends(server_state)):
+    """Take one face out of its cluster into a new cluster of its own, given to the person ``name`` when there
+    is one; clustering never moves it again."""
+    name = clean_name(body.name) if body.name is not None else None
+    with _library(state).connection() as db:
+        _live_face(db, face_id)
+        cluster = db.split_face(face_id, name)
+    return {"face": face_id, "cluster": cluster, "name": name}
+
+
+@router.post("/faces/{face_id}/unassign")
+def unassign(face_id: int = FACE_ID, state: ServerState = Depends(server_state)):
+    """Take one face out of its cluster and name; clustering leaves it alone from then on."""
+    with _library(state).connection() as db:
+        _live_face(db, face_id)
+        db.unassign(face_id)
+    return {"face": face_id, "cluster": None, "name": None}
+
+
+async def _enrol(state: ServerState, name: str, faces: list[dict]) -> dict:
     """Enrol a named cluster's faces into the served run: cut again from their photos here, embedded and
     enrolled on the worker's thread beside naming (which then sees the new person)."""
     from starlette.concurrency import run_in_threadpool
 
     from pinsface.library_export import enrol_chips, face_chips
-    from pinsface.run import RunBusy
+    from pinsface.runfolder import RunBusy
     from pinsface.serve.batcher import QueueFull
 
-    settings = worker.recognizer.face_settings
+    worker = state.worker
+    settings = state.recognizer.face_settings
     chips, hashes, skipped = await run_in_threadpool(face_chips, faces, settings, ENROL_MAX_FACES)
     if not chips:
         return {"identity": name, "faces_used": 0, "already_enrolled": 0, "skipped": skipped}
     try:
         summary = await worker.run(lambda rec: enrol_chips(rec, name, chips, hashes), False)
     except (QueueFull, RunBusy) as exc:
-        raise ApiError(
-            503,
-            "busy",
-            f"the cluster is named, but its faces could not be enrolled now ({exc}): name it again later",
-            headers={"Retry-After": str(retry_after_s)},
-        ) from exc
+        message = f"the cluster is named, but its faces could not be enrolled now ({exc}): name it again later"
+        raise retry_later("busy", message, state.settings.retry_after_s) from exc
     keep = ("identity", "new_identity", "faces_used", "already_enrolled", "identities", "warnings")
     return {
         **{k: summary[k] for k in keep if k in summary},
