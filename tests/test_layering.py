@@ -82,6 +82,7 @@ def test_lower_stages_never_import_higher_ones():
         "pinsface.serve.guard",
         "pinsface.serve.identify",
         "pinsface.serve.identities",
+        "pinsface.serve.people",
         "pinsface.serve.health",
         "pinsface.serve.page",
         "pinsface.serve.app",

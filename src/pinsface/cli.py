@@ -327,7 +327,12 @@ def _serve(args) -> int:
         max_pending=args.max_pending,
     )
     serve(
-        args.run_dir, host=args.host, port=args.port, settings=settings, log_level="info" if args.verbose else "warning"
+        args.run_dir,
+        host=args.host,
+        port=args.port,
+        settings=settings,
+        log_level="info" if args.verbose else "warning",
+        db=args.db,
     )
     return EXIT_OK
 
@@ -568,6 +573,11 @@ def _add_serve_command(sub, parents) -> None:
         default=256,
         metavar="N",
         help="images waiting or being named; past it requests get 503 with Retry-After",
+    )
+    p.add_argument(
+        "--db",
+        help="a photo library database (SQLite file or postgresql://...): the page gets its People view, and "
+        "forgetting a person erases them from it too",
     )
     p.set_defaults(func=_serve)
 

@@ -96,57 +96,28 @@ def _name(args) -> int:
 
 def _enrol(run_dir, name: str, faces: list[dict]) -> None:
     """Enrol a named cluster's faces into a run: each cut again from its photo and embedded by the run."""
-    import numpy as np
-
-    from pinsface.face_records import crops_again
-    from pinsface.faces import Detection
-    from pinsface.images import BadImage
+    from pinsface.library_export import enrol_chips, face_chips
     from pinsface.predict import Recognizer
 
     recognizer = Recognizer.load(run_dir)
-    chips = []
-    for f in faces:
-        landmarks = np.asarray(f["landmarks"], np.float32)
-        face = Detection(np.asarray(f["box"], np.float32), f["score"], landmarks)
-        try:
-            chips.append(crops_again([face], [0], f["source"], recognizer.face_settings)[0][0])
-        except BadImage as exc:
-            print(f"  skipped {f['source']}: {exc.reason}")
-    if not chips:
-        raise ValueError(f"no face of {name!r} could be read again to enrol")
-    import hashlib
-
-    # A face enrolled before (the same chip) is left out by its content hash, as a photo enrolled twice is.
-    hashes = [hashlib.sha256(chip.tobytes()).hexdigest() for chip in chips]
-    known = recognizer.gallery.photo_hashes
-    fresh = [k for k, h in enumerate(hashes) if h not in known]
-    if not fresh:
+    chips, hashes, skipped = face_chips(faces, recognizer.face_settings)
+    for s in skipped:
+        print(f"  skipped {s['source']}: {s['reason']}")
+    summary = enrol_chips(recognizer, name, chips, hashes)
+    if not summary["faces_used"]:
         print(f"every face of {name!r} is enrolled in {run_dir} already")
-        return
-    chips = [chips[k] for k in fresh]
-    summary = recognizer.enroll_faces(name, *recognizer.embed(np.stack(chips)), [hashes[k] for k in fresh])
-    print(f"enrolled {summary['identity']!r} into {run_dir} from {len(chips)} face(s)")
+    else:
+        print(f"enrolled {summary['identity']!r} into {run_dir} from {summary['faces_used']} face(s)")
 
 
 def _find(args) -> int:
     from pinsface.library_db import LibraryDB
 
     with LibraryDB.open(args.db) as db:
-        faces = db.face_list()
-    by_photo: dict[str, list[dict]] = {}
-    for f in faces:
-        by_photo.setdefault(f["source"], []).append(f)
-    wanted = [args.name, *(args.with_ or [])]
-    hits = []
-    for source, found in sorted(by_photo.items()):
-        named = {f["person"] for f in found}
-        if all(n in named for n in wanted):
-            hits.append(
-                {
-                    "source": source,
-                    "faces": [{"person": f["person"], "box": _box(f)} for f in found if f["person"] in wanted],
-                }
-            )
+        photos = db.find_photos([args.name, *(args.with_ or [])])
+    hits = [
+        {"source": p["source"], "faces": [{"person": f["person"], "box": _box(f)} for f in p["faces"]]} for p in photos
+    ]
     for hit in hits:
         if args.json:
             print(json.dumps(hit))

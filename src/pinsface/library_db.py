@@ -470,3 +470,46 @@ class LibraryDB:
             self.execute("UPDATE clusters SET person_id = NULL WHERE person_id = ?", (pid,))
             self.execute("DELETE FROM people WHERE id = ?", (pid,))
         return len(faces)
+
+    # -- the People view (pinsface serve --db) and find ------------------------------------------------------
+
+    def face_groups(self) -> list[dict]:
+        """Every live face as ``{"id", "cluster", "person"}`` (no photo, box or descriptor): what grouping the
+        faces by person and cluster needs, light enough for a large library."""
+        rows = self.rows(
+            "SELECT f.id, a.cluster_id, COALESCE(pa.name, pc.name) FROM faces f"
+            " LEFT JOIN assignments a ON a.face_id = f.id"
+            " LEFT JOIN clusters c ON c.id = a.cluster_id"
+            " LEFT JOIN people pa ON pa.id = a.person_id"
+            " LEFT JOIN people pc ON pc.id = c.person_id"
+            " WHERE f.gone = 0 ORDER BY f.id"
+        )
+        return [{"id": int(r[0]), "cluster": None if r[1] is None else int(r[1]), "person": r[2]} for r in rows]
+
+    def find_photos(self, names: list[str]) -> list[dict]:
+        """The live photos holding every one of ``names``, by path: ``{"photo_id", "source", "size" (width,
+        height), "faces": [{"id", "person", "box" (x1, y1, x2, y2)}]}`` with the faces of those people only."""
+        if not names:
+            return []
+        rows = self.rows(
+            "SELECT f.id, p.id, p.path, p.width, p.height, f.x1, f.y1, f.x2, f.y2, pp.name FROM faces f"
+            " JOIN photos p ON p.id = f.photo_id JOIN assignments a ON a.face_id = f.id"
+            " LEFT JOIN clusters c ON c.id = a.cluster_id"
+            " JOIN people pp ON pp.id = COALESCE(a.person_id, c.person_id)"
+            " WHERE f.gone = 0 AND pp.name IN (" + ",".join("?" * len(names)) + ") ORDER BY p.path, f.idx",
+            list(names),
+        )
+        photos: dict[int, dict] = {}
+        for r in rows:
+            photo = photos.setdefault(
+                int(r[1]), {"photo_id": int(r[1]), "source": r[2], "size": (r[3], r[4]), "faces": []}
+            )
+            photo["faces"].append({"id": int(r[0]), "person": r[9], "box": [float(v) for v in r[5:9]]})
+        wanted = set(names)
+        found = [p for p in photos.values() if wanted <= {f["person"] for f in p["faces"]}]
+        return sorted(found, key=lambda p: p["source"])  # by code point, as on every engine
+
+    def photo(self, photo_id: int) -> dict | None:
+        """A live photo's ``{"source", "hash", "size" (width, height)}``, or None."""
+        rows = self.rows("SELECT path, hash, width, height FROM photos WHERE id = ? AND gone = 0", (photo_id,))
+        return {"source": rows[0][0], "hash": rows[0][1], "size": (rows[0][2], rows[0][3])} if rows else None

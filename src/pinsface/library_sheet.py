@@ -13,6 +13,7 @@ import numpy as np
 THUMB = 96
 # Photos decoded at most this long on the short side for thumbnails: enough for a 96-px face.
 THUMB_DECODE_SIDE = 1000
+THUMB_MAX_PIXELS = 50_000_000  # a photo over this (read from its header) gets no thumbnail
 
 
 def face_crop(source: str, box: list[float], margin: float = 0.25) -> np.ndarray | None:
@@ -21,7 +22,7 @@ def face_crop(source: str, box: list[float], margin: float = 0.25) -> np.ndarray
     from pinsface.images import BadImage, load_scaled
 
     try:
-        view = load_scaled(source, 50_000_000, THUMB_DECODE_SIDE)
+        view = load_scaled(source, THUMB_MAX_PIXELS, THUMB_DECODE_SIDE)
     except BadImage:
         return None
     (x1, y1), (x2, y2) = view.from_full(np.asarray(box, float).reshape(2, 2))
@@ -31,8 +32,9 @@ def face_crop(source: str, box: list[float], margin: float = 0.25) -> np.ndarray
     return crop if crop.size else None
 
 
-def thumbnail(source: str, box: list[float], size: int = THUMB) -> str | None:
-    """A data URI of the face in ``box`` with a margin (``face_crop``), or None when it cannot be read."""
+def thumbnail_jpeg(source: str, box: list[float], size: int = THUMB) -> bytes | None:
+    """The face in ``box`` with a margin (``face_crop``) as a ``size``-px square JPEG, or None when the photo
+    cannot be read."""
     from PIL import Image
 
     crop = face_crop(source, box)
@@ -40,7 +42,13 @@ def thumbnail(source: str, box: list[float], size: int = THUMB) -> str | None:
         return None
     buffer = io.BytesIO()
     Image.fromarray(crop).resize((size, size)).save(buffer, "JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def thumbnail(source: str, box: list[float], size: int = THUMB) -> str | None:
+    """A data URI of ``thumbnail_jpeg``, or None when the photo cannot be read."""
+    data = thumbnail_jpeg(source, box, size)
+    return None if data is None else "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
 
 
 def groups(faces: list[dict]) -> list[tuple[str, list[dict]]]:

@@ -64,14 +64,18 @@ def create_app(
     settings: ServeSettings | None = None,
     recognizer=None,
     api_key: str | None = None,
+    db: str | os.PathLike | None = None,
 ):
     """The FastAPI app for a run folder (or an already loaded ``recognizer``). The key is read from
     ``settings.api_key_file`` (created there when missing; default ``auth.default_key_file()``) unless
-    ``api_key`` is given."""
+    ``api_key`` is given. With ``db`` (a library database), the People view too (``people.py``)."""
     import pinsface
     from pinsface.predict import Recognizer
+    from pinsface.serve.people import Library
+    from pinsface.serve.people import router as people_router
 
     settings = settings or ServeSettings()
+    library = Library(db) if db is not None else None  # opened first: a bad database stops the server at once
     if recognizer is None:
         if run_dir is None:
             raise ValueError("create_app needs a run folder or a recognizer")
@@ -79,6 +83,7 @@ def create_app(
     if api_key is None:
         api_key = server_key(settings.api_key_file, Path(recognizer.run_dir))
     state = ServerState.create(recognizer, settings, api_key)
+    state.library = library
     app = FastAPI(
         title="pinsface",
         version=pinsface.__version__,
@@ -90,7 +95,7 @@ def create_app(
     )
     app.state.pinsface, app.state.worker = state, state.worker
     add_error_handlers(app, state.metrics.count_error)
-    for router in ROUTERS:
+    for router in ROUTERS + ((people_router,) if library is not None else ()):
         app.include_router(router)
     mount_assets(app)
     describe_key(app, settings.auth)
@@ -104,6 +109,7 @@ def serve(
     port: int = 8000,
     settings: ServeSettings | None = None,
     log_level: str = "info",
+    db: str | os.PathLike | None = None,
 ) -> None:
     """Load the run once and serve it with uvicorn until interrupted; print its URL once it is ready."""
     import dataclasses
@@ -116,7 +122,7 @@ def serve(
     settings = dataclasses.replace(settings or ServeSettings(), bind_host=host)
     if warning := exposure_warning(host, settings.auth):
         log.warning("%s", warning)
-    app = create_app(run_dir, settings)
+    app = create_app(run_dir, settings, db=db)
     shown = f"[{host}]" if ":" in host else host
     app.state.announce = (
         f"pinsface serve: http://{shown}:{port}/ (the API key is in {settings.api_key_file or default_key_file()})"

@@ -38,6 +38,7 @@ async def health(state: ServerState = Depends(server_state)):
             "max_pending": settings.max_pending,
         },
         "auth": settings.auth,
+        "library": state.library is not None,
     }
 
 

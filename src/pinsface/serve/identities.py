@@ -53,8 +53,12 @@ async def enroll(
 async def forget(
     name: str = PathParam(..., description="the person's name"), state: ServerState = Depends(server_state)
 ):
-    """Forget a person: their faces leave the gallery and their column the head. Saved before the response."""
-    return await run_in_threadpool(_forget_and_save, state, clean_name(name))
+    """Forget a person: their faces leave the gallery and their column the head. Saved before the response.
+    With a library (``serve --db``), they leave it too (``people.Library.forget_everywhere``)."""
+    name = clean_name(name)
+    if state.library is not None:
+        return await run_in_threadpool(state.library.forget_everywhere, name, lambda: _forget_and_save(state, name))
+    return await run_in_threadpool(_forget_and_save, state, name)
 
 
 def clean_name(name: str) -> str:

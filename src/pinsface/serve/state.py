@@ -109,6 +109,7 @@ class ServerState:
     # What /v1/health and /v1/identities read, taken on the worker thread after each change (``snapshot``).
     identities: list[dict[str, Any]] = field(default_factory=list)
     thresholds: dict[str, Any] = field(default_factory=dict)
+    library: Any = None  # serve/people.Library with a library database (serve --db), else None
 
     @classmethod
     def create(cls, recognizer: Recognizer, settings: ServeSettings, api_key: str) -> ServerState:

@@ -1,5 +1,6 @@
 "use strict";
-// The pinsface page: name faces in photos, enrol and forget people. No framework, no build step.
+// The pinsface page: name faces in photos, enrol and forget people; with a library, its People view.
+// No framework, no build step.
 
 const KEY = "pinsface-api-key";
 const $ = (id) => document.getElementById(id);
@@ -77,9 +78,9 @@ function send(method, url, body, headers, onUpload) {
   });
 }
 
-async function api(method, url, body, onUpload) {
+async function api(method, url, body, onUpload, extraHeaders = {}) {
   for (let attempt = 0; attempt < 3; attempt++) {
-    const headers = {};
+    const headers = { ...extraHeaders };
     const key = sessionStorage.getItem(KEY);
     if (key) headers["X-API-Key"] = key;
     const response = await send(method, url, body, headers, onUpload);
@@ -109,6 +110,7 @@ async function refreshHealth() {
     const h = await api("GET", "/v1/health");
     $("health").textContent = `${h.identities} people known · unknown when probability < ${h.thresholds.probability}` +
       ` or distance > ${h.thresholds.distance} · version ${h.version}`;
+    if (h.library && $("library").hidden) refreshLibrary();
   } catch (e) {
     $("health").textContent = `Server not reachable: ${e.message}`;
   }
@@ -324,7 +326,8 @@ function confirmForget(p) {
   const dialog = $("confirm-dialog");
   $("confirm-title").textContent = `Forget ${p.name}?`;
   $("confirm-text").textContent = `${p.name}'s ${p.faces} faces are removed from the run and nobody will be ` +
-    "named as them any more. This cannot be undone.";
+    "named as them any more" + ($("library").hidden ? "" : "; in the photo library their faces lose their name " +
+    "and descriptors") + ". This cannot be undone.";
   dialog.returnValue = "cancel";
   return new Promise((resolve) => {
     dialog.addEventListener("close", () => resolve(dialog.returnValue === "confirm"), { once: true });
@@ -341,11 +344,162 @@ async function forget(p) {
     say(`Forgot ${s.identity}; ${s.identities} people known.`);
     const enrolled = $("enrol-result").dataset.identity;
     if (enrolled && enrolled.toLowerCase() === s.identity.toLowerCase()) $("enrol-result").replaceChildren();
-    await Promise.all([refreshPeople(), refreshHealth()]);
+    await Promise.all([refreshPeople(), refreshHealth(), $("library").hidden ? null : refreshLibrary()]);
     $("people-search").focus();
     renameShown(`Forgot ${s.identity}; named the photos again. `);
   } catch (e) {
     say(`Could not forget ${p.name}: ${e.message}`, true);
+  }
+}
+
+// --- Photo library (pinsface serve --db): clusters and people with face thumbnails, naming, merging, moving
+// one face, finding a person's photos. Thumbnails come by id from the server, fetched with the key as blobs.
+const library = { groups: [], selected: null, urls: new Map(), queue: [], loading: 0 };
+const LIB = "/v1/library";
+
+function pumpThumbs() {
+  while (library.loading < 6 && library.queue.length) {
+    const { url, img } = library.queue.shift();
+    library.loading++;
+    const headers = {};
+    const key = sessionStorage.getItem(KEY);
+    if (key) headers["X-API-Key"] = key;
+    fetch(url, { headers })
+      .then((r) => (r.ok ? r.blob() : Promise.reject(new Error(r.status))))
+      .then((blob) => { const u = URL.createObjectURL(blob); library.urls.set(url, u); img.src = u; })
+      .catch(() => img.classList.add("broken"))
+      .finally(() => { library.loading--; pumpThumbs(); });
+  }
+}
+
+function thumbImage(url, alt) {
+  const img = el("img", { alt });
+  if (library.urls.has(url)) img.src = library.urls.get(url);
+  else { library.queue.push({ url, img }); pumpThumbs(); }
+  return img;
+}
+
+const groupTitle = (g) => g.kind === "person" ? g.name : g.kind === "cluster" ? `Cluster ${g.cluster}` : "Not clustered";
+
+function selectFace(id) {
+  library.selected = library.selected === id ? null : id;
+  for (const b of document.querySelectorAll("#library-groups .thumb")) {
+    b.setAttribute("aria-pressed", String(Number(b.dataset.face) === library.selected));
+  }
+  $("face-actions").hidden = library.selected === null;
+  $("face-selected").textContent = library.selected === null ? "" : `Face ${library.selected}:`;
+}
+
+function groupCard(g) {
+  const title = groupTitle(g);
+  const thumbs = el("div", { class: "thumbs" }, ...g.face_ids.map((id) => Object.assign(el("button", {
+    type: "button", class: "thumb", "data-face": id, "aria-pressed": String(id === library.selected),
+    "aria-label": `Face ${id} (${title})`,
+  }, thumbImage(`${LIB}/faces/${id}/thumbnail`, "")), { onclick: () => selectFace(id) })));
+  const more = g.faces > g.face_ids.length ? el("span", { class: "muted", text: `+${g.faces - g.face_ids.length}` }) : null;
+  const card = el("li", { class: `group ${g.kind}`, "data-kind": g.kind, "data-cluster": g.cluster ?? "" },
+    el("h3", {}, title, " ", el("span", { class: "muted", text: `${g.faces} face(s)` +
+      (g.kind === "person" && g.clusters.length ? ` · cluster ${g.clusters.join(", ")}` : "") })),
+    thumbs, more);
+  if (g.kind !== "cluster") return card;
+  const input = el("input", { "aria-label": `Name for cluster ${g.cluster}`, list: "library-names", maxlength: "100",
+                              autocomplete: "off", placeholder: "Name" });
+  const nameForm = el("form", { class: "inline" }, input, el("button", { type: "submit", text: "Name" }));
+  nameForm.onsubmit = (e) => { e.preventDefault(); nameCluster(g.cluster, input.value.trim()); };
+  const targets = library.groups.filter((o) => o.cluster !== null && o.cluster !== g.cluster);
+  const select = el("select", { "aria-label": `Merge cluster ${g.cluster} into` },
+    el("option", { value: "", text: "Merge into…" }),
+    ...targets.map((o) => el("option", { value: o.cluster, text: o.kind === "person" ? `${o.name} (cluster ${o.cluster})` : `Cluster ${o.cluster}` })));
+  const mergeForm = el("form", { class: "inline" }, select, el("button", { type: "submit", class: "secondary", text: "Merge" }));
+  mergeForm.onsubmit = (e) => { e.preventDefault(); if (select.value) merge(Number(select.value), g.cluster); };
+  card.append(el("div", { class: "group-actions" }, nameForm, mergeForm));
+  return card;
+}
+
+async function refreshLibrary() {
+  let data;
+  try {
+    data = await api("GET", `${LIB}/people?limit=200&per_group=12`);
+  } catch (e) {
+    say(`Could not list the library: ${e.message}`, true);
+    return;
+  }
+  $("library").hidden = false;
+  library.groups = data.groups;
+  $("library-summary").textContent = `${data.faces} faces · ${data.people} people named · ${data.clusters} clusters ` +
+    "without a name" + (data.total_groups > data.groups.length ? ` (first ${data.groups.length} groups shown)` : "");
+  $("library-names").replaceChildren(...data.groups.filter((g) => g.kind === "person").map((g) => el("option", { value: g.name })));
+  if (library.selected !== null && !data.groups.some((g) => g.face_ids.includes(library.selected))) selectFace(library.selected);
+  $("library-groups").replaceChildren(...data.groups.map(groupCard));
+  if (library.lastFind) await showFound(...library.lastFind);
+}
+
+async function libraryAction(doing, method, url, body, done) {
+  say(doing);
+  try {
+    const s = await api(method, url, JSON.stringify(body), undefined, { "Content-Type": "application/json" });
+    say(done(s));
+    if (library.selected !== null) selectFace(library.selected);  // the face has moved: nothing selected now
+    await refreshLibrary();
+    return s;
+  } catch (e) {
+    say(`Could not do that: ${e.message}`, true);
+    return null;
+  }
+}
+
+async function nameCluster(cluster, name) {
+  if (!name) { say("Enter the person's name.", true); return; }
+  const s = await libraryAction(`Naming cluster ${cluster} ${name}…`, "POST", `${LIB}/clusters/${cluster}/name`, { name },
+    (r) => `Named cluster ${r.cluster} ${r.name} (${r.faces} faces)` + (r.enrolled ? `; ${r.enrolled.faces_used} enrolled into the run.` : "."));
+  if (s && s.enrolled) { await Promise.all([refreshPeople(), refreshHealth()]); renameShown(`Enrolled ${s.name}; named the photos again. `); }
+}
+
+function merge(into, other) {
+  return libraryAction(`Merging cluster ${other} into ${into}…`, "POST", `${LIB}/clusters/${into}/merge`, { other },
+    (r) => `Merged cluster ${r.merged} into cluster ${r.cluster}.`);
+}
+
+function moveFace(name) {
+  const face = library.selected;
+  return libraryAction(`Moving face ${face}…`, "POST", `${LIB}/faces/${face}/move`, { name: name || null },
+    (r) => `Moved face ${r.face} to ${r.name || "a new cluster"} (cluster ${r.cluster}).`);
+}
+
+function unassignFace() {
+  const face = library.selected;
+  return libraryAction(`Unassigning face ${face}…`, "POST", `${LIB}/faces/${face}/unassign`, {},
+    (r) => `Face ${r.face} is in no cluster now.`);
+}
+
+function findPhotos(event) {
+  event.preventDefault();
+  library.lastFind = [$("find-name").value.trim(), $("find-with").value.trim()];
+  return showFound(...library.lastFind);
+}
+
+// The photos of a person, shown again after every change to the library so that no stale answer stays up.
+async function showFound(name, other) {
+  const query = new URLSearchParams({ name });
+  if (other) query.append("with", other);
+  try {
+    const data = await api("GET", `${LIB}/photos?${query}`);
+    $("find-count").textContent = `${data.count} photo(s) of ${name}${other ? ` with ${other}` : ""}` +
+      (data.count > data.photos.length ? ` (first ${data.photos.length} shown)` : "");
+    $("find-results").replaceChildren(...data.photos.map((p) => {
+      const [w, h] = p.size;
+      const frame = el("div", { class: "frame" }, thumbImage(`${LIB}/photos/${p.photo_id}/thumbnail`, `Photo ${p.source}`));
+      for (const f of p.faces) {
+        const [x1, y1, x2, y2] = f.box;
+        frame.append(el("span", { class: "libbox", "data-face": f.id, title: `${f.person} (face ${f.id})`, style: {
+          left: `${(100 * Math.max(0, x1)) / w}%`, top: `${(100 * Math.max(0, y1)) / h}%`,
+          width: `${(100 * (Math.min(w, x2) - Math.max(0, x1))) / w}%`, height: `${(100 * (Math.min(h, y2) - Math.max(0, y1))) / h}%`,
+        } }, el("span", { class: "tag", text: f.person })));
+      }
+      return el("figure", { class: "photo found" }, frame, el("figcaption", { text: p.source }));
+    }));
+  } catch (e) {
+    say(`Could not find the photos: ${e.message}`, true);
   }
 }
 
@@ -362,6 +516,13 @@ function setup() {
     const entered = await askKey("Enter the server's API key. It is kept for this browser tab only.");
     if (entered) { sessionStorage.setItem(KEY, entered); say("API key set for this tab."); }
   });
+  $("find-form").addEventListener("submit", findPhotos);
+  $("face-new-cluster").addEventListener("click", () => moveFace(null));
+  $("face-move").addEventListener("click", () => {
+    const name = $("face-person").value.trim();
+    if (name) moveFace(name); else say("Enter the person to move the face to.", true);
+  });
+  $("face-unassign").addEventListener("click", unassignFace);
   refreshHealth();
   refreshPeople();
 }
