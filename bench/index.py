@@ -17,8 +17,8 @@ bench/cluster.py draws them; --faces-per-photo faces to a photo, each photo a sm
 so that index looks at it as at any unchanged photo), clustered once with `pinsface cluster`. Then --photos new
 224-px Pins photos are added to the folder and indexed cold into it, and clustered again (incrementally); the
 same photos indexed cold into an empty database are their own detection time. The target: the difference is at
-most 10 s for 1,000 photos. --server runs it on PostgreSQL (a database per step on that server) instead of
-SQLite. --profile prints where the time of the first timed index went (cProfile).
+most 10 s for 1,000 photos. --server runs it on PostgreSQL (a database per step on that server, dropped at the
+end) instead of SQLite. --profile prints where the time of the first timed index went (cProfile).
 
 Every figure is printed with the load average: other processes share these CPUs.
 """
@@ -46,6 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 _names = itertools.count()
+_created: list[str] = []  # databases made on --server, dropped at the end
 PER = 10  # faces of a person: in the new photos and the large library (bench/gallery_scale.py's FACES_PER_IDENTITY)
 
 
@@ -99,7 +100,17 @@ def fresh_db(tmp: Path, server: str | None, template: str | None = None) -> str:
 
     with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}" + (f" TEMPLATE {template.rsplit('/', 1)[1]}" if template else ""))
+    _created.append(name)
     return f"{server}/{name}"
+
+
+def drop_created(server: str | None) -> None:
+    if server and _created:
+        import psycopg
+
+        with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+            for name in _created:
+                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def db_size(url: str) -> str:
@@ -366,12 +377,15 @@ def main() -> None:
     args = parser.parse_args()
     args.photos = args.photos or (100 if args.megapixels else 1000)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.megapixels:
-            large_photos(args, Path(tmp))
-        elif args.into_library:
-            into_library(args, Path(tmp))
-        else:
-            small_photos(args, Path(tmp))
+        try:
+            if args.megapixels:
+                large_photos(args, Path(tmp))
+            elif args.into_library:
+                into_library(args, Path(tmp))
+            else:
+                small_photos(args, Path(tmp))
+        finally:
+            drop_created(args.server)
     print(peak_rss())
 
 
