@@ -131,7 +131,7 @@ def rss_growth(rec, people: dict, n: int, rounds: int = 50) -> tuple[float, floa
     def cycle(k: int) -> None:
         name = names[k % len(names)]
         files = people[name][2]
-        start = (k // len(names)) * n % max(1, len(files) - n)
+        start = n + (k // len(names)) * n % max(1, len(files) - 2 * n)  # photos not enrolled before
         rec.enroll(f"{name} {k}", files[start : start + n])
         rec.forget(f"{name} {k}")
 

@@ -69,14 +69,17 @@ def phone_photo(
     return jpeg(canvas), pasted
 
 
-def group_photo(sources: list[tuple[Path, str]], seed: int, size=(2000, 1500)) -> tuple[bytes, list[Pasted]]:
-    """A JPEG with 2-4 Pins faces of different people at different sizes, side by side without overlap.
-    The first source is the folder's person; the sizes are shuffled so it is not always the largest."""
+def group_photo(
+    sources: list[tuple[Path, str]], seed: int, size=(2000, 1500), fractions=(0.09, 0.2)
+) -> tuple[bytes, list[Pasted]]:
+    """A JPEG with 2-4 Pins faces of different people at sizes spread over ``fractions`` of the shorter side,
+    side by side without overlap. The first source is the folder's person; the sizes are shuffled so it is not
+    always the largest."""
     rng = np.random.default_rng(seed)
     canvas = background(*size, seed)
     n = len(sources)
     slot = size[0] // n
-    fractions = rng.permutation(np.linspace(0.09, 0.2, n))
+    fractions = rng.permutation(np.linspace(*fractions, n))
     order = rng.permutation(n)
     placed = []
     for k, (source, identity) in enumerate(sources):
