@@ -127,6 +127,30 @@ def test_a_face_cut_by_the_frame_is_found_inside_a_border(detector, backbone, pi
     assert np.linalg.norm(found - reference) < np.linalg.norm(blind - reference) - 0.05
 
 
+def test_every_entry_point_finds_a_tight_crop_the_same_way(detector, pins_dir):
+    """prepare's records, naming (identify, identify_many, enrolment and the server all call find_faces) and the
+    public API find the face cut by the frame: they share ``finding.locate_faces``. (Naming looks for every face
+    down to a smaller size than prepare's subject, and MTCNN's pyramid then differs: here naming finds the face
+    without the border, prepare with it, and the box and landmarks move by a few pixels, never the face.)"""
+    import pinsface
+    from pinsface.face_records import decode_file, image_records
+    from pinsface.finding import find_faces
+
+    settings = FaceSettings()
+    path = pins_dir / TIGHT_CROP
+    records, errors = image_records(detector, [(0, decode_file(path, settings))], ["h"], settings, {})
+    assert errors == [] and records[0]["n_faces"] == 1 and records[0]["chosen"] == 0
+    (named,) = find_faces(detector, [str(path)], settings)
+    (public,) = pinsface.detect(str(path))
+    assert len(named.faces) == 1 and public.is_subject
+    x, y, w, h = public.box
+    boxes = [records[0]["boxes"][0], named.faces[0].box, np.array([x, y, x + w, y + h])]
+    size = boxes[0][2] - boxes[0][0]
+    for box in boxes[1:]:
+        assert np.abs(box - boxes[0]).max() < 0.05 * size
+    assert np.abs(named.faces[0].landmarks - records[0]["landmarks"][0]).max() < 0.05 * size
+
+
 def test_only_crop_shaped_images_are_scanned_again(detector, pins_dir):
     from pinsface.faces import retry_tight_crops
 

@@ -13,17 +13,15 @@ import numpy as np
 from pinsface.faces import (
     choose_subject,
     crop_scale_ok,
-    detect_each,
     face_crops,
     fallback_landmarks,
     is_crop_like,
     landmarks_box,
     min_subject_size,
     refine_view,
-    retry_tight_crops,
     subject_scores,
-    to_full_face,
 )
+from pinsface.finding import locate_faces
 from pinsface.images import BadImage, decode_scaled, read_bytes
 from pinsface.settings import DECODE_MIN_SIDE, FaceSettings
 
@@ -168,22 +166,20 @@ def image_records(detector, batch, hashes, settings: FaceSettings, held: dict) -
     down to its smallest face, none is held, and each record has the aligned chip of every face (``chips``)."""
     good = [(i, view, data) for i, (view, data) in ((i, r) for i, r in batch if not isinstance(r, BadImage))]
     errors = [(i, r) for i, r in batch if isinstance(r, BadImage)]
-    images = [view.pixels for _, view, _ in good]
-    min_sizes = [min_subject_size(view.full_size, settings) * min(view.scale) for _, view, _ in good]
+    views = [view for _, view, _ in good]
+    min_sizes = [min_subject_size(view.full_size, settings) * min(view.scale) for view in views]
     # Coarse to fine: a photo is scanned down to the smallest size only when the coarse scan found no face large
     # enough that any face it could miss is too small to be the subject.
-    coarse = [max(m, COARSE_FACE_FRACTION * min(image.shape[:2])) for m, image in zip(min_sizes, images)]
+    coarse = [max(m, COARSE_FACE_FRACTION * min(view.pixels.shape[:2])) for m, view in zip(min_sizes, views)]
     if settings.every_face:
         coarse = min_sizes
-    found = detect_each(detector, images, min_sizes, coarse)
-    found = retry_tight_crops(detector, images, found, min_sizes, settings, [view.full_size for _, view, _ in good])
+    found = locate_faces(detector, views, min_sizes, settings, coarse_sizes=coarse)
     records = []
-    for (i, view, data), detected in zip(good, found):
-        if isinstance(detected, Exception):
-            errors.append((i, BadImage("detector_error", f"{type(detected).__name__}: {detected}")))
+    for (i, view, data), faces in zip(good, found):
+        if isinstance(faces, Exception):
+            errors.append((i, BadImage("detector_error", f"{type(faces).__name__}: {faces}")))
             continue
         try:
-            faces = [to_full_face(face, view) for face in detected]
             chosen, status = choose_subject(faces, view.full_size, settings)
             wanted = [faces[chosen].size] if chosen >= 0 else []
             multi = is_held(faces, status, view.full_size, settings) and not settings.every_face

@@ -2,8 +2,9 @@
 map back to full resolution, and cut each face's aligned chip.
 
 The one path from a photo to its faces for naming (``pinsface.predict``) and for the public API
-(``pinsface.api``). Large photos are decoded at reduced scale, and again finer only where a face is too small in
-that view for a good chip (``pinsface.faces.refine_view``).
+(``pinsface.api``); ``prepare`` finds faces with the same ``locate_faces``. Large photos are decoded at reduced
+scale, and again finer only where a face is too small in that view for a good chip
+(``pinsface.faces.refine_view``).
 """
 
 from __future__ import annotations
@@ -61,6 +62,30 @@ def min_face_px(view: Decoded, settings: FaceSettings) -> float:
     return max(settings.min_face_size, PHOTO_MIN_FACE_FRACTION * min(view.full_size)) * min(view.scale)
 
 
+def locate_faces(
+    detector,
+    views: list[Decoded],
+    min_sizes: list[float],
+    settings: FaceSettings,
+    *,
+    subject_sizes: list[float] | None = None,
+    coarse_sizes: list[float] | None = None,
+) -> list[list[Detection] | Exception]:
+    """The one way pinsface finds faces in decoded photos, for naming (``find_faces``) and for ``prepare``
+    (``face_records.image_records``): detect down to ``min_sizes`` (view pixels; coarse to fine where
+    ``coarse_sizes`` is given), retry a tight crop inside a border where no face of ``subject_sizes`` was found,
+    and map the faces back to the photo's full-resolution pixels. An entry is the detector's exception where
+    that image alone failed."""
+    pixels = [view.pixels for view in views]
+    found = detect_each(detector, pixels, min_sizes, coarse_sizes) if views else []
+    retry_sizes = min_sizes if subject_sizes is None else subject_sizes
+    found = retry_tight_crops(detector, pixels, found, retry_sizes, settings, [view.full_size for view in views])
+    return [
+        faces if isinstance(faces, Exception) else [to_full_face(face, view) for face in faces]
+        for faces, view in zip(found, views)
+    ]
+
+
 def find_faces(detector, sources: list, settings: FaceSettings) -> list[FoundFaces]:
     """Every face in each source (path, bytes or array), detected in one batch. A bad file or a detector failure
     is reported in its entry and never stops the others. Only the chips are kept, not the decoded photos."""
@@ -72,15 +97,12 @@ def find_faces(detector, sources: list, settings: FaceSettings) -> list[FoundFac
         except BadImage as exc:
             found[i].error = exc.reason
     order = list(views)
-    pixels = [views[i].pixels for i in order]
-    detected = detect_each(detector, pixels, [min_face_px(views[i], settings) for i in order]) if order else []
-    detected = retry_tight_crops(
+    detected = locate_faces(
         detector,
-        pixels,
-        detected,
-        [min_subject_size(views[i].full_size, settings) * min(views[i].scale) for i in order],
+        [views[i] for i in order],
+        [min_face_px(views[i], settings) for i in order],
         settings,
-        [views[i].full_size for i in order],
+        subject_sizes=[min_subject_size(views[i].full_size, settings) * min(views[i].scale) for i in order],
     )
     for i, faces in zip(order, detected):
         entry, view = found[i], views[i]
@@ -88,7 +110,7 @@ def find_faces(detector, sources: list, settings: FaceSettings) -> list[FoundFac
         if isinstance(faces, Exception):  # this image alone failed in the detector: report it, go on
             entry.error, entry.note = "detector_error", f"{type(faces).__name__}: {faces}"
             continue
-        entry.faces = [to_full_face(f, view) for f in faces]
+        entry.faces = faces
         entry.chips = chips(fine_enough(sources[i], view, entry.faces, settings), entry.faces, settings)
     return found
 
