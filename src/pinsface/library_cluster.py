@@ -39,7 +39,8 @@ JOIN_BLOCK = 10_000  # new faces matched to existing clusters at a time (each ga
 
 def neighbour_graph(x: np.ndarray, k: int = NEIGHBOURS, block: int = SEARCH_BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """(distances float32, ids int32) of each face's ``k`` nearest other faces (id -1 where there are fewer),
-    searched ``block`` faces at a time: each face's answer does not depend on the others searched with it."""
+    searched ``block`` faces at a time (a multiple of 4,096: see ``SEARCH_BLOCK``), which gives the graph of one
+    search of all."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
     index = FaceIndex(x, np.zeros(n, np.int64), 1, 1)
