@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pinsface import library_cluster
 from pinsface.library_cluster import cluster_library, mean_pair_linkage
 from pinsface.library_db import LibraryDB
 from tests import postgres
@@ -154,6 +155,86 @@ def test_mean_pair_linkage_keeps_strangers_apart():
     labels = mean_pair_linkage(x)
     assert len(np.unique(labels)) == 40
     assert all(len(np.unique(owner[labels == c])) == 1 for c in np.unique(labels))
+
+
+def _people(n_people: int, per: int, seed: int) -> np.ndarray:
+    """Faces of ``n_people`` people, ``per`` each: strangers about 0.9 apart, one person's faces about 0.5, as
+    the stored descriptors are (bench/cluster.py), so that the graph has edges both within and across people."""
+    rng = np.random.default_rng(seed)
+    centres = 0.056 * rng.standard_normal((n_people, 128)).astype(np.float32)
+    return np.repeat(centres, per, axis=0) + 0.031 * rng.standard_normal((n_people * per, 128)).astype(np.float32)
+
+
+def _plain_mean_pair_linkage(x: np.ndarray, graph) -> np.ndarray:
+    """The rule of mean_pair_linkage written plainly (numpy scalars, one union-find), to check the fast one."""
+    a, b, _ = library_cluster._edges(*graph, library_cluster.EDGE_DISTANCE)
+    parent, counts = np.arange(len(x)), np.ones(len(x))
+    sums = x.astype(np.float64)
+    squares = np.einsum("nd,nd->n", sums, sums)
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in zip(a.tolist(), b.tolist()):
+        ri, rj = root(i), root(j)
+        if ri == rj:
+            continue
+        n = counts[ri] * counts[rj]
+        mean_sq = squares[ri] / counts[ri] + squares[rj] / counts[rj] - 2 * (sums[ri] @ sums[rj]) / n
+        bound = library_cluster.CENTROID_DISTANCE - library_cluster.SMALL_GROUPS / np.sqrt(n)
+        if mean_sq <= bound * bound:
+            ri, rj = (ri, rj) if counts[ri] >= counts[rj] else (rj, ri)
+            parent[rj], counts[ri] = ri, counts[ri] + counts[rj]
+            sums[ri] += sums[rj]
+            squares[ri] += squares[rj]
+    return np.unique([root(i) for i in range(len(x))], return_inverse=True)[1]
+
+
+@pytest.mark.parametrize("flat_limit", [None, 1000], ids=["exact", "inverted-file"])
+def test_neighbour_graph_in_blocks_equals_one_search(flat_limit, monkeypatch):
+    """Searching the faces in blocks gives the graph of one search over all of them, with the exact index and
+    with the inverted file (used above face_index.FLAT_LIMIT faces, here lowered to reach it), and the fast
+    linkage gives the plain rule's clusters on it."""
+    from pinsface import face_index
+
+    if flat_limit is not None:
+        monkeypatch.setattr(face_index, "FLAT_LIMIT", flat_limit)
+    x = _people(1000, 9, seed=2)
+    assert library_cluster._blocks(len(x), 4096) == [(0, 4096), (4096, 9000)]
+    one = library_cluster.neighbour_graph(x, block=len(x))
+    blocks = library_cluster.neighbour_graph(x, block=4096)
+    assert one[0].dtype == np.float32 and one[1].dtype == np.int32 and one[1].shape == (9000, 10)
+    assert np.array_equal(one[0], blocks[0]) and np.array_equal(one[1], blocks[1])
+    edges = library_cluster._edges(*one, library_cluster.EDGE_DISTANCE)
+    assert len(edges[0]) > len(x) and np.all(edges[0] < edges[1]) and np.all(np.diff(edges[2]) >= 0)
+    labels = library_cluster.mean_pair_linkage(x, graph=blocks)
+    assert 100 < len(np.unique(labels)) < len(x)  # faces were joined, and not all of them
+    assert np.array_equal(labels, _plain_mean_pair_linkage(x, one))
+
+
+def test_descriptors_read_in_chunks(library_url):
+    """The chunked read gives each live face's descriptor, in the order asked, and tells the faces it did not
+    find (a forgotten person's, whose descriptors are erased)."""
+    from pinsface.library_db import FaceRow
+
+    x = _people(5, 3, seed=3)
+    with LibraryDB.open(library_url) as db:
+        for k in range(5):
+            faces = [FaceRow(f"{k:032d}", i, (0, 0, 5, 5), 0.9, np.zeros((5, 2)), x[3 * k + i]) for i in range(3)]
+            db.store_photo(f"/p/{k}.jpg", f"{k:032d}", 1, 1.0, (10, 10), faces)
+        ids = db.cluster_state()["face_ids"]
+        out, found = db.descriptors_in_chunks(ids, chunk=4)
+        assert found.all() and np.array_equal(out, x) and np.array_equal(out, db.descriptors(ids.tolist()))
+        cluster_library(db)
+        db.name_cluster(db.face_list([int(ids[0])])[0]["cluster"], "Ann")
+        db.forget_person("Ann")
+        out, found = db.descriptors_in_chunks(ids, chunk=4)
+        assert 0 < (~found).sum() < len(ids) and not out[~found].any()
+        assert np.array_equal(out[found], x[found])
+        assert cluster_library(db)["faces"] == found.sum()
 
 
 def _wait_for_faces(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:

@@ -15,6 +15,9 @@ Named clusters keep their name; faces a person named, moved or unassigned are ne
 
 from __future__ import annotations
 
+from array import array
+from math import sqrt
+
 import numpy as np
 
 from pinsface.face_index import FaceIndex
@@ -27,32 +30,56 @@ EDGE_DISTANCE = 0.7
 # SMALL_GROUPS / sqrt(pairs): a single pair of faces must be closer than two groups, whose mean is steadier.
 CENTROID_DISTANCE = 0.6
 SMALL_GROUPS = 0.1
+# Faces searched at a time: the index's answer for them (with its re-ranking candidates) is held at once. A multiple
+# of the 4,096 queries FAISS's exact search takes together, so that each distance comes out as in one search of all.
+SEARCH_BLOCK = 12 * 4096
+EDGE_BLOCK = 100_000  # edges turned into Python ints at a time
+JOIN_BLOCK = 10_000  # new faces matched to existing clusters at a time (each gathers its 5 nearest clusters' sums)
 
 
-def neighbour_graph(x: np.ndarray, k: int = NEIGHBOURS) -> tuple[np.ndarray, np.ndarray]:
-    """(distances, ids) of each face's ``k`` nearest other faces (id -1 where there are fewer)."""
-    index = FaceIndex(x, np.zeros(len(x), np.int64), 1, 1)
-    dist, ids = index.search(x, min(k + 1, len(x)))
-    own = ids == np.arange(len(x))[:, None]
-    # Drop each face itself (wherever ties put it) and keep k others.
-    dist = np.where(own, np.inf, dist)
-    order = np.argsort(dist, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(dist, order, 1), np.where(
-        np.isfinite(np.take_along_axis(dist, order, 1)), np.take_along_axis(ids, order, 1), -1
-    )
+def neighbour_graph(x: np.ndarray, k: int = NEIGHBOURS, block: int = SEARCH_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """(distances float32, ids int32) of each face's ``k`` nearest other faces (id -1 where there are fewer),
+    searched ``block`` faces at a time (a multiple of 4,096: see ``SEARCH_BLOCK``), which gives the graph of one
+    search of all."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = len(x)
+    index = FaceIndex(x, np.zeros(n, np.int64), 1, 1)
+    want = min(k + 1, n)
+    width = min(k, want)
+    dist = np.empty((n, width), np.float32)
+    ids = np.empty((n, width), np.int32)
+    for lo, hi in _blocks(n, block):
+        d, i = index.search(x[lo:hi], want)
+        # Drop each face itself (wherever ties put it) and keep k others.
+        d = np.where(i == np.arange(lo, hi)[:, None], np.inf, d)
+        order = np.argsort(d, axis=1, kind="stable")[:, :width]
+        dist[lo:hi] = np.take_along_axis(d, order, 1)
+        ids[lo:hi] = np.where(np.isfinite(dist[lo:hi]), np.take_along_axis(i, order, 1), -1)
+    return dist, ids
+
+
+def _blocks(n: int, block: int) -> list[tuple[int, int]]:
+    """[lo, hi) of the blocks of ``n`` faces searched together: a small rest joins the block before it (FAISS
+    computes a few queries directly, not in the tiles of a larger search)."""
+    starts = list(range(0, n, block))
+    if len(starts) > 1 and n - starts[-1] < block // 2:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [n]))
 
 
 def _edges(dist: np.ndarray, ids: np.ndarray, limit: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The graph's distinct edges shorter than ``limit``, shortest first: (a, b, distance)."""
-    a = np.repeat(np.arange(len(ids)), ids.shape[1])
-    b, d = ids.ravel(), dist.ravel()
-    keep = (b >= 0) & (d < limit)
-    a, b, d = a[keep], b[keep], d[keep]
+    """The graph's distinct edges shorter than ``limit``, shortest first: (a, b, distance), a < b, int32 ids."""
+    n = len(ids)
+    keep = (ids >= 0) & (dist < limit)
+    a = np.repeat(np.arange(n, dtype=np.int32), keep.sum(1))
+    b, d = ids[keep], dist[keep]
     lo, hi = np.minimum(a, b), np.maximum(a, b)
-    key = lo.astype(np.int64) * len(ids) + hi
-    key, first = np.unique(key, return_index=True)
-    order = np.argsort(d[first], kind="stable")
-    return lo[first][order], hi[first][order], d[first][order]
+    del a, b, keep
+    # Each edge once (found from either end: the first found keeps its distance), then shortest first.
+    _, first = np.unique(lo.astype(np.int64) * n + hi, return_index=True)
+    lo, hi, d = lo[first], hi[first], d[first]
+    order = np.argsort(d, kind="stable")
+    return lo[order], hi[order], d[order]
 
 
 def mean_pair_linkage(
@@ -69,70 +96,93 @@ def mean_pair_linkage(
         return np.zeros(0, np.int64)
     dist, ids = graph if graph is not None else neighbour_graph(x, k)
     a, b, _ = _edges(dist, ids, edge)
-    parent = np.arange(n)
     sums = np.array(x, dtype=np.float64)
-    squares = np.einsum("nd,nd->n", sums, sums)
-    counts = np.ones(n)
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j in zip(a.tolist(), b.tolist()):
-        ri, rj = root(i), root(j)
-        if ri == rj:
-            continue
-        # The mean squared distance over every pair across the two groups, from their sums alone.
-        mean_sq = (
-            squares[ri] / counts[ri] + squares[rj] / counts[rj] - 2 * (sums[ri] @ sums[rj]) / (counts[ri] * counts[rj])
-        )
-        bound = centroid - small / np.sqrt(counts[ri] * counts[rj])
-        if mean_sq <= bound * bound:
-            if counts[ri] < counts[rj]:
-                ri, rj = rj, ri
-            parent[rj] = ri
-            sums[ri] += sums[rj]
-            squares[ri] += squares[rj]
-            counts[ri] += counts[rj]
-    roots = np.array([root(i) for i in range(n)])
+    # Union-find and each group's count and sum of squared norms in flat arrays read per edge from Python:
+    # scalar access to these is several times faster than to numpy's.
+    parent = array("q", range(n))
+    squares = array("d", np.einsum("nd,nd->n", sums, sums).tobytes())
+    counts = array("d", [1.0]) * n
+    groups = parent, sums, squares, counts
+    for lo in range(0, len(a), EDGE_BLOCK):
+        _link(a[lo : lo + EDGE_BLOCK].tolist(), b[lo : lo + EDGE_BLOCK].tolist(), groups, centroid, small)
+    roots = np.frombuffer(parent, dtype=np.int64).copy()
+    while True:
+        up = roots[roots]
+        if np.array_equal(up, roots):
+            break
+        roots = up
     return np.unique(roots, return_inverse=True)[1]
 
 
-def join_existing(x: np.ndarray, sums: np.ndarray, squares: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def _link(a: list[int], b: list[int], groups: tuple, centroid: float, small: float) -> None:
+    """Take the edges (a[e], b[e]) in turn: join their two groups when close enough as a whole. ``groups``:
+    (parent, sums, squares, counts) of the union-find, updated in place."""
+    parent, sums, squares, counts = groups
+    for i, j in zip(a, b):
+        while parent[i] != i:
+            parent[i] = i = parent[parent[i]]
+        while parent[j] != j:
+            parent[j] = j = parent[parent[j]]
+        if i == j:
+            continue
+        ci, cj = counts[i], counts[j]
+        # The mean squared distance over every pair across the two groups, from their sums alone.
+        mean_sq = squares[i] / ci + squares[j] / cj - 2 * (sums[i] @ sums[j]) / (ci * cj)
+        bound = centroid - small / sqrt(ci * cj)
+        if mean_sq <= bound * bound:
+            if ci < cj:
+                i, j = j, i
+            parent[j] = i
+            sums[i] += sums[j]
+            squares[i] += squares[j]
+            counts[i] = ci + cj
+
+
+def join_existing(
+    x: np.ndarray, sums: np.ndarray, squares: np.ndarray, counts: np.ndarray, block: int = JOIN_BLOCK
+) -> np.ndarray:
     """For each new face, the existing cluster (row of ``sums``, ``squares``: its faces' sum and sum of squared
     norms, ``counts``: its faces) it would join by ``mean_pair_linkage``'s rule, nearest first, else -1."""
+    out = np.full(len(x), -1, np.int64)
     if not len(counts) or not len(x):
-        return np.full(len(x), -1, np.int64)
+        return out
     centres = (sums / counts[:, None]).astype(np.float32)
-    _, ids = FaceIndex(centres, np.zeros(len(centres), np.int64), 1, 1).search(x, min(5, len(centres)))
-    safe = np.maximum(ids, 0)
-    norms = np.einsum("nd,nd->n", x, x)[:, None]
-    mean_sq = norms + squares[safe] / counts[safe] - 2 * np.einsum("nd,nkd->nk", x, sums[safe]) / counts[safe]
-    bound = CENTROID_DISTANCE - SMALL_GROUPS / np.sqrt(counts[safe])
-    mean_sq = np.where((ids >= 0) & (mean_sq <= bound * bound), mean_sq, np.inf)
-    best = np.argmin(mean_sq, axis=1)
-    return np.where(np.isfinite(mean_sq[np.arange(len(x)), best]), ids[np.arange(len(x)), best], -1)
+    index = FaceIndex(centres, np.zeros(len(centres), np.int64), 1, 1)
+    for lo in range(0, len(x), block):
+        part = np.asarray(x[lo : lo + block], dtype=np.float32)
+        _, ids = index.search(part, min(5, len(centres)))
+        safe = np.maximum(ids, 0)
+        norms = np.einsum("nd,nd->n", part, part)[:, None]
+        mean_sq = norms + squares[safe] / counts[safe] - 2 * np.einsum("nd,nkd->nk", part, sums[safe]) / counts[safe]
+        bound = CENTROID_DISTANCE - SMALL_GROUPS / np.sqrt(counts[safe])
+        mean_sq = np.where((ids >= 0) & (mean_sq <= bound * bound), mean_sq, np.inf)
+        best = np.argmin(mean_sq, axis=1)
+        rows = np.arange(len(part))
+        out[lo : lo + block] = np.where(np.isfinite(mean_sq[rows, best]), ids[rows, best], -1)
+    return out
 
 
 def cluster_library(db: LibraryDB) -> dict:
     """Cluster the library's unnamed faces incrementally (see the module's docstring); a summary."""
     state = db.cluster_state()
     face_ids, cluster_ids = state["face_ids"], state["cluster_ids"]
-    x = db.descriptors(face_ids.tolist())
-    clustered = cluster_ids >= 0
-    new = np.flatnonzero(~clustered & state["movable"])
+    x, found = db.descriptors_in_chunks(face_ids)
+    clustered = (cluster_ids >= 0) & found
+    new = np.flatnonzero((cluster_ids < 0) & state["movable"] & found)
     existing, row = np.unique(cluster_ids[clustered], return_inverse=True)
     sums = np.zeros((len(existing), x.shape[1]), np.float64)
     np.add.at(sums, row, x[clustered])
     squares = np.bincount(row, np.einsum("nd,nd->n", x[clustered], x[clustered]), len(existing))
     joined = join_existing(x[new], sums, squares, np.bincount(row, minlength=len(existing)).astype(np.float64))
-    moves = [(int(face_ids[f]), int(existing[c])) for f, c in zip(new, joined) if c >= 0]
-    rest = new[joined < 0]
+    del sums
+    took = joined >= 0
+    moves = list(zip(face_ids[new[took]].tolist(), existing[joined[took]].tolist()))
+    rest = new[~took]
     labels = mean_pair_linkage(x[rest]) if len(rest) else np.zeros(0, np.int64)
-    groups = [rest[labels == g] for g in range(int(labels.max()) + 1 if len(labels) else 0)]
-    created = db.store_clusters(moves, [[int(face_ids[f]) for f in g] for g in groups])
+    del x
+    order = np.argsort(labels, kind="stable")
+    groups = np.split(face_ids[rest[order]], np.flatnonzero(np.diff(labels[order])) + 1) if len(rest) else []
+    created = db.store_clusters(moves, [g.tolist() for g in groups])
     return {
         "faces": int(len(face_ids)),
         "new_faces": int(len(new)),

@@ -513,3 +513,31 @@ class LibraryDB:
         """A live photo's ``{"source", "hash", "size" (width, height)}``, or None."""
         rows = self.rows("SELECT path, hash, width, height FROM photos WHERE id = ? AND gone = 0", (photo_id,))
         return {"source": rows[0][0], "hash": rows[0][1], "size": (rows[0][2], rows[0][3])} if rows else None
+
+    def descriptors_in_chunks(self, face_ids: np.ndarray, chunk: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
+        """The descriptors of the live faces ``face_ids`` (ascending, as ``cluster_state`` gives them), read
+        ``chunk`` rows at a time into one (n, 128) float32 array; and whether each was found (a face can go, or
+        lose its descriptor, between two reads)."""
+        out = np.zeros((len(face_ids), DIM), np.float32)
+        found = np.zeros(len(face_ids), bool)
+        if not len(face_ids):
+            return out, found
+        sql = self._sql(
+            "SELECT id, descriptor FROM faces WHERE gone = 0 AND descriptor IS NOT NULL AND id BETWEEN ? AND ?"
+            " ORDER BY id"
+        )
+        with contextlib.ExitStack() as stack:
+            if self.kind == "postgresql":  # a server-side cursor streams the rows; it lives in a transaction
+                stack.enter_context(self.conn.transaction())
+                cursor = stack.enter_context(self.conn.cursor(name="pinsface_descriptors"))
+            else:
+                cursor = stack.enter_context(contextlib.closing(self.conn.cursor()))
+            cursor.execute(sql, (int(face_ids[0]), int(face_ids[-1])))
+            while rows := cursor.fetchmany(chunk):
+                ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+                at = np.minimum(np.searchsorted(face_ids, ids), len(face_ids) - 1)
+                ok = face_ids[at] == ids
+                blobs = b"".join(bytes(r[1]) for r, keep in zip(rows, ok.tolist()) if keep)
+                out[at[ok]] = np.frombuffer(blobs, np.float32).reshape(-1, DIM)
+                found[at[ok]] = True
+        return out, found
