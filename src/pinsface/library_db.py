@@ -377,10 +377,23 @@ class LibraryDB:
         )
         with self.transaction():
             self.executemany(upsert, moves)
-            for group in groups:
-                cid = self.insert_id("INSERT INTO clusters (person_id) VALUES (NULL)", ())
-                self.executemany(upsert, [(fid, cid) for fid in group])
+            ids = self._new_clusters(len(groups))
+            self.executemany(upsert, [(fid, cid) for cid, group in zip(ids, groups) for fid in group])
         return len(groups)
+
+    def _new_clusters(self, n: int) -> list[int]:
+        """The ids of ``n`` new unnamed clusters, made by one statement (not one per cluster: a large library
+        makes hundreds of thousands). Which new id goes to which group does not matter."""
+        if n <= 0:
+            return []
+        sql = (
+            "WITH RECURSIVE seq(k) AS (SELECT 1 UNION ALL SELECT k + 1 FROM seq WHERE k < ?) "
+            "INSERT INTO clusters (person_id) SELECT NULL FROM seq RETURNING id"
+        )
+        ids = [int(row[0]) for row in self.execute(sql, (int(n),)).fetchall()]
+        if len(ids) != n:
+            raise LibraryDBError(f"made {len(ids)} clusters where {n} were asked for")
+        return ids
 
     def cluster_count(self) -> int:
         return int(
