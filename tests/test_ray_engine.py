@@ -79,14 +79,13 @@ def test_ray_engine_gives_the_local_engines_faces_and_embeddings(local_ray, samp
     assert again.summary["processed"] == 1 and again.summary["ray"]["images"] == 1 and again.status == local.status
 
 
-def test_a_killed_worker_is_replaced_and_no_image_is_lost(local_ray, tmp_path):
+def test_a_killed_worker_is_replaced_and_no_image_is_lost(local_ray, tmp_path, pins_dir):
     from pinsface.ray_engine import process
-    from tests.conftest import PINS
 
     files = [
         p
         for folder in ("pins_Anne Hathaway", "pins_Brie Larson", "pins_Alex Lawther")
-        for p in sorted((PINS / folder).glob("*.jpg"))[:12]
+        for p in sorted((pins_dir / folder).glob("*.jpg"))[:12]
     ]
     hashes = [content_hash(p.read_bytes()) for p in files]
     seen, pids, killed = [], set(), []
