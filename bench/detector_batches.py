@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
 PINS = Path(os.environ.get("PINSFACE_SHARED", REPO.parent / "shared")) / "data" / "pins" / "105_classes_pins_dataset"
 
-import numpy as np  # noqa: E402
+import numpy as np  # noqa: E402  (the set-up above must come first)
 
 
 def landmarks(faces) -> np.ndarray:

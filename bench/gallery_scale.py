@@ -67,7 +67,10 @@ def stats(vectors: np.ndarray, owner: np.ndarray, rng, pairs: int = 20000) -> di
     cb = rng.integers(0, len(ids), pairs)
     between = np.linalg.norm(centroids[ca[ca != cb]] - centroids[cb[ca != cb]], axis=1)
     own = np.linalg.norm(vectors - centroids[np.searchsorted(ids, owner)], axis=1)
-    q = lambda x: [round(float(v), 3) for v in np.quantile(x, [0.05, 0.5, 0.95])]  # noqa: E731
+
+    def q(x):
+        return [round(float(v), 3) for v in np.quantile(x, [0.05, 0.5, 0.95])]
+
     return {
         "within_p5_p50_p95": q(within),
         "between_centroids_p5_p50_p95": q(between),

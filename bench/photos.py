@@ -188,7 +188,9 @@ def bench_groups(args) -> None:
     people = sorted(p.name for p in PINS.iterdir() if p.is_dir())
     subjects, others = people[: args.subjects], people[args.subjects : args.subjects + 30]
     with tempfile.TemporaryDirectory(prefix="photos-groups-") as tmp:
-        truth = build_groups(PINS, Path(tmp) / "data", subjects, others, args.references, args.groups_per_subject)
+        truth = build_groups(
+            PINS, Path(tmp) / "data", subjects, others, references=args.references, groups=args.groups_per_subject
+        )
         detector = FaceDetector()
         for label, settings in (
             ("rule only", FaceSettings(subject_pass_min_photos=0)),

@@ -24,7 +24,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
+import numpy as np  # noqa: E402  (the set-up above must come first)
 
 PINS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pins" / "105_classes_pins_dataset"
 TARGET = 10_000_000
@@ -64,7 +64,7 @@ def main() -> None:
     from pinsface.embeddings import ensure_embeddings, run_embedder, run_embedding_cache
     from pinsface.images import read_bytes
     from pinsface.prepare import prepare
-    from pinsface.ray_engine import prepare_on_ray
+    from pinsface.ray_engine import RayTarget, prepare_on_ray
     from pinsface.settings import Settings
 
     settings = Settings()
@@ -135,7 +135,13 @@ def main() -> None:
 
             t = time.perf_counter()
             report = prepare_on_ray(
-                paths, digests, Timed(), settings.faces, embed=settings, workers=workers, chunk_images=args.chunk
+                paths,
+                digests,
+                Timed(),
+                settings.faces,
+                embed=settings,
+                target=RayTarget(workers=workers),
+                chunk_images=args.chunk,
             )
             wall = time.perf_counter() - t
         finally:

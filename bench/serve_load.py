@@ -173,22 +173,23 @@ def multipart(name: str, data: bytes, boundary: str = "pinsface-load-boundary") 
 
 async def drive(
     url: str,
+    key: str,
     photos: list[bytes],
-    hostile: list[tuple[str, bytes]],
-    hostile_rate: float,
+    *,
     clients: int,
     seconds: float,
     max_requests: int,
     seed: int,
     server_pid: int,
-    key: str,
+    hostile: list[tuple[str, bytes]] | None = None,
+    hostile_rate: float = 0.0,
 ) -> dict:
     probe = subprocess.Popen([sys.executable, "-c", PROBE, url, str(seconds), key], stdout=subprocess.PIPE, text=True)
     server_cpu, client_cpu = cpu_seconds(server_pid), time.process_time()
 
     host, port = url.rsplit("//", 1)[1].rsplit(":", 1)
     bodies = [multipart("photo.jpg", data) for data in photos]
-    bad_bodies = [multipart(name, data) for name, data in hostile]
+    bad_bodies = [multipart(name, data) for name, data in hostile or []]
     rng = random.Random(seed)
     latencies: list[float] = []
     timeline: list[tuple[float, float]] = []  # (perf_counter when sent, latency)
@@ -251,7 +252,9 @@ def storm(url: str, key: str, photos: list[bytes], clients: int, seconds: float,
     other); and while enrolments and forgettings run back to back for the rest of the window."""
     import httpx
 
-    idle = asyncio.run(drive(url, photos, [], 0.0, clients, seconds, 100_000, 3, pid, key))
+    idle = asyncio.run(
+        drive(url, key, photos, clients=clients, seconds=seconds, max_requests=100_000, seed=3, server_pid=pid)
+    )
     folders = sorted(p for p in PINS.iterdir() if p.is_dir())[:5]
     timings: dict[str, list[float]] = {"enrol": [], "forget": []}
     burst: list[float] = []
@@ -277,7 +280,9 @@ def storm(url: str, key: str, photos: list[bytes], clients: int, seconds: float,
 
     async def both():
         await asyncio.sleep(0)
-        loaded = asyncio.create_task(drive(url, photos, [], 0.0, clients, seconds, 100_000, 4, pid, key))
+        loaded = asyncio.create_task(
+            drive(url, key, photos, clients=clients, seconds=seconds, max_requests=100_000, seed=4, server_pid=pid)
+        )
         await asyncio.sleep(1)
         burst.append(time.perf_counter())
         await changes(time.monotonic() + seconds - 2)
@@ -429,13 +434,35 @@ def load_phases(args, url: str, key: str, photos: list[bytes], pid: int, tmp: Pa
 
     clean = None
     if "clean" in args.phases:
-        clean = asyncio.run(drive(url, photos, [], 0.0, args.clients, args.seconds, args.max_requests, 1, pid, key))
+        clean = asyncio.run(
+            drive(
+                url,
+                key,
+                photos,
+                clients=args.clients,
+                seconds=args.seconds,
+                max_requests=args.max_requests,
+                seed=1,
+                server_pid=pid,
+            )
+        )
         report(f"{args.clients} clients, 224-px photos", clean)
         print(f"  {clean['ok'] / clean['server_cpu_s']:.1f} photos per server CPU-second")
     if "hostile" in args.phases:
         hostile = hostile_files(PINS / "pins_Bill Gates" / "Bill Gates104_500.jpg", tmp / "bad", 10.0)
         mixed = asyncio.run(
-            drive(url, photos, hostile, args.hostile, args.clients, args.seconds, args.max_requests, 2, pid, key)
+            drive(
+                url,
+                key,
+                photos,
+                clients=args.clients,
+                seconds=args.seconds,
+                max_requests=args.max_requests,
+                seed=2,
+                server_pid=pid,
+                hostile=hostile,
+                hostile_rate=args.hostile,
+            )
         )
         report(f"{args.clients} clients, {args.hostile:.0%} hostile uploads", mixed)
         fives = {k: v for k, v in mixed["statuses"].items() if str(k).startswith("5") or not str(k).isdigit()}
@@ -486,7 +513,7 @@ def main() -> int:
             key = (tmp / "key").read_text().strip()
             wait_healthy(url, server, headers={"X-API-Key": key}, timeout=300)
             # Warm up as the in-process figure does: the first batches of each size build the graphs.
-            asyncio.run(drive(url, photos, [], 0.0, 32, 60, 96, 0, server.pid, key))
+            asyncio.run(drive(url, key, photos, clients=32, seconds=60, max_requests=96, seed=0, server_pid=server.pid))
             clean = load_phases(args, url, key, photos, server.pid, tmp)
             if "storm" in args.phases:
                 storm(url, key, photos, args.storm_clients, args.seconds, server.pid)

@@ -196,8 +196,10 @@ def test_evaluate_in_gallery_mode(small_run, tmp_path):
 
 def test_report_samples_carry_the_distance_in_gallery_mode(small_run):
     """The sample plots label gallery-mode faces with their distance, not minus it as a 'confidence'."""
+    from dataclasses import replace
+
     from pinsface.dataset import identity_key
-    from pinsface.evaluate import sample_faces
+    from pinsface.evaluate import Evaluation, sample_faces
     from pinsface.runfolder import Run
     from pinsface.scoring import score_images
 
@@ -210,15 +212,16 @@ def test_report_samples_carry_the_distance_in_gallery_mode(small_run):
     label_of = {identity_key(name): i for i, name in enumerate(labels)}
     y = np.array([label_of[identity_key(prepared.dataset.items[i].identity)] for i in items])
     probs, usable = score_images(state.model, settings, prepared, items, gallery=state.gallery, mode="gallery")
-    correct, incorrect = sample_faces(
-        settings, labels, prepared, items, y, probs, usable, split, prepared, mode="gallery"
+    scored = Evaluation(
+        run, settings, state.model, state.gallery, labels, split, prepared, items, y, probs, usable, prepared
     )
+    correct, incorrect = sample_faces(scored, mode="gallery")
     shown = [s for s in correct + incorrect if s["pred"] is not None]
     assert shown and all(s["confidence"] is None and 0 < s["distance"] < 2 for s in shown)
     nearest = -probs.max(1)[usable]  # each face's distance to the identity it is named as
     assert all(np.isclose(s["distance"], nearest, atol=1e-6).any() for s in shown)
     head_probs, _ = score_images(state.model, settings, prepared, items, gallery=state.gallery, mode="head")
-    head_correct, _ = sample_faces(settings, labels, prepared, items, y, head_probs, usable, split, prepared)
+    head_correct, _ = sample_faces(replace(scored, probs=head_probs))
     assert all(0 <= s["confidence"] <= 1 and "distance" not in s for s in head_correct)
 
 

@@ -80,7 +80,7 @@ def test_ray_engine_gives_the_local_engines_faces_and_embeddings(local_ray, samp
 
 
 def test_a_killed_worker_is_replaced_and_no_image_is_lost(local_ray, tmp_path, pins_dir):
-    from pinsface.ray_engine import process
+    from pinsface.ray_engine import RayTarget, process
 
     files = [
         p
@@ -100,7 +100,7 @@ def test_a_killed_worker_is_replaced_and_no_image_is_lost(local_ray, tmp_path, p
 
     chunks = [list(range(lo, min(lo + 2, len(files)))) for lo in range(0, len(files), 2)]
     report = process(
-        chunks, [str(p) for p in files], hashes, Settings().faces, embed=None, workers=2, on_batch=on_batch
+        chunks, [str(p) for p in files], hashes, Settings().faces, target=RayTarget(workers=2), on_batch=on_batch
     )
     assert report["workers"] == 2 and killed
     status = f"/proc/{killed[0]}/status"

@@ -98,7 +98,7 @@ def images_loaded(page, selector: str, timeout: float = 60) -> None:
         time.sleep(0.1)
 
 
-def test_people_view_in_the_browser(small_run, template_db, browser, tmp_path):  # noqa: F811
+def test_people_view_in_the_browser(small_run, template_db, browser, tmp_path):  # noqa: F811  (the imported browser fixture)
     from playwright.sync_api import expect
 
     from pinsface.serve import create_app

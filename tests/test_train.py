@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-import pinsface.layers  # noqa: F401
+import pinsface.layers  # noqa: F401  (registers the custom layers for loading saved models)
 from pinsface.dataset import Split
 from pinsface.embeddings import Embedder, run_embedding_cache
 from pinsface.fitting import mix_batch

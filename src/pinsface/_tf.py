@@ -23,7 +23,7 @@ def import_tensorflow_quietly() -> None:
         for name in hidden:
             sys.modules[name] = None  # `import name` now raises ImportError
         if os.environ.get("PINSFACE_TF_LOGS"):
-            import tensorflow  # noqa: F401
+            import tensorflow  # noqa: F401  (imported for its side effect: loaded once, quietly)
         else:
             _import_with_stderr_muted()
     finally:
@@ -41,7 +41,7 @@ def _import_with_stderr_muted() -> None:
         if saved is not None:
             with open(os.devnull, "w") as null:
                 os.dup2(null.fileno(), 2)
-        import tensorflow  # noqa: F401
+        import tensorflow  # noqa: F401  (imported for its side effect: loaded once, quietly)
     finally:
         if saved is not None:
             os.dup2(saved, 2)

@@ -18,7 +18,7 @@ from pinsface._tf import import_tensorflow_quietly
 import_tensorflow_quietly()
 
 import keras  # noqa: E402  (after TensorFlow's quiet import)
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf  # noqa: E402  (after TensorFlow's quiet import)
 
 L = keras.layers
 

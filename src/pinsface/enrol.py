@@ -40,7 +40,7 @@ def _trained_faces(gallery: Gallery) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([gallery.embeddings[mine], gallery.flips[mine]]), np.concatenate([owner, owner])
 
 
-def enrol_change(gallery: Gallery, head, name: str, emb, emb_flip, hashes: list[str], imprint: bool = True):
+def enrol_change(gallery: Gallery, head, name: str, emb, emb_flip, hashes: list[str], *, imprint: bool = True):
     """Add faces under ``name`` to ``gallery`` (a copy, changed in place): (head, change, summary). A person
     enrolled after training gets their column imprinted from all their faces; a trained person keeps the
     column training gave them (their new faces still count in the distance check)."""

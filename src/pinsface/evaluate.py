@@ -148,6 +148,7 @@ def evaluate(
     run_dir: str | Path,
     data: str | Path | None = None,
     out: str | Path | None = None,
+    *,
     prepared: Prepared | None = None,
     progress: bool = True,
     model=None,
@@ -182,7 +183,7 @@ def evaluate(
     mode = resolve_mode(mode or settings.mode, len(labels)) if settings.model == "embedding" else "head"
     head = state.head if model is state.model else None  # a model given by the caller brings its own head
     probs, usable = score_images(
-        model, settings, prepared, items, progress, gallery=state.gallery, mode=mode, head=head
+        model, settings, prepared, items, progress=progress, gallery=state.gallery, mode=mode, head=head
     )
     clock.record("score", scoring)
     metrics = compute_metrics(probs, usable, y, labels, [prepared.status[i] for i in items])
@@ -247,7 +248,15 @@ def write_figures(out: Path, scored: Evaluation, confusions, metrics: dict, comp
     timings.update({f"evaluate: {k}": v for k, v in metrics["seconds"].items()})
     lines = report.insights(metrics, confusions, _training_counts(scored), compare_info)
     metrics["insights"] = lines
-    report.write_html(out / "report.html", metrics, scored.settings.to_dict(), dataset_stats, timings, figures, lines)
+    report.write_html(
+        out / "report.html",
+        metrics,
+        scored.settings.to_dict(),
+        dataset_stats=dataset_stats,
+        timings=timings,
+        figures=figures,
+        insight_lines=lines,
+    )
 
 
 def _confusion_figure(path: Path, scored: Evaluation) -> Path:
@@ -271,18 +280,7 @@ def _sample_figures(out: Path, scored: Evaluation, mode: str) -> list[tuple[Path
     """Two sheets of sample faces, hits and misses, with their captions."""
     from pinsface import plots
 
-    correct, incorrect = sample_faces(
-        scored.settings,
-        scored.labels,
-        scored.prepared,
-        scored.items,
-        scored.y,
-        scored.probs,
-        scored.usable,
-        scored.split,
-        scored.training,
-        mode=mode,
-    )
+    correct, incorrect = sample_faces(scored, mode=mode)
     return [
         (
             plots.plot_samples(correct, out / "samples_correct.png", "Correctly named faces"),
@@ -332,23 +330,12 @@ def _dataset_stats(run: Run, training: Prepared | None) -> dict:
     return stats
 
 
-def sample_faces(
-    settings: Settings,
-    labels,
-    prepared: Prepared,
-    items,
-    y,
-    probs,
-    usable,
-    split: Split,
-    training: Prepared | None,
-    n_correct: int = 18,
-    n_incorrect: int = 18,
-    mode: str = "head",
-):
-    """Picked hits and misses with their crops; misses get the nearest training face of the predicted identity.
-    Each carries the head's probability (``confidence``) or, in gallery mode, where ``probs`` holds minus the
-    distance (``pinsface.scoring.gallery_scores``), the ``distance`` instead."""
+def sample_faces(scored: Evaluation, *, n_correct: int = 18, n_incorrect: int = 18, mode: str = "head"):
+    """Picked hits and misses of ``scored`` with their crops; misses get the nearest training face of the
+    predicted identity. Each carries the head's probability (``confidence``) or, in gallery mode, where
+    ``scored.probs`` holds minus the distance (``pinsface.scoring.gallery_scores``), the ``distance`` instead."""
+    settings, labels, prepared, items = scored.settings, scored.labels, scored.prepared, scored.items
+    y, probs, usable, split, training = scored.y, scored.probs, scored.usable, scored.split, scored.training
     pred = np.argmax(probs, 1)
     conf = probs.max(1)
     rng = np.random.default_rng(settings.seed)
@@ -585,6 +572,7 @@ def evaluate_open_set(
     run_dir: str | Path,
     unknown: str | Path,
     out: str | Path | None = None,
+    *,
     prepared: Prepared | None = None,
     progress: bool = True,
     mode: str | None = None,

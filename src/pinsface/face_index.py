@@ -133,6 +133,7 @@ class FaceIndex:
         owner: np.ndarray,
         n_identities: int,
         knn: int,
+        *,
         flat_limit: int | None = None,
         threads: int | None = None,
         saved: bytes | None = None,

@@ -32,6 +32,7 @@ def face_record(
     settings: FaceSettings,
     digest: str,
     view=None,
+    *,
     chosen: int | None = None,
     status: str | None = None,
 ) -> dict:
@@ -188,7 +189,7 @@ def image_records(detector, batch, hashes, settings: FaceSettings, held: dict) -
                 wanted = [faces[k].size for k in (order if multi else range(len(faces)))]
             if wanted and not crop_scale_ok(view, wanted):
                 view = refine_view(data, view, wanted, settings.max_pixels)
-            record = face_record(view.pixels, faces, settings, hashes[i], view, chosen, status)
+            record = face_record(view.pixels, faces, settings, hashes[i], view, chosen=chosen, status=status)
             if settings.every_face:
                 record["chips"] = [face_crops(view, f.landmarks, f.box, settings)[0] for f in faces]
             if multi:

@@ -413,7 +413,7 @@ def detect_each(
         return detector.detect(images, min_face_sizes, coarse_sizes=coarse_sizes)
     except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001  (each image is retried alone, to find the one that fails)
         if len(images) == 1:
             return [exc]
     out: list[list[Detection] | Exception] = []

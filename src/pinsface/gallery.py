@@ -460,8 +460,11 @@ def calibrate_thresholds(
     return t_p, t_d, report
 
 
-def new_gallery(labels, train_emb, train_flip, train_y, val_emb, val_flip, val_y) -> Gallery:
-    """A gallery of the training faces (enrolled) and validation faces (for calibration), not yet calibrated."""
+def new_gallery(labels, vectors: dict, y: dict) -> Gallery:
+    """A gallery of the training faces (enrolled) and validation faces (for calibration), not yet calibrated.
+    ``vectors``: "train" and "val" each to its faces' (embeddings, mirrored embeddings); ``y``: their identities."""
+    (train_emb, train_flip), (val_emb, val_flip) = vectors["train"], vectors["val"]
+    train_y, val_y = y["train"], y["val"]
     return Gallery(
         list(labels),
         train_emb.astype(np.float32),

@@ -286,7 +286,7 @@ def gallery_stage(job: Job, embedded: Embedded, faces: SplitFaces) -> GallerySta
     # The gallery's distances need no head: with the backbone frozen they are computed in a thread while the
     # head trains (which keeps about one core busy), and only the thresholds wait for the head.
     side = ThreadPoolExecutor(1, thread_name_prefix="pinsface-gallery")
-    gallery = new_gallery(faces.labels, *emb["train"], y["train"], *emb["val"], y["val"])
+    gallery = new_gallery(faces.labels, emb, y)
     leave_one_out = None if settings.fine_tune else side.submit(gallery.leave_one_out)
     blend_distances = (
         side.submit(validation_distances, emb, y, faces.n_classes, gallery.knn)
@@ -411,7 +411,7 @@ def _embed_again(job: Job, embedded: Embedded, faces: SplitFaces):
         k: ensure_embeddings(faces.hashes[k], embedded.face_cache, store, embedder, progress=job.progress)
         for k in ("train", "val")
     }
-    return vectors, new_gallery(faces.labels, *vectors["train"], y["train"], *vectors["val"], y["val"])
+    return vectors, new_gallery(faces.labels, vectors, y)
 
 
 @dataclass(frozen=True)

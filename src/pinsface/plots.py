@@ -7,9 +7,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.gridspec import GridSpec  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
+import numpy as np  # noqa: E402  (after choosing the Agg backend)
+from matplotlib.gridspec import GridSpec  # noqa: E402  (after choosing the Agg backend)
 
 # PNGs written with light compression: a little larger, and the report's figures are written much faster.
 FAST_PNG = {"compress_level": 1}

@@ -330,7 +330,9 @@ class Recognizer:
         trained = g.trained_mask()
         checked = checked_probabilities(state.head, emb, emb_flip, probs, trained)
         matches = match_faces(checked, dists, p_min, d_max, top_k, scores=scores)
-        return keep_trained_answers(matches, checked, dists, p_min, d_max, trained, top_k, (g.knn_weight, g.knn_tau))
+        return keep_trained_answers(
+            matches, checked, dists, p_min, d_max, trained, top_k=top_k, blend=(g.knn_weight, g.knn_tau)
+        )
 
     def faces_for_enrolment(self, images: list) -> tuple[np.ndarray, np.ndarray, int, list[dict], list[int]]:
         """(embeddings, mirror embeddings, faces used, skipped files, which images gave the faces) of the

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 CHUNK_IMAGES = 512
 # Detector batches worked on at once (see prepare).
 DETECT_THREADS = 2
+# Threads that read image files (to hash them, or to decode them for the detector).
+READ_THREADS = 4
 
 
 @dataclass
@@ -69,7 +71,7 @@ SUBJECT_REFERENCES = 32
 
 
 def second_pass(
-    held: dict, dataset: Dataset, hashes: list, status: list, cache: FaceCache, settings: FaceSettings, embedder=None
+    held: dict, dataset: Dataset, hashes: list, status: list, cache: FaceCache, settings: FaceSettings, *, embedder=None
 ) -> dict:
     """Choose the subject of held multi-face photos by their faces' distance to the person's single-face photos.
 
@@ -179,7 +181,7 @@ def _detect_on_ray(
 ) -> tuple[dict, dict[str, tuple[int, dict]]]:
     """Detect (and embed) the images still to do on a Ray cluster (``pinsface.ray_engine``). Returns its report and
     the photos with several faces, held for the second pass."""
-    from pinsface.ray_engine import prepare_on_ray
+    from pinsface.ray_engine import RayTarget, prepare_on_ray
 
     dataset, hashes, todo = outcomes.dataset, outcomes.hashes, outcomes.todo
     ray_report = prepare_on_ray(
@@ -187,9 +189,8 @@ def _detect_on_ray(
         [hashes[i] for i in todo],
         cache,
         settings,
-        embed,
-        address,
-        workers,
+        embed=embed,
+        target=RayTarget(address, workers),
         chunk_images=chunk_images,
         detect_batch_size=batch_size,
     )
@@ -209,49 +210,49 @@ def _detect_on_ray(
 
 
 def _detect_locally(
-    local: list[int],
     outcomes: _ImageOutcomes,
     cache: FaceCache,
     settings: FaceSettings,
     *,
-    pool: ThreadPoolExecutor,
     detector: FaceDetector | None,
-    held: dict,
     batch_size: int,
     chunk_images: int,
     progress: bool,
     on_records,
-) -> None:
-    """Detect and crop the images ``local`` here, a chunk at a time, each chunk written to the cache (and passed to
-    ``on_records``); photos with several faces go into ``held`` for the second pass."""
+) -> dict[str, tuple[int, dict]]:
+    """Detect and crop the images still to do here, a chunk at a time, each chunk written to the cache (and passed
+    to ``on_records``). Returns the photos with several faces, held for the second pass."""
     from tqdm import tqdm
 
-    dataset, hashes = outcomes.dataset, outcomes.hashes
+    dataset, hashes, local = outcomes.dataset, outcomes.hashes, outcomes.todo
+    held: dict[str, tuple[int, dict]] = {}
     bar = tqdm(total=len(local), desc="faces", unit="img", disable=not progress, leave=False)
     detector = detector if (detector or not local) else FaceDetector(settings)
     scheduled: set[str] = set()
-    for lo in range(0, len(local), chunk_images):
-        chunk = []
-        for i in local[lo : lo + chunk_images]:
-            if hashes[i] in scheduled:
-                bar.update(1)
-            else:
-                scheduled.add(hashes[i])
-                chunk.append(i)
-        records = []
-        batches = decoded_batches(pool, [(i, dataset.path(dataset.items[i])) for i in chunk], batch_size, settings)
-        # DETECT_THREADS batches are detected at once: while one is in numpy and OpenCV (holding the GIL, on one
-        # core), another is in MTCNN's networks, and both cores stay busy. ``held`` is filled from each thread.
-        work = partial(image_records, detector, hashes=hashes, settings=settings, held=held)
-        for batch, (made, errors) in ahead(batches, work, DETECT_THREADS):
-            records.extend(made)
-            for i, error in errors:
-                outcomes.skip(i, error.reason, error.detail)
-            bar.update(len(batch))
-        cache.write(records)
-        if on_records is not None:
-            on_records(records)
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        for lo in range(0, len(local), chunk_images):
+            chunk = []
+            for i in local[lo : lo + chunk_images]:
+                if hashes[i] in scheduled:
+                    bar.update(1)
+                else:
+                    scheduled.add(hashes[i])
+                    chunk.append(i)
+            records = []
+            batches = decoded_batches(pool, [(i, dataset.path(dataset.items[i])) for i in chunk], batch_size, settings)
+            # DETECT_THREADS batches are detected at once: while one is in numpy and OpenCV (holding the GIL, on one
+            # core), another is in MTCNN's networks, and both cores stay busy. ``held`` is filled from each thread.
+            work = partial(image_records, detector, hashes=hashes, settings=settings, held=held)
+            for batch, (made, errors) in ahead(batches, work, DETECT_THREADS):
+                records.extend(made)
+                for i, error in errors:
+                    outcomes.skip(i, error.reason, error.detail)
+                bar.update(len(batch))
+            cache.write(records)
+            if on_records is not None:
+                on_records(records)
     bar.close()
+    return held
 
 
 def _choose_held_subjects(
@@ -329,6 +330,7 @@ def prepare(
     data_dir=None,
     cache_dir=None,
     settings: FaceSettings | None = None,
+    *,
     batch_size: int = 64,
     progress: bool = True,
     detector: FaceDetector | None = None,
@@ -356,24 +358,16 @@ def prepare(
     settings = settings or FaceSettings()
     dataset = dataset or scan_dataset(data_dir if data_dir else default_data_dir())
     cache = FaceCache(cache_dir or default_cache_dir(), settings.version())
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(READ_THREADS) as pool:
         outcomes = _hash_images(dataset, cache.known(), pool)
-        ray_report, held = None, {}
-        if engine == "ray" and outcomes.todo:
-            ray_report, held = _detect_on_ray(
-                outcomes, cache, settings, embed=embed, address=address, workers=workers, **sizes
-            )
-        _detect_locally(
-            outcomes.todo if engine == "local" else [],
-            outcomes,
-            cache,
-            settings,
-            pool=pool,
-            detector=detector,
-            held=held,
-            progress=progress,
-            on_records=on_records,
-            **sizes,
+    ray_report, held = None, {}
+    if engine == "ray" and outcomes.todo:
+        ray_report, held = _detect_on_ray(
+            outcomes, cache, settings, embed=embed, address=address, workers=workers, **sizes
+        )
+    elif engine == "local":
+        held = _detect_locally(
+            outcomes, cache, settings, detector=detector, progress=progress, on_records=on_records, **sizes
         )
     subject_pass = _choose_held_subjects(outcomes, held, cache, settings) if held else {}
     _read_outcomes(outcomes, cache)
@@ -385,6 +379,7 @@ def prepare(
 def prepare_for_run(
     settings,
     data_dir=None,
+    *,
     dataset: Dataset | None = None,
     progress: bool = True,
     engine: str = "local",

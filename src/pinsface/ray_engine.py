@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -153,6 +153,15 @@ def records_from(batch: dict[str, np.ndarray]) -> list[dict]:
     return records
 
 
+@dataclass(frozen=True)
+class RayTarget:
+    """Where the work runs: the Ray cluster at ``address`` (None: a local instance of our own) with ``workers``
+    actors in the pool (None: every CPU of the cluster; a local instance gets that many CPUs)."""
+
+    address: str | None = None
+    workers: int | None = None
+
+
 class RayCluster:
     """Connects to ``address`` (``ray start --head`` elsewhere, ``ray://...``), or starts a local instance with
     ``num_cpus`` CPUs (default: all of this machine's). Shuts down only what it started."""
@@ -192,9 +201,9 @@ def process(
     paths: list[str],
     hashes: list[str],
     settings: FaceSettings,
+    *,
     embed=None,
-    address: str | None = None,
-    workers: int | None = None,
+    target: RayTarget = RayTarget(),
     on_batch=None,
     detect_batch_size: int = 64,
 ) -> dict:
@@ -202,15 +211,15 @@ def process(
     and hand each finished batch (numpy columns, one row per image; ``index``: the position) to ``on_batch``.
 
     ``embed``: a ``Settings`` whose backbone and precision embed the faces too (None: faces only).
-    ``workers``: actors in the pool (default: every CPU of the cluster). Returns timing figures."""
+    ``target``: the cluster and its number of workers. Returns timing figures."""
     import ray.data
 
     from pinsface.embeddings import resolve_precision
 
-    cluster = RayCluster(address, num_cpus=workers)
+    cluster = RayCluster(target.address, num_cpus=target.workers)
     start = time.perf_counter()
     try:
-        n_workers = workers or cluster.workers()
+        n_workers = target.workers or cluster.workers()
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         rows = [
@@ -255,10 +264,9 @@ def prepare_on_ray(
     hashes: list[str],
     cache,
     settings: FaceSettings,
-    embed=None,
-    address: str | None = None,
-    workers: int | None = None,
     *,
+    embed=None,
+    target: RayTarget = RayTarget(),
     chunk_images: int,
     detect_batch_size: int = 64,
 ) -> dict:
@@ -307,7 +315,7 @@ def prepare_on_ray(
             emb_cache.write([str(h) for h in batch["hash"][ok]], batch["embedding"][ok], batch["embedding_flip"][ok])
 
     report = process(
-        chunks, paths, hashes, settings, embed, address, workers, on_batch=write, detect_batch_size=detect_batch_size
+        chunks, paths, hashes, settings, embed=embed, target=target, on_batch=write, detect_batch_size=detect_batch_size
     )
     expected = sum(len(c) for c in chunks)
     if len(seen) != expected:  # Ray gave up on some rows: say so instead of leaving them out silently

@@ -190,6 +190,7 @@ def write_html(
     path: Path,
     metrics: dict,
     settings: dict,
+    *,
     dataset_stats: dict,
     timings: dict,
     figures: list[tuple[Path, str]],

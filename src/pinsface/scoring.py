@@ -184,6 +184,7 @@ def keep_trained_answers(
     min_probability: float | np.ndarray,
     max_distance: float,
     trained: np.ndarray,
+    *,
     top_k: int = 3,
     blend: tuple[float, float] = (0.0, 1.0),
 ) -> list[Match]:
@@ -233,6 +234,7 @@ def score_images(
     settings: Settings,
     prepared: Prepared,
     items: np.ndarray,
+    *,
     progress: bool = False,
     gallery=None,
     mode: str = "head",

@@ -55,6 +55,7 @@ class InferenceWorker:
     def __init__(
         self,
         recognizer,
+        *,
         max_batch: int = 32,
         max_wait: float = 0.01,
         max_pending: int = 256,

@@ -98,7 +98,7 @@ def chosen_is(box: np.ndarray, pasted: Pasted) -> bool:
 
 
 def build_groups(
-    pins_dir: Path, root: Path, subjects: list[str], others: list[str], references: int, groups: int, seed: int = 0
+    pins_dir: Path, root: Path, subjects: list[str], others: list[str], *, references: int, groups: int, seed: int = 0
 ) -> dict[str, list[Pasted]]:
     """A dataset under ``root``: per subject, ``references`` plain Pins photos of them and ``groups`` composites
     with 1-3 other people. Returns file name -> what was pasted (the subject first)."""
