@@ -47,7 +47,10 @@ def pairwise_f1(labels: np.ndarray, truth: np.ndarray) -> float:
     _, t = np.unique(truth, return_inverse=True)
     _, c = np.unique(labels, return_inverse=True)
     _, joint = np.unique(c.astype(np.int64) * (t.max() + 1) + t, return_counts=True)
-    pairs = lambda n: float(np.sum(n * (n - 1) / 2))  # noqa: E731
+
+    def pairs(n: np.ndarray) -> float:
+        return float(np.sum(n * (n - 1) / 2))
+
     both, predicted, true = pairs(joint), pairs(np.bincount(c)), pairs(np.bincount(t))
     return 2 * both / (predicted + true) if predicted + true else 1.0
 

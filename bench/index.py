@@ -130,7 +130,10 @@ def index_cold(root: Path, url: str, tmp: Path, profile: bool = False) -> tuple[
     from pinsface.settings import Settings
 
     settings = Settings(cache_dir=str(tmp / f"cache_{next(_names)}"))
-    run = lambda: index_library(root, url, settings=settings)  # noqa: E731
+
+    def run() -> dict:
+        return index_library(root, url, settings=settings)
+
     if not profile:
         return timed(run)
     profiler = cProfile.Profile()

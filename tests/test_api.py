@@ -127,7 +127,8 @@ def test_cli_describe_and_verify(pins_dir, tmp_path, capsys):
 
 
 def test_ctrl_c_exits_130_with_one_line_and_no_traceback(pins_dir, tmp_path):
-    files = [str(p) for p in photos(pins_dir, "pins_Adriana Lima", 60)]
+    # Enough work that it is still running when the signal comes, on a fast idle machine too.
+    files = [str(p) for p in photos(pins_dir, "pins_Adriana Lima", 60)] * 20
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Output to files, not pipes: a pipe nobody reads would block the child once it is full.
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"

@@ -144,7 +144,7 @@ def _what_was_scored(settings: Settings, data, prepared: Prepared, unknown_folde
     return about
 
 
-def evaluate(
+def evaluate(  # noqa: PLR0913  (a public entry point: its options mirror pinsface evaluate's flags)
     run_dir: str | Path,
     data: str | Path | None = None,
     out: str | Path | None = None,

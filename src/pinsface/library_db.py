@@ -245,6 +245,7 @@ class LibraryDB:
         mtime: float,
         shape: tuple[int, int] | None,
         faces: list[FaceRow],
+        *,
         reason: str | None = None,
     ) -> list[int]:
         """Record one photo and its faces in one transaction; the ids of the faces added.

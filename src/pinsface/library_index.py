@@ -95,7 +95,7 @@ class _Store:
         self.done.add(record["hash"])
 
     def bad(self, path: str, size: int, mtime: float, reason: str) -> None:
-        self.db.store_photo(path, "", size, mtime, None, [], reason)
+        self.db.store_photo(path, "", size, mtime, None, [], reason=reason)
         self.counts["skipped:" + reason] += 1
 
 
@@ -154,10 +154,11 @@ def _changes(db: LibraryDB, root: Path, files: list[str], store: _Store) -> list
     return todo
 
 
-def index_library(
+def index_library(  # noqa: PLR0913  (a public entry point: its options mirror pinsface index's flags)
     library,
     db_url,
     run_dir=None,
+    *,
     engine: str = "local",
     settings: Settings | None = None,
     cache_dir=None,

@@ -326,7 +326,7 @@ def _summary(
     return summary
 
 
-def prepare(
+def prepare(  # noqa: PLR0913  (a public entry point: its options mirror pinsface prepare's flags)
     data_dir=None,
     cache_dir=None,
     settings: FaceSettings | None = None,

@@ -155,7 +155,10 @@ def cluster_summary(recognizer, name: str, n_new: int) -> dict:
     gaps = np.linalg.norm(g.centroids[others] - centre, axis=1) if others else np.zeros(0)
     nearest = [others[k] for k in np.argsort(gaps)[:3]]
     xy = _plane(np.concatenate([mine, g.centroids[nearest]]) if nearest else mine)
-    r = lambda v: round(float(v), 4)  # noqa: E731
+
+    def r(v) -> float:
+        return round(float(v), 4)
+
     return {
         "faces": [
             {"x": r(x), "y": r(y), "new": bool(n), "distance_to_mean": r(d)}
