@@ -433,37 +433,14 @@ def load_phases(args, url: str, key: str, photos: list[bytes], pid: int, tmp: Pa
     import httpx
 
     clean = None
+    load = {"clients": args.clients, "seconds": args.seconds, "max_requests": args.max_requests, "server_pid": pid}
     if "clean" in args.phases:
-        clean = asyncio.run(
-            drive(
-                url,
-                key,
-                photos,
-                clients=args.clients,
-                seconds=args.seconds,
-                max_requests=args.max_requests,
-                seed=1,
-                server_pid=pid,
-            )
-        )
+        clean = asyncio.run(drive(url, key, photos, seed=1, **load))
         report(f"{args.clients} clients, 224-px photos", clean)
         print(f"  {clean['ok'] / clean['server_cpu_s']:.1f} photos per server CPU-second")
     if "hostile" in args.phases:
         hostile = hostile_files(PINS / "pins_Bill Gates" / "Bill Gates104_500.jpg", tmp / "bad", 10.0)
-        mixed = asyncio.run(
-            drive(
-                url,
-                key,
-                photos,
-                clients=args.clients,
-                seconds=args.seconds,
-                max_requests=args.max_requests,
-                seed=2,
-                server_pid=pid,
-                hostile=hostile,
-                hostile_rate=args.hostile,
-            )
-        )
+        mixed = asyncio.run(drive(url, key, photos, seed=2, hostile=hostile, hostile_rate=args.hostile, **load))
         report(f"{args.clients} clients, {args.hostile:.0%} hostile uploads", mixed)
         fives = {k: v for k, v in mixed["statuses"].items() if str(k).startswith("5") or not str(k).isdigit()}
         health = httpx.get(f"{url}/v1/health", timeout=10, headers={"X-API-Key": key}).json()

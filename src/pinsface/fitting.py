@@ -430,35 +430,26 @@ def _train_output_layer(out_layer, h: np.ndarray, y: np.ndarray, settings: Setti
     inputs = keras.Input(h.shape[1:])
     probe = keras.Model(inputs, keras.layers.Softmax()(out_layer(inputs)))
     n_classes = probe.output_shape[-1]
-    probe.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing),
-    )
     epochs = max(epochs, int(np.ceil(REFIT_MIN_STEPS / np.ceil(len(h) / REFIT_BATCH))))
-    probe.fit(
-        h,
-        keras.utils.to_categorical(y, n_classes),
-        epochs=epochs,
-        batch_size=REFIT_BATCH,
-        verbose=0,
-        class_weight=class_weight(y, n_classes),
-        shuffle=True,
-    )
+    _fit_classes(probe, h, y, n_classes, settings, learning_rate=1e-3, epochs=epochs)
 
 
 def _tune_whole_head(head, x: np.ndarray, y: np.ndarray, settings: Settings, epochs: int):
     """Train every layer of the head a little, at a low learning rate, on the faces' embeddings ``x``."""
-    import keras
-
-    n_classes = head.output_shape[-1]
-
     for layer in head.layers:
         layer.trainable = True
-    head.compile(
-        optimizer=keras.optimizers.Adam(3e-4),
+    _fit_classes(head, x, y, head.output_shape[-1], settings, learning_rate=3e-4, epochs=epochs)
+
+
+def _fit_classes(model, x: np.ndarray, y: np.ndarray, n_classes: int, settings: Settings, *, learning_rate, epochs):
+    """``model`` (ending in a softmax) trained on ``x`` to identities ``y``, classes weighted by their size."""
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=settings.label_smoothing),
     )
-    head.fit(
+    model.fit(
         x,
         keras.utils.to_categorical(y, n_classes),
         epochs=epochs,
