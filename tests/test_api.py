@@ -133,7 +133,14 @@ def test_ctrl_c_exits_130_with_one_line_and_no_traceback(pins_dir, tmp_path):
     # Output to files, not pipes: a pipe nobody reads would block the child once it is full.
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with out.open("w") as stdout, err.open("w") as stderr:
-        proc = subprocess.Popen([PINSFACE, "describe", *files, "--json"], stdout=stdout, stderr=stderr, env=env)
+        # SIGINT at its default in the child: a job started in the background (make test &) inherits it ignored.
+        proc = subprocess.Popen(
+            [PINSFACE, "describe", *files, "--json"],
+            stdout=stdout,
+            stderr=stderr,
+            env=env,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
     try:
         deadline = time.monotonic() + 300
         while not out.read_text().startswith("{") and proc.poll() is None and time.monotonic() < deadline:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,23 @@ def unblob(data, shape: tuple[int, ...] = (DIM,)) -> np.ndarray:
     return np.frombuffer(bytes(data), dtype=np.float32).reshape(shape)
 
 
+def _wal_mode(conn) -> None:
+    """Switch a SQLite connection to WAL. The switch needs the file to itself, and SQLite answers "database is
+    locked" at once (without waiting out its busy timeout) while another process is creating or migrating the
+    same new file: retry, for as long as the busy timeout."""
+    import sqlite3
+
+    deadline = time.monotonic() + SQLITE_BUSY_SECONDS
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class LibraryDB:
     """A connection to one library database. Open with ``LibraryDB.open(path_or_url)``; use from one thread."""
 
@@ -122,9 +140,13 @@ class LibraryDB:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         try:
             conn = sqlite3.connect(path, timeout=SQLITE_BUSY_SECONDS, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _wal_mode(conn)
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc):
+                raise LibraryDBError(f"{path} stayed locked by another process: {exc}") from exc
+            raise LibraryDBError(f"{path} is not a library database: {exc}") from exc
         except sqlite3.DatabaseError as exc:
             raise LibraryDBError(f"{path} is not a library database: {exc}") from exc
         return cls("sqlite", conn, str(path))
