@@ -36,6 +36,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 PINS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pins" / "105_classes_pins_dataset"
+# Loopback source addresses the load clients are spread over (fewer per address than the server's per-client cap).
+CLIENT_ADDRESSES = 10
 
 IN_PROCESS = """
 import json, statistics, sys, time
@@ -112,14 +114,17 @@ class RawClient:
     machine little, so that the 2 cores measure the server rather than the clients (httpx's own parsing and
     multipart encoding took about a quarter of the CPU under this load)."""
 
-    def __init__(self, host: str, port: int, key: str):
+    def __init__(self, host: str, port: int, key: str, source: str | None = None):
         self.host, self.port, self.key = host, port, key
+        self.local_addr = (source, 0) if source else None
         self.reader = self.writer = None
 
     async def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
         for attempt in (0, 1):  # a connection the server closed (after a 413, say) is opened again once
             if self.writer is None:
-                self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+                self.reader, self.writer = await asyncio.open_connection(
+                    self.host, self.port, local_addr=self.local_addr
+                )
             head = (
                 f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {content_type}\r\n"
                 f"X-API-Key: {self.key}\r\nContent-Length: {len(body)}\r\n\r\n"
@@ -198,9 +203,11 @@ async def drive(
     sent = 0
     deadline = time.monotonic() + seconds
 
-    async def one_client():
+    async def one_client(k: int):
         nonlocal sent
-        client = RawClient(host, int(port), key)
+        # From CLIENT_ADDRESSES loopback addresses, as many clients on many machines: the server caps the
+        # connections of one address (ServeSettings.max_connections_per_client).
+        client = RawClient(host, int(port), key, source=f"127.0.0.{2 + k % CLIENT_ADDRESSES}")
         try:
             while sent < max_requests and time.monotonic() < deadline:
                 sent += 1
@@ -223,7 +230,7 @@ async def drive(
             await client.close()
 
     started = time.perf_counter()
-    await asyncio.gather(*[one_client() for _ in range(clients)])
+    await asyncio.gather(*[one_client(k) for k in range(clients)])
     elapsed = time.perf_counter() - started
     server_cpu, client_cpu = cpu_seconds(server_pid) - server_cpu, time.process_time() - client_cpu
     health_ms = json.loads(probe.communicate(timeout=seconds + 120)[0] or "[]")
