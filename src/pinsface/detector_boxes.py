@@ -86,9 +86,3 @@ def landmarks_in_box(points: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def above(rows: np.ndarray, threshold: float, column: int = 5) -> np.ndarray:
     return rows[rows[:, column] > threshold]
-
-
-def split_rows(rows: np.ndarray, n: int) -> list[np.ndarray]:
-    """Rows per image index 0..n-1, each in its order."""
-    index = rows[:, 0].astype(int)
-    return [rows[index == i] for i in range(n)]

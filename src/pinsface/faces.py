@@ -127,11 +127,8 @@ class FaceDetector:
             size = np.asarray([h, w]) * scale
             if size.astype(int).min() < PNET_MIN_SIDE:
                 continue
-            offsets, scores = self._pnet(tf.image.resize(images, size, method="area"))
-            found.append(
-                suppress(proposals(np.asarray(offsets), np.asarray(scores), thresholds[0], scale), 0.5, sort=False)
-            )
-        boxes = to_square(suppress(np.concatenate(found), 0.7)) if found else np.empty((0, 6))
+            found.append(self._pnet_windows(tf.image.resize(images, size, method="area"), scale, thresholds[0]))
+        boxes = _candidates(found)
 
         def cut(rows: np.ndarray, side: int):
             edges = rows[:, [2, 1, 4, 3]] / np.asarray([[h, w, h, w]])
@@ -139,18 +136,27 @@ class FaceDetector:
 
         if not len(boxes):
             return np.empty((0, 16))
-        offsets, scores = _run_fixed(self._rnet, cut(boxes, 24), RNET_CALL)
-        boxes[:, 5] = scores[:, 1]
-        boxes = to_square(suppress(above(moved(boxes, offsets), thresholds[1]), 0.7))
+        boxes = self._rnet_squares(boxes, cut(boxes, 24), thresholds[1])
         if not len(boxes):
             return np.empty((0, 16))
         offsets, points, scores = _run_fixed(self._onet, cut(boxes, 48), ONET_CALL)
         points = landmarks_in_box(points, boxes)
         boxes[:, 5] = scores[:, 1]
         boxes = suppress(above(np.concatenate([moved(boxes, offsets), points], axis=1), thresholds[2]), 0.7, "min")
-        boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, w - 1)  # as mtcnn's fit_to_image
-        boxes[:, [2, 4]] = np.clip(boxes[:, [2, 4]], 0, h - 1)
-        return boxes
+        return _fit_to_image(boxes, w, h)
+
+    def _pnet_windows(self, level, scale: float, threshold: float) -> np.ndarray:
+        """P-net's windows above ``threshold`` on one pyramid level (a batch of normalised images at ``scale``),
+        in image pixels, suppressed image by image."""
+        offsets, scores = self._pnet(level)
+        return suppress(proposals(np.asarray(offsets), np.asarray(scores), threshold, scale), 0.5, sort=False)
+
+    def _rnet_squares(self, boxes: np.ndarray, patches, threshold: float) -> np.ndarray:
+        """The candidate ``boxes`` that R-net, shown their ``patches``, scores above ``threshold``: moved by its
+        offsets, suppressed and made square for O-net."""
+        offsets, scores = _run_fixed(self._rnet, patches, RNET_CALL)
+        boxes[:, 5] = scores[:, 1]
+        return to_square(suppress(above(moved(boxes, offsets), threshold), 0.7))
 
     def _refine_landmarks(self, halvings: list[_Halvings], boxes: np.ndarray) -> np.ndarray:
         """Final MTCNN rows with their box and landmarks re-estimated: O-net run again on the face's own square
@@ -234,16 +240,12 @@ class FaceDetector:
         found = []
         for scale in scales:
             size = (int(w * scale), int(h * scale))
-            offsets, scores = self._pnet(_normalise(np.stack([hv.resized(size) for hv in halvings])))
-            found.append(
-                suppress(proposals(np.asarray(offsets), np.asarray(scores), thresholds[0], scale), 0.5, sort=False)
-            )
-        boxes = to_square(suppress(np.concatenate(found), 0.7)) if found else np.empty((0, 6))
+            level = _normalise(np.stack([hv.resized(size) for hv in halvings]))
+            found.append(self._pnet_windows(level, scale, thresholds[0]))
+        boxes = _candidates(found)
         if not len(boxes):
             return none
-        offsets, scores = _run_fixed(self._rnet, _normalise(_patches(halvings, boxes, 24)[0]), RNET_CALL)
-        boxes[:, 5] = scores[:, 1]
-        boxes = to_square(suppress(above(moved(boxes, offsets), thresholds[1]), 0.7))
+        boxes = self._rnet_squares(boxes, _normalise(_patches(halvings, boxes, 24)[0]), thresholds[1])
         if not len(boxes):
             return none
         patches, cut = _patches(halvings, boxes, 48)
@@ -260,9 +262,19 @@ class FaceDetector:
         if not len(boxes):
             return none
         boxes = self._refine_landmarks(halvings, boxes)
-        boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, w - 1)  # as MTCNN's fit_to_image
-        boxes[:, [2, 4]] = np.clip(boxes[:, [2, 4]], 0, h - 1)
-        return boxes
+        return _fit_to_image(boxes, w, h)
+
+
+def _candidates(found: list[np.ndarray]) -> np.ndarray:
+    """The P-net windows of every pyramid level, suppressed together and made square for R-net."""
+    return to_square(suppress(np.concatenate(found), 0.7)) if found else np.empty((0, 6))
+
+
+def _fit_to_image(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Final rows with their boxes clipped to the image, as mtcnn's ``fit_to_image``."""
+    boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, width - 1)
+    boxes[:, [2, 4]] = np.clip(boxes[:, [2, 4]], 0, height - 1)
+    return boxes
 
 
 def _same_pyramid_groups(images, wanted: list[float], coarse: list[float], settings: FaceSettings) -> dict:
