@@ -87,7 +87,7 @@ def _name(args) -> int:
             db.merge_clusters(args.cluster, other)
         if args.name:
             db.name_cluster(args.cluster, args.name)
-        faces = [f for f in db.face_list() if f["cluster"] == args.cluster]
+        faces = db.face_list(cluster=args.cluster)
         print(f"cluster {args.cluster}: {len(faces)} faces" + (f", named {args.name!r}" if args.name else ""))
         if args.run and args.name:
             _enrol(args.run, args.name, faces)

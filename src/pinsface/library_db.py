@@ -313,8 +313,11 @@ class LibraryDB:
         where = " WHERE gone = 0" if live_only else ""
         return int(self.rows("SELECT COUNT(*) FROM faces" + where)[0][0])
 
-    def face_list(self, face_ids: list[int] | None = None, live_only: bool = True) -> list[dict]:
-        """Faces with their photo, box (x1, y1, x2, y2), cluster and person (a name, or None)."""
+    def face_list(
+        self, face_ids: list[int] | None = None, live_only: bool = True, cluster: int | None = None
+    ) -> list[dict]:
+        """Faces with their photo, box (x1, y1, x2, y2), cluster and person (a name, or None); with ``cluster``,
+        only that cluster's."""
         sql = (
             "SELECT f.id, p.path, f.x1, f.y1, f.x2, f.y2, f.score, a.cluster_id,"
             " COALESCE(pa.name, pc.name), a.source, a.distance, a.probability, f.gone, p.width, p.height, f.landmarks"
@@ -329,6 +332,9 @@ class LibraryDB:
         if face_ids is not None:
             where.append("f.id IN (" + ",".join("?" * len(face_ids)) + ")" if face_ids else "1 = 0")
             params = list(face_ids)
+        if cluster is not None:
+            where.append("a.cluster_id = ?")
+            params.append(int(cluster))
         if where:
             sql += " WHERE " + " AND ".join(where)
         keys = ("id", "source", "box", "score", "cluster", "person", "how", "distance", "probability", "gone", "size")

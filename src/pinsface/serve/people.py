@@ -149,10 +149,8 @@ def _face_jpeg(library: Library, face_id: int) -> bytes:
     from pinsface.library_sheet import thumbnail_jpeg
 
     with library.connection() as db:
-        found = db.face_list([face_id])
-    if not found:
-        raise ApiError(404, "unknown_face", f"no face {face_id} in the library")
-    data = library.thumbnail(("face", face_id), lambda: thumbnail_jpeg(found[0]["source"], found[0]["box"]))
+        face = _live_face(db, face_id)
+    data = library.thumbnail(("face", face_id), lambda: thumbnail_jpeg(face["source"], face["box"]))
     if data is None:
         raise ApiError(404, "photo_unreadable", f"the photo of face {face_id} can no longer be read")
     return data
@@ -297,7 +295,7 @@ async def name_cluster(body: NameBody, cluster_id: int = CLUSTER_ID, state: Serv
                 db.name_cluster(cluster_id, name)
             except ValueError as exc:
                 raise _unknown(exc, "unknown_cluster") from exc
-            return [f for f in db.face_list() if f["cluster"] == cluster_id]
+            return db.face_list(cluster=cluster_id)
 
     faces = await run_in_threadpool(store)
     enrolled = await _enrol(state, name, faces) if faces else None
