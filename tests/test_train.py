@@ -68,6 +68,14 @@ def test_saved_model_is_the_whole_network_and_matches_the_cached_path(small_run,
     assert np.array_equal(model.predict(x[:4], verbose=0), model.predict(x[:4], verbose=0))
 
 
+def test_every_model_the_settings_accept_has_a_trainer():
+    from pinsface.pipeline import TRAINERS
+    from pinsface.settings import MODELS
+
+    # Settings refuses any other model when built, so the pipeline needs no check of its own.
+    assert set(TRAINERS) == set(MODELS)
+
+
 def test_pixels_mlp_is_the_briefs_network():
     model = build_pixels_mlp(105, Settings(model="pixels-mlp"))
     dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
