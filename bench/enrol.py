@@ -78,7 +78,7 @@ def named_all(rec, people: dict, n: int = 0) -> tuple[list[str | None], list[str
 
 def measure(rec, people: dict, n: int, trained: dict) -> dict:
     """The figures above for one recogniser (head or gallery mode) on its own copy of the run."""
-    before = [who for e, f, _ in people.values() for who in named(rec, e[n:], f[n:])]
+    before, _ = named_all(rec, people, n)
     trained_before, truth = named_all(rec, trained)
     enrol_s, enrol_cpu, forget_s, written = [], [], [], []
     for name, (e, f, _) in people.items():
