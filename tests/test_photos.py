@@ -145,6 +145,114 @@ def test_reduced_decoding_gives_pillows_pixels_and_reports_truncation(monkeypatc
     assert caught.value.reason == "truncated"
 
 
+def _encoded(pixels: np.ndarray, fmt: str, mode: str, orientation: int = 1, lossy: bool = False) -> bytes:
+    image = Image.fromarray(pixels)
+    if mode == "RGBA":  # the right half transparent: it must come out white, as Pillow lays it
+        alpha = np.where(np.arange(pixels.shape[1]) < pixels.shape[1] // 2, 255, 0).astype(np.uint8)
+        image.putalpha(Image.fromarray(np.broadcast_to(alpha, pixels.shape[:2]).copy()))
+    elif mode == "LA":
+        image = image.convert("LA")
+    elif mode == "P":
+        image = image.quantize(64)
+    elif mode == "I;16":
+        image = Image.fromarray(pixels[..., 1].astype(np.uint16) * 257)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    options = {"lossless": not lossy} if fmt == "WEBP" else {"compression": "tiff_deflate"} if fmt == "TIFF" else {}
+    image.save(buffer, fmt, **options, **({"exif": exif.tobytes()} if orientation != 1 else {}))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "fmt,mode,orientation",
+    [
+        ("PNG", "RGB", 1),
+        ("PNG", "RGB", 6),
+        ("PNG", "RGBA", 1),
+        ("PNG", "LA", 8),
+        ("PNG", "P", 1),
+        ("PNG", "I;16", 1),
+        ("WEBP", "RGB", 6),
+        ("WEBP", "RGBA", 3),
+        ("TIFF", "RGB", 1),
+        ("GIF", "P", 1),
+    ],
+)
+def test_every_format_is_decoded_at_reduced_scale_into_pillows_picture(fmt, mode, orientation, monkeypatch):
+    """PNG, WebP, TIFF and GIF photos are decoded at reduced scale (libvips, a strip at a time), as JPEGs are by
+    DCT scaling: the same picture as Pillow's whole decode, averaged down, turned upright by the same EXIF tag."""
+    import pinsface.images as images
+
+    rng = np.random.default_rng(2)
+    canvas = np.kron((rng.random((12, 16, 3)) * 255).astype(np.uint8), np.ones((100, 100, 1), np.uint8))
+    data = _encoded(canvas, fmt, mode, orientation)
+    fast = decode_scaled(data, min_side=300)
+    with monkeypatch.context() as m:
+        m.setattr(images, "_decode_shrunk", lambda *args: None)  # Pillow alone, whole
+        whole = decode_scaled(data, min_side=300)
+    assert whole.pixels.shape[:2] == whole.full_size and fast.full_size == whole.full_size
+    assert fast.pixels.shape == (whole.full_size[0] // 4, whole.full_size[1] // 4, 3)
+    reference = np.asarray(Image.fromarray(whole.pixels).resize(fast.pixels.shape[1::-1], Image.BOX), np.float32)
+    assert np.abs(reference - fast.pixels).mean() < 1.5, (fmt, mode)
+    if orientation != 1:
+        assert whole.full_size == ((1600, 1200) if orientation in (6, 8) else (1200, 1600))
+
+
+def test_a_truncated_large_png_is_reported_as_truncated():
+    from pinsface.images import BadImage
+
+    data = _encoded(np.full((1200, 1600, 3), 90, np.uint8), "PNG", "RGB")
+    with pytest.raises(BadImage) as caught:
+        decode_scaled(data[: len(data) // 2], min_side=300)
+    assert caught.value.reason == "truncated"
+
+
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent (pytest) through exec.
+_PEAK_OF_ONE_DECODE = """
+import sys
+from pinsface import images
+def peak():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+data = open(sys.argv[1], "rb").read()
+images._pyvips()
+before = peak()
+if sys.argv[2] == "whole":
+    images._decode_shrunk = lambda *args: None
+view = images.decode_scaled(data, min_side=1000)
+print(view.pixels.shape[0], peak() - before)
+"""
+
+
+@pytest.mark.parametrize(
+    "fmt,lossy", [("PNG", False), ("WEBP", True), ("WEBP", False), ("TIFF", False), ("GIF", False)]
+)
+def test_a_40_megapixel_photo_of_any_format_decodes_in_bounded_memory(tmp_path, fmt, lossy):
+    """A few hundred KB can hold 40 megapixels: decoded whole, such a photo costs several times its RGB size in
+    memory; at reduced scale, a fraction of it. GIF and lossless WebP decoders hold one full frame (4 bytes a
+    pixel) before it is shrunk, and nothing more."""
+    import subprocess
+    import sys
+
+    height, width = 5400, 7200
+    blocks = np.random.default_rng(3).integers(0, 255, (54, 72, 3), dtype=np.uint8)
+    path = tmp_path / f"big.{fmt.lower()}"
+    path.write_bytes(_encoded(np.kron(blocks, np.ones((100, 100, 1), np.uint8)), fmt, "RGB", lossy=lossy))
+    peaks = {}
+    for how in ("reduced", "whole"):
+        out = subprocess.run(
+            [sys.executable, "-c", _PEAK_OF_ONE_DECODE, str(path), how], capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        rows, peaks[how] = map(int, out.stdout.split())
+        assert rows == (1080 if how == "reduced" else height)
+    rgb = height * width * 3
+    assert peaks["whole"] > rgb  # the measure can see a whole decode
+    full_frame = fmt == "GIF" or (fmt == "WEBP" and not lossy)
+    assert peaks["reduced"] < (0.6 * peaks["whole"] if full_frame else 0.5 * rgb), peaks
+
+
 def test_crops_from_reduced_decoding_match_full_size_decoding(originals_dir, detector, backbone):
     """Descriptor distance between chips cut by prepare (reduced-scale decoding) and from full-size decoding."""
     from pinsface.embeddings import Embedder

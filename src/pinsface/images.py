@@ -2,13 +2,16 @@
 
 Nothing is read without bounds: only regular files (never FIFOs or devices, even behind a link), at most
 ``DEFAULT_MAX_BYTES`` of them, decoded only by the Pillow plugins of the formats pinsface accepts, and only when
-the header's pixel count is under the cap. Large JPEGs can be decoded at a reduced scale (libjpeg's DCT scaling),
-which is how photos of any size are read in bounded memory and time.
+the header's pixel count is under the cap. Large photos can be decoded at a reduced scale, which is how photos
+of any size are read in bounded memory: JPEGs by libjpeg's DCT scaling, PNG, WebP, TIFF and GIF by libvips, a
+strip at a time. BMP and PPM, and what libvips cannot read as Pillow does, are decoded whole within the cap.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import os
 import stat
 import warnings
@@ -146,12 +149,10 @@ def decode_scaled(data: bytes, max_pixels: int = MAX_PIXELS, min_side: int | Non
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            if min_side and image.format in ("JPEG", "MPO") and min(width, height) >= 2 * min_side:
-                f = min_side / min(width, height)
-                image.draft(None, (max(1, int(width * f)), max(1, int(height * f))))
-                pixels = _decode_reduced(data, image, width)
-                if pixels is not None:
-                    return _oriented(pixels, _orientation(image), (height, width))
+            if min_side and min(width, height) >= 2 * min_side:
+                reduced = _decode_at_scale(data, image, min_side)
+                if reduced is not None:
+                    return _oriented(*reduced, (height, width))
             image.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise BadImage("too_large", str(exc)) from exc
@@ -175,6 +176,76 @@ def decode_scaled(data: bytes, max_pixels: int = MAX_PIXELS, min_side: int | Non
     if pixels.shape[:2] != full and pixels.shape[:2] == full[::-1]:  # orientation tag ignored after all
         full = full[::-1]
     return Decoded(pixels, full)
+
+
+def _decode_at_scale(data: bytes, image: Image.Image, min_side: int) -> tuple[np.ndarray, int] | None:
+    """(pixels, EXIF orientation) of ``image`` decoded at reduced scale, its shorter side still at least
+    ``min_side``: JPEG by libjpeg's DCT scaling, the other formats libvips reads by streaming shrink. None where it
+    is decoded whole instead."""
+    width, height = image.size
+    if image.format in ("JPEG", "MPO"):
+        f = min_side / min(width, height)
+        image.draft(None, (max(1, int(width * f)), max(1, int(height * f))))
+        pixels = _decode_reduced(data, image, width)
+        return None if pixels is None else (pixels, _orientation(image))
+    if image.format in _VIPS_LOADERS:
+        return _decode_shrunk(data, image.format, (width, height), min(width, height) // min_side)
+    return None
+
+
+# The libvips loader of each format it reads; each is called by name, so libvips never guesses a format
+# (Pillow has identified the data as one of FORMATS first). BMP and PPM, which libvips does not read, are
+# decoded whole, as are files libvips refuses.
+_VIPS_LOADERS = {"PNG": "pngload_source", "WEBP": "webpload_source", "TIFF": "tiffload_source", "GIF": "gifload_source"}
+
+
+def _decode_shrunk(data: bytes, fmt: str, size: tuple[int, int], shrink: int) -> tuple[np.ndarray, int] | None:
+    """(pixels, EXIF orientation) of a PNG, WebP, TIFF or GIF decoded at 1/``shrink`` scale (means of ``shrink``
+    x ``shrink`` blocks, as libjpeg's DCT scaling gives) by libvips, which decodes it a strip at a time: memory
+    follows the reduced image, not the full one. Alpha is laid on white and 16-bit samples scaled to 8 bits, as
+    ``to_rgb`` does. The orientation is libvips' reading of the EXIF block (Pillow decodes a whole PNG to find it).
+    None where libvips cannot read it the way Pillow sees it (pinsface then decodes it whole, within the pixel
+    cap)."""
+    vips = _pyvips()
+    if vips is None:
+        return None
+    try:
+        source = vips.Source.new_from_memory(data)  # read in place: the bytes are not copied
+        load = getattr(vips.Image, _VIPS_LOADERS[fmt])
+        if fmt == "WEBP":  # libwebp decodes at the reduced scale itself
+            image = load(source, scale=1 / shrink, fail_on="truncated")
+            full = (round(image.width * shrink), round(image.height * shrink))
+        else:
+            image = load(source, access="sequential", fail_on="truncated")
+            full = (image.width, image.height)
+        if abs(full[0] - size[0]) > shrink or abs(full[1] - size[1]) > shrink or image.bands > 4:
+            return None
+        # CMYK too is decoded whole: Pillow's conversion to RGB differs from libvips' (a colour profile).
+        if image.format not in ("uchar", "ushort") or image.interpretation == "cmyk":
+            return None
+        if fmt != "WEBP":
+            image = image.shrink(shrink, shrink)
+        image = image.colourspace("srgb")
+        if image.hasalpha():
+            image = image.flatten(background=[255, 255, 255])
+        image = image.cast("uchar")
+        orientation = image.get("orientation") if image.get_typeof("orientation") else 1
+        pixels = np.frombuffer(image.write_to_memory(), np.uint8).reshape(image.height, image.width, image.bands)
+    except vips.Error:
+        return None
+    rgb = np.ascontiguousarray(pixels[:, :, :3]) if pixels.shape[2] >= 3 else np.repeat(pixels, 3, axis=2)
+    return rgb, int(orientation)
+
+
+@functools.cache
+def _pyvips():
+    try:
+        import pyvips
+    except (ImportError, OSError) as exc:  # a broken install: decode whole, within the pixel cap, and say so once
+        logging.getLogger(__name__).warning("libvips is unavailable (%s): large PNG/WebP/TIFF/GIF decode whole", exc)
+        return None
+    pyvips.cache_set_max(0)  # never keep a decoded image (or its bytes) after the call
+    return pyvips
 
 
 # OpenCV's flags for libjpeg's 1/2, 1/4 and 1/8 scale decoding, straight to RGB, orientation left to us.
