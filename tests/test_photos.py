@@ -150,8 +150,8 @@ def _encoded(pixels: np.ndarray, fmt: str, mode: str, orientation: int = 1, loss
     if mode == "RGBA":  # the right half transparent: it must come out white, as Pillow lays it
         alpha = np.where(np.arange(pixels.shape[1]) < pixels.shape[1] // 2, 255, 0).astype(np.uint8)
         image.putalpha(Image.fromarray(np.broadcast_to(alpha, pixels.shape[:2]).copy()))
-    elif mode == "LA":
-        image = image.convert("LA")
+    elif mode in ("LA", "L", "1"):
+        image = image.convert(mode)
     elif mode == "P":
         image = image.quantize(64)
     elif mode == "I;16":
@@ -177,11 +177,18 @@ def _encoded(pixels: np.ndarray, fmt: str, mode: str, orientation: int = 1, loss
         ("WEBP", "RGBA", 3),
         ("TIFF", "RGB", 1),
         ("GIF", "P", 1),
+        ("BMP", "RGB", 1),
+        ("BMP", "P", 1),
+        ("BMP", "1", 1),
+        ("PPM", "RGB", 1),
+        ("PPM", "L", 1),
+        ("PPM", "1", 1),
     ],
 )
 def test_every_format_is_decoded_at_reduced_scale_into_pillows_picture(fmt, mode, orientation, monkeypatch):
-    """PNG, WebP, TIFF and GIF photos are decoded at reduced scale (libvips, a strip at a time), as JPEGs are by
-    DCT scaling: the same picture as Pillow's whole decode, averaged down, turned upright by the same EXIF tag."""
+    """PNG, WebP, TIFF and GIF photos are decoded at reduced scale (libvips, a strip at a time), BMP and PPM a band
+    of rows at a time, as JPEGs are by DCT scaling: the same picture as Pillow's whole decode, averaged down,
+    turned upright by the same EXIF tag."""
     import pinsface.images as images
 
     rng = np.random.default_rng(2)
@@ -190,6 +197,7 @@ def test_every_format_is_decoded_at_reduced_scale_into_pillows_picture(fmt, mode
     fast = decode_scaled(data, min_side=300)
     with monkeypatch.context() as m:
         m.setattr(images, "_decode_shrunk", lambda *args: None)  # Pillow alone, whole
+        m.setattr(images, "_decode_raw_bands", lambda *args: None)
         whole = decode_scaled(data, min_side=300)
     assert whole.pixels.shape[:2] == whole.full_size and fast.full_size == whole.full_size
     assert fast.pixels.shape == (whole.full_size[0] // 4, whole.full_size[1] // 4, 3)
@@ -217,28 +225,39 @@ def peak():
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 data = open(sys.argv[1], "rb").read()
 images._pyvips()
+import cv2  # noqa: F401  (loaded before the measure, as the JPEG path loads it too)
 before = peak()
 if sys.argv[2] == "whole":
-    images._decode_shrunk = lambda *args: None
+    images._decode_shrunk = images._decode_raw_bands = lambda *args: None
 view = images.decode_scaled(data, min_side=1000)
 print(view.pixels.shape[0], peak() - before)
 """
 
 
 @pytest.mark.parametrize(
-    "fmt,lossy", [("PNG", False), ("WEBP", True), ("WEBP", False), ("TIFF", False), ("GIF", False)]
+    "fmt,mode,lossy",
+    [
+        ("PNG", "RGB", False),
+        ("WEBP", "RGB", True),
+        ("WEBP", "RGB", False),
+        ("TIFF", "RGB", False),
+        ("GIF", "P", False),
+        ("BMP", "P", False),
+        ("BMP", "1", False),
+        ("PPM", "L", False),
+    ],
 )
-def test_a_40_megapixel_photo_of_any_format_decodes_in_bounded_memory(tmp_path, fmt, lossy):
+def test_a_40_megapixel_photo_of_any_format_decodes_in_bounded_memory(tmp_path, fmt, mode, lossy):
     """A few hundred KB can hold 40 megapixels: decoded whole, such a photo costs several times its RGB size in
     memory; at reduced scale, a fraction of it. GIF and lossless WebP decoders hold one full frame (4 bytes a
-    pixel) before it is shrunk, and nothing more."""
+    pixel) before it is shrunk, and nothing more. BMP and PPM are decoded a band of rows at a time."""
     import subprocess
     import sys
 
     height, width = 5400, 7200
     blocks = np.random.default_rng(3).integers(0, 255, (54, 72, 3), dtype=np.uint8)
     path = tmp_path / f"big.{fmt.lower()}"
-    path.write_bytes(_encoded(np.kron(blocks, np.ones((100, 100, 1), np.uint8)), fmt, "RGB", lossy=lossy))
+    path.write_bytes(_encoded(np.kron(blocks, np.ones((100, 100, 1), np.uint8)), fmt, mode, lossy=lossy))
     peaks = {}
     for how in ("reduced", "whole"):
         out = subprocess.run(

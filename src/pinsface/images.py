@@ -4,7 +4,8 @@ Nothing is read without bounds: only regular files (never FIFOs or devices, even
 ``DEFAULT_MAX_BYTES`` of them, decoded only by the Pillow plugins of the formats pinsface accepts, and only when
 the header's pixel count is under the cap. Large photos can be decoded at a reduced scale, which is how photos
 of any size are read in bounded memory: JPEGs by libjpeg's DCT scaling, PNG, WebP, TIFF and GIF by libvips, a
-strip at a time. BMP and PPM, and what libvips cannot read as Pillow does, are decoded whole within the cap.
+strip at a time, uncompressed BMP and binary PPM a band of rows at a time. The rest (RLE BMP, plain-text or 16-bit
+PPM, CMYK, what libvips cannot read as Pillow does) is decoded whole, within the cap.
 """
 
 from __future__ import annotations
@@ -190,6 +191,9 @@ def _decode_at_scale(data: bytes, image: Image.Image, min_side: int) -> tuple[np
         return None if pixels is None else (pixels, _orientation(image))
     if image.format in _VIPS_LOADERS:
         return _decode_shrunk(data, image.format, (width, height), min(width, height) // min_side)
+    if image.format in ("BMP", "PPM"):
+        pixels = _decode_raw_bands(data, image, min(width, height) // min_side)
+        return None if pixels is None else (pixels, 1)
     return None
 
 
@@ -235,6 +239,45 @@ def _decode_shrunk(data: bytes, fmt: str, size: tuple[int, int], shrink: int) ->
         return None
     rgb = np.ascontiguousarray(pixels[:, :, :3]) if pixels.shape[2] >= 3 else np.repeat(pixels, 3, axis=2)
     return rgb, int(orientation)
+
+
+# Bits a pixel of the packed rows of a PPM/PGM/PBM (whose raw tile gives no row stride), by raw mode.
+_PACKED_BITS = {"RGB": 24, "L": 8, "1;I": 1}
+BAND_PIXELS = 1 << 20  # pixels decoded at a time by _decode_raw_bands
+
+
+def _decode_raw_bands(data: bytes, image: Image.Image, shrink: int) -> np.ndarray | None:
+    """An uncompressed BMP or binary PPM/PGM/PBM (one raw tile, 8-bit RGB, grey, palette or 1-bit pixels)
+    decoded a band of rows at a time by Pillow's raw decoder, each band averaged down by ``shrink`` as it comes:
+    memory follows the reduced image. None for the others (RLE BMP, plain-text or 16-bit PPM: decoded whole)."""
+    width, height = image.size
+    if len(image.tile) != 1 or image.mode not in ("RGB", "L", "P", "1"):
+        return None
+    tile = image.tile[0]
+    args = tile.args if isinstance(tile.args, tuple) else (tile.args, 0, 1)
+    rawmode, stride, order = (*args, 0, 1)[:3]
+    stride = stride or -(-width * _PACKED_BITS.get(rawmode, 0) // 8)
+    if tile.codec_name != "raw" or tile.extents != (0, 0, width, height) or not stride or order not in (1, -1):
+        return None
+    if len(data) < tile.offset + stride * height:  # truncated: Pillow's whole decode names it
+        return None
+    import cv2
+
+    rows = shrink * max(1, BAND_PIXELS // (width * shrink))
+    out_height, out_width = height // shrink, width // shrink
+    bands = []
+    for top in range(0, out_height * shrink, rows):
+        bottom = min(top + rows, out_height * shrink)
+        first = top if order == 1 else height - bottom  # the band's first row as stored (BMP: bottom-up)
+        start = tile.offset + first * stride
+        stored = memoryview(data)[start : start + (bottom - top) * stride]  # a view: the bytes are not copied
+        band = Image.frombuffer(image.mode, (width, bottom - top), stored, "raw", rawmode, stride, order)
+        if image.mode == "P":
+            band.putpalette(image.palette.palette, image.palette.rawmode or image.palette.mode)
+        rgb = to_rgb(band)[:, : out_width * shrink]
+        # An area resize by a whole factor is the mean of each shrink x shrink block.
+        bands.append(cv2.resize(rgb, (out_width, (bottom - top) // shrink), interpolation=cv2.INTER_AREA))
+    return np.ascontiguousarray(np.concatenate(bands)) if bands else None
 
 
 @functools.cache
