@@ -189,10 +189,11 @@ def _decode_at_scale(data: bytes, image: Image.Image, min_side: int) -> tuple[np
         image.draft(None, (max(1, int(width * f)), max(1, int(height * f))))
         pixels = _decode_reduced(data, image, width)
         return None if pixels is None else (pixels, _orientation(image))
+    shrink = reduction_for(min(width, height), min_side)  # the scales JPEG has, so that every format looks alike
     if image.format in _VIPS_LOADERS:
-        return _decode_shrunk(data, image.format, (width, height), min(width, height) // min_side)
+        return _decode_shrunk(data, image.format, (width, height), shrink)
     if image.format in ("BMP", "PPM"):
-        pixels = _decode_raw_bands(data, image, min(width, height) // min_side)
+        pixels = _decode_raw_bands(data, image, shrink)
         return None if pixels is None else (pixels, 1)
     return None
 
