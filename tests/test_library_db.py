@@ -39,6 +39,13 @@ def test_sqlite_file_is_readable_by_its_owner_only(tmp_path):
         assert stat.S_IMODE(os.stat(p).st_mode) & 0o077 == 0, p
 
 
+def test_a_folder_is_refused_as_a_database_and_nothing_is_created(tmp_path):
+    for given in (f"{tmp_path / 'photos'}/", tmp_path):
+        with pytest.raises(LibraryDBError, match="folder"):
+            LibraryDB.open(given)
+    assert not (tmp_path / "photos").exists()
+
+
 def test_old_schema_is_migrated(library_url):
     with LibraryDB.open(library_url) as db:
         # Take the database back to version 1 by hand: drop what later steps made.

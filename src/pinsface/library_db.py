@@ -120,6 +120,8 @@ class LibraryDB:
 
     @classmethod
     def open(cls, url: str | os.PathLike) -> LibraryDB:
+        if not is_postgres(url) and os.fspath(url).endswith(("/", os.sep)):  # Path() would drop the slash
+            raise LibraryDBError(f"{os.fspath(url)} names a folder: give a database file, such as photos.db")
         db = cls._connect_postgres(str(url)) if is_postgres(url) else cls._connect_sqlite(Path(url))
         try:
             db.migrate()
