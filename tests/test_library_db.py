@@ -50,14 +50,26 @@ def test_old_schema_is_migrated(library_url):
     with LibraryDB.open(library_url) as db:
         # Take the database back to version 1 by hand: drop what later steps made.
         with db.transaction():
-            for name in ("faces_photo", "assignments_cluster", "assignments_person"):
+            for name in ("faces_photo", "assignments_cluster", "assignments_person", "people_by_key"):
                 db.execute(f"DROP INDEX {name}")
+            db.execute("ALTER TABLE people DROP COLUMN name_key")
             db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-        db.store_photo("a.jpg", "a" * 32, 10, 1.0, (5, 5), [face("a" * 32, 0)])
+        db.store_photo("a.jpg", "a" * 32, 10, 1.0, (5, 5), [face("a" * 32, k) for k in range(3)])
+        with db.transaction():  # version 1 matched names exactly: three people, two of them one person
+            for k, name in enumerate(["Ada Lovelace", "ada_lovelace", "Bob"]):
+                db.execute("INSERT INTO people (name) VALUES (?)", (name,))
+                db.execute(
+                    "INSERT INTO assignments (face_id, person_id, source) SELECT f.id, p.id, 'name' FROM faces f,"
+                    " people p WHERE f.idx = ? AND p.name = ?",
+                    (k, name),
+                )
         assert db.version() == 1
     with LibraryDB.open(library_url) as db:
-        assert db.version() == SCHEMA_VERSION == MIGRATIONS[-1][0] == 2
-        assert db.face_total() == 1
+        assert db.version() == SCHEMA_VERSION == MIGRATIONS[-1][0] == 3
+        assert db.face_total() == 3
+        assert [r[0] for r in db.rows("SELECT name FROM people ORDER BY id")] == ["Ada Lovelace", "Bob"]
+        assert len(db.faces_of("ADA LOVELACE")) == 2 and len(db.faces_of("bob")) == 1
+        assert db.person_id("Ada  lovelace", create=False) == db.person_id("Ada Lovelace")
         with pytest.raises(Exception):  # noqa: B017  (the migration made it already: a second one fails)
             with db.transaction():
                 db.execute("CREATE INDEX faces_photo ON faces (photo_id)")
@@ -96,4 +108,4 @@ def test_types_cover_every_placeholder():
     for _, steps in MIGRATIONS:
         for step in steps:
             for kind in TYPES:
-                step.format(**TYPES[kind])
+                assert callable(step) or step.format(**TYPES[kind])

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pinsface.dataset import identity_key
+
 DIM = 128
 
 # Each entry moves a database from the version before it to its own. Append only: a released step never changes.
-# {pk}, {blob} and {float} become each engine's types.
-MIGRATIONS: list[tuple[int, list[str]]] = [
+# {pk}, {blob} and {float} become each engine's types; a step that is not SQL is a function given the database.
+MIGRATIONS: list[tuple[int, list]] = [
     (
         1,
         [
@@ -49,6 +51,15 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             "CREATE INDEX faces_photo ON faces (photo_id)",
             "CREATE INDEX assignments_cluster ON assignments (cluster_id)",
             "CREATE INDEX assignments_person ON assignments (person_id)",
+        ],
+    ),
+    (
+        3,
+        [
+            # A person is matched by name_key (dataset.identity_key: case, "_" and spaces aside) and shown by name.
+            "ALTER TABLE people ADD COLUMN name_key TEXT",
+            lambda db: db._key_people(),
+            "CREATE UNIQUE INDEX people_by_key ON people (name_key)",
         ],
     ),
 ]
@@ -233,7 +244,7 @@ class LibraryDB:
             for version, steps in MIGRATIONS:
                 if version > found:
                     for step in steps:
-                        self.execute(step.format(**TYPES[self.kind]))
+                        step(self) if callable(step) else self.execute(step.format(**TYPES[self.kind]))
             if found < SCHEMA_VERSION:
                 self.execute("DELETE FROM meta WHERE key = 'schema_version'")
                 self.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
@@ -363,11 +374,31 @@ class LibraryDB:
     # -- people and assignments ------------------------------------------------------------------------------
 
     def person_id(self, name: str, create: bool = True) -> int | None:
-        """The id of the person called ``name``, added if new (``create``), else None when there is none."""
+        """The id of the person called ``name`` (or ``Name``, or ``na_me``: ``dataset.identity_key``), added under
+        this name if new (``create``), else None when there is none."""
+        key = identity_key(name)
         if create:
-            self.execute("INSERT INTO people (name) VALUES (?) ON CONFLICT (name) DO NOTHING", (name,))
-        rows = self.rows("SELECT id FROM people WHERE name = ?", (name,))
+            self.execute("INSERT INTO people (name, name_key) VALUES (?, ?) ON CONFLICT DO NOTHING", (name, key))
+        rows = self.rows("SELECT id FROM people WHERE name_key = ?", (key,))
         return int(rows[0][0]) if rows else None
+
+    def person_name(self, name: str) -> str:
+        """The name a person is stored under, for ``name`` as a user typed it; ``name`` where there is none."""
+        rows = self.rows("SELECT name FROM people WHERE name_key = ?", (identity_key(name),))
+        return rows[0][0] if rows else name
+
+    def _key_people(self) -> None:
+        """Migration 3: each person's name_key; people whose names differ only by it become the first of them."""
+        first: dict[str, int] = {}
+        for pid, name in self.rows("SELECT id, name FROM people ORDER BY id"):
+            key = identity_key(name)
+            if key not in first:
+                first[key] = int(pid)
+                self.execute("UPDATE people SET name_key = ? WHERE id = ?", (key, pid))
+                continue
+            for table in ("assignments", "clusters"):
+                self.execute(f"UPDATE {table} SET person_id = ? WHERE person_id = ?", (first[key], pid))
+            self.execute("DELETE FROM people WHERE id = ?", (pid,))
 
     def assign_named(self, face_ids: list[int], named: list[dict]) -> int:
         """Faces named by a run's Recognizer (``identity`` a name or None for unknown, with its ``distance``
@@ -490,8 +521,9 @@ class LibraryDB:
         rows = self.rows(
             "SELECT f.id FROM faces f JOIN assignments a ON a.face_id = f.id"
             " LEFT JOIN clusters c ON c.id = a.cluster_id"
-            " JOIN people p ON p.id = COALESCE(a.person_id, c.person_id) WHERE p.name = ? AND f.gone = 0 ORDER BY f.id",
-            (name,),
+            " JOIN people p ON p.id = COALESCE(a.person_id, c.person_id) WHERE p.name_key = ? AND f.gone = 0"
+            " ORDER BY f.id",
+            (identity_key(name),),
         )
         return [int(r[0]) for r in rows]
 
@@ -535,6 +567,7 @@ class LibraryDB:
         height), "faces": [{"id", "person", "box" (x1, y1, x2, y2)}]}`` with the faces of those people only."""
         if not names:
             return []
+        names = [self.person_name(name) for name in names]
         rows = self.rows(
             "SELECT f.id, p.id, p.path, p.width, p.height, f.x1, f.y1, f.x2, f.y2, pp.name FROM faces f"
             " JOIN photos p ON p.id = f.photo_id JOIN assignments a ON a.face_id = f.id"
