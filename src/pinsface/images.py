@@ -254,13 +254,13 @@ def _decode_raw_bands(data: bytes, image: Image.Image, shrink: int) -> np.ndarra
     width, height = image.size
     if len(image.tile) != 1 or image.mode not in ("RGB", "L", "P", "1"):
         return None
-    tile = image.tile[0]
-    args = tile.args if isinstance(tile.args, tuple) else (tile.args, 0, 1)
+    codec, extents, offset, args = tuple(image.tile[0])[:4]  # a plain tuple before Pillow 11
+    args = args if isinstance(args, tuple) else (args, 0, 1)
     rawmode, stride, order = (*args, 0, 1)[:3]
     stride = stride or -(-width * _PACKED_BITS.get(rawmode, 0) // 8)
-    if tile.codec_name != "raw" or tile.extents != (0, 0, width, height) or not stride or order not in (1, -1):
+    if codec != "raw" or tuple(extents) != (0, 0, width, height) or not stride or order not in (1, -1):
         return None
-    if len(data) < tile.offset + stride * height:  # truncated: Pillow's whole decode names it
+    if len(data) < offset + stride * height:  # truncated: Pillow's whole decode names it
         return None
     import cv2
 
@@ -270,7 +270,7 @@ def _decode_raw_bands(data: bytes, image: Image.Image, shrink: int) -> np.ndarra
     for top in range(0, out_height * shrink, rows):
         bottom = min(top + rows, out_height * shrink)
         first = top if order == 1 else height - bottom  # the band's first row as stored (BMP: bottom-up)
-        start = tile.offset + first * stride
+        start = offset + first * stride
         stored = memoryview(data)[start : start + (bottom - top) * stride]  # a view: the bytes are not copied
         band = Image.frombuffer(image.mode, (width, bottom - top), stored, "raw", rawmode, stride, order)
         if image.mode == "P":
