@@ -7,8 +7,9 @@ from the cache: nothing is recomputed), as `pinsface index` stores them. The tru
 photo's folder, hidden from the methods.
 
 - "test split": the run split's test photos as one unlabelled library.
-- "long tail": the test split plus --tail synthetic people with 1-3 faces each, drawn around the real
-  descriptors as bench/gallery_scale.py draws its galleries (between- and within-person spread fitted to them).
+- "long tail": the test split plus --tail synthetic people with 1-3 faces each, drawn with bench/gallery_scale.py's
+  generator fitted to the run split's train photos (``fit_generator``: the median distances and the lower tail of
+  distances between strangers' faces; bench/cluster_generator.py compares them with real people).
 
 Per method: BCubed precision, recall and F1, pairwise F1, clusters found, wall and CPU seconds. Chinese whispers
 needs dlib (the `peers` extra: dlib-bin); without it that row is skipped with a message. Average linkage holds
@@ -99,11 +100,19 @@ def pinsface_method(x: np.ndarray) -> np.ndarray:
     return mean_pair_linkage(x)
 
 
+def pinsface_unspaced(x: np.ndarray) -> np.ndarray:
+    """pinsface's method as it was before 2026-12-06: no spacing, bound 0.6 less 0.1 / sqrt(pairs)."""
+    from pinsface.library_cluster import mean_pair_linkage
+
+    return mean_pair_linkage(x, centroid=0.6, small=0.1, spaced=np.ones(len(x)))
+
+
 METHODS = {
     "Chinese whispers 0.5 (dlib)": chinese_whispers,
     "DBSCAN eps 0.5, min 3": dbscan,
     "HDBSCAN min cluster 2": hdbscan,
     "average linkage 0.6": average_linkage,
+    "mean-pair linkage 0.6 / 0.1, no spacing (pinsface before)": pinsface_unspaced,
     "pinsface (mean-pair linkage, kNN graph)": pinsface_method,
 }
 

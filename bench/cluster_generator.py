@@ -8,9 +8,10 @@ log-normal spread 0.2, each face given a real face's length at random); "new" is
 ``fit_generator`` (the spread that matches the real lower tail of distances between strangers, lengths around a
 real person's). Like with like: 105 people of 22 faces each (about the real splits' size), per set: each person's
 nearest other person's centroid, each face's nearest stranger's face, the distances between two faces of one
-person (percentiles), the share of pairs of strangers' faces closer than 0.5 / 0.55 / 0.6 (per 10,000), and, for
---draws libraries of 105 people with 1 to 3 faces each, the pairs of strangers' faces that pinsface's clustering
-puts together (mean per library).
+person (percentiles), the share of pairs of strangers' faces closer than 0.5 / 0.55 / 0.6 (per 10,000); then,
+over --draws libraries of 105 people with 1 to 3 faces each, real and synthetic, BCubed precision, recall and F1
+of clustering methods and the pairs of strangers' faces they put together (Chinese whispers needs dlib, as in
+bench/cluster.py; skipped without it).
 """
 
 from __future__ import annotations
@@ -77,14 +78,6 @@ def describe(x: np.ndarray, owner: np.ndarray) -> str:
     )
 
 
-def joined_strangers(x: np.ndarray, owner: np.ndarray) -> float:
-    from pinsface.library_cluster import mean_pair_linkage
-
-    labels = mean_pair_linkage(x)
-    together = labels[:, None] == labels[None]
-    return float(np.sum(np.triu(together & (owner[:, None] != owner[None]), 1)))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="the Pins folder (default: as pinsface finds it)")
@@ -102,18 +95,41 @@ def main() -> None:
     for name, generate in (("old", old_generator), ("new", new_generator)):
         for seed in range(2):
             print(f"| {name} generator, draw {seed} " + describe(*generate(*train, PEOPLE, FACES, rng)), flush=True)
-    print(f"\nPairs of strangers' faces clustered together, mean over {args.draws} libraries of 105 people, 1-3 faces")
-    for part, (x, owner) in sets.items():
-        joined = [joined_strangers(*per_person(x, owner, -3, rng)) for _ in range(args.draws)]
-        print(f"- real {part}: {np.mean(joined):.2f}")
+    print(
+        f"\nLibraries of {PEOPLE} people with 1-3 faces each, mean over {args.draws}: BCubed P / R / F1, and the pairs"
+    )
+    print("of strangers' faces clustered together per library")
+    methods = {k: f for k, f in METHODS.items() if not isinstance(f(np.eye(2, 128, dtype=np.float32)), str)}
+    print("| people | " + " | ".join(methods) + " |")
+    print("|---|" + "---|" * len(methods))
+    libraries = {f"real {part}": [per_person(*sets[part], -3, rng) for _ in range(args.draws)] for part in sets}
     for name, generate in (("old", old_generator), ("new", new_generator)):
-        joined = []
-        for _ in range(args.draws):
-            x, owner = generate(*train, PEOPLE, 3, rng)
-            keep = np.tile(np.arange(3), PEOPLE) < np.repeat(rng.integers(1, 4, PEOPLE), 3)
-            joined.append(joined_strangers(x[keep], owner[keep]))
-        print(f"- {name} generator: {np.mean(joined):.2f}", flush=True)
+        libraries[f"{name} generator"] = [sparse(*generate(*train, PEOPLE, 3, rng), rng) for _ in range(args.draws)]
+    for name, drawn in libraries.items():
+        cells = []
+        for method in methods.values():
+            got = np.array([scores(method(x), owner) for x, owner in drawn]).mean(0)
+            cells.append(" / ".join(f"{v:.4f}" for v in got[:3]) + f"; {got[3]:.2f}")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
+
+def sparse(x: np.ndarray, owner: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray]:
+    """1 to 3 of each synthetic person's 3 faces."""
+    keep = np.tile(np.arange(3), PEOPLE) < np.repeat(rng.integers(1, 4, PEOPLE), 3)
+    return x[keep], owner[keep]
+
+
+def scores(labels: np.ndarray, owner: np.ndarray) -> tuple[float, float, float, float]:
+    p, r = bench.bcubed(labels, owner)
+    together = labels[:, None] == labels[None]
+    return p, r, 2 * p * r / (p + r), float(np.sum(np.triu(together & (owner[:, None] != owner[None]), 1)))
+
+
+METHODS = {
+    "mean-pair, no spacing (before)": bench.pinsface_unspaced,
+    "pinsface": bench.pinsface_method,
+    "Chinese whispers 0.5": bench.chinese_whispers,
+}
 
 if __name__ == "__main__":
     main()

@@ -30,8 +30,8 @@ NEIGHBOURS = 10
 EDGE_DISTANCE = 0.7
 # Two groups join when the root mean square distance over all pairs across them is within this, less
 # SMALL_GROUPS / sqrt(pairs): a single pair of faces must be closer than two groups, whose mean is steadier.
-CENTROID_DISTANCE = 0.62
-SMALL_GROUPS = 0.14
+CENTROID_DISTANCE = 0.615
+SMALL_GROUPS = 0.12
 # The bound is multiplied by the groups' mean spacing to this power: where faces crowd, strangers are close too.
 DENSITY = 0.5
 SPACING_RANGE = (0.25, 4.0)  # spacings clipped to this (duplicated faces have none; a lone face is far from all)
