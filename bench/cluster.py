@@ -7,8 +7,9 @@ from the cache: nothing is recomputed), as `pinsface index` stores them. The tru
 photo's folder, hidden from the methods.
 
 - "test split": the run split's test photos as one unlabelled library.
-- "long tail": the test split plus --tail synthetic people with 1-3 faces each, drawn around the real
-  descriptors as bench/gallery_scale.py draws its galleries (between- and within-person spread fitted to them).
+- "long tail": the test split plus --tail synthetic people with 1-3 faces each, drawn with bench/gallery_scale.py's
+  generator fitted to the run split's train photos (``fit_generator``: the median distances and the lower tail of
+  distances between strangers' faces; bench/cluster_generator.py compares them with real people).
 
 Per method: BCubed precision, recall and F1, pairwise F1, clusters found, wall and CPU seconds. Chinese whispers
 needs dlib (the `peers` extra: dlib-bin); without it that row is skipped with a message. Average linkage holds
@@ -99,11 +100,19 @@ def pinsface_method(x: np.ndarray) -> np.ndarray:
     return mean_pair_linkage(x)
 
 
+def pinsface_unspaced(x: np.ndarray) -> np.ndarray:
+    """pinsface's method as it was before 2026-12-06: no spacing, bound 0.6 less 0.1 / sqrt(pairs)."""
+    from pinsface.library_cluster import mean_pair_linkage
+
+    return mean_pair_linkage(x, centroid=0.6, small=0.1, spaced=np.ones(len(x)))
+
+
 METHODS = {
     "Chinese whispers 0.5 (dlib)": chinese_whispers,
     "DBSCAN eps 0.5, min 3": dbscan,
     "HDBSCAN min cluster 2": hdbscan,
     "average linkage 0.6": average_linkage,
+    "mean-pair linkage 0.6 / 0.1, no spacing (pinsface before)": pinsface_unspaced,
     "pinsface (mean-pair linkage, kNN graph)": pinsface_method,
 }
 
@@ -127,8 +136,8 @@ def table(name: str, x: np.ndarray, truth: np.ndarray, methods=METHODS) -> None:
         sys.stdout.flush()
 
 
-def test_split(data) -> tuple[np.ndarray, np.ndarray]:
-    """Cached descriptors and folder labels of the run split's test photos."""
+def test_split(data, part: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """Cached descriptors and folder labels of the run split's test photos (or its ``part``: train, val)."""
     from pinsface.cache import default_cache_dir
     from pinsface.dataset import default_data_dir, scan_dataset, split_dataset
     from pinsface.embeddings import run_embedding_cache
@@ -143,30 +152,73 @@ def test_split(data) -> tuple[np.ndarray, np.ndarray]:
     rows, owner = [], []
     for i, item in enumerate(dataset.items):
         h = prepared.hashes[i]
-        if split.assignment[item.rel] == "test" and h in index and prepared.status[i] != "ambiguous":
+        if split.assignment[item.rel] == part and h in index and prepared.status[i] != "ambiguous":
             rows.append(index[h])
             owner.append(dataset.identities.index(item.identity))
     if not rows:
-        sys.exit("no cached embeddings for the test split: run `pinsface run` (or prepare and train) first")
+        sys.exit(f"no cached embeddings for the {part} split: run `pinsface run` (or prepare and train) first")
     return emb[np.array(rows)].astype(np.float32), np.array(owner)
 
 
-def synthetic(x: np.ndarray, owner: np.ndarray, people: int, per: int, rng, vary: bool) -> tuple:
-    """Synthetic people around the real descriptors (bench/gallery_scale.py's generator, on their directions,
-    then given lengths drawn from theirs): ``per`` faces each, or with ``vary`` 1 to ``per``."""
+TAIL = 0.001  # the quantile of the distances between strangers' faces that the synthetic people match
+SIGMAS = np.arange(0.0, 0.301, 0.025)  # the generator's log-normal spreads tried
+
+
+def synthetic(
+    x: np.ndarray, owner: np.ndarray, people: int, per: int, rng, vary: bool, *, fit: dict | None = None
+) -> tuple:
+    """Synthetic people around the real descriptors ``x`` (bench/gallery_scale.py's generator on their directions,
+    fitted to them by ``fit_generator``; each person's faces then given lengths around one drawn from the real
+    people's): ``per`` faces each, or with ``vary`` 1 to ``per``. ``fit``: ``fit_generator``'s for ``x``, if made."""
     import gallery_scale as gs
 
-    norms = np.linalg.norm(x, axis=1)
-    x = gs.unit(x)
-    gs.SHAPE[:] = gs.shape_of(x, owner)
-    mean = x.mean(0)
-    s_b, s_w = gs.fit_spread(mean, gs.stats(x, owner, rng), rng)
-    _, vectors, who = gs.synthesise(people, mean, s_b, s_w, rng, per=per)
+    fit = fit or fit_generator(x, owner, np.random.default_rng(0))  # one generator for every draw from these faces
+    _, vectors, who = gs.synthesise(people, fit["mean"], fit["s_b"], fit["s_w"], rng, per, sigma=fit["sigma"])
     if vary:
         keep = np.tile(np.arange(per), people) < np.repeat(rng.integers(1, per + 1, people), per)
         vectors, who = vectors[keep], who[keep]
-    vectors *= rng.choice(norms, len(vectors)).astype(np.float32)[:, None]
-    return vectors.astype(np.float32), who
+    return vectors * lengths(fit, who, rng)[:, None], who
+
+
+def lengths(fit: dict, who: np.ndarray, rng) -> np.ndarray:
+    """Descriptor lengths for synthetic faces of people ``who``: a real person's mean length each, plus a real
+    face's deviation from its person's (lengths vary less within a person than between people)."""
+    return (rng.choice(fit["person_norm"], who.max() + 1)[who] + rng.choice(fit["norm_dev"], len(who))).astype(
+        np.float32
+    )
+
+
+def fit_generator(x: np.ndarray, owner: np.ndarray, rng, draws: int = 3) -> dict:
+    """The generator's shape (gallery_scale.SHAPE, set here), mean, lengths, and spread: the medians of the
+    between-centroid and within distances as fitted by gallery_scale.fit_spread, and its log-normal sigma from
+    ``SIGMAS``: the one whose synthetic people (as many as the real ones) have the real ``TAIL`` quantile of
+    distances between strangers' faces. The medians alone leave that tail free, and it decides whether
+    clustering joins strangers (docs/library.md)."""
+    import gallery_scale as gs
+
+    norms = np.linalg.norm(x, axis=1)
+    _, person = np.unique(owner, return_inverse=True)
+    person_norm = np.bincount(person, norms) / np.bincount(person)
+    units = gs.unit(x)
+    gs.SHAPE[:] = gs.shape_of(units, owner)
+    fit = {"mean": units.mean(0), "person_norm": person_norm, "norm_dev": norms - person_norm[person]}
+    target, real = gs.stranger_tail(x, owner, rng, TAIL), gs.stats(units, owner, rng)
+    n, per = len(person_norm), max(2, len(x) // len(person_norm))
+    best = np.inf
+    for sigma in SIGMAS:
+        s_b, s_w = gs.fit_spread(fit["mean"], real, rng, sigma)
+        got = []
+        for _ in range(draws):
+            _, v, who = gs.synthesise(n, fit["mean"], s_b, s_w, rng, per, sigma=sigma)
+            got.append(gs.stranger_tail(v * lengths(fit, who, rng)[:, None], who, rng, TAIL))
+        if abs(np.mean(got) - target) < best:
+            best = abs(np.mean(got) - target)
+            fit.update(sigma=float(sigma), s_b=s_b, s_w=s_w, tail=float(np.mean(got)))
+    print(
+        f"generator fitted on {len(x):,} faces of {n} people: log-normal sigma {fit['sigma']:.3f}, "
+        f"strangers' {TAIL:.1%} distance quantile {target:.4f} real, {fit['tail']:.4f} synthetic"
+    )
+    return fit
 
 
 def rss_gb() -> float:
@@ -184,7 +236,7 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes share these CPUs)")
     x, owner = test_split(args.data)
     table("test split as one library", x, owner)
-    tail, tail_owner = synthetic(x, owner, args.tail, 3, rng, vary=True)
+    tail, tail_owner = synthetic(*test_split(args.data, "train"), args.tail, 3, rng, vary=True)
     table(
         f"long tail (test split + {args.tail:,} synthetic people with 1-3 faces)",
         np.concatenate([x, tail]),

@@ -100,33 +100,42 @@ def noise(rng, n: int, matrix: np.ndarray) -> np.ndarray:
     return rng.standard_normal((n, DIM), dtype=np.float32) @ matrix
 
 
-def spread(rng, n: int) -> np.ndarray:
+def spread(rng, n: int, sigma: float = SPREAD) -> np.ndarray:
     """Per-identity and per-face scale factors: real distances spread wider than one Gaussian's."""
-    return np.exp(SPREAD * rng.standard_normal(n)).astype(np.float32)[:, None]
+    return np.exp(sigma * rng.standard_normal(n)).astype(np.float32)[:, None]
 
 
-def synthesise(n_identities: int, mean: np.ndarray, s_b: float, s_w: float, rng, per: int = FACES_PER_IDENTITY):
-    centroids = unit(mean + s_b * spread(rng, n_identities) * noise(rng, n_identities, SHAPE[0]))
+def synthesise(
+    n_identities: int,
+    mean: np.ndarray,
+    s_b: float,
+    s_w: float,
+    rng,
+    per: int = FACES_PER_IDENTITY,
+    *,
+    sigma: float = SPREAD,
+):
+    centroids = unit(mean + s_b * spread(rng, n_identities, sigma) * noise(rng, n_identities, SHAPE[0]))
     owner = np.repeat(np.arange(n_identities), per)
     vectors = np.empty((len(owner), DIM), np.float32)
     step = 100_000
     for lo in range(0, len(owner), step):
         o = owner[lo : lo + step]
-        vectors[lo : lo + step] = unit(centroids[o] + s_w * spread(rng, len(o)) * noise(rng, len(o), SHAPE[1]))
+        vectors[lo : lo + step] = unit(centroids[o] + s_w * spread(rng, len(o), sigma) * noise(rng, len(o), SHAPE[1]))
     return centroids, vectors, owner
 
 
-def fit_spread(mean: np.ndarray, target: dict, rng) -> tuple[float, float]:
+def fit_spread(mean: np.ndarray, target: dict, rng, sigma: float = SPREAD) -> tuple[float, float]:
     """s_b and s_w (bisection) whose synthetic medians match the real between-centroid and within distances."""
 
     def median_between(s_b):
-        c = unit(mean + s_b * spread(rng, 2000) * noise(rng, 2000, SHAPE[0]))
+        c = unit(mean + s_b * spread(rng, 2000, sigma) * noise(rng, 2000, SHAPE[0]))
         return float(np.median(np.linalg.norm(c[:1000] - c[1000:], axis=1)))
 
     def median_within(s_w):
-        c = unit(mean + s_b * spread(rng, 1000) * noise(rng, 1000, SHAPE[0]))
-        f1 = unit(c + s_w * spread(rng, 1000) * noise(rng, 1000, SHAPE[1]))
-        f2 = unit(c + s_w * spread(rng, 1000) * noise(rng, 1000, SHAPE[1]))
+        c = unit(mean + s_b * spread(rng, 1000, sigma) * noise(rng, 1000, SHAPE[0]))
+        f1 = unit(c + s_w * spread(rng, 1000, sigma) * noise(rng, 1000, SHAPE[1]))
+        f2 = unit(c + s_w * spread(rng, 1000, sigma) * noise(rng, 1000, SHAPE[1]))
         return float(np.median(np.linalg.norm(f1 - f2, axis=1)))
 
     def bisect(fn, want):
@@ -139,6 +148,16 @@ def fit_spread(mean: np.ndarray, target: dict, rng) -> tuple[float, float]:
     s_b = bisect(median_between, target["between_centroids_p5_p50_p95"][1])
     s_w = bisect(median_within, target["within_p5_p50_p95"][1])
     return s_b, s_w
+
+
+def stranger_tail(vectors: np.ndarray, owner: np.ndarray, rng, q: float, faces: int = 3000) -> float:
+    """The ``q`` quantile of the distances between faces of different identities (up to ``faces`` faces)."""
+    pick = rng.choice(len(vectors), min(faces, len(vectors)), replace=False)
+    v, o = vectors[pick].astype(np.float64), owner[pick]
+    sq = np.einsum("nd,nd->n", v, v)
+    d = np.sqrt(np.maximum(sq[:, None] + sq[None] - 2 * v @ v.T, 0))
+    upper = np.triu(o[:, None] != o[None], 1)
+    return float(np.quantile(d[upper], q))
 
 
 def percentiles_ms(times) -> str:

@@ -168,7 +168,7 @@ def _people(n_people: int, per: int, seed: int) -> np.ndarray:
 def _plain_mean_pair_linkage(x: np.ndarray, graph) -> np.ndarray:
     """The rule of mean_pair_linkage written plainly (numpy scalars, one union-find), to check the fast one."""
     a, b, _ = library_cluster._edges(*graph, library_cluster.EDGE_DISTANCE)
-    parent, counts = np.arange(len(x)), np.ones(len(x))
+    parent, counts, spaces = np.arange(len(x)), np.ones(len(x)), library_cluster.spacing(graph[0])
     sums = x.astype(np.float64)
     squares = np.einsum("nd,nd->n", sums, sums)
 
@@ -185,12 +185,39 @@ def _plain_mean_pair_linkage(x: np.ndarray, graph) -> np.ndarray:
         n = counts[ri] * counts[rj]
         mean_sq = squares[ri] / counts[ri] + squares[rj] / counts[rj] - 2 * (sums[ri] @ sums[rj]) / n
         bound = library_cluster.CENTROID_DISTANCE - library_cluster.SMALL_GROUPS / np.sqrt(n)
+        bound *= ((spaces[ri] + spaces[rj]) / (counts[ri] + counts[rj])) ** library_cluster.DENSITY
         if mean_sq <= bound * bound:
             ri, rj = (ri, rj) if counts[ri] >= counts[rj] else (rj, ri)
             parent[rj], counts[ri] = ri, counts[ri] + counts[rj]
             sums[ri] += sums[rj]
+            spaces[ri] += spaces[rj]
             squares[ri] += squares[rj]
     return np.unique([root(i) for i in range(len(x))], return_inverse=True)[1]
+
+
+def test_joining_existing_clusters_follows_the_linkage_rule():
+    """A new face joins the existing cluster that mean_pair_linkage's rule (spacing included) accepts, the nearest
+    of those, as the rule written plainly over every cluster says."""
+    x = _people(200, 6, seed=4).astype(np.float64)
+    spaced = library_cluster.spacing(library_cluster.neighbour_graph(x)[0])
+    held = np.arange(5, len(x), 6)
+    rest = np.setdiff1d(np.arange(len(x)), held)
+    labels = mean_pair_linkage(x[rest], spaced=spaced[rest])
+    counts = np.bincount(labels).astype(np.float64)
+    sums = np.stack([x[rest][labels == c].sum(0) for c in range(len(counts))])
+    squares = np.bincount(labels, np.einsum("nd,nd->n", x[rest], x[rest]))
+    spaces = np.bincount(labels, spaced[rest])
+    joined = library_cluster.join_existing(x[held], spaced[held], (sums, squares, counts, spaces))
+    sq = np.einsum("nd,nd->n", x[held], x[held])[:, None]
+    mean_sq = sq + squares / counts - 2 * x[held] @ sums.T / counts
+    bound = library_cluster.CENTROID_DISTANCE - library_cluster.SMALL_GROUPS / np.sqrt(counts)
+    bound = bound * ((spaces + spaced[held, None]) / (counts + 1)) ** library_cluster.DENSITY
+    plain = np.where(mean_sq <= bound**2, mean_sq, np.inf)
+    expected = np.where(np.isfinite(plain.min(1)), plain.argmin(1), -1)
+    assert np.array_equal(joined, expected)
+    owner = np.arange(len(x)) // 6
+    own = [np.bincount(owner[rest][labels == c]).argmax() if c >= 0 else -1 for c in joined]
+    assert np.mean(np.array(own) == owner[held]) > 0.9
 
 
 @pytest.mark.parametrize("flat_limit", [None, 1000], ids=["exact", "inverted-file"])

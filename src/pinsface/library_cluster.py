@@ -4,12 +4,14 @@ The method (chosen by measurement: bench/cluster.py, docs/library.md) is mean-pa
 graph: each face's nearest faces come from a FAISS index (``pinsface.face_index.FaceIndex``: exact up to a
 limit, an inverted file above it), the edges shorter than ``EDGE_DISTANCE`` are taken shortest first, and an
 edge joins its two groups only when the mean squared distance over every pair of faces across them (exact, from
-each group's sum and sum of squares) is within ``CENTROID_DISTANCE`` squared, a little less for small groups.
-Unlike single linkage (connected components, Chinese whispers) one close pair of strangers cannot chain two
-people together: the groups have to be close as a whole.
+each group's sum and sum of squares) is within a bound squared: ``CENTROID_DISTANCE``, a little less for small
+groups, scaled by how crowded the groups' surroundings are (``spacing``). Unlike single linkage (connected
+components, Chinese whispers) one close pair of strangers cannot chain two people together: the groups have to
+be close as a whole.
 
-Incremental (``cluster_library``): faces already in a cluster stay there, a new face joins the cluster whose
-centre is nearest when within ``CENTROID_DISTANCE``, the rest are clustered among themselves into new clusters.
+Incremental (``cluster_library``): faces already in a cluster stay there, a new face joins the nearest cluster
+that the same rule accepts, the rest are clustered among themselves into new clusters. The spacing is always
+measured among all the library's faces.
 Named clusters keep their name; faces a person named, moved or unassigned are never moved.
 """
 
@@ -28,8 +30,11 @@ NEIGHBOURS = 10
 EDGE_DISTANCE = 0.7
 # Two groups join when the root mean square distance over all pairs across them is within this, less
 # SMALL_GROUPS / sqrt(pairs): a single pair of faces must be closer than two groups, whose mean is steadier.
-CENTROID_DISTANCE = 0.6
-SMALL_GROUPS = 0.1
+CENTROID_DISTANCE = 0.615
+SMALL_GROUPS = 0.12
+# The bound is multiplied by the groups' mean spacing to this power: where faces crowd, strangers are close too.
+DENSITY = 0.5
+SPACING_RANGE = (0.25, 4.0)  # spacings clipped to this (duplicated faces have none; a lone face is far from all)
 # Faces searched at a time: the index's answer for them (with its re-ranking candidates) is held at once. A multiple
 # of the 4,096 queries FAISS's exact search takes together, so that each distance comes out as in one search of all.
 SEARCH_BLOCK = 12 * 4096
@@ -67,6 +72,16 @@ def _blocks(n: int, block: int) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [n]))
 
 
+def spacing(dist: np.ndarray) -> np.ndarray:
+    """Each face's distance to the farthest of its graph neighbours (its ``NEIGHBOURS``-th nearest face), over the
+    median of these, clipped to ``SPACING_RANGE``: below 1 where faces crowd, above 1 where they are sparse.
+    A face without neighbours gets 1."""
+    far = np.where(np.isfinite(dist), dist, -1.0).max(axis=1, initial=-1.0).astype(np.float64)
+    has = far >= 0
+    median = float(np.median(far[has])) if has.any() else 1.0
+    return np.where(has, np.clip(far / max(median, 1e-12), *SPACING_RANGE), 1.0)
+
+
 def _edges(dist: np.ndarray, ids: np.ndarray, limit: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The graph's distinct edges shorter than ``limit``, shortest first: (a, b, distance), a < b, int32 ids."""
     n = len(ids)
@@ -87,22 +102,27 @@ def mean_pair_linkage(
     edge: float = EDGE_DISTANCE,
     centroid: float = CENTROID_DISTANCE,
     k: int = NEIGHBOURS,
+    *,
     graph: tuple[np.ndarray, np.ndarray] | None = None,
     small: float = SMALL_GROUPS,
+    spaced: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Cluster labels 0..m-1 for the faces ``x`` (n, 128): see the module's docstring."""
+    """Cluster labels 0..m-1 for the faces ``x`` (n, 128): see the module's docstring. ``spaced``: each face's
+    ``spacing`` (from ``graph`` when not given)."""
     n = len(x)
     if n == 0:
         return np.zeros(0, np.int64)
     dist, ids = graph if graph is not None else neighbour_graph(x, k)
     a, b, _ = _edges(dist, ids, edge)
+    spaced = spacing(dist) if spaced is None else spaced
+    del dist, ids
     sums = np.array(x, dtype=np.float64)
     # Union-find and each group's count and sum of squared norms in flat arrays read per edge from Python:
     # scalar access to these is several times faster than to numpy's.
     parent = array("q", range(n))
     squares = array("d", np.einsum("nd,nd->n", sums, sums).tobytes())
     counts = array("d", [1.0]) * n
-    groups = parent, sums, squares, counts
+    groups = parent, sums, squares, counts, array("d", np.asarray(spaced, np.float64).tobytes())
     for lo in range(0, len(a), EDGE_BLOCK):
         _link(a[lo : lo + EDGE_BLOCK].tolist(), b[lo : lo + EDGE_BLOCK].tolist(), groups, centroid, small)
     roots = np.frombuffer(parent, dtype=np.int64).copy()
@@ -116,8 +136,8 @@ def mean_pair_linkage(
 
 def _link(a: list[int], b: list[int], groups: tuple, centroid: float, small: float) -> None:
     """Take the edges (a[e], b[e]) in turn: join their two groups when close enough as a whole. ``groups``:
-    (parent, sums, squares, counts) of the union-find, updated in place."""
-    parent, sums, squares, counts = groups
+    (parent, sums, squares, counts, spacings summed) of the union-find, updated in place."""
+    parent, sums, squares, counts, spaces = groups
     for i, j in zip(a, b):
         while parent[i] != i:
             parent[i] = i = parent[parent[i]]
@@ -128,21 +148,22 @@ def _link(a: list[int], b: list[int], groups: tuple, centroid: float, small: flo
         ci, cj = counts[i], counts[j]
         # The mean squared distance over every pair across the two groups, from their sums alone.
         mean_sq = squares[i] / ci + squares[j] / cj - 2 * (sums[i] @ sums[j]) / (ci * cj)
-        bound = centroid - small / sqrt(ci * cj)
+        bound = (centroid - small / sqrt(ci * cj)) * ((spaces[i] + spaces[j]) / (ci + cj)) ** DENSITY
         if mean_sq <= bound * bound:
             if ci < cj:
                 i, j = j, i
             parent[j] = i
             sums[i] += sums[j]
             squares[i] += squares[j]
+            spaces[i] += spaces[j]
             counts[i] = ci + cj
 
 
-def join_existing(
-    x: np.ndarray, sums: np.ndarray, squares: np.ndarray, counts: np.ndarray, block: int = JOIN_BLOCK
-) -> np.ndarray:
-    """For each new face, the existing cluster (row of ``sums``, ``squares``: its faces' sum and sum of squared
-    norms, ``counts``: its faces) it would join by ``mean_pair_linkage``'s rule, nearest first, else -1."""
+def join_existing(x: np.ndarray, spaced: np.ndarray, clusters: tuple, block: int = JOIN_BLOCK) -> np.ndarray:
+    """For each new face (``spaced``: its ``spacing``), the existing cluster it would join by
+    ``mean_pair_linkage``'s rule, nearest first, else -1. ``clusters``: (sums, squares, counts, spaces), per
+    cluster its faces' sum, sum of squared norms, number and sum of spacings."""
+    sums, squares, counts, spaces = clusters
     out = np.full(len(x), -1, np.int64)
     if not len(counts) or not len(x):
         return out
@@ -154,7 +175,8 @@ def join_existing(
         safe = np.maximum(ids, 0)
         norms = np.einsum("nd,nd->n", part, part)[:, None]
         mean_sq = norms + squares[safe] / counts[safe] - 2 * np.einsum("nd,nkd->nk", part, sums[safe]) / counts[safe]
-        bound = CENTROID_DISTANCE - SMALL_GROUPS / np.sqrt(counts[safe])
+        spread = ((spaces[safe] + spaced[lo : lo + block, None]) / (counts[safe] + 1)) ** DENSITY
+        bound = (CENTROID_DISTANCE - SMALL_GROUPS / np.sqrt(counts[safe])) * spread
         mean_sq = np.where((ids >= 0) & (mean_sq <= bound * bound), mean_sq, np.inf)
         best = np.argmin(mean_sq, axis=1)
         rows = np.arange(len(part))
@@ -167,19 +189,28 @@ def cluster_library(db: LibraryDB) -> dict:
     state = db.cluster_state()
     face_ids, cluster_ids = state["face_ids"], state["cluster_ids"]
     x, found = db.descriptors_in_chunks(face_ids)
+    # Spacing among all the library's faces, so that a face counts the same whichever run clusters it.
+    pool = np.flatnonzero(found)
+    graph = neighbour_graph(x[pool])
+    spaced = np.ones(len(x))
+    spaced[pool] = spacing(graph[0])
     clustered = (cluster_ids >= 0) & found
     new = np.flatnonzero((cluster_ids < 0) & state["movable"] & found)
     existing, row = np.unique(cluster_ids[clustered], return_inverse=True)
     sums = np.zeros((len(existing), x.shape[1]), np.float64)
     np.add.at(sums, row, x[clustered])
     squares = np.bincount(row, np.einsum("nd,nd->n", x[clustered], x[clustered]), len(existing))
-    joined = join_existing(x[new], sums, squares, np.bincount(row, minlength=len(existing)).astype(np.float64))
+    counts = np.bincount(row, minlength=len(existing)).astype(np.float64)
+    spaces = np.bincount(row, spaced[clustered], len(existing))
+    joined = join_existing(x[new], spaced[new], (sums, squares, counts, spaces))
     del sums
     took = joined >= 0
     moves = list(zip(face_ids[new[took]].tolist(), existing[joined[took]].tolist()))
     rest = new[~took]
-    labels = mean_pair_linkage(x[rest]) if len(rest) else np.zeros(0, np.int64)
-    del x
+    # Every face new and none joined (a first run): the library's graph is the rest's.
+    graph = graph if len(rest) == len(pool) else None
+    labels = mean_pair_linkage(x[rest], graph=graph, spaced=spaced[rest]) if len(rest) else np.zeros(0, np.int64)
+    del x, graph
     order = np.argsort(labels, kind="stable")
     groups = np.split(face_ids[rest[order]], np.flatnonzero(np.diff(labels[order])) + 1) if len(rest) else []
     created = db.store_clusters(moves, [g.tolist() for g in groups])
