@@ -264,6 +264,45 @@ def test_descriptors_read_in_chunks(library_url):
         assert cluster_library(db)["faces"] == found.sum()
 
 
+def test_a_faces_reach_is_measured_once_and_stored(library_url, monkeypatch):
+    """A first run measures every face's reach on the library's graph and stores it; a later run searches the
+    neighbours of the new faces alone, among all the faces, and leaves the stored reaches as they were."""
+    from pinsface.library_db import FaceRow
+
+    x = _people(12, 6, seed=5)
+    first, later = np.arange(len(x)) % 6 != 5, np.arange(len(x)) % 6 == 5
+
+    def store(db, rows):
+        for k in rows:
+            face = FaceRow(f"{k:032d}", 0, (0, 0, 5, 5), 0.9, np.zeros((5, 2)), x[k])
+            db.store_photo(f"/p/{k}.jpg", f"{k:032d}", 1, 1.0, (10, 10), [face])
+
+    searched = []
+    graph = library_cluster.neighbour_graph
+    monkeypatch.setattr(
+        library_cluster,
+        "neighbour_graph",
+        lambda faces, *a, of=None, **kw: (
+            searched.append((len(faces), None if of is None else len(of))) or graph(faces, *a, of=of, **kw)
+        ),
+    )
+    with LibraryDB.open(library_url) as db:
+        store(db, np.flatnonzero(first))
+        cluster_library(db)
+        assert searched == [(first.sum(), None)]
+        stored = db.cluster_state()["reach"]
+        assert np.allclose(stored, library_cluster.reach(graph(x[first])[0]))
+        searched.clear()
+        store(db, np.flatnonzero(later))
+        cluster_library(db)
+        assert searched[0] == (len(x), later.sum())  # the new faces' neighbours, among all
+        reaches = db.cluster_state()["reach"]  # in face id order: the first ones, then the later ones
+        assert np.array_equal(reaches[: first.sum()], stored)
+        order = np.concatenate([np.flatnonzero(first), np.flatnonzero(later)])
+        everyone = library_cluster.reach(graph(x[order])[0])
+        assert np.allclose(reaches[first.sum() :], everyone[first.sum() :])
+
+
 def _wait_for_faces(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end and proc.poll() is None:

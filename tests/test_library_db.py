@@ -53,6 +53,7 @@ def test_old_schema_is_migrated(library_url):
             for name in ("faces_photo", "assignments_cluster", "assignments_person", "people_by_key"):
                 db.execute(f"DROP INDEX {name}")
             db.execute("ALTER TABLE people DROP COLUMN name_key")
+            db.execute("ALTER TABLE faces DROP COLUMN reach")
             db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
         db.store_photo("a.jpg", "a" * 32, 10, 1.0, (5, 5), [face("a" * 32, k) for k in range(3)])
         with db.transaction():  # version 1 matched names exactly: three people, two of them one person
@@ -65,7 +66,7 @@ def test_old_schema_is_migrated(library_url):
                 )
         assert db.version() == 1
     with LibraryDB.open(library_url) as db:
-        assert db.version() == SCHEMA_VERSION == MIGRATIONS[-1][0] == 3
+        assert db.version() == SCHEMA_VERSION == MIGRATIONS[-1][0] == 4
         assert db.face_total() == 3
         assert [r[0] for r in db.rows("SELECT name FROM people ORDER BY id")] == ["Ada Lovelace", "Bob"]
         assert len(db.faces_of("ADA LOVELACE")) == 2 and len(db.faces_of("bob")) == 1

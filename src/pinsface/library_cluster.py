@@ -10,8 +10,9 @@ components, Chinese whispers) one close pair of strangers cannot chain two peopl
 be close as a whole.
 
 Incremental (``cluster_library``): faces already in a cluster stay there, a new face joins the nearest cluster
-that the same rule accepts, the rest are clustered among themselves into new clusters. The spacing is always
-measured among all the library's faces.
+that the same rule accepts, the rest are clustered among themselves into new clusters. A face's spacing is
+measured once, among all the library's faces when it first comes, and stored with it (``faces.reach``), so a
+later run searches only the new faces' neighbours.
 Named clusters keep their name; faces a person named, moved or unassigned are never moved.
 """
 
@@ -42,21 +43,24 @@ EDGE_BLOCK = 100_000  # edges turned into Python ints at a time
 JOIN_BLOCK = 10_000  # new faces matched to existing clusters at a time (each gathers its 5 nearest clusters' sums)
 
 
-def neighbour_graph(x: np.ndarray, k: int = NEIGHBOURS, block: int = SEARCH_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+def neighbour_graph(
+    x: np.ndarray, k: int = NEIGHBOURS, block: int = SEARCH_BLOCK, of: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(distances float32, ids int32) of each face's ``k`` nearest other faces (id -1 where there are fewer),
     searched ``block`` faces at a time (a multiple of 4,096: see ``SEARCH_BLOCK``), which gives the graph of one
-    search of all."""
+    search of all. ``of``: only these faces' rows (positions in ``x``), searched among all of ``x``."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
+    rows = np.arange(n) if of is None else np.asarray(of, np.int64)
     index = FaceIndex(x, np.zeros(n, np.int64), 1, 1)
     want = min(k + 1, n)
     width = min(k, want)
-    dist = np.empty((n, width), np.float32)
-    ids = np.empty((n, width), np.int32)
-    for lo, hi in _blocks(n, block):
-        d, i = index.search(x[lo:hi], want)
+    dist = np.empty((len(rows), width), np.float32)
+    ids = np.empty((len(rows), width), np.int32)
+    for lo, hi in _blocks(len(rows), block):
+        d, i = index.search(x[rows[lo:hi]], want)
         # Drop each face itself (wherever ties put it) and keep k others.
-        d = np.where(i == np.arange(lo, hi)[:, None], np.inf, d)
+        d = np.where(i == rows[lo:hi, None], np.inf, d)
         order = np.argsort(d, axis=1, kind="stable")[:, :width]
         dist[lo:hi] = np.take_along_axis(d, order, 1)
         ids[lo:hi] = np.where(np.isfinite(dist[lo:hi]), np.take_along_axis(i, order, 1), -1)
@@ -72,14 +76,20 @@ def _blocks(n: int, block: int) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [n]))
 
 
-def spacing(dist: np.ndarray) -> np.ndarray:
-    """Each face's distance to the farthest of its graph neighbours (its ``NEIGHBOURS``-th nearest face), over the
-    median of these, clipped to ``SPACING_RANGE``: below 1 where faces crowd, above 1 where they are sparse.
-    A face without neighbours gets 1."""
+def reach(dist: np.ndarray) -> np.ndarray:
+    """Each face's distance to the farthest of its graph neighbours (its ``NEIGHBOURS``-th nearest face); NaN for
+    a face without neighbours."""
     far = np.where(np.isfinite(dist), dist, -1.0).max(axis=1, initial=-1.0).astype(np.float64)
-    has = far >= 0
+    return np.where(far >= 0, far, np.nan)
+
+
+def spacing(dist: np.ndarray | None = None, reaches: np.ndarray | None = None) -> np.ndarray:
+    """Each face's ``reach`` (from its graph row ``dist``, or given) over the median of them, clipped to
+    ``SPACING_RANGE``: below 1 where faces crowd, above 1 where they are sparse. A face without neighbours gets 1."""
+    far = reach(dist) if reaches is None else np.asarray(reaches, np.float64)
+    has = np.isfinite(far)
     median = float(np.median(far[has])) if has.any() else 1.0
-    return np.where(has, np.clip(far / max(median, 1e-12), *SPACING_RANGE), 1.0)
+    return np.where(has, np.clip(np.nan_to_num(far) / max(median, 1e-12), *SPACING_RANGE), 1.0)
 
 
 def _edges(dist: np.ndarray, ids: np.ndarray, limit: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -189,11 +199,17 @@ def cluster_library(db: LibraryDB) -> dict:
     state = db.cluster_state()
     face_ids, cluster_ids = state["face_ids"], state["cluster_ids"]
     x, found = db.descriptors_in_chunks(face_ids)
-    # Spacing among all the library's faces, so that a face counts the same whichever run clusters it.
+    # Spacing among all the library's faces: each face's reach is measured once, among the faces there when it
+    # first came (a first run: the library's graph, kept for the linkage), and stored.
     pool = np.flatnonzero(found)
-    graph = neighbour_graph(x[pool])
+    reaches = state["reach"]
+    unmeasured = pool[np.isnan(reaches[pool])]
+    graph = neighbour_graph(x[pool]) if len(unmeasured) == len(pool) else None
+    if len(unmeasured):
+        at = np.searchsorted(pool, unmeasured)
+        reaches[unmeasured] = reach(graph[0] if graph is not None else neighbour_graph(x[pool], of=at)[0])
     spaced = np.ones(len(x))
-    spaced[pool] = spacing(graph[0])
+    spaced[pool] = spacing(reaches=reaches[pool])
     clustered = (cluster_ids >= 0) & found
     new = np.flatnonzero((cluster_ids < 0) & state["movable"] & found)
     existing, row = np.unique(cluster_ids[clustered], return_inverse=True)
@@ -213,7 +229,8 @@ def cluster_library(db: LibraryDB) -> dict:
     del x, graph
     order = np.argsort(labels, kind="stable")
     groups = np.split(face_ids[rest[order]], np.flatnonzero(np.diff(labels[order])) + 1) if len(rest) else []
-    created = db.store_clusters(moves, [g.tolist() for g in groups])
+    measured = [(float(r), int(f)) for r, f in zip(reaches[unmeasured], face_ids[unmeasured]) if np.isfinite(r)]
+    created = db.store_clusters(moves, [g.tolist() for g in groups], measured)
     return {
         "faces": int(len(face_ids)),
         "new_faces": int(len(new)),

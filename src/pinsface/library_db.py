@@ -62,6 +62,8 @@ MIGRATIONS: list[tuple[int, list]] = [
             "CREATE UNIQUE INDEX people_by_key ON people (name_key)",
         ],
     ),
+    # A face's distance to its 10th nearest face when first clustered (library_cluster.reach).
+    (4, ["ALTER TABLE faces ADD COLUMN reach {float}"]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 TYPES = {
@@ -421,23 +423,27 @@ class LibraryDB:
         """Live faces for clustering: ids, cluster (-1 for none) and whether clustering may place them (no name
         given by a person or a run, not unassigned by a person)."""
         rows = self.rows(
-            "SELECT f.id, a.cluster_id, a.person_id, a.source FROM faces f"
+            "SELECT f.id, a.cluster_id, a.person_id, a.source, f.reach FROM faces f"
             " LEFT JOIN assignments a ON a.face_id = f.id WHERE f.gone = 0 AND f.descriptor IS NOT NULL ORDER BY f.id"
         )
         return {
             "face_ids": np.array([r[0] for r in rows], np.int64),
             "cluster_ids": np.array([-1 if r[1] is None else r[1] for r in rows], np.int64),
             "movable": np.array([r[2] is None and r[3] in (None, "cluster", "run") for r in rows], bool),
+            "reach": np.array([np.nan if r[4] is None else r[4] for r in rows], np.float64),
         }
 
-    def store_clusters(self, moves: list[tuple[int, int]], groups: list[list[int]]) -> int:
-        """Put faces into existing clusters (face id, cluster id) and new groups into new clusters, in one
-        transaction; the number of clusters made."""
+    def store_clusters(
+        self, moves: list[tuple[int, int]], groups: list[list[int]], reaches: list[tuple[float, int]] = ()
+    ) -> int:
+        """Put faces into existing clusters (face id, cluster id) and new groups into new clusters, and store
+        faces' reach (reach, face id), in one transaction; the number of clusters made."""
         upsert = (
             "INSERT INTO assignments (face_id, cluster_id, source) VALUES (?, ?, 'cluster')"
             " ON CONFLICT (face_id) DO UPDATE SET cluster_id = excluded.cluster_id"
         )
         with self.transaction():
+            self.executemany("UPDATE faces SET reach = ? WHERE id = ?", list(reaches))
             self.executemany(upsert, moves)
             ids = self._new_clusters(len(groups))
             self.executemany(upsert, [(fid, cid) for cid, group in zip(ids, groups) for fid in group])
