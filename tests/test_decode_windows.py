@@ -15,7 +15,7 @@ from pinsface.settings import FaceSettings
 def photo(orientation: int = 1, size=(1200, 900), progressive: bool = False, fmt: str = "JPEG") -> bytes:
     """A textured photo (smooth noise, so every block and colour edge counts) with an EXIF orientation."""
     rng = np.random.default_rng(orientation)
-    small = (rng.random((size[1] // 8, size[0] // 8, 3)) * 255).astype(np.uint8)
+    small = (rng.random((size[1] // 32, size[0] // 32, 3)) * 255).astype(np.uint8)
     image = Image.fromarray(small).resize(size, Image.BICUBIC)
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -65,6 +65,23 @@ def test_a_progressive_jpeg_is_decoded_in_one_window_round_faces_near_each_other
     # Each window would read the whole file again: one window round both is decoded instead.
     assert np.array_equal(view.pixels[100:250, 100:400], reference.pixels[100:250, 100:400])
     assert not view.pixels[400:].any()
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_windows_in_a_heavy_file_are_decoded_as_one(noisy):
+    """Two windows near the bottom, at the two sides: each reads the entropy-coded data down to it. In a small
+    file that is cheap and they are decoded apart; in a heavy one (noise: about a byte a pixel) one window round
+    both costs less."""
+    rng = np.random.default_rng(0)
+    if noisy:
+        pixels = (rng.random((900, 1200, 3)) * 255).astype(np.uint8)
+    else:
+        pixels = np.broadcast_to(np.linspace(0, 255, 1200, dtype=np.uint8)[None, :, None], (900, 1200, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, "JPEG", quality=95)
+    view = decode_windows(buffer.getvalue(), [(0, 500, 150, 880), (1050, 500, 1199, 880)])
+    between = view.pixels[600:800, 400:800]
+    assert between.any() == noisy
 
 
 def test_what_only_a_whole_decode_can_read_gives_none():

@@ -275,10 +275,11 @@ def reduction_for(face_size: float, target: float) -> int:
     return 1
 
 
-# The share of a baseline JPEG's decoding spent reading its entropy-coded data, which is read for every row down to
-# a window's bottom, against turning blocks into pixels, done inside the window only: the guide to whether separate
-# windows or one window round them all costs less (``decode_windows``).
-ENTROPY_SHARE = 0.3
+# Decoding a JPEG is reading its entropy-coded data, done for every row down to a window's bottom, and turning
+# blocks into pixels, done inside the window only. The first grows with the file's bytes, the second with its
+# pixels; they cost about the same at this many bytes a pixel. The guide to whether separate windows or one window
+# round them all costs less (``decode_windows``).
+ENTROPY_BYTES_PER_PIXEL = 0.25
 # Decoded pixels kept round each window: at a window's last row and column libjpeg smooths colour differently
 # from a whole decode (it does not read past the window).
 WINDOW_MARGIN = 8
@@ -315,8 +316,9 @@ def decode_windows(data: bytes, windows, reduction: int = 1, max_pixels: int = M
             rects.append((xa, ya, xb, yb))
     stored_rects = [_stored_rect(r, shape, transpose, flip_rows, flip_cols) for r in rects]
     progressive = bool(image.info.get("progressive") or image.info.get("progression"))
-    if len(rects) > 1 and _windows_cost(stored_rects, stored, progressive) > _windows_cost(
-        [_around(stored_rects)], stored, progressive
+    share = len(data) / (width * height) / (len(data) / (width * height) + ENTROPY_BYTES_PER_PIXEL)
+    if len(rects) > 1 and _windows_cost(stored_rects, stored, share, progressive) > _windows_cost(
+        [_around(stored_rects)], stored, share, progressive
     ):
         rects = [_around(rects)]
         stored_rects = [_stored_rect(r, shape, transpose, flip_rows, flip_cols) for r in rects]
@@ -345,13 +347,12 @@ def _around(rects) -> tuple[int, int, int, int]:
     return (min(r[0] for r in rects), min(r[1] for r in rects), max(r[2] for r in rects), max(r[3] for r in rects))
 
 
-def _windows_cost(rects, stored: tuple[int, int], progressive: bool) -> float:
-    """Rough cost of decoding these stored rectangles one by one, in whole decodes: a progressive JPEG's
-    entropy-coded data is read whole for each."""
+def _windows_cost(rects, stored: tuple[int, int], share: float, progressive: bool) -> float:
+    """Rough cost of decoding these stored rectangles one by one, in whole decodes, where reading the entropy-coded
+    data is ``share`` of a whole decode: a progressive JPEG's is read whole for each."""
     height, width = stored
     return sum(
-        ENTROPY_SHARE * (1.0 if progressive else y2 / height)
-        + (1 - ENTROPY_SHARE) * (x2 - x1) * (y2 - y1) / (width * height)
+        share * (1.0 if progressive else y2 / height) + (1 - share) * (x2 - x1) * (y2 - y1) / (width * height)
         for x1, y1, x2, y2 in rects
     )
 
