@@ -679,8 +679,10 @@ def refine_view(source, view, faces: list[Detection], settings: FaceSettings):
         return view
     fine = reduction_for(min(face.size for face in faces), ALIGN_FACE_PX)
     data = bytes(source) if isinstance(source, (bytes, bytearray)) else read_bytes(source)
-    windows = decode_windows(data, [face_window(face, settings) for face in faces], fine, settings.max_pixels)
-    if windows is not None:
-        return windows
+    windows = [face_window(face, settings) for face in faces]
+    if np.isfinite(windows).all():  # degenerate landmarks have no window: the whole photo is decoded
+        decoded = decode_windows(data, windows, fine, settings.max_pixels)
+        if decoded is not None:
+            return decoded
     short = min(view.full_size)
     return load_scaled(data, settings.max_pixels, -(-short // fine) if fine > 1 else None)
