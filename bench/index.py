@@ -1,7 +1,7 @@
 """`pinsface index` speed: 224-px Pins photos, 12-MP photos, and new photos added to a large library.
 
     nice -n 10 python bench/index.py [--photos 1000] [--db postgresql://...]
-    nice -n 10 python bench/index.py --megapixels 12 [--photos 100] [--repeats 3]
+    nice -n 10 python bench/index.py --megapixels 12 [--photos 100] [--repeats 3] [--stages]
     nice -n 10 python bench/index.py --into-library 100000 [--photos 1000] [--repeats 1] [--server postgresql://...]
 
 Default: copies --photos Pins photos (spread over the identities) into a temporary library, then times a cold
@@ -10,7 +10,9 @@ changed), and an index into a new database with the face cache warm (no detectio
 
 --megapixels M: --photos photos of M megapixels (4:3), each with 2-4 Pins faces of different people at
 --face-range of the shorter side (pinsface.testing.photos.group_photo); each repeat indexes them cold (fresh
-face cache and database). Prints photos/s (wall), CPU s, faces found against faces pasted.
+face cache and database). Prints photos/s (wall), CPU s, faces found against faces pasted. With --stages, prints
+instead where one thread's CPU time goes in finding their faces (bench/photos.py's stages, every face) and in
+embedding them.
 
 --into-library N: a library database of N faces (synthetic descriptors around the real ones, as
 bench/cluster.py draws them; --faces-per-photo faces to a photo, each photo a small file in the library folder
@@ -221,6 +223,9 @@ def large_photos(args, tmp: Path) -> None:
         f"{os.cpu_count()} CPUs, {load()}",
         flush=True,
     )
+    if args.stages:
+        stages(sorted(root.glob("*.jpg")))
+        return
     warm_up(root, tmp)
     runs = []
     for r in range(args.repeats):
@@ -230,6 +235,25 @@ def large_photos(args, tmp: Path) -> None:
     median_line(f"cold index, {args.megapixels:g} MP", args.photos, runs)
     found_pasted(url, pasted, min(photo_size(args.megapixels)))
     print(f"skipped {runs[-1][0]['skipped']}")
+
+
+def stages(files: list[Path]) -> None:
+    """CPU time per photo in each stage of finding every face of ``files`` and embedding them, one thread."""
+    from dataclasses import replace
+
+    from photos import print_stages
+
+    from pinsface.backbones import get_backbone
+    from pinsface.embeddings import run_embedder
+    from pinsface.settings import Settings
+
+    settings = Settings()
+    made = print_stages(files, replace(settings.faces, every_face=True))
+    chips = np.stack([chip for record in made for chip in record["chips"]])
+    embed = run_embedder(settings, get_backbone(settings.backbone))
+    embed(chips[:8])
+    _, _, cpu = timed(lambda: embed(chips))
+    print(f"  embedding ({len(chips)} faces): {1000 * cpu / len(files):.1f} ms")
 
 
 def photo_size(megapixels: float) -> tuple[int, int]:
@@ -377,6 +401,7 @@ def main() -> None:
     parser.add_argument("--server", help="PostgreSQL server URL without a database (default: SQLite)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="cProfile the first timed index")
+    parser.add_argument("--stages", action="store_true", help="with --megapixels: CPU time per stage, one thread")
     args = parser.parse_args()
     args.photos = args.photos or (100 if args.megapixels else 1000)
     with tempfile.TemporaryDirectory() as tmp:

@@ -263,17 +263,23 @@ def bench_crops(args) -> None:
 
 
 def bench_stages(args) -> None:
-    """CPU milliseconds per photo in each stage of `prepare`'s per-batch work (decoding, MTCNN's networks,
-    pyramid levels, patch cutting, landmark refinement), one thread, on the first photos of the folder."""
-    import time
-
-    import pinsface.face_records as records
-    import pinsface.faces as faces
+    """CPU milliseconds per photo in each stage of `prepare`'s per-batch work, one thread, on the first photos of
+    the folder."""
     from pinsface.settings import FaceSettings
 
     build_photos(Path(args.root), args.photos, args.identities)
     files = sorted((Path(args.root) / "data").rglob("*.jpg"))[: args.stage_photos]
-    settings = FaceSettings()
+    print_stages(files, FaceSettings())
+
+
+def stage_times(files: list[Path], settings) -> tuple[float, dict[str, float], list[dict]]:
+    """(CPU seconds, CPU seconds per stage, face records) of `face_records.image_records` on ``files`` in batches
+    of 16, one thread: decoding, MTCNN's networks, pyramid levels, patch cutting, landmark refinement, decoding
+    again finer for small faces. The stages' functions are wrapped with timers (the first file, untimed, traces
+    the graphs)."""
+    import pinsface.face_records as records
+    import pinsface.faces as faces
+
     detector = faces.FaceDetector(settings)
     spent: dict[str, float] = {}
 
@@ -289,21 +295,32 @@ def bench_stages(args) -> None:
 
     for attribute, name in (("_pnet", "P-net"), ("_rnet", "R-net"), ("_onet", "O-net (with the refinement's)")):
         setattr(detector, attribute, timed(name, getattr(detector, attribute)))
+    saved = faces._patches, faces._Halvings.resized, records.refine_view
     faces._patches = timed("patch cutting", faces._patches)
     faces._Halvings.resized = timed("pyramid levels", faces._Halvings.resized)
+    records.refine_view = timed("decoding again finer (refine_view)", records.refine_view)
     detector._refine_landmarks = timed("landmark refinement (all of it)", detector._refine_landmarks)
     decode = timed("reading and decoding", records.decode_file)
     work = timed("all of image_records", records.image_records)
-    work(detector, [(0, decode(files[0], settings))], ["warm-up"], settings, {})  # traces the graphs
-    spent.clear()
-    start = time.process_time()
-    for lo in range(0, len(files), 16):
-        batch = [(i, decode(f, settings)) for i, f in enumerate(files[lo : lo + 16])]
-        work(detector, batch, [str(i) for i in range(len(batch))], settings, {})
-    total = time.process_time() - start
+    try:
+        work(detector, [(0, decode(files[0], settings))], ["warm-up"], settings, {})
+        spent.clear()
+        made = []
+        start = time.process_time()
+        for lo in range(0, len(files), 16):
+            batch = [(i, decode(f, settings)) for i, f in enumerate(files[lo : lo + 16])]
+            made.extend(work(detector, batch, [str(i) for i in range(len(batch))], settings, {})[0])
+        return time.process_time() - start, spent, made
+    finally:
+        faces._patches, faces._Halvings.resized, records.refine_view = saved
+
+
+def print_stages(files: list[Path], settings) -> list[dict]:
+    total, spent, made = stage_times(files, settings)
     print(f"{len(files)} photos, one thread: {1000 * total / len(files):.1f} ms of CPU per photo")
     for name, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
         print(f"  {name}: {1000 * seconds / len(files):.1f} ms")
+    return made
 
 
 def main() -> None:

@@ -153,9 +153,9 @@ def crops_again(faces: list, order: list[int], path: Path, settings: FaceSetting
     if isinstance(decoded, BadImage):
         raise decoded
     view, data = decoded
-    wanted = [faces[k].size for k in order]
-    if wanted and not crop_scale_ok(view, wanted):
-        view = refine_view(data, view, wanted, settings.max_pixels)
+    wanted = [faces[k] for k in order]
+    if wanted and not crop_scale_ok(view, [f.size for f in wanted]):
+        view = refine_view(data, view, wanted, settings)
     return {k: face_crops(view, faces[k].landmarks, faces[k].box, settings) for k in order}
 
 
@@ -182,13 +182,13 @@ def image_records(detector, batch, hashes, settings: FaceSettings, held: dict) -
             continue
         try:
             chosen, status = choose_subject(faces, view.full_size, settings)
-            wanted = [faces[chosen].size] if chosen >= 0 else []
+            wanted = [faces[chosen]] if chosen >= 0 else []
             multi = is_held(faces, status, view.full_size, settings) and not settings.every_face
             order = candidate_order(faces, view.full_size) if multi else []
             if multi or settings.every_face:
-                wanted = [faces[k].size for k in (order if multi else range(len(faces)))]
-            if wanted and not crop_scale_ok(view, wanted):
-                view = refine_view(data, view, wanted, settings.max_pixels)
+                wanted = [faces[k] for k in (order if multi else range(len(faces)))]
+            if wanted and not crop_scale_ok(view, [f.size for f in wanted]):
+                view = refine_view(data, view, wanted, settings)
             record = face_record(view.pixels, faces, settings, hashes[i], view, chosen=chosen, status=status)
             if settings.every_face:
                 record["chips"] = [face_crops(view, f.landmarks, f.box, settings)[0] for f in faces]

@@ -658,13 +658,31 @@ def face_crops(view, landmarks: np.ndarray, box: np.ndarray, settings: FaceSetti
     return aligned, crop
 
 
-def refine_view(source, view, face_sizes: list[float], max_pixels: int):
-    """``view`` again, decoded from ``source`` (a path or bytes) fine enough to cut chips of faces of these
-    full-resolution sizes (see ``crop_scale_ok``)."""
-    from pinsface.images import load_scaled, reduction_for
+def face_window(face: Detection, settings: FaceSettings) -> tuple[float, float, float, float]:
+    """The part of the photo (x1, y1, x2, y2 in full-resolution pixels) that ``face_crops`` cuts a face's aligned
+    chip and box crop from."""
+    size = settings.aligned_size
+    inverse = cv2.invertAffineTransform(similarity_transform(face.landmarks, face_template(settings)))
+    corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], np.float64) @ inverse.T
+    points = np.concatenate([corners, np.asarray(face.box, np.float64).reshape(2, 2)])
+    (x1, y1), (x2, y2) = points.min(0), points.max(0)
+    return float(x1), float(y1), float(x2), float(y2)
 
-    if isinstance(source, np.ndarray) or not face_sizes:
+
+def refine_view(source, view, faces: list[Detection], settings: FaceSettings):
+    """``view`` again, decoded from ``source`` (a path or bytes) fine enough to cut the chips and box crops of
+    these faces (full-resolution ``Detection``s; see ``crop_scale_ok``). A JPEG is decoded only round them
+    (``images.decode_windows``): its pixels elsewhere are black, so only these faces' crops are cut from it."""
+    from pinsface.images import decode_windows, load_scaled, read_bytes, reduction_for
+
+    if isinstance(source, np.ndarray) or not faces:
         return view
-    fine = reduction_for(min(face_sizes), ALIGN_FACE_PX)
+    fine = reduction_for(min(face.size for face in faces), ALIGN_FACE_PX)
+    data = bytes(source) if isinstance(source, (bytes, bytearray)) else read_bytes(source)
+    windows = [face_window(face, settings) for face in faces]
+    if np.isfinite(windows).all():  # degenerate landmarks have no window: the whole photo is decoded
+        decoded = decode_windows(data, windows, fine, settings.max_pixels)
+        if decoded is not None:
+            return decoded
     short = min(view.full_size)
-    return load_scaled(source, max_pixels, -(-short // fine) if fine > 1 else None)
+    return load_scaled(data, settings.max_pixels, -(-short // fine) if fine > 1 else None)

@@ -122,10 +122,9 @@ def chips(view: Decoded, faces: list[Detection], settings: FaceSettings) -> list
 
 def fine_enough(source, view: Decoded, faces: list[Detection], settings: FaceSettings) -> Decoded:
     """``view``, or ``source`` decoded again finer where a face is too small in it for a good chip."""
-    sizes = [f.size for f in faces]
-    if crop_scale_ok(view, sizes):
+    if crop_scale_ok(view, [f.size for f in faces]):
         return view
     try:
-        return refine_view(source, view, sizes, settings.max_pixels)
+        return refine_view(source, view, faces, settings)
     except BadImage:  # the file changed under us: use what was decoded
         return view

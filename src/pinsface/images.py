@@ -388,3 +388,103 @@ def reduction_for(face_size: float, target: float) -> int:
         if face_size / d >= target:
             return d
     return 1
+
+
+# Decoding a JPEG is reading its entropy-coded data, done for every row down to a window's bottom, and turning
+# blocks into pixels, done inside the window only. The first grows with the file's bytes, the second with its
+# pixels; they cost about the same at this many bytes a pixel. The guide to whether separate windows or one window
+# round them all costs less (``decode_windows``).
+ENTROPY_BYTES_PER_PIXEL = 0.25
+# Decoded pixels kept round each window: at a window's last row and column libjpeg smooths colour differently
+# from a whole decode (it does not read past the window).
+WINDOW_MARGIN = 8
+
+
+def decode_windows(data: bytes, windows, reduction: int = 1, max_pixels: int = MAX_PIXELS) -> Decoded | None:
+    """A JPEG decoded at 1/``reduction`` scale (1, 2, 4 or 8) only inside ``windows`` (x1, y1, x2, y2 in
+    full-resolution pixels, orientation applied), each with ``WINDOW_MARGIN``: a ``Decoded`` of the whole photo
+    whose pixels there are those of a whole decode at that scale, and black elsewhere. libjpeg-turbo skips the
+    other rows' pixels and crops the columns (TensorFlow's ``decode_and_crop_jpeg``), so a few faces cost a
+    fraction of a whole decode. None where only a whole decode will do: not a baseline or progressive RGB or
+    grey JPEG with its end marker, or the windows' decoding failed. Raises ``BadImage`` for a bad header."""
+    image = open_image(data, max_pixels)
+    if (
+        image.format not in ("JPEG", "MPO")
+        or image.mode not in ("RGB", "L")
+        or reduction not in (1, 2, 4, 8)
+        or not data.endswith(b"\xff\xd9")
+    ):
+        return None
+    width, height = image.size
+    orientation = _orientation(image)
+    transpose, flip_rows, flip_cols = _ORIENT.get(orientation, (False, False, False))
+    stored = (-(-height // reduction), -(-width // reduction))  # libjpeg's scaled size
+    shape = stored[::-1] if transpose else stored
+    rects = []
+    for x1, y1, x2, y2 in windows:
+        # In the scaled, oriented pixels; then where they lie in the file as stored.
+        xa = max(0, int(np.floor(x1 / reduction)) - WINDOW_MARGIN)
+        ya = max(0, int(np.floor(y1 / reduction)) - WINDOW_MARGIN)
+        xb = min(shape[1], int(np.ceil((x2 + 1) / reduction)) + WINDOW_MARGIN)
+        yb = min(shape[0], int(np.ceil((y2 + 1) / reduction)) + WINDOW_MARGIN)
+        if xb > xa and yb > ya:
+            rects.append((xa, ya, xb, yb))
+    stored_rects = [_stored_rect(r, shape, transpose, flip_rows, flip_cols) for r in rects]
+    progressive = bool(image.info.get("progressive") or image.info.get("progression"))
+    share = len(data) / (width * height) / (len(data) / (width * height) + ENTROPY_BYTES_PER_PIXEL)
+    if len(rects) > 1 and _windows_cost(stored_rects, stored, share, progressive) > _windows_cost(
+        [_around(stored_rects)], stored, share, progressive
+    ):
+        rects = [_around(rects)]
+        stored_rects = [_stored_rect(r, shape, transpose, flip_rows, flip_cols) for r in rects]
+    pixels = np.zeros((*shape, 3), np.uint8)  # calloc'd: the pages no window touches are never written
+    for (xa, ya, xb, yb), (sx1, sy1, sx2, sy2) in zip(rects, stored_rects):
+        part = _decode_crop(data, (sx1, sy1, sx2, sy2), reduction)
+        if part is None:
+            return None
+        pixels[ya:yb, xa:xb] = _oriented(part, orientation, part.shape[:2]).pixels
+    full = (width, height) if transpose else (height, width)
+    return Decoded(pixels, full)
+
+
+def _stored_rect(rect, shape, transpose: bool, flip_rows: bool, flip_cols: bool) -> tuple[int, int, int, int]:
+    """Where a rectangle (x1, y1, x2, y2, end exclusive) of the oriented image of ``shape`` lies in the image as
+    stored: ``_oriented``'s steps undone, last first."""
+    x1, y1, x2, y2 = rect
+    if flip_cols:
+        x1, x2 = shape[1] - x2, shape[1] - x1
+    if flip_rows:
+        y1, y2 = shape[0] - y2, shape[0] - y1
+    return (y1, x1, y2, x2) if transpose else (x1, y1, x2, y2)
+
+
+def _around(rects) -> tuple[int, int, int, int]:
+    return (min(r[0] for r in rects), min(r[1] for r in rects), max(r[2] for r in rects), max(r[3] for r in rects))
+
+
+def _windows_cost(rects, stored: tuple[int, int], share: float, progressive: bool) -> float:
+    """Rough cost of decoding these stored rectangles one by one, in whole decodes, where reading the entropy-coded
+    data is ``share`` of a whole decode: a progressive JPEG's is read whole for each."""
+    height, width = stored
+    return sum(
+        share * (1.0 if progressive else y2 / height) + (1 - share) * (x2 - x1) * (y2 - y1) / (width * height)
+        for x1, y1, x2, y2 in rects
+    )
+
+
+def _decode_crop(data: bytes, rect, reduction: int) -> np.ndarray | None:
+    """The stored pixels (x1, y1, x2, y2, end exclusive, at 1/``reduction`` scale) of a JPEG, decoded with
+    libjpeg's accurate integer DCT and smooth colour upsampling, as Pillow and OpenCV decode it; None on failure."""
+    from pinsface._tf import import_tensorflow_quietly
+
+    import_tensorflow_quietly()
+    import tensorflow as tf
+
+    x1, y1, x2, y2 = rect
+    try:
+        part = tf.io.decode_and_crop_jpeg(
+            data, [y1, x1, y2 - y1, x2 - x1], channels=3, ratio=reduction, dct_method="INTEGER_ACCURATE"
+        ).numpy()
+    except (tf.errors.OpError, ValueError):
+        return None
+    return part if part.shape == (y2 - y1, x2 - x1, 3) else None

@@ -150,7 +150,7 @@ def reduced_and_full_chips(data: bytes, detector, settings) -> list[np.ndarray] 
         return None
     face, ref = to_full_face(found[0], view), reference[0]
     if not crop_scale_ok(view, [face.size]):
-        view = refine_view(data, view, [face.size], settings.max_pixels)
+        view = refine_view(data, view, [face, ref], settings)
     return [
         face_crops(view, face.landmarks, face.box, settings)[0],
         face_crops(view, ref.landmarks, ref.box, settings)[0],
