@@ -33,6 +33,10 @@ SMALL_GROUPS = 0.1
 # Faces searched at a time: the index's answer for them (with its re-ranking candidates) is held at once. A multiple
 # of the 4,096 queries FAISS's exact search takes together, so that each distance comes out as in one search of all.
 SEARCH_BLOCK = 12 * 4096
+# The share of the inverted file's lists each face's neighbour search reads, half the gallery's: the graph's
+# edges come from both ends, and the search is most of the time at a million faces (bench/cluster.py --db-scale,
+# docs/library.md).
+GRAPH_PROBE_SHARE = 1 / 16
 EDGE_BLOCK = 100_000  # edges turned into Python ints at a time
 JOIN_BLOCK = 10_000  # new faces matched to existing clusters at a time (each gathers its 5 nearest clusters' sums)
 
@@ -44,6 +48,7 @@ def neighbour_graph(x: np.ndarray, k: int = NEIGHBOURS, block: int = SEARCH_BLOC
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
     index = FaceIndex(x, np.zeros(n, np.int64), 1, 1)
+    index.probe(GRAPH_PROBE_SHARE)
     want = min(k + 1, n)
     width = min(k, want)
     dist = np.empty((n, width), np.float32)
@@ -170,16 +175,21 @@ def cluster_library(db: LibraryDB) -> dict:
     clustered = (cluster_ids >= 0) & found
     new = np.flatnonzero((cluster_ids < 0) & state["movable"] & found)
     existing, row = np.unique(cluster_ids[clustered], return_inverse=True)
-    sums = np.zeros((len(existing), x.shape[1]), np.float64)
-    np.add.at(sums, row, x[clustered])
-    squares = np.bincount(row, np.einsum("nd,nd->n", x[clustered], x[clustered]), len(existing))
+    members = x[clustered]
+    # Per column: bincount is several times faster than np.add.at over a million faces.
+    sums = np.stack([np.bincount(row, members[:, d], len(existing)) for d in range(x.shape[1])], axis=1)
+    squares = np.bincount(row, np.einsum("nd,nd->n", members, members), len(existing))
+    del members
     joined = join_existing(x[new], sums, squares, np.bincount(row, minlength=len(existing)).astype(np.float64))
     del sums
     took = joined >= 0
     moves = list(zip(face_ids[new[took]].tolist(), existing[joined[took]].tolist()))
     rest = new[~took]
-    labels = mean_pair_linkage(x[rest]) if len(rest) else np.zeros(0, np.int64)
+    # Only the faces clustered anew are held through the linkage (all of them, uncopied, on a first run).
+    part = x if len(rest) == len(x) else x[rest]
     del x
+    labels = mean_pair_linkage(part) if len(rest) else np.zeros(0, np.int64)
+    del part
     order = np.argsort(labels, kind="stable")
     groups = np.split(face_ids[rest[order]], np.flatnonzero(np.diff(labels[order])) + 1) if len(rest) else []
     created = db.store_clusters(moves, [g.tolist() for g in groups])
