@@ -2,6 +2,7 @@
 
     nice -n 10 python bench/cluster.py [--data PINS] [--tail 3000] [--scale 100000 1000000]
     nice -n 5 python bench/cluster.py --db-scale 100000 1000000 [--server postgresql://...] [--profile]
+    nice -n 5 python bench/cluster.py --graph-recall 100000 1000000 [--probe-share 0.125 0.0625]
 
 Descriptors: the 128-d embeddings pinsface caches for the shared Pins photos (the face `prepare` chose in each,
 from the cache: nothing is recomputed), as `pinsface index` stores them. The truth is each
@@ -24,6 +25,10 @@ RSS from wait4), and BCubed of the clusters the database holds afterwards agains
 1% new faces (half new photos of people already there, half new people) are added and `pinsface cluster` timed
 again (incremental). The method tables are skipped. --server runs it on a PostgreSQL server (a database made and
 dropped on it) instead of a SQLite file; --profile runs each child under cProfile and prints where its time went.
+
+With --graph-recall, the neighbour graph's search on synthetic libraries of those sizes at each --probe-share of
+the inverted file's lists: its recall of the edges `pinsface cluster` uses (under EDGE_DISTANCE among each face's
+exact nearest, for a sample of faces) and its CPU time a face.
 """
 
 from __future__ import annotations
@@ -195,12 +200,22 @@ def main() -> None:
         "--server", help="--db-scale on this PostgreSQL server URL, without a database (default: SQLite)"
     )
     parser.add_argument("--profile", action="store_true", help="--db-scale: cProfile each `pinsface cluster`")
+    parser.add_argument(
+        "--graph-recall",
+        type=int,
+        nargs="*",
+        default=[],
+        help="faces in libraries to measure the neighbour graph's recall on, at each --probe-share",
+    )
+    parser.add_argument("--probe-share", type=float, nargs="*", default=[1 / 8, 1 / 16, 1 / 32])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes share these CPUs)")
     x, owner = test_split(args.data)
-    if args.db_scale:
+    if args.db_scale or args.graph_recall:
+        for n in args.graph_recall:
+            graph_recall(x, owner, n, rng, args.probe_share)
         for n in args.db_scale:
             db_scale_run(x, owner, n, rng, args.server, args.profile)
         return
@@ -234,6 +249,49 @@ def scale_run(x: np.ndarray, owner: np.ndarray, n: int, rng) -> None:
         f"load average now {os.getloadavg()[0]:.1f}",
         flush=True,
     )
+
+
+def graph_recall(x: np.ndarray, owner: np.ndarray, n: int, rng, shares: list[float], sample: int = 2000) -> None:
+    """The neighbour graph's recall on ``n`` synthetic faces at each share of the inverted file's lists searched:
+    of the edges under EDGE_DISTANCE among ``sample`` faces' exact nearest NEIGHBOURS, the share found."""
+    import faiss
+
+    from pinsface.face_index import FaceIndex
+    from pinsface.library_cluster import EDGE_DISTANCE, NEIGHBOURS
+
+    big, _ = synthetic(x, owner, n // 10, 10, rng, vary=False)
+    rows = rng.choice(n, sample, replace=False)
+    exact = faiss.IndexFlatL2(big.shape[1])
+    exact.add(big)
+    d, ids = exact.search(big[rows], NEIGHBOURS + 1)
+
+    def edges(d: np.ndarray, ids: np.ndarray) -> set:
+        return {
+            (r, j)
+            for r, dr, ir in zip(rows, d, ids)
+            for dd, j in zip(dr, ir)
+            if j not in (r, -1) and dd < EDGE_DISTANCE
+        }
+
+    truth = edges(np.sqrt(np.maximum(d, 0)), ids)
+    t = time.process_time()
+    index = FaceIndex(big, np.zeros(n, np.int64), 1, 1)
+    print(
+        f"\n{n:,} synthetic faces: index built in {time.process_time() - t:.1f} CPU s ({index.kind}); "
+        f"{len(truth):,} edges under {EDGE_DISTANCE} among {sample:,} faces' exact {NEIGHBOURS} nearest",
+        flush=True,
+    )
+    for share in shares:
+        index.probe(share)
+        t = time.process_time()
+        d, ids = index.search(big[rows], NEIGHBOURS + 1)
+        cpu = time.process_time() - t
+        found = len(edges(d, ids) & truth) / max(len(truth), 1)
+        print(
+            f"  lists searched {share:.4g} ({getattr(index.index, 'nprobe', 'exact')}): recall {found:.4f}, "
+            f"{cpu / sample * 1e6:.0f} CPU us a face; load average {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
 
 
 def db_scale_run(x: np.ndarray, owner: np.ndarray, n: int, rng, server: str | None, profile: bool) -> None:
