@@ -1,6 +1,8 @@
 """Clustering methods for `pinsface cluster`, on the same descriptors: one table per library.
 
     nice -n 10 python bench/cluster.py [--data PINS] [--tail 3000] [--scale 100000 1000000]
+    nice -n 5 python bench/cluster.py --db-scale 100000 1000000 [--server postgresql://...] [--profile]
+    nice -n 5 python bench/cluster.py --graph-recall 100000 1000000 [--probe-share 0.125 0.0625]
 
 Descriptors: the 128-d embeddings pinsface caches for the shared Pins photos (the face `prepare` chose in each,
 from the cache: nothing is recomputed), as `pinsface index` stores them. The truth is each
@@ -16,14 +18,29 @@ needs dlib (the `peers` extra: dlib-bin); without it that row is skipped with a 
 all pairwise distances and is skipped above 20,000 faces. With --scale, pinsface's method alone on synthetic
 libraries of those sizes (10 faces a person): wall and CPU seconds of the neighbour graph and of the linkage, and
 the process's peak RSS (the descriptors and everything before them included).
+
+With --db-scale, the real command end to end on synthetic libraries of those sizes (10 faces a person): a library
+database of N faces filled through pinsface.library_db (bench/library_fill.py, as bench/index.py --into-library
+fills its own; not timed), then `pinsface cluster --db DB` as a child process, timed (wall, and its CPU and peak
+RSS from wait4), and BCubed of the clusters the database holds afterwards against the synthetic people. Then
+1% new faces (half new photos of people already there, half new people) are added and `pinsface cluster` timed
+again (incremental). The method tables are skipped. --server runs it on a PostgreSQL server (a database made and
+dropped on it) instead of a SQLite file; --profile runs each child under cProfile and prints where its time went.
+
+With --graph-recall, the neighbour graph's search on synthetic libraries of those sizes at each --probe-share of
+the inverted file's lists: its recall of the edges `pinsface cluster` uses (under EDGE_DISTANCE among each face's
+exact nearest, for a sample of faces) and its CPU time a face.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pstats
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -230,11 +247,30 @@ def main() -> None:
     parser.add_argument("--data", default=None, help="the Pins folder (default: as pinsface finds it)")
     parser.add_argument("--tail", type=int, default=3000, help="synthetic people with 1-3 faces in the long tail")
     parser.add_argument("--scale", type=int, nargs="*", default=[], help="faces in synthetic libraries to time")
+    parser.add_argument("--db-scale", type=int, nargs="*", default=[], help="faces in libraries to cluster end to end")
+    parser.add_argument(
+        "--server", help="--db-scale on this PostgreSQL server URL, without a database (default: SQLite)"
+    )
+    parser.add_argument("--profile", action="store_true", help="--db-scale: cProfile each `pinsface cluster`")
+    parser.add_argument(
+        "--graph-recall",
+        type=int,
+        nargs="*",
+        default=[],
+        help="faces in libraries to measure the neighbour graph's recall on, at each --probe-share",
+    )
+    parser.add_argument("--probe-share", type=float, nargs="*", default=[1 / 8, 1 / 16, 1 / 32])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes share these CPUs)")
     x, owner = test_split(args.data)
+    if args.db_scale or args.graph_recall:
+        for n in args.graph_recall:
+            graph_recall(x, owner, n, rng, args.probe_share)
+        for n in args.db_scale:
+            db_scale_run(x, owner, n, rng, args.server, args.profile)
+        return
     table("test split as one library", x, owner)
     tail, tail_owner = synthetic(*test_split(args.data, "train"), args.tail, 3, rng, vary=True)
     table(
@@ -265,6 +301,119 @@ def scale_run(x: np.ndarray, owner: np.ndarray, n: int, rng) -> None:
         f"load average now {os.getloadavg()[0]:.1f}",
         flush=True,
     )
+
+
+def graph_recall(x: np.ndarray, owner: np.ndarray, n: int, rng, shares: list[float], sample: int = 2000) -> None:
+    """The neighbour graph's recall on ``n`` synthetic faces at each share of the inverted file's lists searched:
+    of the edges under EDGE_DISTANCE among ``sample`` faces' exact nearest NEIGHBOURS, the share found."""
+    import faiss
+
+    from pinsface.face_index import FaceIndex
+    from pinsface.library_cluster import EDGE_DISTANCE, NEIGHBOURS
+
+    big, _ = synthetic(x, owner, n // 10, 10, rng, vary=False)
+    rows = rng.choice(n, sample, replace=False)
+    exact = faiss.IndexFlatL2(big.shape[1])
+    exact.add(big)
+    d, ids = exact.search(big[rows], NEIGHBOURS + 1)
+
+    def edges(d: np.ndarray, ids: np.ndarray) -> set:
+        return {
+            (r, j)
+            for r, dr, ir in zip(rows, d, ids)
+            for dd, j in zip(dr, ir)
+            if j not in (r, -1) and dd < EDGE_DISTANCE
+        }
+
+    truth = edges(np.sqrt(np.maximum(d, 0)), ids)
+    t = time.process_time()
+    index = FaceIndex(big, np.zeros(n, np.int64), 1, 1)
+    print(
+        f"\n{n:,} synthetic faces: index built in {time.process_time() - t:.1f} CPU s ({index.kind}); "
+        f"{len(truth):,} edges under {EDGE_DISTANCE} among {sample:,} faces' exact {NEIGHBOURS} nearest",
+        flush=True,
+    )
+    for share in shares:
+        index.probe(share)
+        t = time.process_time()
+        d, ids = index.search(big[rows], NEIGHBOURS + 1)
+        cpu = time.process_time() - t
+        found = len(edges(d, ids) & truth) / max(len(truth), 1)
+        print(
+            f"  lists searched {share:.4g} ({getattr(index.index, 'nprobe', 'exact')}): recall {found:.4f}, "
+            f"{cpu / sample * 1e6:.0f} CPU us a face; load average {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+
+
+def db_scale_run(x: np.ndarray, owner: np.ndarray, n: int, rng, server: str | None, profile: bool) -> None:
+    """`pinsface cluster --db` on a library of ``n`` synthetic faces, then again after 1% more (see the docstring)."""
+    from library_fill import build_library_db, db_size, drop_created, fresh_db
+
+    add = n // 100
+    held, fresh = add // 2, add - add // 2
+    people = -(-(n + held) // 10)
+    big, who = synthetic(x, owner, people + -(-fresh // 10), 10, rng, vary=False)
+    later = rng.choice(n + held, held, replace=False)
+    first = np.setdiff1d(np.arange(n + held), later)
+    second = np.concatenate([later, people * 10 + np.arange(fresh)])
+    where = "PostgreSQL" if server else "SQLite"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            url = fresh_db(Path(tmp), server)
+            for step, rows in (("first", first), ("incremental", second)):
+                t = time.perf_counter()
+                build_library_db(url, Path(tmp) / "library", big[rows], 2, rng, files=False)
+                print(
+                    f"\n{where}, {step}: added {len(rows):,} faces in {time.perf_counter() - t:.0f} s (not timed "
+                    f"below); DB {db_size(url)}, load average {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
+                cluster_child(url, Path(tmp) / f"{step}.prof" if profile else None)
+                done = np.concatenate([first, second[: len(rows)]]) if step == "incremental" else first
+                p, r = bcubed(stored_labels(url, len(done)), who[done])
+                print(
+                    f"  BCubed P {p:.4f} R {r:.4f} F1 {2 * p * r / (p + r):.4f} of the {len(done):,} faces", flush=True
+                )
+        finally:
+            drop_created(server)
+
+
+def cluster_child(url: str, prof: Path | None) -> None:
+    """Run `pinsface cluster --db url` as a child process; print its output, wall and CPU time and peak RSS."""
+    cmd = [sys.executable, *(["-m", "cProfile", "-o", str(prof)] if prof else []), "-m", "pinsface.cli"]
+    load = os.getloadavg()[0]
+    t = time.perf_counter()
+    child = subprocess.Popen([*cmd, "cluster", "--db", url], stdout=subprocess.PIPE, text=True)
+    out = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - t
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        sys.exit(f"pinsface cluster failed ({child.returncode}): {out}")
+    print(
+        f"  `pinsface cluster --db`: {wall:.1f} s wall, {usage.ru_utime + usage.ru_stime:.1f} CPU s, peak RSS "
+        f"{usage.ru_maxrss / 2**20:.2f} GB; load average {load:.1f} before, {os.getloadavg()[0]:.1f} after"
+        + (" (under cProfile)" if prof else "")
+        + f"\n  it printed: {out.strip()}",
+        flush=True,
+    )
+    if prof:
+        pstats.Stats(str(prof)).sort_stats("cumulative").print_stats(30)
+
+
+def stored_labels(url: str, n: int) -> np.ndarray:
+    """The cluster of each face in the database (in the order the faces were added: ascending ids); a face with
+    none is a cluster of its own."""
+    from pinsface.library_db import LibraryDB
+
+    with LibraryDB.open(url) as db:
+        rows = db.rows(
+            "SELECT f.id, a.cluster_id FROM faces f LEFT JOIN assignments a ON a.face_id = f.id ORDER BY f.id"
+        )
+    if len(rows) != n:
+        sys.exit(f"the database holds {len(rows)} faces, not {n}")
+    return with_singletons(np.array([-1 if c is None else c for _, c in rows], np.int64))
 
 
 if __name__ == "__main__":

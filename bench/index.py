@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import hashlib
 import itertools
 import os
 import pstats
@@ -47,8 +46,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from library_fill import build_library_db, db_size, drop_created, fresh_db  # noqa: E402
+
 _names = itertools.count()
-_created: list[str] = []  # databases made on --server, dropped at the end
 PER = 10  # faces of a person: in the new photos and the large library (bench/gallery_scale.py's FACES_PER_IDENTITY)
 
 
@@ -87,43 +87,6 @@ def copy_pins(root: Path, count: int, per_identity: int | None = None) -> None:
     for it in items:
         (root / it.identity).mkdir(parents=True, exist_ok=True)
         shutil.copy(dataset.path(it), root / it.identity / Path(it.rel).name)
-
-
-def fresh_db(tmp: Path, server: str | None, template: str | None = None) -> str:
-    """A new, empty library database (or a copy of ``template``): a SQLite file, or a database on ``server``."""
-    name = f"bench_{os.getpid()}_{next(_names)}"
-    if server is None:
-        path = tmp / f"{name}.db"
-        if template:
-            shutil.copy(template, path)
-            path.chmod(0o600)
-        return str(path)
-    import psycopg
-
-    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}" + (f" TEMPLATE {template.rsplit('/', 1)[1]}" if template else ""))
-    _created.append(name)
-    return f"{server}/{name}"
-
-
-def drop_created(server: str | None) -> None:
-    if server and _created:
-        import psycopg
-
-        with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
-            for name in _created:
-                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-def db_size(url: str) -> str:
-    from pinsface.library_db import LibraryDB, is_postgres
-
-    if is_postgres(url):
-        with LibraryDB.open(url) as db:
-            size = int(db.rows("SELECT pg_database_size(current_database())")[0][0])
-    else:
-        size = sum(os.path.getsize(url + s) for s in ("", "-wal") if os.path.exists(url + s))
-    return f"{size / 2**20:.0f} MiB"
 
 
 def index_cold(root: Path, url: str, tmp: Path, profile: bool = False) -> tuple[dict, float, float]:
@@ -294,39 +257,6 @@ def real_descriptors(url: str) -> tuple[np.ndarray, np.ndarray]:
     keep = np.concatenate([np.flatnonzero(folders == name)[:PER] for name in sorted(set(folders))])
     keep = keep[[np.sum(folders == folders[k]) >= PER for k in keep]]
     return x[keep], np.unique(folders[keep], return_inverse=True)[1]
-
-
-def build_library_db(url: str, root: Path, faces: np.ndarray, per_photo: int, rng) -> None:
-    """A library of these descriptors, ``per_photo`` faces to a photo: a small file per photo under ``root``
-    and its rows, stored as index stores them (photo, then faces with boxes, landmarks and scores)."""
-    from pinsface.library_db import LibraryDB, _blob
-
-    photos = []
-    for p in range(0, len(faces), per_photo):
-        path = root / f"{p // 1000:04d}" / f"photo_{p:07d}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = f"not decoded: unchanged since it was indexed {p}".encode()
-        path.write_bytes(data)
-        st = path.stat()
-        photos.append((str(path), hashlib.sha256(data).hexdigest(), st.st_size, st.st_mtime, 3000, 4000, None))
-    with LibraryDB.open(url) as db, db.transaction():
-        db.executemany(
-            "INSERT INTO photos (path, hash, size, mtime, width, height, reason) VALUES (?, ?, ?, ?, ?, ?, ?)", photos
-        )
-        ids = dict(db.rows("SELECT path, id FROM photos"))
-        rows = []
-        for k, x in enumerate(faces):
-            path, digest = photos[k // per_photo][:2]
-            x1, y1 = (float(v) for v in rng.uniform(0, 3000, 2))
-            side = float(rng.uniform(90, 300))
-            landmarks = np.array([[x1, y1]]) + rng.uniform(0, side, (5, 2))
-            box = (x1, y1, x1 + side, y1 + side)
-            rows.append((ids[path], digest, k % per_photo, *box, 0.99, _blob(landmarks), _blob(x)))
-        db.executemany(
-            "INSERT INTO faces (photo_id, photo_hash, idx, x1, y1, x2, y2, score, landmarks, descriptor)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
 
 
 def cluster_timed(url: str) -> tuple[dict, float, float]:

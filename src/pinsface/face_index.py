@@ -115,9 +115,9 @@ def ivf_lists(n: int) -> int:
     return lists
 
 
-def ivf_probe(lists: int) -> int:
+def ivf_probe(lists: int, share: float = IVF_PROBE_SHARE) -> int:
     """Lists searched per query: a share of them, but never fewer than ``IVF_PROBE_MIN`` (all, in a small index)."""
-    return max(min(lists, IVF_PROBE_MIN), round(lists * IVF_PROBE_SHARE))
+    return max(min(lists, IVF_PROBE_MIN), round(lists * share))
 
 
 def _sq_to_distance(d: np.ndarray) -> np.ndarray:
@@ -207,6 +207,12 @@ class FaceIndex:
                 raise ValueError("it does not hold the gallery's faces")
         index.nprobe = ivf_probe(index.nlist)
         return index
+
+    def probe(self, share: float) -> None:
+        """From now on search this share of an inverted file's lists per query (``ivf_probe``); an exact index stays
+        exact."""
+        if self.kind == "ivf":
+            self.index.nprobe = ivf_probe(self.index.nlist, share)
 
     @property
     def vectors(self) -> np.ndarray:

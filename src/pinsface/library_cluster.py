@@ -39,6 +39,10 @@ SPACING_RANGE = (0.25, 4.0)  # spacings clipped to this (duplicated faces have n
 # Faces searched at a time: the index's answer for them (with its re-ranking candidates) is held at once. A multiple
 # of the 4,096 queries FAISS's exact search takes together, so that each distance comes out as in one search of all.
 SEARCH_BLOCK = 12 * 4096
+# The share of the inverted file's lists each face's neighbour search reads, half the gallery's: the graph's
+# edges come from both ends, and the search is most of the time at a million faces (bench/cluster.py --db-scale,
+# docs/library.md).
+GRAPH_PROBE_SHARE = 1 / 16
 EDGE_BLOCK = 100_000  # edges turned into Python ints at a time
 JOIN_BLOCK = 10_000  # new faces matched to existing clusters at a time (each gathers its 5 nearest clusters' sums)
 
@@ -53,6 +57,7 @@ def neighbour_graph(
     n = len(x)
     rows = np.arange(n) if of is None else np.asarray(of, np.int64)
     index = FaceIndex(x, np.zeros(n, np.int64), 1, 1)
+    index.probe(GRAPH_PROBE_SHARE)
     want = min(k + 1, n)
     width = min(k, want)
     dist = np.empty((len(rows), width), np.float32)
@@ -204,18 +209,22 @@ def cluster_library(db: LibraryDB) -> dict:
     pool = np.flatnonzero(found)
     reaches = state["reach"]
     unmeasured = pool[np.isnan(reaches[pool])]
-    graph = neighbour_graph(x[pool]) if len(unmeasured) == len(pool) else None
+    faces = x if len(pool) == len(x) else x[pool]  # no copy of a million descriptors where all are found
+    graph = neighbour_graph(faces) if len(unmeasured) == len(pool) else None
     if len(unmeasured):
         at = np.searchsorted(pool, unmeasured)
-        reaches[unmeasured] = reach(graph[0] if graph is not None else neighbour_graph(x[pool], of=at)[0])
+        reaches[unmeasured] = reach(graph[0] if graph is not None else neighbour_graph(faces, of=at)[0])
+    del faces
     spaced = np.ones(len(x))
     spaced[pool] = spacing(reaches=reaches[pool])
     clustered = (cluster_ids >= 0) & found
     new = np.flatnonzero((cluster_ids < 0) & state["movable"] & found)
     existing, row = np.unique(cluster_ids[clustered], return_inverse=True)
-    sums = np.zeros((len(existing), x.shape[1]), np.float64)
-    np.add.at(sums, row, x[clustered])
-    squares = np.bincount(row, np.einsum("nd,nd->n", x[clustered], x[clustered]), len(existing))
+    members = x[clustered]
+    # Per column: bincount is several times faster than np.add.at over a million faces.
+    sums = np.stack([np.bincount(row, members[:, d], len(existing)) for d in range(x.shape[1])], axis=1)
+    squares = np.bincount(row, np.einsum("nd,nd->n", members, members), len(existing))
+    del members
     counts = np.bincount(row, minlength=len(existing)).astype(np.float64)
     spaces = np.bincount(row, spaced[clustered], len(existing))
     joined = join_existing(x[new], spaced[new], (sums, squares, counts, spaces))
@@ -223,10 +232,13 @@ def cluster_library(db: LibraryDB) -> dict:
     took = joined >= 0
     moves = list(zip(face_ids[new[took]].tolist(), existing[joined[took]].tolist()))
     rest = new[~took]
-    # Every face new and none joined (a first run): the library's graph is the rest's.
-    graph = graph if len(rest) == len(pool) else None
-    labels = mean_pair_linkage(x[rest], graph=graph, spaced=spaced[rest]) if len(rest) else np.zeros(0, np.int64)
-    del x, graph
+    # Only the faces clustered anew are held through the linkage; on a first run (every face new and none
+    # joined) all of them, uncopied, with the library's graph.
+    first = len(rest) == len(x)
+    part, graph = (x, graph) if first else (x[rest], None)
+    del x
+    labels = mean_pair_linkage(part, graph=graph, spaced=spaced[rest]) if len(rest) else np.zeros(0, np.int64)
+    del part, graph
     order = np.argsort(labels, kind="stable")
     groups = np.split(face_ids[rest[order]], np.flatnonzero(np.diff(labels[order])) + 1) if len(rest) else []
     measured = [(float(r), int(f)) for r, f in zip(reaches[unmeasured], face_ids[unmeasured]) if np.isfinite(r)]
