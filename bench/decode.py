@@ -12,29 +12,13 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-CHILD = """
-import sys, time
-from pinsface import images
-def peak():
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
-data = open(sys.argv[1], "rb").read()
-images._pyvips()
-import cv2
-if sys.argv[2] == "whole":
-    images._decode_shrunk = images._decode_raw_bands = lambda *args: None
-before, cpu = peak(), time.process_time()
-view = images.decode_scaled(data, min_side=int(sys.argv[3]))
-print(view.pixels.shape[1], view.pixels.shape[0], peak() - before, time.process_time() - cpu)
-"""
+from pinsface.testing.decoding import decode_in_fresh_process
 
 FORMATS = [
     ("PNG", "RGB", {}),
@@ -77,15 +61,8 @@ def main() -> None:
             path.write_bytes(encoded(pixels, fmt, mode, options))
             row = []
             for how in ("reduced", "whole"):
-                out = subprocess.run(
-                    [sys.executable, "-c", CHILD, str(path), how, str(args.min_side)],
-                    capture_output=True,
-                    text=True,
-                    timeout=300,
-                    check=True,
-                )
-                w, h, grown, cpu = out.stdout.split()
-                row.append((f"{w}x{h}", int(grown) / 2**20, float(cpu)))
+                cost = decode_in_fresh_process(path, how, args.min_side)
+                row.append(("{}x{}".format(*cost.size), cost.peak_growth / 2**20, cost.cpu_seconds))
             (size, r_mb, r_cpu), (_, w_mb, w_cpu) = row
             print(
                 f"| {fmt} | {path.stat().st_size / 2**20:.1f} MB | {size} | {r_mb:.0f} MB | {r_cpu:.2f} | "

@@ -216,24 +216,6 @@ def test_a_truncated_large_png_is_reported_as_truncated():
     assert caught.value.reason == "truncated"
 
 
-# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent (pytest) through exec.
-_PEAK_OF_ONE_DECODE = """
-import sys
-from pinsface import images
-def peak():
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
-data = open(sys.argv[1], "rb").read()
-images._pyvips()
-import cv2  # noqa: F401  (loaded before the measure, as the JPEG path loads it too)
-before = peak()
-if sys.argv[2] == "whole":
-    images._decode_shrunk = images._decode_raw_bands = lambda *args: None
-view = images.decode_scaled(data, min_side=1000)
-print(view.pixels.shape[0], peak() - before)
-"""
-
-
 @pytest.mark.parametrize(
     "fmt,mode,lossy",
     [
@@ -251,8 +233,7 @@ def test_a_40_megapixel_photo_of_any_format_decodes_in_bounded_memory(tmp_path, 
     """A few hundred KB can hold 40 megapixels: decoded whole, such a photo costs several times its RGB size in
     memory; at reduced scale, a fraction of it. GIF and lossless WebP decoders hold one full frame (4 bytes a
     pixel) before it is shrunk, and nothing more. BMP and PPM are decoded a band of rows at a time."""
-    import subprocess
-    import sys
+    from pinsface.testing.decoding import decode_in_fresh_process
 
     height, width = 5400, 7200
     blocks = np.random.default_rng(3).integers(0, 255, (54, 72, 3), dtype=np.uint8)
@@ -260,12 +241,9 @@ def test_a_40_megapixel_photo_of_any_format_decodes_in_bounded_memory(tmp_path, 
     path.write_bytes(_encoded(np.kron(blocks, np.ones((100, 100, 1), np.uint8)), fmt, mode, lossy=lossy))
     peaks = {}
     for how in ("reduced", "whole"):
-        out = subprocess.run(
-            [sys.executable, "-c", _PEAK_OF_ONE_DECODE, str(path), how], capture_output=True, text=True, timeout=120
-        )
-        assert out.returncode == 0, out.stderr[-2000:]
-        rows, peaks[how] = map(int, out.stdout.split())
-        assert rows == (height // 4 if how == "reduced" else height)
+        cost = decode_in_fresh_process(path, how, 1000, timeout=120)
+        peaks[how] = cost.peak_growth
+        assert cost.size[1] == (height // 4 if how == "reduced" else height)
     rgb = height * width * 3
     assert peaks["whole"] > rgb  # the measure can see a whole decode
     full_frame = fmt == "GIF" or (fmt == "WEBP" and not lossy)
