@@ -242,6 +242,16 @@ def rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def nearest_face_ceiling(x: np.ndarray, owner: np.ndarray) -> None:
+    """What the descriptors allow: the share of faces whose nearest other face is a stranger's. No clustering
+    can place such a face with its own person without some other evidence."""
+    from pinsface.library_cluster import neighbour_graph
+
+    _, ids = neighbour_graph(x, k=1)
+    stranger = float(np.mean(owner[ids[:, 0]] != owner))
+    print(f"\nfaces whose nearest other face is a stranger's: {stranger:.2%} (leave-one-out 1-NN {1 - stranger:.4f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="the Pins folder (default: as pinsface finds it)")
@@ -272,6 +282,7 @@ def main() -> None:
             db_scale_run(x, owner, n, rng, args.server, args.profile)
         return
     table("test split as one library", x, owner)
+    nearest_face_ceiling(x, owner)
     tail, tail_owner = synthetic(*test_split(args.data, "train"), args.tail, 3, rng, vary=True)
     table(
         f"long tail (test split + {args.tail:,} synthetic people with 1-3 faces)",
