@@ -148,6 +148,9 @@ def check_trainable(dataset: Dataset) -> Dataset:
 class ImageItem:
     rel: str  # path relative to the dataset root, POSIX separators
     identity: str
+    # The file's content hash (cache.content_hash) where the caller has just read it (index), so prepare does
+    # not read and hash the file again; None: prepare hashes it.
+    digest: str | None = None
 
 
 @dataclass

@@ -182,7 +182,10 @@ def index_library(  # noqa: PLR0913  (a public entry point: its options mirror p
         first = {digest: Path(places[0][0]) for digest, places in store.new.items()}
         summary = {}
         if first:
-            items = [ImageItem(os.path.relpath(p, root).replace(os.sep, "/"), "library") for p in first.values()]
+            items = [
+                ImageItem(os.path.relpath(p, root).replace(os.sep, "/"), "library", digest)
+                for digest, p in first.items()
+            ]
             dataset = Dataset(root, items, ["library"])
             prepared = prepare(
                 cache_dir=cache_dir or settings.cache_dir or None,

@@ -63,6 +63,10 @@ def hash_file(path: Path) -> tuple[str | None, str | None]:
         return None, exc.reason
 
 
+def _item_hash(dataset: Dataset, item) -> tuple[str | None, str | None]:
+    return hash_file(dataset.path(item)) if item.digest is None else (item.digest, None)
+
+
 # Descriptor distance (dlib's scale: under 0.6 is the same person) within which a candidate face counts as the
 # person's, and the lead it needs over the next candidate, for the second pass to decide a photo.
 SUBJECT_DISTANCE = 0.6
@@ -155,7 +159,7 @@ def _hash_images(dataset: Dataset, known, pool: ThreadPoolExecutor) -> _ImageOut
     todo: list[int] = []
     # Files are hashed a few hundred per task: one task per file cost more in futures than the hashing itself.
     parts = [dataset.items[lo : lo + 256] for lo in range(0, n, 256)]
-    hashed = pool.map(lambda part: [hash_file(dataset.path(it)) for it in part], parts)
+    hashed = pool.map(lambda part: [_item_hash(dataset, it) for it in part], parts)
     for i, (digest, reason) in enumerate(result for part in hashed for result in part):
         if reason:
             status[i] = reason
