@@ -62,7 +62,7 @@ MIGRATIONS: list[tuple[int, list]] = [
             "CREATE UNIQUE INDEX people_by_key ON people (name_key)",
         ],
     ),
-    # A face's distance to its 10th nearest face when first clustered (library_cluster.reach).
+    # A face's distance to the farthest of its graph neighbours when first clustered (library_cluster.reach).
     (4, ["ALTER TABLE faces ADD COLUMN reach {float}"]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
