@@ -366,8 +366,9 @@ def db_scale_run(x: np.ndarray, owner: np.ndarray, n: int, rng, server: str | No
     people = -(-(n + held) // 10)
     big, who = synthetic(x, owner, people + -(-fresh // 10), 10, rng, vary=False)
     later = rng.choice(n + held, held, replace=False)
-    first = np.setdiff1d(np.arange(n + held), later)
-    second = np.concatenate([later, people * 10 + np.arange(fresh)])
+    # In a random order: the faces that share a photo are of different people, as in a real photo.
+    first = rng.permutation(np.setdiff1d(np.arange(n + held), later))
+    second = rng.permutation(np.concatenate([later, people * 10 + np.arange(fresh)]))
     where = "PostgreSQL" if server else "SQLite"
     with tempfile.TemporaryDirectory() as tmp:
         try:

@@ -288,7 +288,7 @@ def into_library(args, tmp: Path) -> None:
     rng = np.random.default_rng(0)
     x, owner = real_descriptors(first)
     faces, _ = synthetic(x, owner, -(-args.into_library // PER), PER, rng, vary=False)
-    faces = faces[: args.into_library]
+    faces = rng.permutation(faces[: args.into_library])  # the faces that share a photo: different people
     big = fresh_db(tmp, args.server)
     _, wall, cpu = timed(lambda: build_library_db(big, root / "old", faces, args.faces_per_photo, rng))
     print(

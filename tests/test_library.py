@@ -303,6 +303,38 @@ def test_a_faces_reach_is_measured_once_and_stored(library_url, monkeypatch):
         assert np.allclose(reaches[first.sum() :], everyone[first.sum() :])
 
 
+def test_two_faces_of_one_photo_never_share_a_cluster(library_url):
+    """Two faces of one photo are two people: however alike, the linkage keeps them apart, and a later run does
+    not put a new face into a cluster that holds a face of its photo (nor two new faces of one photo into one)."""
+    from pinsface.library_db import FaceRow
+
+    x = _people(6, 8, seed=6)
+    twin = x[0] + 0.001  # as alike as two faces get, but in person 0's first photo
+    photos = np.arange(len(x))
+    labels = mean_pair_linkage(np.vstack([x, twin]), photos=np.append(photos, 0))
+    assert labels[-1] != labels[0] and labels[1] in (labels[0], labels[-1])  # apart; one of them with person 0
+    assert mean_pair_linkage(np.vstack([x, twin]))[-1] == labels[0]  # without photos they would have joined
+
+    def face(digest, idx, vector):
+        return FaceRow(digest, idx, (0, 0, 5, 5), 0.9, np.zeros((5, 2)), vector)
+
+    with LibraryDB.open(library_url) as db:
+        for k in range(len(x)):
+            db.store_photo(f"/p/{k}.jpg", f"{k:032d}", 1, 1.0, (10, 10), [face(f"{k:032d}", 0, x[k])])
+        cluster_library(db)
+        first = {f["id"]: f["cluster"] for f in db.face_list()}
+        # Photo 0 again, changed: person 0's face and a near twin; and a new photo with two twins of person 1.
+        a, b = "a" * 32, "b" * 32
+        db.store_photo("/p/0.jpg", a, 2, 2.0, (10, 10), [face(a, 0, x[0]), face(a, 1, twin)])
+        db.store_photo("/p/new.jpg", b, 1, 1.0, (10, 10), [face(b, 0, x[8] + 0.001), face(b, 1, x[8])])
+        cluster_library(db)
+        faces = db.face_list()
+        for path in ("/p/0.jpg", "/p/new.jpg"):
+            clusters = [f["cluster"] for f in faces if f["source"] == path]
+            assert len(clusters) == 2 and clusters[0] != clusters[1], (path, clusters)
+        assert {f["cluster"] for f in faces if f["source"] == "/p/new.jpg"} & set(first.values())
+
+
 def _wait_for_faces(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end and proc.poll() is None:

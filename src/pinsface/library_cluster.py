@@ -121,9 +121,11 @@ def mean_pair_linkage(
     graph: tuple[np.ndarray, np.ndarray] | None = None,
     small: float = SMALL_GROUPS,
     spaced: np.ndarray | None = None,
+    photos: np.ndarray | None = None,
 ) -> np.ndarray:
     """Cluster labels 0..m-1 for the faces ``x`` (n, 128): see the module's docstring. ``spaced``: each face's
-    ``spacing`` (from ``graph`` when not given)."""
+    ``spacing`` (from ``graph`` when not given). ``photos``: each face's photo; two faces of one photo are two
+    people, so no group ever holds both."""
     n = len(x)
     if n == 0:
         return np.zeros(0, np.int64)
@@ -137,7 +139,7 @@ def mean_pair_linkage(
     parent = array("q", range(n))
     squares = array("d", np.einsum("nd,nd->n", sums, sums).tobytes())
     counts = array("d", [1.0]) * n
-    groups = parent, sums, squares, counts, array("d", np.asarray(spaced, np.float64).tobytes())
+    groups = parent, sums, squares, counts, array("d", np.asarray(spaced, np.float64).tobytes()), _shared(photos)
     for lo in range(0, len(a), EDGE_BLOCK):
         _link(a[lo : lo + EDGE_BLOCK].tolist(), b[lo : lo + EDGE_BLOCK].tolist(), groups, centroid, small)
     roots = np.frombuffer(parent, dtype=np.int64).copy()
@@ -149,10 +151,39 @@ def mean_pair_linkage(
     return np.unique(roots, return_inverse=True)[1]
 
 
+def _shared(photos: np.ndarray | None) -> dict[int, set[int]]:
+    """For the faces whose photo holds another of the faces: face -> {its photo}, the photos of each group that
+    ``_link`` keeps apart (a group of faces from one-face photos needs no set)."""
+    if photos is None or not len(photos):
+        return {}
+    photos = np.asarray(photos, np.int64)
+    _, where, count = np.unique(photos, return_inverse=True, return_counts=True)
+    faces = np.flatnonzero(count[where] > 1)
+    return {int(f): {int(p)} for f, p in zip(faces, photos[faces])}
+
+
+def _merge_photos(shared: dict[int, set[int]], i: int, j: int) -> bool:
+    """False where groups ``i`` and ``j`` hold faces of one photo; else their photo sets become ``i``'s (the
+    smaller set is added to the larger) and True."""
+    mine, theirs = shared.get(i), shared[j]
+    if mine is not None and not mine.isdisjoint(theirs):
+        return False
+    del shared[j]
+    if mine is None:
+        shared[i] = theirs
+    elif len(mine) >= len(theirs):
+        mine |= theirs
+    else:
+        theirs |= mine
+        shared[i] = theirs
+    return True
+
+
 def _link(a: list[int], b: list[int], groups: tuple, centroid: float, small: float) -> None:
-    """Take the edges (a[e], b[e]) in turn: join their two groups when close enough as a whole. ``groups``:
-    (parent, sums, squares, counts, spacings summed) of the union-find, updated in place."""
-    parent, sums, squares, counts, spaces = groups
+    """Take the edges (a[e], b[e]) in turn: join their two groups when close enough as a whole and no photo has a
+    face in both. ``groups``: (parent, sums, squares, counts, spacings summed, photos shared: see ``_shared``) of
+    the union-find, updated in place."""
+    parent, sums, squares, counts, spaces, shared = groups
     for i, j in zip(a, b):
         while parent[i] != i:
             parent[i] = i = parent[parent[i]]
@@ -167,6 +198,8 @@ def _link(a: list[int], b: list[int], groups: tuple, centroid: float, small: flo
         if mean_sq <= bound * bound:
             if ci < cj:
                 i, j = j, i
+            if j in shared and not _merge_photos(shared, i, j):
+                continue
             parent[j] = i
             sums[i] += sums[j]
             squares[i] += squares[j]
@@ -199,6 +232,22 @@ def join_existing(x: np.ndarray, spaced: np.ndarray, clusters: tuple, block: int
     return out
 
 
+def _part_photo_mates(joined: np.ndarray, photos: np.ndarray, member_rows: np.ndarray, member_photos) -> None:
+    """Undo (set to -1) the joins of new faces to a cluster that already holds a face of their photo, or that an
+    earlier new face of their photo joined: two faces of one photo are two people."""
+    wanted = np.flatnonzero(joined >= 0)
+    if not len(wanted):
+        return
+    mates = np.isin(member_photos, photos[wanted])
+    taken = set(zip(member_rows[mates].tolist(), member_photos[mates].tolist()))
+    for k in wanted.tolist():
+        key = (int(joined[k]), int(photos[k]))
+        if key in taken:
+            joined[k] = -1
+        else:
+            taken.add(key)
+
+
 def cluster_library(db: LibraryDB) -> dict:
     """Cluster the library's unnamed faces incrementally (see the module's docstring); a summary."""
     state = db.cluster_state()
@@ -229,6 +278,7 @@ def cluster_library(db: LibraryDB) -> dict:
     spaces = np.bincount(row, spaced[clustered], len(existing))
     joined = join_existing(x[new], spaced[new], (sums, squares, counts, spaces))
     del sums
+    _part_photo_mates(joined, state["photo_ids"][new], row, state["photo_ids"][clustered])
     took = joined >= 0
     moves = list(zip(face_ids[new[took]].tolist(), existing[joined[took]].tolist()))
     rest = new[~took]
@@ -237,7 +287,9 @@ def cluster_library(db: LibraryDB) -> dict:
     first = len(rest) == len(x)
     part, graph = (x, graph) if first else (x[rest], None)
     del x
-    labels = mean_pair_linkage(part, graph=graph, spaced=spaced[rest]) if len(rest) else np.zeros(0, np.int64)
+    labels = np.zeros(0, np.int64)
+    if len(rest):
+        labels = mean_pair_linkage(part, graph=graph, spaced=spaced[rest], photos=state["photo_ids"][rest])
     del part, graph
     order = np.argsort(labels, kind="stable")
     groups = np.split(face_ids[rest[order]], np.flatnonzero(np.diff(labels[order])) + 1) if len(rest) else []

@@ -420,10 +420,10 @@ class LibraryDB:
     # -- clusters --------------------------------------------------------------------------------------------
 
     def cluster_state(self) -> dict[str, np.ndarray]:
-        """Live faces for clustering: ids, cluster (-1 for none) and whether clustering may place them (no name
-        given by a person or a run, not unassigned by a person)."""
+        """Live faces for clustering: ids, cluster (-1 for none), whether clustering may place them (no name
+        given by a person or a run, not unassigned by a person), stored reach (NaN for none) and photo."""
         rows = self.rows(
-            "SELECT f.id, a.cluster_id, a.person_id, a.source, f.reach FROM faces f"
+            "SELECT f.id, a.cluster_id, a.person_id, a.source, f.reach, f.photo_id FROM faces f"
             " LEFT JOIN assignments a ON a.face_id = f.id WHERE f.gone = 0 AND f.descriptor IS NOT NULL ORDER BY f.id"
         )
         return {
@@ -431,6 +431,7 @@ class LibraryDB:
             "cluster_ids": np.array([-1 if r[1] is None else r[1] for r in rows], np.int64),
             "movable": np.array([r[2] is None and r[3] in (None, "cluster", "run") for r in rows], bool),
             "reach": np.array([np.nan if r[4] is None else r[4] for r in rows], np.float64),
+            "photo_ids": np.array([r[5] for r in rows], np.int64),
         }
 
     def store_clusters(
