@@ -7,12 +7,12 @@ edge joins its two groups only when the mean squared distance over every pair of
 each group's sum and sum of squares) is within a bound squared: ``CENTROID_DISTANCE``, a little less for small
 groups, scaled by how crowded the groups' surroundings are (``spacing``). Unlike single linkage (connected
 components, Chinese whispers) one close pair of strangers cannot chain two people together: the groups have to
-be close as a whole.
+be close as a whole. Two faces of one photo are two people: no group ever holds both.
 
 Incremental (``cluster_library``): faces already in a cluster stay there, a new face joins the nearest cluster
 that the same rule accepts, the rest are clustered among themselves into new clusters. A face's spacing is
 measured once, among all the library's faces when it first comes, and stored with it (``faces.reach``), so a
-later run searches only the new faces' neighbours.
+later run searches only the new faces' neighbours. A new face never joins a cluster holding a face of its photo.
 Named clusters keep their name; faces a person named, moved or unassigned are never moved.
 """
 
