@@ -17,9 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+from pinsface.testing.shared import pins_dir
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = Path(__file__).resolve().parents[1]
-PINS = Path(os.environ.get("PINSFACE_SHARED", REPO.parent / "shared")) / "data" / "pins" / "105_classes_pins_dataset"
+PINS = pins_dir()
 
 import numpy as np  # noqa: E402  (the set-up above must come first)
 

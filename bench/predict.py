@@ -15,11 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from pinsface.testing.shared import pins_dir
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402  (the set-up above must come first)
 
-PINS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pins" / "105_classes_pins_dataset"
+PINS = pins_dir()
 LOAD = (
     "import sys, time; t = time.perf_counter(); from pinsface.predict import Recognizer; "
     "Recognizer.load(sys.argv[1]); print(time.perf_counter() - t)"

@@ -16,7 +16,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
+
+from pinsface.testing.shared import pins_dir
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -54,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--data",
-        default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "pins" / "105_classes_pins_dataset"),
+        default=str(pins_dir()),
     )
     parser.add_argument("--limit", type=int, default=0, help="first N images only (0: all)")
     parser.add_argument("--repeats", type=int, default=3, help="warm repeats (the median is reported)")

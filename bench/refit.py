@@ -14,7 +14,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-PINS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pins" / "105_classes_pins_dataset"
+from pinsface.testing.shared import pins_dir
+
+PINS = pins_dir()
 KNOWN = ["Adriana Lima", "Alex Lawther", "Bill Gates", "Brie Larson", "Chris Evans", "Anne Hathaway"]
 NEWCOMERS = ["Ben Affleck", "Avril Lavigne"]
 

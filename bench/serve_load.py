@@ -33,9 +33,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from pinsface.testing.shared import pins_dir
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-PINS = Path(__file__).resolve().parents[2] / "shared" / "data" / "pins" / "105_classes_pins_dataset"
+PINS = pins_dir()
 # Loopback source addresses the load clients are spread over (fewer per address than the server's per-client cap).
 CLIENT_ADDRESSES = 10
 

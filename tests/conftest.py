@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from pinsface.testing.shared import pins_dir, shared_dir
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-SHARED = Path(os.environ.get("PINSFACE_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
-PINS = SHARED / "data" / "pins" / "105_classes_pins_dataset"
+SHARED = shared_dir()
+PINS = pins_dir()
 ORIGINALS = SHARED / "data" / "pins-originals"
 REFERENCE = SHARED / "reference" / "dlib_face_chips.npz"
 
