@@ -168,7 +168,8 @@ def _people(n_people: int, per: int, seed: int) -> np.ndarray:
 def _plain_mean_pair_linkage(x: np.ndarray, graph) -> np.ndarray:
     """The rule of mean_pair_linkage written plainly (numpy scalars, one union-find), to check the fast one."""
     a, b, _ = library_cluster._edges(*graph, library_cluster.EDGE_DISTANCE)
-    parent, counts, spaces = np.arange(len(x)), np.ones(len(x)), library_cluster.spacing(graph[0])
+    spaces = library_cluster.spacing(library_cluster.reach(graph[0]))
+    parent, counts = np.arange(len(x)), np.ones(len(x))
     sums = x.astype(np.float64)
     squares = np.einsum("nd,nd->n", sums, sums)
 
@@ -199,7 +200,7 @@ def test_joining_existing_clusters_follows_the_linkage_rule():
     """A new face joins the existing cluster that mean_pair_linkage's rule (spacing included) accepts, the nearest
     of those, as the rule written plainly over every cluster says."""
     x = _people(200, 6, seed=4).astype(np.float64)
-    spaced = library_cluster.spacing(library_cluster.neighbour_graph(x)[0])
+    spaced = library_cluster.spacing(library_cluster.reach(library_cluster.neighbour_graph(x)[0]))
     held = np.arange(5, len(x), 6)
     rest = np.setdiff1d(np.arange(len(x)), held)
     labels = mean_pair_linkage(x[rest], spaced=spaced[rest])

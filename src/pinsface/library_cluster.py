@@ -88,10 +88,10 @@ def reach(dist: np.ndarray) -> np.ndarray:
     return np.where(far >= 0, far, np.nan)
 
 
-def spacing(dist: np.ndarray | None = None, reaches: np.ndarray | None = None) -> np.ndarray:
-    """Each face's ``reach`` (from its graph row ``dist``, or given) over the median of them, clipped to
-    ``SPACING_RANGE``: below 1 where faces crowd, above 1 where they are sparse. A face without neighbours gets 1."""
-    far = reach(dist) if reaches is None else np.asarray(reaches, np.float64)
+def spacing(reaches: np.ndarray) -> np.ndarray:
+    """Each face's ``reach`` over the median of them, clipped to ``SPACING_RANGE``: below 1 where faces crowd,
+    above 1 where they are sparse. A face without neighbours (reach NaN) gets 1."""
+    far = np.asarray(reaches, np.float64)
     has = np.isfinite(far)
     median = float(np.median(far[has])) if has.any() else 1.0
     return np.where(has, np.clip(np.nan_to_num(far) / max(median, 1e-12), *SPACING_RANGE), 1.0)
@@ -131,7 +131,7 @@ def mean_pair_linkage(
         return np.zeros(0, np.int64)
     dist, ids = graph if graph is not None else neighbour_graph(x, k)
     a, b, _ = _edges(dist, ids, edge)
-    spaced = spacing(dist) if spaced is None else spaced
+    spaced = spacing(reach(dist)) if spaced is None else spaced
     del dist, ids
     sums = np.array(x, dtype=np.float64)
     # Union-find and each group's count and sum of squared norms in flat arrays read per edge from Python:
@@ -265,7 +265,7 @@ def cluster_library(db: LibraryDB) -> dict:
         reaches[unmeasured] = reach(graph[0] if graph is not None else neighbour_graph(faces, of=at)[0])
     del faces
     spaced = np.ones(len(x))
-    spaced[pool] = spacing(reaches=reaches[pool])
+    spaced[pool] = spacing(reaches[pool])
     clustered = (cluster_ids >= 0) & found
     new = np.flatnonzero((cluster_ids < 0) & state["movable"] & found)
     existing, row = np.unique(cluster_ids[clustered], return_inverse=True)
