@@ -296,6 +296,13 @@ def _pyvips():
 _CV2_REDUCED = {2: "IMREAD_REDUCED_GRAYSCALE_2", 4: "IMREAD_REDUCED_GRAYSCALE_4", 8: "IMREAD_REDUCED_GRAYSCALE_8"}
 
 
+def _libjpeg_can_decode(data: bytes, image: Image.Image) -> bool:
+    """Whether a JPEG may be decoded by libjpeg outside Pillow (OpenCV, TensorFlow) and give Pillow's pixels: RGB
+    or grey (not CMYK), and the stream ends with its end marker (libjpeg fills a truncated one with grey where
+    Pillow reports it)."""
+    return image.mode in ("RGB", "L") and data.endswith(b"\xff\xd9")
+
+
 def _decode_reduced(data: bytes, image: Image.Image, width: int) -> np.ndarray | None:
     """A JPEG at the reduced scale ``image.draft`` chose, decoded by OpenCV's libjpeg into an array at once
     (Pillow's array conversion copies a photo's pixels twice more, costing as much as the decoding); the same
@@ -304,7 +311,7 @@ def _decode_reduced(data: bytes, image: Image.Image, width: int) -> np.ndarray |
     import cv2
 
     reduction = round(width / image.size[0])
-    if reduction not in _CV2_REDUCED or image.mode not in ("RGB", "L") or not data.endswith(b"\xff\xd9"):
+    if reduction not in _CV2_REDUCED or not _libjpeg_can_decode(data, image):
         return None
     flags = getattr(cv2, _CV2_REDUCED[reduction]) | cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
     try:
@@ -408,12 +415,7 @@ def decode_windows(data: bytes, windows, reduction: int = 1, max_pixels: int = M
     fraction of a whole decode. None where only a whole decode will do: not a baseline or progressive RGB or
     grey JPEG with its end marker, or the windows' decoding failed. Raises ``BadImage`` for a bad header."""
     image = open_image(data, max_pixels)
-    if (
-        image.format not in ("JPEG", "MPO")
-        or image.mode not in ("RGB", "L")
-        or reduction not in (1, 2, 4, 8)
-        or not data.endswith(b"\xff\xd9")
-    ):
+    if image.format not in ("JPEG", "MPO") or reduction not in (1, 2, 4, 8) or not _libjpeg_can_decode(data, image):
         return None
     width, height = image.size
     orientation = _orientation(image)
