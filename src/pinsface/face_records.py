@@ -12,7 +12,6 @@ import numpy as np
 
 from pinsface.faces import (
     choose_subject,
-    crop_scale_ok,
     face_crops,
     fallback_landmarks,
     is_crop_like,
@@ -153,9 +152,7 @@ def crops_again(faces: list, order: list[int], path: Path, settings: FaceSetting
     if isinstance(decoded, BadImage):
         raise decoded
     view, data = decoded
-    wanted = [faces[k] for k in order]
-    if wanted and not crop_scale_ok(view, [f.size for f in wanted]):
-        view = refine_view(data, view, wanted, settings)
+    view = refine_view(data, view, [faces[k] for k in order], settings)
     return {k: face_crops(view, faces[k].landmarks, faces[k].box, settings) for k in order}
 
 
@@ -187,8 +184,7 @@ def image_records(detector, batch, hashes, settings: FaceSettings, held: dict) -
             order = candidate_order(faces, view.full_size) if multi else []
             if multi or settings.every_face:
                 wanted = [faces[k] for k in (order if multi else range(len(faces)))]
-            if wanted and not crop_scale_ok(view, [f.size for f in wanted]):
-                view = refine_view(data, view, wanted, settings)
+            view = refine_view(data, view, wanted, settings)
             record = face_record(view.pixels, faces, settings, hashes[i], view, chosen=chosen, status=status)
             if settings.every_face:
                 record["chips"] = [face_crops(view, f.landmarks, f.box, settings)[0] for f in faces]

@@ -670,12 +670,13 @@ def face_window(face: Detection, settings: FaceSettings) -> tuple[float, float, 
 
 
 def refine_view(source, view, faces: list[Detection], settings: FaceSettings):
-    """``view`` again, decoded from ``source`` (a path or bytes) fine enough to cut the chips and box crops of
-    these faces (full-resolution ``Detection``s; see ``crop_scale_ok``). A JPEG is decoded only round them
-    (``images.decode_windows``): its pixels elsewhere are black, so only these faces' crops are cut from it."""
+    """``view`` where it is fine enough to cut the chips and box crops of these faces (full-resolution
+    ``Detection``s; see ``crop_scale_ok``), else ``view`` again, decoded from ``source`` (a path or bytes) fine
+    enough. A JPEG is decoded only round them (``images.decode_windows``): its pixels elsewhere are black, so
+    only these faces' crops are cut from it."""
     from pinsface.images import decode_windows, load_scaled, read_bytes, reduction_for
 
-    if isinstance(source, np.ndarray) or not faces:
+    if isinstance(source, np.ndarray) or not faces or crop_scale_ok(view, [face.size for face in faces]):
         return view
     fine = reduction_for(min(face.size for face in faces), ALIGN_FACE_PX)
     data = bytes(source) if isinstance(source, (bytes, bytearray)) else read_bytes(source)

@@ -17,7 +17,6 @@ import numpy as np
 from pinsface.faces import (
     Detection,
     align_face,
-    crop_scale_ok,
     detect_each,
     min_subject_size,
     refine_view,
@@ -122,8 +121,6 @@ def chips(view: Decoded, faces: list[Detection], settings: FaceSettings) -> list
 
 def fine_enough(source, view: Decoded, faces: list[Detection], settings: FaceSettings) -> Decoded:
     """``view``, or ``source`` decoded again finer where a face is too small in it for a good chip."""
-    if crop_scale_ok(view, [f.size for f in faces]):
-        return view
     try:
         return refine_view(source, view, faces, settings)
     except BadImage:  # the file changed under us: use what was decoded
