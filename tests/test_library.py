@@ -158,11 +158,12 @@ def test_mean_pair_linkage_keeps_strangers_apart():
 
 
 def _people(n_people: int, per: int, seed: int) -> np.ndarray:
-    """Faces of ``n_people`` people, ``per`` each: strangers about 0.9 apart, one person's faces about 0.5, as
-    the stored descriptors are (bench/cluster.py), so that the graph has edges both within and across people."""
+    """Faces of ``n_people`` people, ``per`` each: strangers about 0.9 apart, one person's faces about 0.4 (the
+    closer half of a real person's pairs: bench/cluster.py), so that the graph has edges both within and across
+    people."""
     rng = np.random.default_rng(seed)
     centres = 0.056 * rng.standard_normal((n_people, 128)).astype(np.float32)
-    return np.repeat(centres, per, axis=0) + 0.031 * rng.standard_normal((n_people * per, 128)).astype(np.float32)
+    return np.repeat(centres, per, axis=0) + 0.025 * rng.standard_normal((n_people * per, 128)).astype(np.float32)
 
 
 def _plain_mean_pair_linkage(x: np.ndarray, graph) -> np.ndarray:
@@ -186,14 +187,79 @@ def _plain_mean_pair_linkage(x: np.ndarray, graph) -> np.ndarray:
         n = counts[ri] * counts[rj]
         mean_sq = squares[ri] / counts[ri] + squares[rj] / counts[rj] - 2 * (sums[ri] @ sums[rj]) / n
         bound = library_cluster.CENTROID_DISTANCE - library_cluster.SMALL_GROUPS / np.sqrt(n)
-        bound *= ((spaces[ri] + spaces[rj]) / (counts[ri] + counts[rj])) ** library_cluster.DENSITY
-        if mean_sq <= bound * bound:
+        spread = ((spaces[ri] + spaces[rj]) / (counts[ri] + counts[rj])) ** library_cluster.DENSITY
+        apart = np.sum((sums[ri] / counts[ri] - sums[rj] / counts[rj]) ** 2)
+        cap = library_cluster.CENTRE_NOISE * (1 / counts[ri] + 1 / counts[rj]) + library_cluster.CENTRE_GAP
+        if mean_sq <= (bound * spread) ** 2 and apart <= cap * spread**2:
             ri, rj = (ri, rj) if counts[ri] >= counts[rj] else (rj, ri)
             parent[rj], counts[ri] = ri, counts[ri] + counts[rj]
             sums[ri] += sums[rj]
             spaces[ri] += spaces[rj]
             squares[ri] += squares[rj]
     return np.unique([root(i) for i in range(len(x))], return_inverse=True)[1]
+
+
+def _face_rule(x, spaced, sums, squares, counts, spaces) -> np.ndarray:
+    """Whether mean_pair_linkage's rule joins each face (rows) to each group (columns), written plainly."""
+    mean_sq = np.einsum("nd,nd->n", x, x)[:, None] + squares / counts - 2 * x @ sums.T / counts
+    bound = library_cluster.CENTROID_DISTANCE - library_cluster.SMALL_GROUPS / np.sqrt(counts)
+    spread = ((spaces + spaced[:, None]) / (counts + 1)) ** library_cluster.DENSITY
+    apart = ((x[:, None, :] - (sums / counts[:, None])[None]) ** 2).sum(-1)
+    cap = library_cluster.CENTRE_NOISE * (1 + 1 / counts) + library_cluster.CENTRE_GAP
+    return (mean_sq <= (bound * spread) ** 2) & (apart <= cap * spread**2)
+
+
+def test_refine_moves_a_face_to_the_group_that_fits_it_best():
+    """One round of refine, against its rule written plainly over every face: a face moves to the group of two
+    faces or more, among its graph neighbours', that the linkage's rule accepts and whose faces are nearer to it
+    on average than its own group's others, the nearest such; on real linkage labels with some faces put wrong,
+    the wrongly put ones go back to their people, and a move into a group that holds a face of the same photo is
+    not made."""
+    x = _people(60, 6, seed=8).astype(np.float64)
+    owner = np.arange(len(x)) // 6
+    graph = library_cluster.neighbour_graph(x)
+    spaced = library_cluster.spacing(library_cluster.reach(graph[0]))
+    labels = mean_pair_linkage(x, graph=graph, spaced=spaced)
+    assert np.array_equal(labels, np.unique(owner, return_inverse=True)[1])
+    assert np.array_equal(labels, library_cluster.refine(x, labels, graph, spaced))  # a fixed point
+    wrong = labels.copy()
+    stray = np.arange(0, len(x), 12)  # each person's first face, every other person: into the next person's group
+    wrong[stray] = labels[stray + 6]
+    moved = library_cluster.refine(x, wrong, graph, spaced, rounds=1)
+    counts = np.bincount(wrong).astype(np.float64)
+    sums = np.stack([x[wrong == c].sum(0) for c in range(len(counts))])
+    squares = np.bincount(wrong, np.einsum("nd,nd->n", x, x))
+    spaces = np.bincount(wrong, spaced)
+    expected = wrong.copy()
+    for i in range(len(x)):
+        own, size = wrong[i], counts[wrong[i]] - 1
+        others = np.flatnonzero((wrong == own) & (np.arange(len(x)) != i))
+        stay = np.mean(((x[others] - x[i]) ** 2).sum(1)) if size else np.inf
+        options = []
+        for c in {wrong[j] for j in graph[1][i] if j >= 0} - {own}:
+            if counts[c] < 2:
+                continue
+            mean_sq = np.mean(((x[wrong == c] - x[i]) ** 2).sum(1))
+            fits = _face_rule(
+                x[i : i + 1],
+                spaced[i : i + 1],
+                sums[c : c + 1],
+                squares[c : c + 1],
+                counts[c : c + 1],
+                spaces[c : c + 1],
+            )[0, 0]
+            if fits and mean_sq < stay:
+                options.append((mean_sq, c))
+        if options:
+            expected[i] = min(options)[1]
+    assert np.array_equal(np.unique(expected, return_inverse=True)[1], moved)
+    assert all(len(set(owner[moved == c])) == 1 for c in np.unique(moved)), "every stray face went home"
+    # With photos: each stray face shares its photo with a face of its own group, so it cannot go back there.
+    photos = np.arange(len(x))
+    photos[stray] = photos[stray + 1]
+    kept = library_cluster.refine(x, wrong, graph, spaced, photos, rounds=1)
+    for k in stray:
+        assert kept[k] != kept[k + 1]
 
 
 def test_joining_existing_clusters_follows_the_linkage_rule():
@@ -211,9 +277,7 @@ def test_joining_existing_clusters_follows_the_linkage_rule():
     joined = library_cluster.join_existing(x[held], spaced[held], (sums, squares, counts, spaces))
     sq = np.einsum("nd,nd->n", x[held], x[held])[:, None]
     mean_sq = sq + squares / counts - 2 * x[held] @ sums.T / counts
-    bound = library_cluster.CENTROID_DISTANCE - library_cluster.SMALL_GROUPS / np.sqrt(counts)
-    bound = bound * ((spaces + spaced[held, None]) / (counts + 1)) ** library_cluster.DENSITY
-    plain = np.where(mean_sq <= bound**2, mean_sq, np.inf)
+    plain = np.where(_face_rule(x[held], spaced[held], sums, squares, counts, spaces), mean_sq, np.inf)
     expected = np.where(np.isfinite(plain.min(1)), plain.argmin(1), -1)
     assert np.array_equal(joined, expected)
     owner = np.arange(len(x)) // 6
@@ -334,6 +398,59 @@ def test_two_faces_of_one_photo_never_share_a_cluster(library_url):
             clusters = [f["cluster"] for f in faces if f["source"] == path]
             assert len(clusters) == 2 and clusters[0] != clusters[1], (path, clusters)
         assert {f["cluster"] for f in faces if f["source"] == "/p/new.jpg"} & set(first.values())
+
+
+def test_index_describes_chips_as_describe_does(reference_chips):
+    """The descriptor index stores for a chip is pinsface.describe's for it: the embedding averaged with the
+    mirror image's (not the plain embedding, as before schema 5)."""
+    from pinsface import api
+    from pinsface.face_index import face_vectors
+    from pinsface.library_index import _Describer
+    from pinsface.settings import Settings
+
+    chips = reference_chips["chips"][:8]
+    stored, named = _Describer(Settings())(chips)
+    embedder = api._MODELS.embedder()
+    assert named is None and np.allclose(stored, face_vectors(*embedder.both_views(chips)), atol=1e-6)
+    assert np.linalg.norm(stored - embedder(chips), axis=1).min() > 0.01
+
+
+def test_index_stores_what_describe_gives_and_describes_plain_faces_again(library, library_url, tmp_path):
+    """Each stored descriptor is pinsface.describe's (averaged with the mirror image's). A library from before
+    schema 5 holds plain ones: the next index reads those photos again and replaces them in place (same faces,
+    same clusters), and clustering leaves them alone until then."""
+    from pinsface import describe, distance
+
+    cache = tmp_path / "cache"
+    run("index", library, "--db", library_url, "--cache", cache)
+    run("cluster", "--db", library_url)
+    with LibraryDB.open(library_url) as db:
+        faces = db.face_list()
+        ids = [f["id"] for f in faces]
+        stored = db.descriptors(ids)
+        clusters = [f["cluster"] for f in faces]
+        alone = Counter(f["source"] for f in faces)
+        # describe finds each face by the subject's path, index by every face's (another detector pyramid), so
+        # the chips differ a little; still, what index stores is nearer describe's than the plain embedding.
+        singles = [k for k, f in enumerate(faces) if alone[f["source"]] == 1][:6]
+        near = [distance(describe(faces[k]["source"])[0], stored[k]) for k in singles]
+        plain = [distance(describe(faces[k]["source"], mirror=False)[0], stored[k]) for k in singles]
+        assert np.median(near) < np.median(plain) - 0.03, (near, plain)
+        with db.transaction():  # as schema 4 left them: plain, and the reach measured on those
+            db.execute("UPDATE faces SET plain = 1, descriptor = ?, reach = 0.5", (np.ones(128, np.float32).tobytes(),))
+        assert len(db.cluster_state()["face_ids"]) == 0
+    proc = pinsface("cluster", "--db", library_url)
+    out, err = finish(proc, timeout=600)
+    assert proc.returncode == 0 and f"{len(ids)} faces were left out" in err and "pinsface index" in err
+    again = json.loads(run("index", library, "--db", library_url, "--cache", cache, "--json").splitlines()[-1])
+    assert again["read"] == len(alone) and again["faces_added"] == 0
+    with LibraryDB.open(library_url) as db:
+        faces = db.face_list()
+        assert [f["id"] for f in faces] == ids and [f["cluster"] for f in faces] == clusters
+        assert np.allclose(db.descriptors(ids), stored, atol=0.02)
+        assert db.rows("SELECT DISTINCT plain, reach FROM faces") == [(0, None)]
+    last = json.loads(run("index", library, "--db", library_url, "--cache", cache, "--json").splitlines()[-1])
+    assert last["read"] == 0 and last["unchanged"] == 20
 
 
 def _wait_for_faces(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:

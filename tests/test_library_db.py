@@ -54,6 +54,7 @@ def test_old_schema_is_migrated(library_url):
                 db.execute(f"DROP INDEX {name}")
             db.execute("ALTER TABLE people DROP COLUMN name_key")
             db.execute("ALTER TABLE faces DROP COLUMN reach")
+            db.execute("ALTER TABLE faces DROP COLUMN plain")
             db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
         db.store_photo("a.jpg", "a" * 32, 10, 1.0, (5, 5), [face("a" * 32, k) for k in range(3)])
         with db.transaction():  # version 1 matched names exactly: three people, two of them one person
@@ -66,14 +67,40 @@ def test_old_schema_is_migrated(library_url):
                 )
         assert db.version() == 1
     with LibraryDB.open(library_url) as db:
-        assert db.version() == SCHEMA_VERSION == MIGRATIONS[-1][0] == 4
+        assert db.version() == SCHEMA_VERSION == MIGRATIONS[-1][0] == 5
         assert db.face_total() == 3
+        # Their descriptors are plain embeddings (before version 5): clustering leaves them for index to redo.
+        assert [r[0] for r in db.rows("SELECT plain FROM faces")] == [1, 1, 1]
+        assert len(db.cluster_state()["face_ids"]) == 0 and db.plain_photos() == {1}
         assert [r[0] for r in db.rows("SELECT name FROM people ORDER BY id")] == ["Ada Lovelace", "Bob"]
         assert len(db.faces_of("ADA LOVELACE")) == 2 and len(db.faces_of("bob")) == 1
         assert db.person_id("Ada  lovelace", create=False) == db.person_id("Ada Lovelace")
         with pytest.raises(Exception):  # noqa: B017  (the migration made it already: a second one fails)
             with db.transaction():
                 db.execute("CREATE INDEX faces_photo ON faces (photo_id)")
+
+
+def test_plain_descriptors_are_replaced_when_the_photo_is_stored_again(library_url):
+    """A face stored with a plain descriptor (schema 4) gets the new one when its photo is stored again: same
+    face, assignments kept, reach to be measured again; an erased descriptor (a forgotten person's) stays erased,
+    and a face already described as now is left as it is."""
+    with LibraryDB.open(library_url) as db:
+        db.store_photo("a.jpg", "a" * 32, 10, 1.0, (5, 5), [face("a" * 32, k) for k in range(3)])
+        ids = [r[0] for r in db.rows("SELECT id FROM faces ORDER BY idx")]
+        db.store_clusters([], [ids], [(0.5, ids[0])])
+        with db.transaction():
+            db.execute("UPDATE faces SET plain = 1 WHERE idx < 2")
+            db.execute("UPDATE faces SET descriptor = NULL WHERE idx = 1")
+        assert db.plain_photos() == {1} and len(db.cluster_state()["face_ids"]) == 1
+        again = [face("a" * 32, k, seed=7) for k in range(3)]
+        assert db.store_photo("a.jpg", "a" * 32, 10, 1.0, (5, 5), again) == []  # no face added
+        assert [r[0] for r in db.rows("SELECT id FROM faces ORDER BY idx")] == ids
+        assert db.rows("SELECT plain, reach FROM faces ORDER BY idx") == [(0, None), (1, None), (0, None)]
+        got = db.descriptors(ids)
+        assert np.array_equal(got[0], again[0].descriptor) and not got[1].any()
+        assert np.array_equal(got[2], face("a" * 32, 2).descriptor)
+        assert db.plain_photos() == set() and len(db.cluster_state()["face_ids"]) == 2
+        assert {f["cluster"] for f in db.face_list()} == {db.face_list()[0]["cluster"]}
 
 
 def test_newer_schema_is_refused_with_a_message(library_url):

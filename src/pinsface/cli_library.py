@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 
 def _box(face: dict) -> list[float]:
@@ -55,6 +56,12 @@ def _cluster(args) -> int:
         print(
             f"{summary['faces']} faces: {summary['new_faces']} new, {summary['joined_existing']} joined existing "
             f"clusters, {summary['new_clusters']} new clusters; {summary['clusters']} clusters in all"
+        )
+    if summary["plain_left"]:
+        print(
+            f"{summary['plain_left']} faces were left out: their descriptors come from an older pinsface; "
+            "run `pinsface index` on the library to describe them again",
+            file=sys.stderr,
         )
     return 0
 

@@ -31,8 +31,13 @@ NEIGHBOURS = 10
 EDGE_DISTANCE = 0.7
 # Two groups join when the root mean square distance over all pairs across them is within this, less
 # SMALL_GROUPS / sqrt(pairs): a single pair of faces must be closer than two groups, whose mean is steadier.
-CENTROID_DISTANCE = 0.615
-SMALL_GROUPS = 0.12
+CENTROID_DISTANCE = 0.61
+SMALL_GROUPS = 0.18
+# And the squared distance between the two groups' mean faces must be within CENTRE_NOISE * (1/size + 1/size) +
+# CENTRE_GAP (spacing applied as above): for large groups the mean pair distance hides a small gap between two
+# tight people, while the means' distance shows it, less and less blurred by the faces' own spread as groups grow.
+CENTRE_NOISE = 0.3
+CENTRE_GAP = 0.05
 # The bound is multiplied by the groups' mean spacing to this power: where faces crowd, strangers are close too.
 DENSITY = 0.5
 SPACING_RANGE = (0.25, 4.0)  # spacings clipped to this (duplicated faces have none; a lone face is far from all)
@@ -44,7 +49,12 @@ SEARCH_BLOCK = 12 * 4096
 # docs/library.md).
 GRAPH_PROBE_SHARE = 1 / 16
 EDGE_BLOCK = 100_000  # edges turned into Python ints at a time
-JOIN_BLOCK = 10_000  # new faces matched to existing clusters at a time (each gathers its 5 nearest clusters' sums)
+JOIN_BLOCK = 10_000  # faces matched to clusters at a time (each gathers its candidate clusters' sums)
+# refine also moves a face to a group that holds this share of its graph neighbours, within this root mean square
+# distance, where the linkage's rule would not: a person's faces are each other's neighbours, a stranger's seldom.
+VOTE_SHARE = 0.7
+VOTE_DISTANCE = 0.64
+REFINE_ROUNDS = 5  # rounds of moving faces to better groups after the linkage, at most (it stops once none moves)
 
 
 def neighbour_graph(
@@ -115,17 +125,17 @@ def _edges(dist: np.ndarray, ids: np.ndarray, limit: float) -> tuple[np.ndarray,
 def mean_pair_linkage(
     x: np.ndarray,
     edge: float = EDGE_DISTANCE,
-    centroid: float = CENTROID_DISTANCE,
     k: int = NEIGHBOURS,
     *,
     graph: tuple[np.ndarray, np.ndarray] | None = None,
-    small: float = SMALL_GROUPS,
     spaced: np.ndarray | None = None,
     photos: np.ndarray | None = None,
+    rule: tuple[float, float, float, float] | None = None,
 ) -> np.ndarray:
     """Cluster labels 0..m-1 for the faces ``x`` (n, 128): see the module's docstring. ``spaced``: each face's
     ``spacing`` (from ``graph`` when not given). ``photos``: each face's photo; two faces of one photo are two
-    people, so no group ever holds both."""
+    people, so no group ever holds both. ``rule``: (CENTROID_DISTANCE, SMALL_GROUPS, CENTRE_NOISE, CENTRE_GAP),
+    these constants by default."""
     n = len(x)
     if n == 0:
         return np.zeros(0, np.int64)
@@ -139,9 +149,12 @@ def mean_pair_linkage(
     parent = array("q", range(n))
     squares = array("d", np.einsum("nd,nd->n", sums, sums).tobytes())
     counts = array("d", [1.0]) * n
-    groups = parent, sums, squares, counts, array("d", np.asarray(spaced, np.float64).tobytes()), _shared(photos)
+    spaces = array("d", np.asarray(spaced, np.float64).tobytes())
+    # Per group: the squared norm of its sum (a face's own squared norm to start with).
+    groups = parent, sums, squares, counts, spaces, _shared(photos), array("d", squares)
+    rule = rule or (CENTROID_DISTANCE, SMALL_GROUPS, CENTRE_NOISE, CENTRE_GAP)
     for lo in range(0, len(a), EDGE_BLOCK):
-        _link(a[lo : lo + EDGE_BLOCK].tolist(), b[lo : lo + EDGE_BLOCK].tolist(), groups, centroid, small)
+        _link(a[lo : lo + EDGE_BLOCK].tolist(), b[lo : lo + EDGE_BLOCK].tolist(), groups, rule)
     roots = np.frombuffer(parent, dtype=np.int64).copy()
     while True:
         up = roots[roots]
@@ -149,6 +162,21 @@ def mean_pair_linkage(
             break
         roots = up
     return np.unique(roots, return_inverse=True)[1]
+
+
+def cluster_faces(
+    x: np.ndarray,
+    spaced: np.ndarray | None = None,
+    photos: np.ndarray | None = None,
+    graph: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Cluster labels for the faces ``x``: ``mean_pair_linkage``, then ``refine``. ``spaced``: each face's
+    ``spacing`` (from the graph when not given); ``photos``: each face's photo; ``graph``: ``neighbour_graph(x)``
+    where already made."""
+    graph = graph if graph is not None else neighbour_graph(x)
+    spaced = spacing(reach(graph[0])) if spaced is None else spaced
+    labels = mean_pair_linkage(x, graph=graph, spaced=spaced, photos=photos)
+    return refine(x, labels, graph, spaced, photos)
 
 
 def _shared(photos: np.ndarray | None) -> dict[int, set[int]]:
@@ -179,11 +207,13 @@ def _merge_photos(shared: dict[int, set[int]], i: int, j: int) -> bool:
     return True
 
 
-def _link(a: list[int], b: list[int], groups: tuple, centroid: float, small: float) -> None:
+def _link(a: list[int], b: list[int], groups: tuple, rule: tuple[float, float, float, float]) -> None:
     """Take the edges (a[e], b[e]) in turn: join their two groups when close enough as a whole and no photo has a
-    face in both. ``groups``: (parent, sums, squares, counts, spacings summed, photos shared: see ``_shared``) of
-    the union-find, updated in place."""
-    parent, sums, squares, counts, spaces, shared = groups
+    face in both. ``groups``: (parent, sums, squares, counts, spacings summed, photos shared: see ``_shared``,
+    squared norms of the sums) of the union-find, updated in place; ``rule``: (CENTROID_DISTANCE, SMALL_GROUPS,
+    CENTRE_NOISE, CENTRE_GAP)."""
+    parent, sums, squares, counts, spaces, shared, norms = groups
+    centroid, small, noise, gap = rule
     for i, j in zip(a, b):
         while parent[i] != i:
             parent[i] = i = parent[parent[i]]
@@ -192,19 +222,42 @@ def _link(a: list[int], b: list[int], groups: tuple, centroid: float, small: flo
         if i == j:
             continue
         ci, cj = counts[i], counts[j]
+        dot = sums[i] @ sums[j]
         # The mean squared distance over every pair across the two groups, from their sums alone.
-        mean_sq = squares[i] / ci + squares[j] / cj - 2 * (sums[i] @ sums[j]) / (ci * cj)
-        bound = (centroid - small / sqrt(ci * cj)) * ((spaces[i] + spaces[j]) / (ci + cj)) ** DENSITY
-        if mean_sq <= bound * bound:
-            if ci < cj:
-                i, j = j, i
-            if j in shared and not _merge_photos(shared, i, j):
-                continue
-            parent[j] = i
-            sums[i] += sums[j]
-            squares[i] += squares[j]
-            spaces[i] += spaces[j]
-            counts[i] = ci + cj
+        mean_sq = squares[i] / ci + squares[j] / cj - 2 * dot / (ci * cj)
+        spread = ((spaces[i] + spaces[j]) / (ci + cj)) ** DENSITY
+        bound = (centroid - small / sqrt(ci * cj)) * spread
+        if mean_sq > bound * bound:
+            continue
+        apart = norms[i] / (ci * ci) + norms[j] / (cj * cj) - 2 * dot / (ci * cj)
+        if apart > (noise * (1 / ci + 1 / cj) + gap) * spread * spread:
+            continue
+        if ci < cj:
+            i, j = j, i
+        if j in shared and not _merge_photos(shared, i, j):
+            continue
+        parent[j] = i
+        sums[i] += sums[j]
+        squares[i] += squares[j]
+        spaces[i] += spaces[j]
+        norms[i] += norms[j] + 2 * dot
+        counts[i] = ci + cj
+
+
+def _fits(x: np.ndarray, spaced: np.ndarray, clusters: tuple) -> np.ndarray:
+    """The mean squared distance from each face ``x[i]`` to each of its candidate groups, inf where
+    ``mean_pair_linkage``'s rule would not join the face to that group. ``spaced``: each face's ``spacing``;
+    ``clusters``: (sums (n, k, d), squares, counts, spaces (n, k)), per candidate group its faces' sum, sum of
+    squared norms, number (at least one) and sum of spacings."""
+    sums, squares, counts, spaces = clusters
+    norms = np.einsum("nd,nd->n", x, x)[:, None]
+    dots = np.einsum("nd,nkd->nk", x, sums)
+    mean_sq = norms + squares / counts - 2 * dots / counts
+    spread = ((spaces + spaced[:, None]) / (counts + 1)) ** DENSITY
+    bound = (CENTROID_DISTANCE - SMALL_GROUPS / np.sqrt(counts)) * spread
+    apart = norms - 2 * dots / counts + np.einsum("nkd,nkd->nk", sums, sums) / (counts * counts)
+    near = apart <= (CENTRE_NOISE * (1 + 1 / counts) + CENTRE_GAP) * spread * spread
+    return np.where((mean_sq <= bound * bound) & near, mean_sq, np.inf)
 
 
 def join_existing(x: np.ndarray, spaced: np.ndarray, clusters: tuple, block: int = JOIN_BLOCK) -> np.ndarray:
@@ -218,18 +271,88 @@ def join_existing(x: np.ndarray, spaced: np.ndarray, clusters: tuple, block: int
     centres = (sums / counts[:, None]).astype(np.float32)
     index = FaceIndex(centres, np.zeros(len(centres), np.int64), 1, 1)
     for lo in range(0, len(x), block):
-        part = np.asarray(x[lo : lo + block], dtype=np.float32)
-        _, ids = index.search(part, min(5, len(centres)))
+        part = np.asarray(x[lo : lo + block], dtype=np.float64)
+        _, ids = index.search(part.astype(np.float32), min(5, len(centres)))
         safe = np.maximum(ids, 0)
-        norms = np.einsum("nd,nd->n", part, part)[:, None]
-        mean_sq = norms + squares[safe] / counts[safe] - 2 * np.einsum("nd,nkd->nk", part, sums[safe]) / counts[safe]
-        spread = ((spaces[safe] + spaced[lo : lo + block, None]) / (counts[safe] + 1)) ** DENSITY
-        bound = (CENTROID_DISTANCE - SMALL_GROUPS / np.sqrt(counts[safe])) * spread
-        mean_sq = np.where((ids >= 0) & (mean_sq <= bound * bound), mean_sq, np.inf)
-        best = np.argmin(mean_sq, axis=1)
+        fit = _fits(part, spaced[lo : lo + block], (sums[safe], squares[safe], counts[safe], spaces[safe]))
+        fit = np.where(ids >= 0, fit, np.inf)
+        best = np.argmin(fit, axis=1)
         rows = np.arange(len(part))
-        out[lo : lo + block] = np.where(np.isfinite(mean_sq[rows, best]), ids[rows, best], -1)
+        out[lo : lo + block] = np.where(np.isfinite(fit[rows, best]), ids[rows, best], -1)
     return out
+
+
+def refine(
+    x: np.ndarray,
+    labels: np.ndarray,
+    graph: tuple[np.ndarray, np.ndarray],
+    spaced: np.ndarray,
+    photos: np.ndarray | None = None,
+    rounds: int = REFINE_ROUNDS,
+) -> np.ndarray:
+    """``mean_pair_linkage``'s ``labels`` after each face may move to a better group: one its graph neighbours
+    are in, of two faces or more, whose faces are nearer to it on average than its own group's others, and that
+    either the linkage's rule would join it to or that holds ``VOTE_SHARE`` of its graph neighbours within
+    ``VOTE_DISTANCE`` (root mean square); the nearest such. Faces move together, ``rounds`` times at most or
+    until none moves; a move that would put two faces of one photo in a group is not made. The linkage joins
+    whole groups and never takes a face out again: a face left alone, or put early with a neighbour's small
+    group, stays so without this."""
+    labels = np.unique(labels, return_inverse=True)[1]
+    norms = np.einsum("nd,nd->n", x, x, dtype=np.float64)
+    for _ in range(rounds):
+        m = int(labels.max(initial=-1)) + 1
+        groups = (
+            np.stack([np.bincount(labels, x[:, d], m) for d in range(x.shape[1])], axis=1),
+            np.bincount(labels, norms, m),
+            np.bincount(labels, minlength=m).astype(np.float64),
+            np.bincount(labels, spaced, m),
+        )
+        moved = labels.copy()
+        for lo, hi in _blocks(len(x), JOIN_BLOCK):
+            faces = (np.asarray(x[lo:hi], np.float64), norms[lo:hi], spaced[lo:hi], labels[lo:hi])
+            moved[lo:hi] = _better_groups(faces, labels, graph[1][lo:hi], groups)
+        del groups
+        if photos is not None:
+            _keep_photo_mates_apart(moved, labels, np.asarray(photos, np.int64))
+        if np.array_equal(moved, labels):
+            break
+        labels = np.unique(moved, return_inverse=True)[1]
+    return labels
+
+
+def _better_groups(faces: tuple, labels: np.ndarray, near: np.ndarray, groups: tuple) -> np.ndarray:
+    """``refine``'s choice for some faces: each one's new group, or its own. ``faces``: their (descriptors,
+    squared norms, ``spacing``s, groups); ``near``: their graph neighbours; ``groups``: (sums, squares, counts,
+    spaces) per group."""
+    x, norms, spaced, own = faces
+    sums, squares, counts, spaces = groups
+    cand = np.where(near >= 0, labels[np.maximum(near, 0)], own[:, None])
+    size = counts[cand]
+    fit = _fits(x, spaced, (sums[cand], squares[cand], np.maximum(size, 1), spaces[cand]))
+    mean_sq = norms[:, None] + (squares[cand] - 2 * np.einsum("nd,nkd->nk", x, sums[cand])) / np.maximum(size, 1)
+    share = (cand[:, :, None] == cand[:, None, :]).sum(axis=2) / near.shape[1]
+    voted = (share >= VOTE_SHARE) & (mean_sq <= VOTE_DISTANCE**2)
+    fit = np.where(np.isfinite(fit) | ~voted, fit, mean_sq)
+    # Its own group's other faces: their mean squared distance to it (inf for a face alone).
+    others = counts[own] - 1
+    dots = np.einsum("nd,nd->n", x, sums[own]) - norms
+    stay = np.where(others > 0, norms + (squares[own] - norms - 2 * dots) / np.maximum(others, 1), np.inf)
+    fit = np.where((cand != own[:, None]) & (size >= 2) & (fit < stay[:, None]), fit, np.inf)
+    best = np.argmin(fit, axis=1)
+    rows = np.arange(len(x))
+    return np.where(np.isfinite(fit[rows, best]), cand[rows, best], own)
+
+
+def _keep_photo_mates_apart(moved: np.ndarray, before: np.ndarray, photos: np.ndarray) -> None:
+    """Undo (in ``moved``) the moves that put a face in a group with a face of its photo: every face of such a
+    pair that moved goes back to its group ``before``, until no pair is left (``before`` has none)."""
+    while True:
+        key = moved * (int(photos.max(initial=0)) + 1) + photos
+        _, where, count = np.unique(key, return_inverse=True, return_counts=True)
+        clash = (count[where] > 1) & (moved != before)
+        if not clash.any():
+            return
+        moved[clash] = before[clash]
 
 
 def _part_photo_mates(joined: np.ndarray, photos: np.ndarray, member_rows: np.ndarray, member_photos) -> None:
@@ -287,9 +410,7 @@ def cluster_library(db: LibraryDB) -> dict:
     first = len(rest) == len(x)
     part, graph = (x, graph) if first else (x[rest], None)
     del x
-    labels = np.zeros(0, np.int64)
-    if len(rest):
-        labels = mean_pair_linkage(part, graph=graph, spaced=spaced[rest], photos=state["photo_ids"][rest])
+    labels = cluster_faces(part, spaced[rest], state["photo_ids"][rest], graph) if len(rest) else np.zeros(0, np.int64)
     del part, graph
     order = np.argsort(labels, kind="stable")
     groups = np.split(face_ids[rest[order]], np.flatnonzero(np.diff(labels[order])) + 1) if len(rest) else []
@@ -301,4 +422,5 @@ def cluster_library(db: LibraryDB) -> dict:
         "joined_existing": len(moves),
         "new_clusters": created,
         "clusters": int(db.cluster_count()),
+        "plain_left": db.plain_faces(),
     }

@@ -64,6 +64,9 @@ MIGRATIONS: list[tuple[int, list]] = [
     ),
     # A face's distance to the farthest of its graph neighbours when first clustered (library_cluster.reach).
     (4, ["ALTER TABLE faces ADD COLUMN reach {float}"]),
+    # Descriptors were each face's plain embedding before version 5, and are since averaged with the mirror
+    # image's, as pinsface.describe gives them. `pinsface index` describes a plain face again; clustering skips it.
+    (5, ["ALTER TABLE faces ADD COLUMN plain INTEGER NOT NULL DEFAULT 0", "UPDATE faces SET plain = 1"]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 TYPES = {
@@ -305,6 +308,7 @@ class LibraryDB:
                 )
                 self.execute("UPDATE faces SET gone = 1 WHERE photo_id = ? AND photo_hash <> ?", (pid, digest))
                 self.execute("UPDATE faces SET gone = 0 WHERE photo_id = ? AND photo_hash = ?", (pid, digest))
+                self._describe_again(pid, faces)
             added = []
             for f in faces:
                 fid = self.insert_id(
@@ -323,6 +327,26 @@ class LibraryDB:
                 if fid is not None:
                     added.append(fid)
             return added
+
+    def _describe_again(self, photo_id: int, faces: list[FaceRow]) -> None:
+        """Give this photo's faces stored with a plain descriptor (schema 5) the new one; erased descriptors
+        (``forget``) stay erased, and the reach is measured again."""
+        self.executemany(
+            "UPDATE faces SET descriptor = ?, plain = 0, reach = NULL WHERE photo_id = ? AND photo_hash = ?"
+            " AND idx = ? AND plain = 1 AND descriptor IS NOT NULL",
+            [(_blob(f.descriptor), photo_id, f.photo_hash, f.idx) for f in faces if f.descriptor is not None],
+        )
+
+    def plain_faces(self) -> int:
+        """How many live faces hold a plain descriptor (see schema 5), which clustering leaves out."""
+        return int(
+            self.rows("SELECT COUNT(*) FROM faces WHERE plain = 1 AND gone = 0 AND descriptor IS NOT NULL")[0][0]
+        )
+
+    def plain_photos(self) -> set[int]:
+        """The photos with a live face whose stored descriptor is plain (see schema 5): to be described again."""
+        rows = self.rows("SELECT DISTINCT photo_id FROM faces WHERE plain = 1 AND gone = 0 AND descriptor IS NOT NULL")
+        return {int(r[0]) for r in rows}
 
     def face_total(self, live_only: bool = True) -> int:
         where = " WHERE gone = 0" if live_only else ""
@@ -420,11 +444,13 @@ class LibraryDB:
     # -- clusters --------------------------------------------------------------------------------------------
 
     def cluster_state(self) -> dict[str, np.ndarray]:
-        """Live faces for clustering: ids, cluster (-1 for none), whether clustering may place them (no name
-        given by a person or a run, not unassigned by a person), stored reach (NaN for none) and photo."""
+        """Live faces for clustering (those with a descriptor, not a plain one: see schema 5): ids, cluster (-1
+        for none), whether clustering may place them (no name given by a person or a run, not unassigned by a
+        person), stored reach (NaN for none) and photo."""
         rows = self.rows(
             "SELECT f.id, a.cluster_id, a.person_id, a.source, f.reach, f.photo_id FROM faces f"
-            " LEFT JOIN assignments a ON a.face_id = f.id WHERE f.gone = 0 AND f.descriptor IS NOT NULL ORDER BY f.id"
+            " LEFT JOIN assignments a ON a.face_id = f.id WHERE f.gone = 0 AND f.descriptor IS NOT NULL"
+            " AND f.plain = 0 ORDER BY f.id"
         )
         return {
             "face_ids": np.array([r[0] for r in rows], np.int64),

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pinsface.dataset import Dataset, ImageItem
+from pinsface.face_index import face_vectors
 from pinsface.face_records import crops_again, record_faces
 from pinsface.images import BadImage
 from pinsface.library_db import FaceRow, LibraryDB
@@ -32,8 +33,9 @@ INDEX_CHUNK = 128
 
 
 class _Describer:
-    """Descriptors of face chips: the run's backbone and its Recognizer's names with ``run``, else the default
-    backbone."""
+    """Descriptors of face chips, as ``pinsface.describe`` gives them (each chip's embedding averaged with its
+    mirror image's: ``face_vectors``): the run's backbone and its Recognizer's names with ``run``, else the
+    default backbone."""
 
     def __init__(self, settings: Settings, run_dir=None):
         self.recognizer = self.embedder = None
@@ -51,9 +53,9 @@ class _Describer:
         if not len(chips):
             return np.zeros((0, 128), np.float32), [] if self.recognizer else None
         if self.recognizer is None:
-            return self.embedder(chips), None
+            return face_vectors(*self.embedder.both_views(chips)), None
         emb, emb_flip = self.recognizer.embed(chips)
-        return emb, self.recognizer.name_embeddings(emb, emb_flip, top_k=1)
+        return face_vectors(emb, emb_flip), self.recognizer.name_embeddings(emb, emb_flip, top_k=1)
 
 
 def _face_rows(record: dict, descriptors: np.ndarray) -> list[FaceRow]:
@@ -133,6 +135,7 @@ def _changes(db: LibraryDB, root: Path, files: list[str], store: _Store) -> list
     db.mark_gone(gone)
     store.counts["gone"] = len(gone)
     todo = []
+    plain = db.plain_photos()
     for path in files:
         try:
             st = os.stat(path)
@@ -140,13 +143,16 @@ def _changes(db: LibraryDB, root: Path, files: list[str], store: _Store) -> list
             continue  # gone since the folder was listed: the next index marks it
         old = known.get(path)
         if old and old[2] == st.st_size and old[3] == st.st_mtime and not old[4]:
-            store.counts["unchanged"] += 1
-            continue
-        digest, reason = hash_file(Path(path))
-        if reason:
-            store.bad(path, st.st_size, st.st_mtime, reason)
-        elif old and old[1] == digest:
-            db.touch_photo(old[0], st.st_size, st.st_mtime)
+            digest = old[1]
+        else:
+            digest, reason = hash_file(Path(path))
+            if reason:
+                store.bad(path, st.st_size, st.st_mtime, reason)
+                continue
+            if old and old[1] == digest:
+                db.touch_photo(old[0], st.st_size, st.st_mtime)
+        # Unchanged content is left alone, unless its faces hold plain descriptors (schema 5): described again.
+        if old and old[1] == digest and old[0] not in plain:
             store.counts["unchanged"] += 1
         else:
             store.new.setdefault(digest, []).append((path, st.st_size, st.st_mtime))
