@@ -126,8 +126,8 @@ def scores(labels: np.ndarray, owner: np.ndarray) -> tuple[float, float, float, 
 
 
 METHODS = {
-    "mean-pair, no spacing (before)": bench.pinsface_unspaced,
-    "pinsface": bench.pinsface_method,
+    "pinsface linkage alone": bench.pinsface_linkage_only,
+    "pinsface (linkage, refine)": bench.pinsface_method,
     "Chinese whispers 0.5": bench.chinese_whispers,
 }
 

@@ -1,18 +1,20 @@
 """Group unnamed faces into clusters of one person each, and keep the groups as new faces arrive.
 
 The method (chosen by measurement: bench/cluster.py, docs/library.md) is mean-pair (average) linkage on a neighbour
-graph: each face's nearest faces come from a FAISS index (``pinsface.face_index.FaceIndex``: exact up to a
-limit, an inverted file above it), the edges shorter than ``EDGE_DISTANCE`` are taken shortest first, and an
-edge joins its two groups only when the mean squared distance over every pair of faces across them (exact, from
-each group's sum and sum of squares) is within a bound squared: ``CENTROID_DISTANCE``, a little less for small
-groups, scaled by how crowded the groups' surroundings are (``spacing``). Unlike single linkage (connected
-components, Chinese whispers) one close pair of strangers cannot chain two people together: the groups have to
-be close as a whole. Two faces of one photo are two people: no group ever holds both.
+graph, then refinement. Each face's nearest faces come from a FAISS index (``pinsface.face_index.FaceIndex``:
+exact up to a limit, an inverted file above it), the edges shorter than ``EDGE_DISTANCE`` are taken shortest
+first, and an edge joins its two groups only when the mean squared distance over every pair of faces across them
+(exact, from each group's sum and sum of squares) is within a bound squared: ``CENTROID_DISTANCE``, a little less
+for small groups; and when their mean faces are close (``CENTRE_NOISE``, ``CENTRE_GAP``); both scaled by how
+crowded the groups' surroundings are (``spacing``). Unlike single linkage (connected components, Chinese
+whispers) one close pair of strangers cannot chain two people together: the groups have to be close as a whole.
+``refine`` then lets each face move to a neighbouring group that fits it better than its own (by the same rule,
+or by its neighbours' vote). Two faces of one photo are two people: no group ever holds both.
 
 Incremental (``cluster_library``): faces already in a cluster stay there, a new face joins the nearest cluster
-that the same rule accepts, the rest are clustered among themselves into new clusters. A face's spacing is
-measured once, among all the library's faces when it first comes, and stored with it (``faces.reach``), so a
-later run searches only the new faces' neighbours. A new face never joins a cluster holding a face of its photo.
+that the linkage's rule accepts, the rest are clustered among themselves (linkage, then refinement) into new
+clusters. A face's spacing is measured once, among all the library's faces when it first comes, and stored with
+it (``faces.reach``), so a later run searches only the new faces' neighbours. A new face never joins a cluster holding a face of its photo.
 Named clusters keep their name; faces a person named, moved or unassigned are never moved.
 """
 
