@@ -14,8 +14,9 @@ or by its neighbours' vote). Two faces of one photo are two people: no group eve
 Incremental (``cluster_library``): faces already in a cluster stay there, a new face joins the nearest cluster
 that the linkage's rule accepts, the rest are clustered among themselves (linkage, then refinement) into new
 clusters. A face's spacing is measured once, among all the library's faces when it first comes, and stored with
-it (``faces.reach``), so a later run searches only the new faces' neighbours. A new face never joins a cluster holding a face of its photo.
-Named clusters keep their name; faces a person named, moved or unassigned are never moved.
+it (``faces.reach``), so a later run searches only the new faces' neighbours. A new face never joins a cluster
+holding a face of its photo. Named clusters keep their name; faces a person named, moved or unassigned are never
+moved.
 """
 
 from __future__ import annotations
