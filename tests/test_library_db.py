@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 
@@ -83,23 +84,27 @@ def test_old_schema_is_migrated(library_url):
 def test_plain_descriptors_are_replaced_when_the_photo_is_stored_again(library_url):
     """A face stored with a plain descriptor (schema 4) gets the new one when its photo is stored again: same
     face, assignments kept, reach to be measured again; an erased descriptor (a forgotten person's) stays erased,
-    and a face already described as now is left as it is."""
+    a face found again elsewhere in the photo is not taken for it, and a face already described as now is left as
+    it is."""
     with LibraryDB.open(library_url) as db:
-        db.store_photo("a.jpg", "a" * 32, 10, 1.0, (5, 5), [face("a" * 32, k) for k in range(3)])
+        db.store_photo("a.jpg", "a" * 32, 10, 1.0, (5, 5), [face("a" * 32, k) for k in range(4)])
         ids = [r[0] for r in db.rows("SELECT id FROM faces ORDER BY idx")]
         db.store_clusters([], [ids], [(0.5, ids[0])])
         with db.transaction():
-            db.execute("UPDATE faces SET plain = 1 WHERE idx < 2")
+            db.execute("UPDATE faces SET plain = 1 WHERE idx <> 2")
             db.execute("UPDATE faces SET descriptor = NULL WHERE idx = 1")
-        assert db.plain_photos() == {1} and len(db.cluster_state()["face_ids"]) == 1
-        again = [face("a" * 32, k, seed=7) for k in range(3)]
+        assert db.plain_photos() == {1} and len(db.cluster_state()["face_ids"]) == 1 and db.plain_faces() == 2
+        again = [face("a" * 32, k, seed=7) for k in range(4)]
+        again[3] = dataclasses.replace(again[3], box=(100.0, 100.0, 130.0, 140.0))  # another face than the one stored
         assert db.store_photo("a.jpg", "a" * 32, 10, 1.0, (5, 5), again) == []  # no face added
         assert [r[0] for r in db.rows("SELECT id FROM faces ORDER BY idx")] == ids
-        assert db.rows("SELECT plain, reach FROM faces ORDER BY idx") == [(0, None), (1, None), (0, None)]
+        rows = db.rows("SELECT plain, reach FROM faces ORDER BY idx")
+        assert rows == [(0, None), (1, None), (0, None), (1, None)]
         got = db.descriptors(ids)
         assert np.array_equal(got[0], again[0].descriptor) and not got[1].any()
         assert np.array_equal(got[2], face("a" * 32, 2).descriptor)
-        assert db.plain_photos() == set() and len(db.cluster_state()["face_ids"]) == 2
+        assert np.array_equal(got[3], face("a" * 32, 3).descriptor)
+        assert db.plain_photos() == {1} and len(db.cluster_state()["face_ids"]) == 2 and db.plain_faces() == 1
         assert {f["cluster"] for f in db.face_list()} == {db.face_list()[0]["cluster"]}
 
 

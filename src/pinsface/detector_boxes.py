@@ -45,6 +45,11 @@ def _overlap(boxes: np.ndarray, method: str) -> np.ndarray:
     return inter / np.minimum(area[:, None], area[None, :])
 
 
+def same_place(a, b, least: float = 0.5) -> bool:
+    """Whether boxes ``a`` and ``b`` (x1, y1, x2, y2) overlap by at least ``least`` of their union: one face."""
+    return bool(_overlap(np.array([a, b], np.float64), "union")[0, 1] >= least)
+
+
 def suppress(rows: np.ndarray, threshold: float, method: str = "union", sort: bool = True) -> np.ndarray:
     """mtcnn's suppression, per image: a row goes where any row before it (even one that went) overlaps it more
     than ``threshold``. With ``sort`` each image's rows are put best first before."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pinsface.dataset import identity_key
+from pinsface.detector_boxes import same_place
 
 DIM = 128
 
@@ -308,7 +309,7 @@ class LibraryDB:
                 )
                 self.execute("UPDATE faces SET gone = 1 WHERE photo_id = ? AND photo_hash <> ?", (pid, digest))
                 self.execute("UPDATE faces SET gone = 0 WHERE photo_id = ? AND photo_hash = ?", (pid, digest))
-                self._describe_again(pid, faces)
+                self._describe_again(pid, digest, faces)
             added = []
             for f in faces:
                 fid = self.insert_id(
@@ -328,13 +329,26 @@ class LibraryDB:
                     added.append(fid)
             return added
 
-    def _describe_again(self, photo_id: int, faces: list[FaceRow]) -> None:
-        """Give this photo's faces stored with a plain descriptor (schema 5) the new one; erased descriptors
+    def _describe_again(self, photo_id: int, digest: str, faces: list[FaceRow]) -> None:
+        """Give this photo's faces stored with a plain descriptor (schema 5) the new one, where the face found
+        again is in the same place (a detector changed since could number them otherwise); erased descriptors
         (``forget``) stay erased, and the reach is measured again."""
+        stored = {
+            int(r[0]): r[1:]
+            for r in self.rows(
+                "SELECT idx, x1, y1, x2, y2 FROM faces WHERE photo_id = ? AND photo_hash = ? AND plain = 1"
+                " AND descriptor IS NOT NULL",
+                (photo_id, digest),
+            )
+        }
         self.executemany(
             "UPDATE faces SET descriptor = ?, plain = 0, reach = NULL WHERE photo_id = ? AND photo_hash = ?"
             " AND idx = ? AND plain = 1 AND descriptor IS NOT NULL",
-            [(_blob(f.descriptor), photo_id, f.photo_hash, f.idx) for f in faces if f.descriptor is not None],
+            [
+                (_blob(f.descriptor), photo_id, digest, f.idx)
+                for f in faces
+                if f.descriptor is not None and f.idx in stored and same_place(stored[f.idx], f.box)
+            ],
         )
 
     def plain_faces(self) -> int:
