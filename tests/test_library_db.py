@@ -108,6 +108,28 @@ def test_plain_descriptors_are_replaced_when_the_photo_is_stored_again(library_u
         assert {f["cluster"] for f in db.face_list()} == {db.face_list()[0]["cluster"]}
 
 
+def test_a_name_that_cannot_be_an_identity_is_refused(library_url):
+    """Names come into the library by the one rule for identity names (dataset.name_problem), whichever way:
+    nothing is stored for a refused one."""
+    with LibraryDB.open(library_url) as db:
+        db.store_photo("a.jpg", "a" * 32, 10, 1.0, (5, 5), [face("a" * 32, 0)])
+        db.store_clusters([], [[1]])
+        for bad, why in (
+            ("", "empty"),
+            ("a/b", "slash"),
+            ("..", "dots"),
+            ("Ada\x1b[31m", "control"),
+            ("x" * 300, "longer"),
+        ):
+            with pytest.raises(ValueError, match=why):
+                db.name_cluster(1, bad)
+            if bad:  # split off without a name: no name, not an empty one
+                with pytest.raises(ValueError, match=why):
+                    db.split_face(1, bad)
+        assert db.rows("SELECT COUNT(*) FROM people") == [(0,)]
+        assert db.person_id("Ada Lovelace") == db.person_id("ada_lovelace", create=False)
+
+
 def test_newer_schema_is_refused_with_a_message(library_url):
     with LibraryDB.open(library_url) as db, db.transaction():
         db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))

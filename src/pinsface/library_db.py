@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pinsface.dataset import identity_key
+from pinsface.dataset import check_identity_name, identity_key
 from pinsface.detector_boxes import same_place
 
 DIM = 128
@@ -415,9 +415,11 @@ class LibraryDB:
 
     def person_id(self, name: str, create: bool = True) -> int | None:
         """The id of the person called ``name`` (or ``Name``, or ``na_me``: ``dataset.identity_key``), added under
-        this name if new (``create``), else None when there is none."""
+        this name if new (``create``: a name that cannot be an identity raises ValueError saying why, as
+        everywhere else names come in), else None when there is none."""
         key = identity_key(name)
         if create:
+            check_identity_name(name)
             self.execute("INSERT INTO people (name, name_key) VALUES (?, ?) ON CONFLICT DO NOTHING", (name, key))
         rows = self.rows("SELECT id FROM people WHERE name_key = ?", (key,))
         return int(rows[0][0]) if rows else None
