@@ -247,11 +247,11 @@ def _link(a: list[int], b: list[int], groups: tuple, rule: tuple[float, float, f
         counts[i] = ci + cj
 
 
-def _fits(x: np.ndarray, spaced: np.ndarray, clusters: tuple) -> np.ndarray:
-    """The mean squared distance from each face ``x[i]`` to each of its candidate groups, inf where
-    ``mean_pair_linkage``'s rule would not join the face to that group. ``spaced``: each face's ``spacing``;
-    ``clusters``: (sums (n, k, d), squares, counts, spaces (n, k)), per candidate group its faces' sum, sum of
-    squared norms, number (at least one) and sum of spacings."""
+def _fits(x: np.ndarray, spaced: np.ndarray, clusters: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """(mean squared distance, whether ``mean_pair_linkage``'s rule would join them) from each face ``x[i]`` to
+    each of its candidate groups. ``spaced``: each face's ``spacing``; ``clusters``: (sums (n, k, d), squares,
+    counts, spaces (n, k)), per candidate group its faces' sum, sum of squared norms, number (at least one) and
+    sum of spacings."""
     sums, squares, counts, spaces = clusters
     norms = np.einsum("nd,nd->n", x, x)[:, None]
     dots = np.einsum("nd,nkd->nk", x, sums)
@@ -260,7 +260,7 @@ def _fits(x: np.ndarray, spaced: np.ndarray, clusters: tuple) -> np.ndarray:
     bound = (CENTROID_DISTANCE - SMALL_GROUPS / np.sqrt(counts)) * spread
     apart = norms - 2 * dots / counts + np.einsum("nkd,nkd->nk", sums, sums) / (counts * counts)
     near = apart <= (CENTRE_NOISE * (1 + 1 / counts) + CENTRE_GAP) * spread * spread
-    return np.where((mean_sq <= bound * bound) & near, mean_sq, np.inf)
+    return mean_sq, (mean_sq <= bound * bound) & near
 
 
 def join_existing(x: np.ndarray, spaced: np.ndarray, clusters: tuple, block: int = JOIN_BLOCK) -> np.ndarray:
@@ -277,8 +277,8 @@ def join_existing(x: np.ndarray, spaced: np.ndarray, clusters: tuple, block: int
         part = np.asarray(x[lo : lo + block], dtype=np.float64)
         _, ids = index.search(part.astype(np.float32), min(5, len(centres)))
         safe = np.maximum(ids, 0)
-        fit = _fits(part, spaced[lo : lo + block], (sums[safe], squares[safe], counts[safe], spaces[safe]))
-        fit = np.where(ids >= 0, fit, np.inf)
+        mean_sq, joins = _fits(part, spaced[lo : lo + block], (sums[safe], squares[safe], counts[safe], spaces[safe]))
+        fit = np.where((ids >= 0) & joins, mean_sq, np.inf)
         best = np.argmin(fit, axis=1)
         rows = np.arange(len(part))
         out[lo : lo + block] = np.where(np.isfinite(fit[rows, best]), ids[rows, best], -1)
@@ -331,11 +331,10 @@ def _better_groups(faces: tuple, labels: np.ndarray, near: np.ndarray, groups: t
     sums, squares, counts, spaces = groups
     cand = np.where(near >= 0, labels[np.maximum(near, 0)], own[:, None])
     size = counts[cand]
-    fit = _fits(x, spaced, (sums[cand], squares[cand], np.maximum(size, 1), spaces[cand]))
-    mean_sq = norms[:, None] + (squares[cand] - 2 * np.einsum("nd,nkd->nk", x, sums[cand])) / np.maximum(size, 1)
+    mean_sq, joins = _fits(x, spaced, (sums[cand], squares[cand], np.maximum(size, 1), spaces[cand]))
     share = (cand[:, :, None] == cand[:, None, :]).sum(axis=2) / near.shape[1]
     voted = (share >= VOTE_SHARE) & (mean_sq <= VOTE_DISTANCE**2)
-    fit = np.where(np.isfinite(fit) | ~voted, fit, mean_sq)
+    fit = np.where(joins | voted, mean_sq, np.inf)
     # Its own group's other faces: their mean squared distance to it (inf for a face alone).
     others = counts[own] - 1
     dots = np.einsum("nd,nd->n", x, sums[own]) - norms
