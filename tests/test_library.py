@@ -430,8 +430,9 @@ def test_index_stores_what_describe_gives_and_describes_plain_faces_again(librar
         stored = db.descriptors(ids)
         clusters = [f["cluster"] for f in faces]
         alone = Counter(f["source"] for f in faces)
-        # describe finds each face by the subject's path, index by every face's (another detector pyramid), so
-        # the chips differ a little; still, what index stores is nearer describe's than the plain embedding.
+        # describe looks for faces down to finding.min_face_px in one photo, index down to prepare's smallest
+        # face in batches: other pyramids, so the chips differ a little. Still, what index stores is nearer
+        # describe's than the plain embedding.
         singles = [k for k, f in enumerate(faces) if alone[f["source"]] == 1][:6]
         near = [distance(describe(faces[k]["source"])[0], stored[k]) for k in singles]
         plain = [distance(describe(faces[k]["source"], mirror=False)[0], stored[k]) for k in singles]
