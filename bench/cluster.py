@@ -312,11 +312,14 @@ def main() -> None:
         scale_run(x, owner, n, rng)
 
 
-def long_tail(data, part: str, people: int, seed: int, plain: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def long_tail(
+    data, part: str, people: int, seed: int, plain: bool = False, fit: dict | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The split ``part`` plus ``people`` synthetic people with 1-3 faces each (the generator fitted to the train
-    split), drawn with ``seed``: descriptors and truth."""
+    split, or ``fit`` where already fitted), drawn with ``seed``: descriptors and truth."""
     x, owner = test_split(data, part, plain)
-    tail, tail_owner = synthetic(*test_split(data, "train", plain), people, 3, np.random.default_rng(seed), vary=True)
+    train = test_split(data, "train", plain)
+    tail, tail_owner = synthetic(*train, people, 3, np.random.default_rng(seed), vary=True, fit=fit)
     return np.concatenate([x, tail]), np.concatenate([owner, tail_owner + owner.max() + 1])
 
 
@@ -338,7 +341,8 @@ def tune(data) -> None:
 
     from pinsface import library_cluster as lc
 
-    tails = [long_tail(data, "val", 3000, seed) for seed in TUNE_TAIL_SEEDS]
+    fit = fit_generator(*test_split(data, "train"), np.random.default_rng(0))  # as synthetic() fits it
+    tails = [long_tail(data, "val", 3000, seed, fit=fit) for seed in TUNE_TAIL_SEEDS]
     whispers = [chinese_whispers(x) for x, _ in tails]
     floor = 0.0
     if not isinstance(whispers[0], str):
