@@ -35,6 +35,7 @@ exact nearest, for a sample of faces) and its CPU time a face.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pstats
 import resource
@@ -164,6 +165,7 @@ def table(name: str, x: np.ndarray, truth: np.ndarray, methods=METHODS) -> None:
         sys.stdout.flush()
 
 
+@functools.cache  # the long tails and --tune ask for the same split again
 def test_split(data, part: str = "test", plain: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Cached descriptors and folder labels of the run split's test photos (or its ``part``: train, val), as the
     library stores them (each face's embedding averaged with its mirror image's: ``face_vectors``), or with
@@ -359,7 +361,7 @@ def tune(data) -> None:
             setattr(lc, name, value)
         scores = []
         for (x, truth), graph in zip(libraries, graphs):
-            p, r = bcubed(lc.cluster_faces(x, lc.spacing(lc.reach(graph[0])), graph=graph), truth)
+            p, r = bcubed(lc.cluster_faces(x, graph=graph), truth)
             scores.append((p, r, 2 * p * r / (p + r)))
         scores = [scores[0], tuple(np.mean(scores[1:], axis=0))]
         (_, _, f1), (tail_p, _, tail_f1) = scores

@@ -303,13 +303,7 @@ def refine(
     labels = np.unique(labels, return_inverse=True)[1]
     norms = np.einsum("nd,nd->n", x, x, dtype=np.float64)
     for _ in range(rounds):
-        m = int(labels.max(initial=-1)) + 1
-        groups = (
-            np.stack([np.bincount(labels, x[:, d], m) for d in range(x.shape[1])], axis=1),
-            np.bincount(labels, norms, m),
-            np.bincount(labels, minlength=m).astype(np.float64),
-            np.bincount(labels, spaced, m),
-        )
+        groups = _group_sums(x, labels, int(labels.max(initial=-1)) + 1, norms, spaced)
         moved = labels.copy()
         for lo, hi in _blocks(len(x), JOIN_BLOCK):
             faces = (np.asarray(x[lo:hi], np.float64), norms[lo:hi], spaced[lo:hi], labels[lo:hi])
@@ -321,6 +315,18 @@ def refine(
             break
         labels = np.unique(moved, return_inverse=True)[1]
     return labels
+
+
+def _group_sums(x: np.ndarray, labels: np.ndarray, m: int, norms: np.ndarray, spaced: np.ndarray) -> tuple:
+    """(sums, squares, counts, spaces) of groups 0..m-1: per group, the sum of its faces ``x`` (by ``labels``),
+    of their squared ``norms``, their number and the sum of their ``spacing``s. Per column: bincount is several
+    times faster than np.add.at over a million faces."""
+    return (
+        np.stack([np.bincount(labels, x[:, d], m) for d in range(x.shape[1])], axis=1),
+        np.bincount(labels, norms, m),
+        np.bincount(labels, minlength=m).astype(np.float64),
+        np.bincount(labels, spaced, m),
+    )
 
 
 def _better_groups(faces: tuple, labels: np.ndarray, near: np.ndarray, groups: tuple) -> np.ndarray:
@@ -395,14 +401,10 @@ def cluster_library(db: LibraryDB) -> dict:
     new = np.flatnonzero((cluster_ids < 0) & state["movable"] & found)
     existing, row = np.unique(cluster_ids[clustered], return_inverse=True)
     members = x[clustered]
-    # Per column: bincount is several times faster than np.add.at over a million faces.
-    sums = np.stack([np.bincount(row, members[:, d], len(existing)) for d in range(x.shape[1])], axis=1)
-    squares = np.bincount(row, np.einsum("nd,nd->n", members, members), len(existing))
+    clusters = _group_sums(members, row, len(existing), np.einsum("nd,nd->n", members, members), spaced[clustered])
     del members
-    counts = np.bincount(row, minlength=len(existing)).astype(np.float64)
-    spaces = np.bincount(row, spaced[clustered], len(existing))
-    joined = join_existing(x[new], spaced[new], (sums, squares, counts, spaces))
-    del sums
+    joined = join_existing(x[new], spaced[new], clusters)
+    del clusters
     _part_photo_mates(joined, state["photo_ids"][new], row, state["photo_ids"][clustered])
     took = joined >= 0
     moves = list(zip(face_ids[new[took]].tolist(), existing[joined[took]].tolist()))

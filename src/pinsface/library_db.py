@@ -70,6 +70,8 @@ MIGRATIONS: list[tuple[int, list]] = [
     (5, ["ALTER TABLE faces ADD COLUMN plain INTEGER NOT NULL DEFAULT 0", "UPDATE faces SET plain = 1"]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+# A live face whose descriptor is plain (schema 5: described again by index, left out of clustering until then).
+PLAIN_FACE = "plain = 1 AND gone = 0 AND descriptor IS NOT NULL"
 TYPES = {
     "sqlite": {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB", "float": "REAL"},
     "postgresql": {
@@ -336,14 +338,13 @@ class LibraryDB:
         stored = {
             int(r[0]): r[1:]
             for r in self.rows(
-                "SELECT idx, x1, y1, x2, y2 FROM faces WHERE photo_id = ? AND photo_hash = ? AND plain = 1"
-                " AND descriptor IS NOT NULL",
+                f"SELECT idx, x1, y1, x2, y2 FROM faces WHERE photo_id = ? AND photo_hash = ? AND {PLAIN_FACE}",
                 (photo_id, digest),
             )
         }
         self.executemany(
             "UPDATE faces SET descriptor = ?, plain = 0, reach = NULL WHERE photo_id = ? AND photo_hash = ?"
-            " AND idx = ? AND plain = 1 AND descriptor IS NOT NULL",
+            f" AND idx = ? AND {PLAIN_FACE}",
             [
                 (_blob(f.descriptor), photo_id, digest, f.idx)
                 for f in faces
@@ -353,13 +354,11 @@ class LibraryDB:
 
     def plain_faces(self) -> int:
         """How many live faces hold a plain descriptor (see schema 5), which clustering leaves out."""
-        return int(
-            self.rows("SELECT COUNT(*) FROM faces WHERE plain = 1 AND gone = 0 AND descriptor IS NOT NULL")[0][0]
-        )
+        return int(self.rows(f"SELECT COUNT(*) FROM faces WHERE {PLAIN_FACE}")[0][0])
 
     def plain_photos(self) -> set[int]:
         """The photos with a live face whose stored descriptor is plain (see schema 5): to be described again."""
-        rows = self.rows("SELECT DISTINCT photo_id FROM faces WHERE plain = 1 AND gone = 0 AND descriptor IS NOT NULL")
+        rows = self.rows(f"SELECT DISTINCT photo_id FROM faces WHERE {PLAIN_FACE}")
         return {int(r[0]) for r in rows}
 
     def face_total(self, live_only: bool = True) -> int:
