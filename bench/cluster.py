@@ -3,6 +3,7 @@
     nice -n 10 python bench/cluster.py [--data PINS] [--tail 3000] [--scale 100000 1000000]
     nice -n 5 python bench/cluster.py --db-scale 100000 1000000 [--server postgresql://...] [--profile]
     nice -n 5 python bench/cluster.py --graph-recall 100000 1000000 [--probe-share 0.125 0.0625]
+    nice -n 5 python bench/cluster.py --tune | --frontier [DRAWS]
 
 Descriptors: the 128-d embeddings pinsface caches for the shared Pins photos (the face `prepare` chose in each,
 from the cache: nothing is recomputed), as `pinsface index` stores them. The truth is each
@@ -26,6 +27,10 @@ RSS from wait4), and BCubed of the clusters the database holds afterwards agains
 1% new faces (half new photos of people already there, half new people) are added and `pinsface cluster` timed
 again (incremental). The method tables are skipped. --server runs it on a PostgreSQL server (a database made and
 dropped on it) instead of a SQLite file; --profile runs each child under cProfile and prints where its time went.
+
+With --tune, the thresholds' choice on the validation split and its long tails (``tune``). With --frontier, the
+test split's target against the long tail's over a grid of thresholds, on libraries like the test split drawn
+from the train split (``frontier``), with the known-people bound of each draw.
 
 With --graph-recall, the neighbour graph's search on synthetic libraries of those sizes at each --probe-share of
 the inverted file's lists: its recall of the edges `pinsface cluster` uses (under EDGE_DISTANCE among each face's
@@ -100,7 +105,7 @@ def dbscan(x: np.ndarray) -> np.ndarray:
 def hdbscan(x: np.ndarray) -> np.ndarray:
     from sklearn.cluster import HDBSCAN
 
-    return with_singletons(HDBSCAN(min_cluster_size=2).fit_predict(x))
+    return with_singletons(HDBSCAN(min_cluster_size=2, copy=True).fit_predict(x))
 
 
 def average_linkage(x: np.ndarray) -> np.ndarray | str:
@@ -291,6 +296,13 @@ def main() -> None:
     parser.add_argument("--probe-share", type=float, nargs="*", default=[1 / 8, 1 / 16, 1 / 32])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tune", action="store_true", help="choose the method's thresholds on the validation split")
+    parser.add_argument(
+        "--frontier",
+        type=int,
+        nargs="?",
+        const=4,
+        help="the test split's F1 against the long tail's precision over a grid, on this many test-like draws",
+    )
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes share these CPUs)")
@@ -304,9 +316,13 @@ def main() -> None:
     if args.tune:
         tune(args.data)
         return
+    if args.frontier:
+        frontier(args.data, args.frontier)
+        return
     PLAIN[id(x)] = test_split(args.data, plain=True)[0]
     table("test split as one library", x, owner)
     nearest_face_ceiling(x, owner)
+    print(f"known-people bound (BCubed F1; see known_people_bound): {known_people_bound(x, owner):.4f}")
     library, truth = long_tail(args.data, "test", args.tail, args.seed)
     PLAIN[id(library)] = long_tail(args.data, "test", args.tail, args.seed, plain=True)[0]
     table(f"long tail (test split + {args.tail:,} synthetic people with 1-3 faces)", library, truth)
@@ -334,6 +350,18 @@ TUNE_PRECISION = 0.98  # the long tail's BCubed precision the chosen setting mus
 TUNE_TAIL_SEEDS = (1, 2, 3)  # the validation long tail is drawn this many times; its scores are their means
 
 
+def whispers_f1(tails: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Chinese whispers' mean BCubed F1 on these long tails, printed: the F1 a chosen setting must beat; 0 (and the
+    reason printed) without dlib."""
+    whispers = [chinese_whispers(x) for x, _ in tails]
+    if isinstance(whispers[0], str):
+        print(whispers[0])
+        return 0.0
+    floor = float(np.mean([2 * p * r / (p + r) for p, r in (bcubed(w, t) for w, (_, t) in zip(whispers, tails))]))
+    print(f"Chinese whispers 0.5 on the validation long tails: F1 {floor:.4f}")
+    return floor
+
+
 def tune(data) -> None:
     """pinsface's method over ``TUNE_GRID`` on the validation split and its long tail (3,000 synthetic people,
     drawn with each of ``TUNE_TAIL_SEEDS``: the means): BCubed of each setting, then the choice: the highest
@@ -345,11 +373,7 @@ def tune(data) -> None:
 
     fit = fit_generator(*test_split(data, "train"), np.random.default_rng(0))  # as synthetic() fits it
     tails = [long_tail(data, "val", 3000, seed, fit=fit) for seed in TUNE_TAIL_SEEDS]
-    whispers = [chinese_whispers(x) for x, _ in tails]
-    floor = 0.0
-    if not isinstance(whispers[0], str):
-        floor = float(np.mean([2 * p * r / (p + r) for p, r in (bcubed(w, t) for w, (_, t) in zip(whispers, tails))]))
-    print(f"Chinese whispers 0.5 on the validation long tails: F1 {floor:.4f}" if floor else whispers[0])
+    floor = whispers_f1(tails)
     libraries = [test_split(data, "val"), *tails]
     graphs = [lc.neighbour_graph(x) for x, _ in libraries]
     names = ("CENTROID_DISTANCE", "SMALL_GROUPS", "CENTRE_GAP", "VOTE_SHARE", "VOTE_DISTANCE")
@@ -379,6 +403,104 @@ def tune(data) -> None:
         print("chosen: none meets the rule")
     else:
         print(f"chosen: {dict(zip(names, best[1]))} (validation F1 {best[0]:.4f})")
+
+
+def known_people_bound(x: np.ndarray, owner: np.ndarray) -> float:
+    """What the descriptors allow even given every other face's true person: each face goes to the person whose
+    other faces are nearest to it (root mean square distance), or stays alone beyond a threshold; the BCubed F1
+    at the best threshold (chosen with the truth). Not a method: a yardstick."""
+    _, person = np.unique(owner, return_inverse=True)
+    x = np.asarray(x, np.float64)
+    norms = np.einsum("nd,nd->n", x, x)
+    squared = np.maximum(norms[:, None] + norms[None, :] - 2 * x @ x.T, 0)
+    sums = np.stack([squared[:, person == p].sum(1) for p in range(person.max() + 1)], axis=1)
+    counts = np.bincount(person).astype(np.float64)
+    rows = np.arange(len(x))
+    others = np.repeat(counts[None, :], len(x), axis=0)
+    others[rows, person] -= 1  # a face's own person: its other faces
+    rms = np.sqrt(np.where(others > 0, sums / np.maximum(others, 1), np.inf))
+    nearest, distance = rms.argmin(1), rms.min(1)
+    best = 0.0
+    for threshold in np.arange(0.5, 0.75, 0.005):
+        p, r = bcubed(np.where(distance < threshold, nearest, person.max() + 1 + rows), person)
+        best = max(best, 2 * p * r / (p + r))
+    return best
+
+
+def test_like_draws(data, draws: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``draws`` libraries from the run split's train photos, each person with as many faces as in the test split
+    (drawn without replacement, seeds 0..draws-1): libraries like the test split that nothing is measured on."""
+    x, owner = test_split(data, "train")
+    wanted = np.bincount(test_split(data, "test")[1], minlength=owner.max() + 1)
+    out = []
+    for seed in range(draws):
+        rng = np.random.default_rng(seed)
+        rows = np.concatenate(
+            [rng.choice(np.flatnonzero(owner == k), wanted[k], replace=False) for k in np.unique(owner)]
+        )
+        out.append((x[rows], owner[rows]))
+    return out
+
+
+# The grid --frontier searches: CENTROID_DISTANCE, the bound for one pair (CENTROID_DISTANCE - SMALL_GROUPS),
+# CENTRE_GAP and VOTE_SHARE (above 1: no vote); the other constants as they are.
+FRONTIER_GRID = ([0.59, 0.61, 0.63, 0.65], [0.40, 0.42, 0.44, 0.46], [0.05, 0.1], [0.5, 0.6, 0.7, 0.8, 1.1])
+TARGET_F1 = 0.97  # #19's BCubed F1 on the test split
+
+
+def frontier(data, draws: int) -> None:
+    """How far the test split's F1 and the long tail's precision pull against each other: pinsface's method over
+    ``FRONTIER_GRID`` on ``test_like_draws`` (median F1), the validation split and its long tails (the means of
+    ``TUNE_TAIL_SEEDS``), then the settings no other beats on both the draws' F1 and the tails' precision, and
+    the best draws' F1 where the tails keep ``TUNE_PRECISION``. The test split is never read but for its sizes."""
+    import itertools
+
+    from pinsface import library_cluster as lc
+
+    libraries = test_like_draws(data, draws)
+    bounds = [known_people_bound(x, owner) for x, owner in libraries]
+    print(f"{draws} test-like draws from the train split; known-people bound (median) {np.median(bounds):.4f}")
+    fit = fit_generator(*test_split(data, "train"), np.random.default_rng(0))
+    tails = [long_tail(data, "val", 3000, seed, fit=fit) for seed in TUNE_TAIL_SEEDS]
+    floor = whispers_f1(tails)
+    libraries += [test_split(data, "val"), *tails]
+    graphs = [lc.neighbour_graph(x) for x, _ in libraries]
+    names = ("CENTROID_DISTANCE", "SMALL_GROUPS", "CENTRE_GAP", "VOTE_SHARE")
+    now = tuple(getattr(lc, name) for name in names)
+    print("| " + " | ".join(names) + " | draws F1 (median) | validation F1 | long tail P / F1 |\n" + "|---" * 7 + "|")
+    rows = []
+    for centroid, pair, gap, share in [
+        (now[0], round(now[0] - now[1], 4), *now[2:]),
+        *itertools.product(*FRONTIER_GRID),
+    ]:
+        setting = (centroid, round(centroid - pair, 4), gap, share)
+        for name, value in zip(names, setting):
+            setattr(lc, name, value)
+        f1 = []
+        for (x, truth), graph in zip(libraries, graphs):
+            p, r = bcubed(lc.cluster_faces(x, graph=graph), truth)
+            f1.append((p, 2 * p * r / (p + r)))
+        tail_p, tail_f1 = np.mean(f1[draws + 1 :], axis=0)
+        rows.append((float(np.median([f for _, f in f1[:draws]])), f1[draws][1], tail_p, tail_f1, setting))
+        print(
+            "| " + " | ".join(map(str, setting)) + " | {:.4f} | {:.4f} | {:.4f} / {:.4f} |".format(*rows[-1][:4]),
+            flush=True,
+        )
+    for name, value in zip(names, now):
+        setattr(lc, name, value)
+    front = [a for a in rows if not any(b[0] > a[0] and b[2] > a[2] for b in rows)]
+    front = list({(a[0], a[2]): a for a in reversed(front)}.values())  # ties: the first setting in the grid
+    print("\nno setting beats these on both the draws' F1 and the long tail's precision:")
+    for draws_f1, _, tail_p, _, setting in sorted(front, key=lambda a: -a[2]):
+        print(f"  {dict(zip(names, setting))}: draws F1 {draws_f1:.4f}, long tail P {tail_p:.4f}")
+    # --tune's rule for the long tail: its precision kept, and its F1 above Chinese whispers'.
+    kept = [a for a in rows if a[2] >= TUNE_PRECISION and a[3] > floor]
+    rule = f"long tail P >= {TUNE_PRECISION} and F1 > {floor:.4f} (Chinese whispers')"
+    if kept:
+        top = max(kept, key=lambda a: a[0])
+        print(f"best draws F1 with {rule}: {top[0]:.4f} at {dict(zip(names, top[4]))}")
+    both = [a for a in kept if a[0] >= TARGET_F1]
+    print(f"settings with draws F1 >= {TARGET_F1} and {rule}: {len(both)}")
 
 
 def scale_run(x: np.ndarray, owner: np.ndarray, n: int, rng) -> None:
