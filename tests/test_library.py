@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -415,11 +416,14 @@ def test_index_describes_chips_as_describe_does(reference_chips):
     assert np.linalg.norm(stored - embedder(chips), axis=1).min() > 0.01
 
 
-def test_index_stores_what_describe_gives_and_describes_plain_faces_again(library, library_url, tmp_path):
+def test_index_stores_what_describe_gives_and_describes_stale_faces_again(library, library_url, tmp_path):
     """Each stored descriptor is pinsface.describe's (averaged with the mirror image's). A library from before
     schema 5 holds plain ones: the next index reads those photos again and replaces them in place (same faces,
-    same clusters), and clustering leaves them alone until then."""
+    same clusters), and clustering leaves them alone until then. So does an index whose descriptors are made
+    otherwise (another chip framing, as another run's): every face is described its way, and back again."""
     from pinsface import describe, distance
+    from pinsface.library_index import index_library
+    from pinsface.settings import Settings
 
     cache = tmp_path / "cache"
     run("index", library, "--db", library_url, "--cache", cache)
@@ -438,20 +442,35 @@ def test_index_stores_what_describe_gives_and_describes_plain_faces_again(librar
         plain = [distance(describe(faces[k]["source"], mirror=False)[0], stored[k]) for k in singles]
         assert np.median(near) < np.median(plain) - 0.03, (near, plain)
         with db.transaction():  # as schema 4 left them: plain, and the reach measured on those
-            db.execute("UPDATE faces SET plain = 1, descriptor = ?, reach = 0.5", (np.ones(128, np.float32).tobytes(),))
+            db.execute("UPDATE faces SET stale = 1, descriptor = ?, reach = 0.5", (np.ones(128, np.float32).tobytes(),))
         assert len(db.cluster_state()["face_ids"]) == 0
     proc = pinsface("cluster", "--db", library_url)
     out, err = finish(proc, timeout=600)
     assert proc.returncode == 0 and f"{len(ids)} faces were left out" in err and "pinsface index" in err
     again = json.loads(run("index", library, "--db", library_url, "--cache", cache, "--json").splitlines()[-1])
-    assert again["read"] == len(alone) and again["faces_added"] == 0
+    assert again["read"] == len(alone) and again["faces_added"] == 0 and again["made_stale"] == 0
     with LibraryDB.open(library_url) as db:
         faces = db.face_list()
         assert [f["id"] for f in faces] == ids and [f["cluster"] for f in faces] == clusters
         assert np.allclose(db.descriptors(ids), stored, atol=0.02)
-        assert db.rows("SELECT DISTINCT plain, reach FROM faces") == [(0, None)]
+        assert db.rows("SELECT DISTINCT stale, reach FROM faces") == [(0, None)]
     last = json.loads(run("index", library, "--db", library_url, "--cache", cache, "--json").splitlines()[-1])
-    assert last["read"] == 0 and last["unchanged"] == 20
+    assert last["read"] == 0 and last["unchanged"] == 20 and last["made_stale"] == 0
+
+    # Chips framed as dlib frames them (template_scale 1): every face is described again, in place.
+    framed = Settings(cache_dir=str(cache))
+    framed = replace(framed, faces=replace(framed.faces, template_scale=1.0))
+    other = index_library(library, library_url, settings=framed)
+    assert other["made_stale"] == len(ids) and other["read"] == len(alone) and other["faces_added"] == 0
+    with LibraryDB.open(library_url) as db:
+        assert [f["id"] for f in db.face_list()] == ids and db.stale_faces() == 0
+        moved = np.linalg.norm(db.descriptors(ids) - stored, axis=1)
+        assert moved.min() > 0.01 and moved.max() < 0.4, moved
+    back = json.loads(run("index", library, "--db", library_url, "--cache", cache, "--json").splitlines()[-1])
+    assert back["made_stale"] == len(ids) and back["read"] == len(alone)
+    with LibraryDB.open(library_url) as db:
+        assert np.allclose(db.descriptors(ids), stored, atol=1e-3)
+        assert [f["cluster"] for f in db.face_list()] == clusters
 
 
 def _wait_for_faces(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:

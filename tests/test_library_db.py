@@ -55,7 +55,7 @@ def test_old_schema_is_migrated(library_url):
                 db.execute(f"DROP INDEX {name}")
             db.execute("ALTER TABLE people DROP COLUMN name_key")
             db.execute("ALTER TABLE faces DROP COLUMN reach")
-            db.execute("ALTER TABLE faces DROP COLUMN plain")
+            db.execute("ALTER TABLE faces DROP COLUMN stale")
             db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
         db.store_photo("a.jpg", "a" * 32, 10, 1.0, (5, 5), [face("a" * 32, k) for k in range(3)])
         with db.transaction():  # version 1 matched names exactly: three people, two of them one person
@@ -68,11 +68,11 @@ def test_old_schema_is_migrated(library_url):
                 )
         assert db.version() == 1
     with LibraryDB.open(library_url) as db:
-        assert db.version() == SCHEMA_VERSION == MIGRATIONS[-1][0] == 5
+        assert db.version() == SCHEMA_VERSION == MIGRATIONS[-1][0] == 6
         assert db.face_total() == 3
         # Their descriptors are plain embeddings (before version 5): clustering leaves them for index to redo.
-        assert [r[0] for r in db.rows("SELECT plain FROM faces")] == [1, 1, 1]
-        assert len(db.cluster_state()["face_ids"]) == 0 and db.plain_photos() == {1}
+        assert [r[0] for r in db.rows("SELECT stale FROM faces")] == [1, 1, 1]
+        assert len(db.cluster_state()["face_ids"]) == 0 and db.stale_photos() == {1}
         assert [r[0] for r in db.rows("SELECT name FROM people ORDER BY id")] == ["Ada Lovelace", "Bob"]
         assert len(db.faces_of("ADA LOVELACE")) == 2 and len(db.faces_of("bob")) == 1
         assert db.person_id("Ada  lovelace", create=False) == db.person_id("Ada Lovelace")
@@ -81,30 +81,52 @@ def test_old_schema_is_migrated(library_url):
                 db.execute("CREATE INDEX faces_photo ON faces (photo_id)")
 
 
-def test_plain_descriptors_are_replaced_when_the_photo_is_stored_again(library_url):
-    """A face stored with a plain descriptor (schema 4) gets the new one when its photo is stored again: same
-    face, assignments kept, reach to be measured again; an erased descriptor (a forgotten person's) stays erased,
-    a face found again elsewhere in the photo is not taken for it, and a face already described as now is left as
-    it is."""
+def test_descriptors_made_another_way_are_marked_stale_once(library_url):
+    """A library says how its descriptors were made (meta "descriptors"). Asked to use another kind, every live
+    face with a descriptor is marked stale (gone faces and erased descriptors aside), once; asked again for the
+    same kind, nothing changes; a library from schema 5, which does not say, is marked on its first use."""
+    with LibraryDB.open(library_url) as db:
+        db.store_photo("a.jpg", "a" * 32, 10, 1.0, (5, 5), [face("a" * 32, k) for k in range(4)])
+        db.store_photo("b.jpg", "b" * 32, 10, 1.0, (5, 5), [face("b" * 32, 0)])
+        with db.transaction():
+            db.execute("UPDATE faces SET descriptor = NULL WHERE idx = 1 AND photo_hash = ?", ("a" * 32,))
+        db.mark_gone([db.photos()["b.jpg"][0]])
+        assert db.use_descriptors('{"chip": 1}') == 3  # no kind recorded yet: as a library of schema 5
+        assert db.stale_faces() == 3 and db.stale_photos() == {db.photos()["a.jpg"][0]}
+        assert db.rows("SELECT value FROM meta WHERE key = 'descriptors'") == [('{"chip": 1}',)]
+        assert db.use_descriptors('{"chip": 1}') == 0 and db.stale_faces() == 3
+        with db.transaction():
+            db.execute("UPDATE faces SET stale = 0")
+        assert db.use_descriptors('{"chip": 1}') == 0 and db.stale_faces() == 0
+        assert db.use_descriptors('{"chip": 2}') == 3 and db.stale_faces() == 3
+        assert len(db.cluster_state()["face_ids"]) == 0
+        assert db.rows("SELECT value FROM meta WHERE key = 'descriptors'") == [('{"chip": 2}',)]
+
+
+def test_stale_descriptors_are_replaced_when_the_photo_is_stored_again(library_url):
+    """A face stored with a stale descriptor (a plain one of schema 4, say) gets the new one when its photo is
+    stored again: same face, assignments kept, reach to be measured again; an erased descriptor (a forgotten
+    person's) stays erased, a face found again elsewhere in the photo is not taken for it, and a face already
+    described as now is left as it is."""
     with LibraryDB.open(library_url) as db:
         db.store_photo("a.jpg", "a" * 32, 10, 1.0, (5, 5), [face("a" * 32, k) for k in range(4)])
         ids = [r[0] for r in db.rows("SELECT id FROM faces ORDER BY idx")]
         db.store_clusters([], [ids], [(0.5, ids[0])])
         with db.transaction():
-            db.execute("UPDATE faces SET plain = 1 WHERE idx <> 2")
+            db.execute("UPDATE faces SET stale = 1 WHERE idx <> 2")
             db.execute("UPDATE faces SET descriptor = NULL WHERE idx = 1")
-        assert db.plain_photos() == {1} and len(db.cluster_state()["face_ids"]) == 1 and db.plain_faces() == 2
+        assert db.stale_photos() == {1} and len(db.cluster_state()["face_ids"]) == 1 and db.stale_faces() == 2
         again = [face("a" * 32, k, seed=7) for k in range(4)]
         again[3] = dataclasses.replace(again[3], box=(100.0, 100.0, 130.0, 140.0))  # another face than the one stored
         assert db.store_photo("a.jpg", "a" * 32, 10, 1.0, (5, 5), again) == []  # no face added
         assert [r[0] for r in db.rows("SELECT id FROM faces ORDER BY idx")] == ids
-        rows = db.rows("SELECT plain, reach FROM faces ORDER BY idx")
+        rows = db.rows("SELECT stale, reach FROM faces ORDER BY idx")
         assert rows == [(0, None), (1, None), (0, None), (1, None)]
         got = db.descriptors(ids)
         assert np.array_equal(got[0], again[0].descriptor) and not got[1].any()
         assert np.array_equal(got[2], face("a" * 32, 2).descriptor)
         assert np.array_equal(got[3], face("a" * 32, 3).descriptor)
-        assert db.plain_photos() == {1} and len(db.cluster_state()["face_ids"]) == 2 and db.plain_faces() == 1
+        assert db.stale_photos() == {1} and len(db.cluster_state()["face_ids"]) == 2 and db.stale_faces() == 1
         assert {f["cluster"] for f in db.face_list()} == {db.face_list()[0]["cluster"]}
 
 

@@ -39,6 +39,11 @@ def _index(args) -> int:
         )
         for reason, count in sorted(summary["skipped"].items()):
             print(f"  skipped {count}: {reason}")
+        if summary["made_stale"]:
+            print(
+                f"  {summary['made_stale']} faces were described otherwise (an older pinsface, another run or chip "
+                "framing): their photos were read again to describe them as now"
+            )
     return 0
 
 
@@ -57,10 +62,10 @@ def _cluster(args) -> int:
             f"{summary['faces']} faces: {summary['new_faces']} new, {summary['joined_existing']} joined existing "
             f"clusters, {summary['new_clusters']} new clusters; {summary['clusters']} clusters in all"
         )
-    if summary["plain_left"]:
+    if summary["stale_left"]:
         print(
-            f"{summary['plain_left']} faces were left out: their descriptors come from an older pinsface; "
-            "run `pinsface index` on the library to describe them again",
+            f"{summary['stale_left']} faces were left out: their descriptors were made otherwise (an older "
+            "pinsface, another run or chip framing); run `pinsface index` on the library to describe them again",
             file=sys.stderr,
         )
     return 0

@@ -426,5 +426,5 @@ def cluster_library(db: LibraryDB) -> dict:
         "joined_existing": len(moves),
         "new_clusters": created,
         "clusters": int(db.cluster_count()),
-        "plain_left": db.plain_faces(),
+        "stale_left": db.stale_faces(),
     }

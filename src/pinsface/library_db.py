@@ -68,10 +68,14 @@ MIGRATIONS: list[tuple[int, list]] = [
     # Descriptors were each face's plain embedding before version 5, and are since averaged with the mirror
     # image's, as pinsface.describe gives them. `pinsface index` describes a plain face again; clustering skips it.
     (5, ["ALTER TABLE faces ADD COLUMN plain INTEGER NOT NULL DEFAULT 0", "UPDATE faces SET plain = 1"]),
+    # A stale descriptor was made otherwise than the library's are now: the plain embedding of version 4, or
+    # another network or chip framing than meta's "descriptors" says (use_descriptors; a library of version 5
+    # does not say, so its first index describes every face again).
+    (6, ["ALTER TABLE faces RENAME COLUMN plain TO stale"]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
-# A live face whose descriptor is plain (schema 5: described again by index, left out of clustering until then).
-PLAIN_FACE = "plain = 1 AND gone = 0 AND descriptor IS NOT NULL"
+# A live face whose descriptor is stale (schema 6): described again by index, left out of clustering until then.
+STALE_FACE = "stale = 1 AND gone = 0 AND descriptor IS NOT NULL"
 TYPES = {
     "sqlite": {"pk": "INTEGER PRIMARY KEY AUTOINCREMENT", "blob": "BLOB", "float": "REAL"},
     "postgresql": {
@@ -332,19 +336,19 @@ class LibraryDB:
             return added
 
     def _describe_again(self, photo_id: int, digest: str, faces: list[FaceRow]) -> None:
-        """Give this photo's faces stored with a plain descriptor (schema 5) the new one, where the face found
+        """Give this photo's faces stored with a stale descriptor (schema 6) the new one, where the face found
         again is in the same place (a detector changed since could number them otherwise); erased descriptors
         (``forget``) stay erased, and the reach is measured again."""
         stored = {
             int(r[0]): r[1:]
             for r in self.rows(
-                f"SELECT idx, x1, y1, x2, y2 FROM faces WHERE photo_id = ? AND photo_hash = ? AND {PLAIN_FACE}",
+                f"SELECT idx, x1, y1, x2, y2 FROM faces WHERE photo_id = ? AND photo_hash = ? AND {STALE_FACE}",
                 (photo_id, digest),
             )
         }
         self.executemany(
-            "UPDATE faces SET descriptor = ?, plain = 0, reach = NULL WHERE photo_id = ? AND photo_hash = ?"
-            f" AND idx = ? AND {PLAIN_FACE}",
+            "UPDATE faces SET descriptor = ?, stale = 0, reach = NULL WHERE photo_id = ? AND photo_hash = ?"
+            f" AND idx = ? AND {STALE_FACE}",
             [
                 (_blob(f.descriptor), photo_id, digest, f.idx)
                 for f in faces
@@ -352,13 +356,27 @@ class LibraryDB:
             ],
         )
 
-    def plain_faces(self) -> int:
-        """How many live faces hold a plain descriptor (see schema 5), which clustering leaves out."""
-        return int(self.rows(f"SELECT COUNT(*) FROM faces WHERE {PLAIN_FACE}")[0][0])
+    def use_descriptors(self, kind: str) -> int:
+        """Make ``kind`` (``library_index.descriptor_kind``: how descriptors are made) the library's: where its
+        descriptors were made otherwise, or where it does not say (a library of schema 5), every live face's is
+        marked stale, for index to describe again. How many were marked."""
+        with self.transaction():
+            if self.rows("SELECT value FROM meta WHERE key = 'descriptors'") == [(kind,)]:
+                return 0
+            live = "gone = 0 AND descriptor IS NOT NULL AND stale = 0"
+            marked = int(self.rows(f"SELECT COUNT(*) FROM faces WHERE {live}")[0][0])
+            self.execute(f"UPDATE faces SET stale = 1 WHERE {live}")
+            self.execute("DELETE FROM meta WHERE key = 'descriptors'")
+            self.execute("INSERT INTO meta (key, value) VALUES ('descriptors', ?)", (kind,))
+        return marked
 
-    def plain_photos(self) -> set[int]:
-        """The photos with a live face whose stored descriptor is plain (see schema 5): to be described again."""
-        rows = self.rows(f"SELECT DISTINCT photo_id FROM faces WHERE {PLAIN_FACE}")
+    def stale_faces(self) -> int:
+        """How many live faces hold a stale descriptor (see schema 6), which clustering leaves out."""
+        return int(self.rows(f"SELECT COUNT(*) FROM faces WHERE {STALE_FACE}")[0][0])
+
+    def stale_photos(self) -> set[int]:
+        """The photos with a live face whose stored descriptor is stale (see schema 6): to be described again."""
+        rows = self.rows(f"SELECT DISTINCT photo_id FROM faces WHERE {STALE_FACE}")
         return {int(r[0]) for r in rows}
 
     def face_total(self, live_only: bool = True) -> int:
@@ -459,13 +477,13 @@ class LibraryDB:
     # -- clusters --------------------------------------------------------------------------------------------
 
     def cluster_state(self) -> dict[str, np.ndarray]:
-        """Live faces for clustering (those with a descriptor, not a plain one: see schema 5): ids, cluster (-1
+        """Live faces for clustering (those with a descriptor, not a stale one: see schema 6): ids, cluster (-1
         for none), whether clustering may place them (no name given by a person or a run, not unassigned by a
         person), stored reach (NaN for none) and photo."""
         rows = self.rows(
             "SELECT f.id, a.cluster_id, a.person_id, a.source, f.reach, f.photo_id FROM faces f"
             " LEFT JOIN assignments a ON a.face_id = f.id WHERE f.gone = 0 AND f.descriptor IS NOT NULL"
-            " AND f.plain = 0 ORDER BY f.id"
+            " AND f.stale = 0 ORDER BY f.id"
         )
         return {
             "face_ids": np.array([r[0] for r in rows], np.int64),

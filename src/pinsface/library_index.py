@@ -9,6 +9,7 @@ the photos it had not stored, and a second one on the same database stores each 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
@@ -32,10 +33,22 @@ CACHED_BATCH = 64
 INDEX_CHUNK = 128
 
 
+def descriptor_kind(settings: Settings) -> str:
+    """How descriptors are made with ``settings``, as one string (``LibraryDB.use_descriptors``): the network
+    that embeds the chips (``embedding_key``), how the chips are cut, and the mirror image averaged in."""
+    from pinsface.embeddings import embedding_key
+
+    faces = settings.faces
+    chip = {"size": faces.aligned_size, "template": faces.template, "scale": faces.template_scale}
+    chip["shift"] = faces.template_shift
+    return json.dumps({"network": embedding_key(settings), "chip": chip, "mirror": True}, sort_keys=True)
+
+
 class _Describer:
     """Descriptors of face chips, as ``pinsface.describe`` gives them (each chip's embedding averaged with its
     mirror image's: ``face_vectors``): the run's backbone and its Recognizer's names with ``run``, else the
-    default backbone."""
+    default backbone. ``made_by``: the settings the chips are cut and embedded with (the run's, with a run: its
+    head was trained on chips cut its way)."""
 
     def __init__(self, settings: Settings, run_dir=None):
         self.recognizer = self.embedder = None
@@ -43,11 +56,13 @@ class _Describer:
             from pinsface.predict import Recognizer
 
             self.recognizer = Recognizer.load(run_dir)
+            self.made_by = self.recognizer.settings
         else:
             from pinsface.backbones import get_backbone
             from pinsface.embeddings import run_embedder
 
             self.embedder = run_embedder(settings, get_backbone(settings.backbone))
+            self.made_by = settings
 
     def __call__(self, chips: np.ndarray) -> tuple[np.ndarray, list[dict] | None]:
         if not len(chips):
@@ -135,7 +150,7 @@ def _changes(db: LibraryDB, root: Path, files: list[str], store: _Store) -> list
     db.mark_gone(gone)
     store.counts["gone"] = len(gone)
     todo = []
-    plain = db.plain_photos()
+    stale = db.stale_photos()
     for path in files:
         try:
             st = os.stat(path)
@@ -151,8 +166,8 @@ def _changes(db: LibraryDB, root: Path, files: list[str], store: _Store) -> list
                 continue
             if old and old[1] == digest:
                 db.touch_photo(old[0], st.st_size, st.st_mtime)
-        # Unchanged content is left alone, unless its faces hold plain descriptors (schema 5): described again.
-        if old and old[1] == digest and old[0] not in plain:
+        # Unchanged content is left alone, unless its faces hold stale descriptors (schema 6): described again.
+        if old and old[1] == digest and old[0] not in stale:
             store.counts["unchanged"] += 1
         else:
             store.new.setdefault(digest, []).append((path, st.st_size, st.st_mtime))
@@ -177,13 +192,16 @@ def index_library(  # noqa: PLR0913  (a public entry point: its options mirror p
     """Index every face under ``library`` into the database at ``db_url``; a summary of what changed."""
     start = time.perf_counter()
     settings = settings or Settings()
-    face_settings = replace(settings.faces, every_face=True)
     root = Path(library).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {library}")
     files = [os.path.abspath(p) for p in expand_inputs([str(root)])]
+    describer = _Describer(settings, run_dir)
+    face_settings = replace(describer.made_by.faces, every_face=True)
     with LibraryDB.open(db_url) as db:
-        store = _Store(db, _Describer(settings, run_dir), {})
+        # Descriptors made otherwise (another run, network or chip framing) are made again: one library, one kind.
+        stale = db.use_descriptors(descriptor_kind(describer.made_by))
+        store = _Store(db, describer, {})
         todo = _changes(db, root, files, store)
         first = {digest: Path(places[0][0]) for digest, places in store.new.items()}
         summary = {}
@@ -221,6 +239,7 @@ def index_library(  # noqa: PLR0913  (a public entry point: its options mirror p
         "unchanged": store.counts["unchanged"],
         "gone": store.counts["gone"],
         "faces_added": store.counts["faces_added"],
+        "made_stale": stale,
         "named": store.counts["named"],
         "skipped": {k.split(":", 1)[1]: v for k, v in store.counts.items() if k.startswith("skipped:")},
         "faces_in_library": faces,

@@ -103,7 +103,10 @@ class FaceSettings:
     tight_crop_thresholds: tuple[float, float, float] = (0.5, 0.6, 0.7)
     detect_max_side: int = 1024
     template: tuple[tuple[float, float], ...] = FACE_TEMPLATE_150
-    template_scale: float = 1.0
+    # The template's spread about its centre: above 1 the face fills more of the chip. dlib's own framing (1)
+    # separates people less well on MTCNN's landmarks than a slightly tighter chip (bench/framing.py,
+    # docs/library.md): the middle of the range where it is best.
+    template_scale: float = 1.075
     template_shift: tuple[float, float] = (0.0, 0.0)
     fallback_landmarks: tuple[tuple[float, float], ...] = PINS_MEDIAN_LANDMARKS
     aligned_size: int = 150
