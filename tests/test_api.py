@@ -4,6 +4,7 @@ describe/verify, exit codes and light start-up, on real shared photos."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -40,7 +41,7 @@ def test_import_and_help_do_not_load_tensorflow():
 
 
 def test_describe_detect_and_verify_on_real_photos(pins_dir):
-    gates = photos(pins_dir, "pins_Bill Gates", 2)
+    gates = photos(pins_dir, "pins_Bill Gates", 4)
     lima = photos(pins_dir, "pins_Adriana Lima", 1)
     faces = pinsface.describe(gates[0])
     assert len(faces) >= 1 and sum(f.is_subject for f in faces) == 1
@@ -50,9 +51,13 @@ def test_describe_detect_and_verify_on_real_photos(pins_dir):
     detected = pinsface.detect(gates[0].read_bytes())
     assert [d.box for d in detected] == [f.box for f in faces] and all(d.descriptor is None for d in detected)
     assert np.allclose(pinsface.describe(pinsface.load_image(gates[0]))[0].descriptor, faces[0].descriptor, atol=1e-3)
-    same, other = pinsface.verify(gates[0], gates[1]), pinsface.verify(gates[0], lima[0])
-    assert same.same and not other.same and same.distance < other.distance
-    assert same.threshold == other.threshold == pinsface.api.VERIFY_THRESHOLD
+    # The threshold sits where a few percent of one person's pairs fall beyond it (docs/verification.md): most
+    # pairs of one man's photos are called the same, every pair with a stranger's is not.
+    same = [pinsface.verify(a, b) for a, b in itertools.combinations(gates, 2)]
+    other = [pinsface.verify(g, lima[0]) for g in gates]
+    assert sum(v.same for v in same) >= 5 and not any(v.same for v in other)
+    assert np.median([v.distance for v in same]) < min(v.distance for v in other)
+    assert {v.threshold for v in same + other} == {pinsface.api.VERIFY_THRESHOLD}
     assert pinsface.distance(subject, subject.descriptor) == 0
     record = json.loads(json.dumps(subject.to_dict()))
     assert set(record) == {"box", "landmarks", "score", "subject", "descriptor"} and len(record["descriptor"]) == 128
@@ -119,7 +124,10 @@ def test_cli_describe_and_verify(pins_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["verify", str(gates[0]), str(gates[1]), "--json"]) == 0
     verdict = json.loads(capsys.readouterr().out)
-    assert verdict["same"] is True and verdict["distance"] <= verdict["threshold"]
+    expected = pinsface.verify(gates[0], gates[1])
+    assert verdict["a"] == str(gates[0]) and verdict["b"] == str(gates[1])
+    assert (verdict["same"], verdict["threshold"]) == (expected.same, expected.threshold)
+    assert abs(verdict["distance"] - expected.distance) < 1e-3
     assert main(["verify", str(gates[0]), str(tmp_path / "missing.jpg")]) == 1
     assert "unreadable" in capsys.readouterr().err
     assert main(["verify", str(gates[0])]) == 2  # usage

@@ -34,8 +34,8 @@ NEIGHBOURS = 10
 EDGE_DISTANCE = 0.7
 # Two groups join when the root mean square distance over all pairs across them is within this, less
 # SMALL_GROUPS / sqrt(pairs): a single pair of faces must be closer than two groups, whose mean is steadier.
-CENTROID_DISTANCE = 0.61
-SMALL_GROUPS = 0.18
+CENTROID_DISTANCE = 0.62
+SMALL_GROUPS = 0.19
 # And the squared distance between the two groups' mean faces must be within CENTRE_NOISE * (1/size + 1/size) +
 # CENTRE_GAP (spacing applied as above): for large groups the mean pair distance hides a small gap between two
 # tight people, while the means' distance shows it, less and less blurred by the faces' own spread as groups grow.
