@@ -364,53 +364,72 @@ def whispers_f1(tails: list[tuple[np.ndarray, np.ndarray]]) -> float:
     return floor
 
 
-def tune(data, draws: int = TUNE_DRAWS) -> None:
-    """pinsface's method over ``TUNE_GRID`` on the validation split, on ``draws`` libraries like the test split
-    drawn from the train split (``test_like_draws``) and on the validation long tail (3,000 synthetic people,
-    drawn with each of ``TUNE_TAIL_SEEDS``: the means): BCubed of each setting, then the choice: the highest mean
-    F1 over the validation split and the draws among the settings whose long-tail precision is at least
-    ``TUNE_PRECISION`` and whose long-tail F1 is above Chinese whispers' (when dlib is there). The test split is
-    never read but for its sizes."""
+TUNE_NAMES = ("CENTROID_DISTANCE", "SMALL_GROUPS", "CENTRE_GAP", "VOTE_SHARE", "VOTE_DISTANCE")
+
+
+def tune_rows(val: tuple, draws: list[tuple], tails: list[tuple], show: bool = False) -> list[tuple]:
+    """pinsface's method over ``TUNE_GRID`` on the validation split ``val``, the ``draws`` (``test_like_draws``)
+    and the long ``tails`` (each a (descriptors, truth) pair): per setting (constants by ``TUNE_NAMES``), its
+    validation (P, R, F1), the draws' F1s, the tails' mean (P, R, F1), and the rule's score: the mean F1 over the
+    validation split and the draws. ``show`` prints each row. The module's constants are left as they were."""
     import itertools
 
     from pinsface import library_cluster as lc
 
+    libraries = [val, *draws, *tails]
+    graphs = [lc.neighbour_graph(x) for x, _ in libraries]
+    before = {name: getattr(lc, name) for name in TUNE_NAMES}
+    if show:
+        print(
+            "| " + " | ".join(TUNE_NAMES) + " | validation P / R / F1 | draws F1 (median) | mean F1 "
+            "| long tail P / R / F1 |\n" + "|---" * 9 + "|"
+        )
+    rows = []
+    try:
+        for centroid, pair, *rest in itertools.product(*TUNE_GRID):
+            setting = dict(zip(TUNE_NAMES, (centroid, round(centroid - pair, 4), *rest)))
+            for name, value in setting.items():
+                setattr(lc, name, value)
+            scores = []
+            for (x, truth), graph in zip(libraries, graphs):
+                p, r = bcubed(lc.cluster_faces(x, graph=graph), truth)
+                scores.append((p, r, 2 * p * r / (p + r)))
+            drawn = [f for *_, f in scores[1 : 1 + len(draws)]]
+            rows.append((setting, scores[0], drawn, tuple(np.mean(scores[1 + len(draws) :], axis=0))))
+            rows[-1] += (float(np.mean([scores[0][2], *drawn])),)
+            if show:
+                print(
+                    "| {} | {:.4f} / {:.4f} / {:.4f} | {:.4f} | {:.4f} | {:.4f} / {:.4f} / {:.4f} |".format(
+                        " | ".join(map(str, setting.values())), *scores[0], np.median(drawn), rows[-1][4], *rows[-1][3]
+                    ),
+                    flush=True,
+                )
+    finally:
+        for name, value in before.items():
+            setattr(lc, name, value)
+    return rows
+
+
+def tune_choice(rows: list[tuple], floor: float) -> tuple | None:
+    """The row of ``tune_rows`` --tune's rule picks: the highest mean F1 of the validation split and the draws
+    among the settings whose long-tail precision is at least ``TUNE_PRECISION`` and whose long-tail F1 is above
+    ``floor`` (Chinese whispers'); None where none is."""
+    kept = [row for row in rows if row[3][0] >= TUNE_PRECISION and row[3][2] > floor]
+    return max(kept, key=lambda row: row[4]) if kept else None
+
+
+def tune(data, draws: int = TUNE_DRAWS) -> None:
+    """``tune_rows`` on the validation split, ``draws`` libraries like the test split drawn from the train split
+    (``test_like_draws``) and the validation long tail (3,000 synthetic people, drawn with each of
+    ``TUNE_TAIL_SEEDS``), printed, then ``tune_choice``'s pick. The test split is never read but for its sizes."""
     fit = fit_generator(*test_split(data, "train"), np.random.default_rng(0))  # as synthetic() fits it
     tails = [long_tail(data, "val", 3000, seed, fit=fit) for seed in TUNE_TAIL_SEEDS]
     floor = whispers_f1(tails)
-    libraries = [test_split(data, "val"), *test_like_draws(data, draws), *tails]
-    graphs = [lc.neighbour_graph(x) for x, _ in libraries]
-    names = ("CENTROID_DISTANCE", "SMALL_GROUPS", "CENTRE_GAP", "VOTE_SHARE", "VOTE_DISTANCE")
-    print(
-        "| "
-        + " | ".join(names)
-        + " | validation P / R / F1 | draws F1 (median) | mean F1 | long tail P / R / F1 |\n"
-        + "|---" * 9
-        + "|"
-    )
-    best = None
-    for centroid, pair, *rest in itertools.product(*TUNE_GRID):
-        setting = (centroid, round(centroid - pair, 4), *rest)
-        for name, value in zip(names, setting):
-            setattr(lc, name, value)
-        scores = []
-        for (x, truth), graph in zip(libraries, graphs):
-            p, r = bcubed(lc.cluster_faces(x, graph=graph), truth)
-            scores.append((p, r, 2 * p * r / (p + r)))
-        val, drawn, tail = scores[0], [f for *_, f in scores[1 : 1 + draws]], np.mean(scores[1 + draws :], axis=0)
-        f1 = float(np.mean([val[2], *drawn]))
-        print(
-            "| {} | {:.4f} / {:.4f} / {:.4f} | {:.4f} | {:.4f} | {:.4f} / {:.4f} / {:.4f} |".format(
-                " | ".join(map(str, setting)), *val, np.median(drawn), f1, *tail
-            ),
-            flush=True,
-        )
-        if tail[0] >= TUNE_PRECISION and tail[2] > floor and (best is None or f1 > best[0]):
-            best = (f1, setting)
+    best = tune_choice(tune_rows(test_split(data, "val"), test_like_draws(data, draws), tails, show=True), floor)
     if best is None:
         print("chosen: none meets the rule")
     else:
-        print(f"chosen: {dict(zip(names, best[1]))} (mean F1 of the validation split and the draws {best[0]:.4f})")
+        print(f"chosen: {best[0]} (mean F1 of the validation split and the draws {best[4]:.4f})")
 
 
 def known_people_bound(x: np.ndarray, owner: np.ndarray) -> float:

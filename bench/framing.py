@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import os
 import sys
 import time
@@ -96,31 +95,12 @@ def stranger_share(x: np.ndarray, owner: np.ndarray) -> float:
 def tuned(val, draws, tails) -> tuple[dict, float, float, float, float, float]:
     """bench/cluster.py --tune's rule over its grid: (setting, validation F1, draws' median F1, long tails'
     precision and F1, Chinese whispers' F1 on the tails)."""
-    from pinsface import library_cluster as lc
-
     floor = cb.whispers_f1(tails)
-    libraries = [val, *draws, *tails]
-    graphs = [lc.neighbour_graph(x) for x, _ in libraries]
-    names = ("CENTROID_DISTANCE", "SMALL_GROUPS", "CENTRE_GAP", "VOTE_SHARE", "VOTE_DISTANCE")
-    before = {name: getattr(lc, name) for name in names}
-    best = None
-    try:
-        for centroid, pair, *rest in itertools.product(*cb.TUNE_GRID):
-            setting = dict(zip(names, (centroid, round(centroid - pair, 4), *rest)))
-            for name, value in setting.items():
-                setattr(lc, name, value)
-            scores = []
-            for (x, truth), graph in zip(libraries, graphs):
-                p, r = cb.bcubed(lc.cluster_faces(x, graph=graph), truth)
-                scores.append((p, 2 * p * r / (p + r)))
-            tail_p, tail_f1 = np.mean(scores[1 + len(draws) :], axis=0)
-            drawn = float(np.median([f for _, f in scores[1 : 1 + len(draws)]]))
-            if tail_p >= cb.TUNE_PRECISION and tail_f1 > floor and (best is None or scores[0][1] > best[1]):
-                best = (setting, scores[0][1], drawn, tail_p, tail_f1, floor)
-    finally:
-        for name, value in before.items():
-            setattr(lc, name, value)
-    return best or ({}, np.nan, np.nan, np.nan, np.nan, floor)
+    best = cb.tune_choice(cb.tune_rows(val, draws, tails), floor)
+    if best is None:
+        return {}, np.nan, np.nan, np.nan, np.nan, floor
+    setting, val_scores, drawn, tail, _ = best
+    return setting, val_scores[2], float(np.median(drawn)), tail[0], tail[2], floor
 
 
 def main() -> None:

@@ -58,3 +58,20 @@ def test_test_like_draws_copy_the_test_splits_sizes_from_the_train_split(cluster
         rows = [int(np.flatnonzero((train[0] == face).all(1))[0]) for face in x]
         assert len(set(rows)) == len(rows) and (train[1][rows] == owner).all()
     assert not np.array_equal(draws[0][0], draws[1][0])
+
+
+def test_tune_scores_each_setting_and_chooses_by_the_rule(cluster_bench, monkeypatch):
+    from pinsface import library_cluster as lc
+
+    rng = np.random.default_rng(2)
+    val, draw = people(rng, [6, 7, 8], spread=0.15), people(rng, [5, 6, 4], spread=0.15)
+    tail = people(rng, [3, 1, 2, 1, 1, 2], spread=0.15)
+    monkeypatch.setattr(cluster_bench, "TUNE_GRID", ([0.62], [0.01, 0.42], [0.05], [0.7], [0.64]))
+    before = lc.SMALL_GROUPS
+    rows = cluster_bench.tune_rows(val, [draw], [tail])
+    assert lc.SMALL_GROUPS == before and [r[0]["SMALL_GROUPS"] for r in rows] == [0.61, 0.2]
+    # Far-apart people: the pair bound 0.42 finds them whole, 0.01 never starts a group.
+    assert rows[1][1] == (1.0, 1.0, 1.0) and rows[1][2] == [1.0] and rows[1][4] == 1.0
+    assert rows[0][1][1] < 0.5 and rows[0][4] < 1.0
+    assert cluster_bench.tune_choice(rows, floor=0.0)[0]["SMALL_GROUPS"] == 0.2
+    assert cluster_bench.tune_choice(rows, floor=1.0) is None  # no long-tail F1 above the floor
