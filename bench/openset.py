@@ -99,14 +99,19 @@ def main() -> None:
         f"({100 * (after - before):+.2f} points)"
     )
 
-    # Gallery mode beside head mode, on the same run.
+    # Gallery mode beside head mode, on the same run, which now knows the enrolled stranger: the other nine are
+    # the strangers here (evaluate_open_set refuses a stranger the run knows).
+    unenrolled = tmp / "strangers-unenrolled"
+    unenrolled.mkdir()
+    for folder in strangers[1:]:
+        (unenrolled / folder.name).symlink_to(folder.resolve(), target_is_directory=True)
     for mode in ("head", "gallery"):
         m = evaluate(
             args.out, out=Path(args.out) / f"report-{mode}", prepared=prepared, progress=False, figures=False, mode=mode
         )
         o = evaluate_open_set(
             args.out,
-            tmp / "strangers",
+            unenrolled,
             out=Path(args.out) / f"report-{mode}",
             prepared=prepared,
             progress=False,
