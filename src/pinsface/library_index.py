@@ -196,9 +196,9 @@ def index_library(  # noqa: PLR0913  (a public entry point: its options mirror p
     if not root.is_dir():
         raise FileNotFoundError(f"no such folder: {library}")
     files = [os.path.abspath(p) for p in expand_inputs([str(root)])]
-    describer = _Describer(settings, run_dir)
-    face_settings = replace(describer.made_by.faces, every_face=True)
-    with LibraryDB.open(db_url) as db:
+    with LibraryDB.open(db_url) as db:  # opened first: a database that cannot be used fails before the network loads
+        describer = _Describer(settings, run_dir)
+        face_settings = replace(describer.made_by.faces, every_face=True)
         # Descriptors made otherwise (another run, network or chip framing) are made again: one library, one kind.
         stale = db.use_descriptors(descriptor_kind(describer.made_by))
         store = _Store(db, describer, {})
