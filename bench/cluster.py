@@ -367,13 +367,28 @@ def whispers_f1(tails: list[tuple[np.ndarray, np.ndarray]]) -> float:
 TUNE_NAMES = ("CENTROID_DISTANCE", "SMALL_GROUPS", "CENTRE_GAP", "VOTE_SHARE", "VOTE_DISTANCE")
 
 
-def tune_rows(val: tuple, draws: list[tuple], tails: list[tuple], show: bool = False) -> list[tuple]:
-    """pinsface's method over ``TUNE_GRID`` on the validation split ``val``, the ``draws`` (``test_like_draws``)
-    and the long ``tails`` (each a (descriptors, truth) pair): per setting (constants by ``TUNE_NAMES``), its
-    validation (P, R, F1), the draws' F1s, the tails' mean (P, R, F1), and the rule's score: the mean F1 over the
-    validation split and the draws. ``show`` prints each row. The module's constants are left as they were."""
+def grid_settings(grid: tuple | None = None, **fixed) -> list[dict]:
+    """The settings (constants by ``TUNE_NAMES``) of a grid shaped as ``TUNE_GRID`` (the bound, the pair's bound,
+    then the others in order; ``TUNE_GRID`` by default), with the constants named in ``fixed`` at one value and
+    left out of the grid."""
     import itertools
 
+    rest = [name for name in TUNE_NAMES[2:] if name not in fixed]
+    out = []
+    for centroid, pair, *values in itertools.product(*(grid or TUNE_GRID)):
+        setting = dict(zip(TUNE_NAMES, (centroid, round(centroid - pair, 4))))
+        out.append({**setting, **dict(zip(rest, values)), **fixed})
+    return out
+
+
+def tune_rows(
+    val: tuple, draws: list[tuple], tails: list[tuple], settings: list[dict] | None = None, show: bool = False
+) -> list[tuple]:
+    """pinsface's method with each of ``settings`` (``grid_settings()`` by default) on the validation split
+    ``val``, the ``draws`` (``test_like_draws``) and the long ``tails`` (each a (descriptors, truth) pair): per
+    setting, its validation (P, R, F1), the draws' F1s, the tails' mean (P, R, F1), and the rule's score: the mean
+    F1 over the validation split and the draws. ``show`` prints each row. The module's constants are left as they
+    were."""
     from pinsface import library_cluster as lc
 
     libraries = [val, *draws, *tails]
@@ -386,8 +401,7 @@ def tune_rows(val: tuple, draws: list[tuple], tails: list[tuple], show: bool = F
         )
     rows = []
     try:
-        for centroid, pair, *rest in itertools.product(*TUNE_GRID):
-            setting = dict(zip(TUNE_NAMES, (centroid, round(centroid - pair, 4), *rest)))
+        for setting in settings or grid_settings():
             for name, value in setting.items():
                 setattr(lc, name, value)
             scores = []
@@ -400,7 +414,11 @@ def tune_rows(val: tuple, draws: list[tuple], tails: list[tuple], show: bool = F
             if show:
                 print(
                     "| {} | {:.4f} / {:.4f} / {:.4f} | {:.4f} | {:.4f} | {:.4f} / {:.4f} / {:.4f} |".format(
-                        " | ".join(map(str, setting.values())), *scores[0], np.median(drawn), rows[-1][4], *rows[-1][3]
+                        " | ".join(str(setting[name]) for name in TUNE_NAMES),
+                        *scores[0],
+                        np.median(drawn),
+                        rows[-1][4],
+                        *rows[-1][3],
                     ),
                     flush=True,
                 )
@@ -410,11 +428,16 @@ def tune_rows(val: tuple, draws: list[tuple], tails: list[tuple], show: bool = F
     return rows
 
 
+def keeps_tail(row: tuple, floor: float) -> bool:
+    """Whether a row of ``tune_rows`` keeps --tune's rule for the long tail: precision at least
+    ``TUNE_PRECISION`` and F1 above ``floor`` (Chinese whispers')."""
+    return row[3][0] >= TUNE_PRECISION and row[3][2] > floor
+
+
 def tune_choice(rows: list[tuple], floor: float) -> tuple | None:
     """The row of ``tune_rows`` --tune's rule picks: the highest mean F1 of the validation split and the draws
-    among the settings whose long-tail precision is at least ``TUNE_PRECISION`` and whose long-tail F1 is above
-    ``floor`` (Chinese whispers'); None where none is."""
-    kept = [row for row in rows if row[3][0] >= TUNE_PRECISION and row[3][2] > floor]
+    among the rows that ``keeps_tail``; None where none is."""
+    kept = [row for row in rows if keeps_tail(row, floor)]
     return max(kept, key=lambda row: row[4]) if kept else None
 
 
@@ -475,18 +498,17 @@ def draw_rows(owner: np.ndarray, wanted: np.ndarray, draws: int) -> list[np.ndar
 
 
 # The grid --frontier searches: CENTROID_DISTANCE, the bound for one pair (CENTROID_DISTANCE - SMALL_GROUPS),
-# CENTRE_GAP and VOTE_SHARE (above 1: no vote); the other constants as they are.
+# CENTRE_GAP and VOTE_SHARE (above 1: no vote); VOTE_DISTANCE as it is.
 FRONTIER_GRID = ([0.59, 0.61, 0.63, 0.65], [0.40, 0.42, 0.44, 0.46], [0.05, 0.1], [0.5, 0.6, 0.7, 0.8, 1.1])
 TARGET_F1 = 0.97  # #19's BCubed F1 on the test split
 
 
 def frontier(data, draws: int) -> None:
-    """How far the test split's F1 and the long tail's precision pull against each other: pinsface's method over
-    ``FRONTIER_GRID`` on ``test_like_draws`` (median F1), the validation split and its long tails (the means of
-    ``TUNE_TAIL_SEEDS``), then the settings no other beats on both the draws' F1 and the tails' precision, and
-    the best draws' F1 where the tails keep ``TUNE_PRECISION``. The test split is never read but for its sizes."""
-    import itertools
-
+    """How far the test split's F1 and the long tail's precision pull against each other: ``tune_rows`` with the
+    settings of ``FRONTIER_GRID`` (the chosen one first) on ``test_like_draws``, the validation split and its
+    long tails (``TUNE_TAIL_SEEDS``), then the settings no other beats on both the draws' median F1 and the
+    tails' precision, and the best draws' F1 among the rows that ``keeps_tail``. The test split is never read but
+    for its sizes."""
     from pinsface import library_cluster as lc
 
     libraries = test_like_draws(data, draws)
@@ -495,43 +517,24 @@ def frontier(data, draws: int) -> None:
     fit = fit_generator(*test_split(data, "train"), np.random.default_rng(0))
     tails = [long_tail(data, "val", 3000, seed, fit=fit) for seed in TUNE_TAIL_SEEDS]
     floor = whispers_f1(tails)
-    libraries += [test_split(data, "val"), *tails]
-    graphs = [lc.neighbour_graph(x) for x, _ in libraries]
-    names = ("CENTROID_DISTANCE", "SMALL_GROUPS", "CENTRE_GAP", "VOTE_SHARE")
-    now = tuple(getattr(lc, name) for name in names)
-    print("| " + " | ".join(names) + " | draws F1 (median) | validation F1 | long tail P / F1 |\n" + "|---" * 7 + "|")
-    rows = []
-    for centroid, pair, gap, share in [
-        (now[0], round(now[0] - now[1], 4), *now[2:]),
-        *itertools.product(*FRONTIER_GRID),
-    ]:
-        setting = (centroid, round(centroid - pair, 4), gap, share)
-        for name, value in zip(names, setting):
-            setattr(lc, name, value)
-        f1 = []
-        for (x, truth), graph in zip(libraries, graphs):
-            p, r = bcubed(lc.cluster_faces(x, graph=graph), truth)
-            f1.append((p, 2 * p * r / (p + r)))
-        tail_p, tail_f1 = np.mean(f1[draws + 1 :], axis=0)
-        rows.append((float(np.median([f for _, f in f1[:draws]])), f1[draws][1], tail_p, tail_f1, setting))
-        print(
-            "| " + " | ".join(map(str, setting)) + " | {:.4f} | {:.4f} | {:.4f} / {:.4f} |".format(*rows[-1][:4]),
-            flush=True,
-        )
-    for name, value in zip(names, now):
-        setattr(lc, name, value)
-    front = [a for a in rows if not any(b[0] > a[0] and b[2] > a[2] for b in rows)]
-    front = list({(a[0], a[2]): a for a in reversed(front)}.values())  # ties: the first setting in the grid
+    now = {name: getattr(lc, name) for name in TUNE_NAMES}
+    settings = [now, *grid_settings(FRONTIER_GRID, VOTE_DISTANCE=now["VOTE_DISTANCE"])]
+    rows = tune_rows(test_split(data, "val"), libraries, tails, settings, show=True)
+
+    def drawn(row: tuple) -> float:
+        return float(np.median(row[2]))
+
+    front = [a for a in rows if not any(drawn(b) > drawn(a) and b[3][0] > a[3][0] for b in rows)]
+    front = list({(drawn(a), a[3][0]): a for a in reversed(front)}.values())  # ties: the first in the grid
     print("\nno setting beats these on both the draws' F1 and the long tail's precision:")
-    for draws_f1, _, tail_p, _, setting in sorted(front, key=lambda a: -a[2]):
-        print(f"  {dict(zip(names, setting))}: draws F1 {draws_f1:.4f}, long tail P {tail_p:.4f}")
-    # --tune's rule for the long tail: its precision kept, and its F1 above Chinese whispers'.
-    kept = [a for a in rows if a[2] >= TUNE_PRECISION and a[3] > floor]
+    for row in sorted(front, key=lambda a: -a[3][0]):
+        print(f"  {row[0]}: draws F1 {drawn(row):.4f}, long tail P {row[3][0]:.4f}")
+    kept = [row for row in rows if keeps_tail(row, floor)]
     rule = f"long tail P >= {TUNE_PRECISION} and F1 > {floor:.4f} (Chinese whispers')"
     if kept:
-        top = max(kept, key=lambda a: a[0])
-        print(f"best draws F1 with {rule}: {top[0]:.4f} at {dict(zip(names, top[4]))}")
-    both = [a for a in kept if a[0] >= TARGET_F1]
+        top = max(kept, key=drawn)
+        print(f"best draws F1 with {rule}: {drawn(top):.4f} at {top[0]}")
+    both = [row for row in kept if drawn(row) >= TARGET_F1]
     print(f"settings with draws F1 >= {TARGET_F1} and {rule}: {len(both)}")
 
 
