@@ -363,12 +363,10 @@ class LibraryDB:
         with self.transaction():
             if self.rows("SELECT value FROM meta WHERE key = 'descriptors'") == [(kind,)]:
                 return 0
-            live = "gone = 0 AND descriptor IS NOT NULL AND stale = 0"
-            marked = int(self.rows(f"SELECT COUNT(*) FROM faces WHERE {live}")[0][0])
-            self.execute(f"UPDATE faces SET stale = 1 WHERE {live}")
+            marked = self.execute("UPDATE faces SET stale = 1 WHERE gone = 0 AND descriptor IS NOT NULL AND stale = 0")
             self.execute("DELETE FROM meta WHERE key = 'descriptors'")
             self.execute("INSERT INTO meta (key, value) VALUES ('descriptors', ?)", (kind,))
-        return marked
+        return int(marked.rowcount)
 
     def stale_faces(self) -> int:
         """How many live faces hold a stale descriptor (see schema 6), which clustering leaves out."""
